@@ -1,0 +1,97 @@
+"""Layers and cut points: the unit the planner partitions.
+
+A traced model is a chain of layers: the pre-block part (embeddings, rotary tables,
+masks), one layer per repeated block (``model.layers.17``), and the post-block part
+(final norm, head). A cut point sits between two consecutive layers and lists every
+tensor that crosses it; pipeline point-to-point cost uses the sum of their bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["OpStats", "Layer", "CutPoint", "OP_CLASSES"]
+
+# Op classes the cost model distinguishes (roofline efficiencies differ per class).
+OP_CLASSES = ("matmul", "attention", "elementwise", "norm", "embedding", "reduction", "view", "other")
+
+
+@dataclass(frozen=True)
+class OpStats:
+    """Aggregated work of one op class inside a layer."""
+
+    count: int = 0
+    flops: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+    def __add__(self, other: OpStats) -> OpStats:
+        return OpStats(
+            self.count + other.count,
+            self.flops + other.flops,
+            self.bytes_read + other.bytes_read,
+            self.bytes_written + other.bytes_written,
+        )
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One partitionable layer of a traced model.
+
+    Attributes:
+        index: position in ``TracedModel.layers``.
+        name: ``"pre"``, the block's module path (``"model.layers.3"``), or ``"post"``.
+        kind: ``"pre"``, ``"block"`` or ``"post"``.
+        nodes: names of the fx nodes that belong to this layer, in graph order.
+        param_bytes: bytes of the parameters this layer owns. A parameter used by several
+            layers (tied embeddings) is owned by the first; the others list it in
+            ``tied_params``. Summed over layers this equals the model's parameter bytes.
+        flops: floating-point operations of one forward pass at the traced shapes.
+        activation_bytes: bytes of every non-view tensor the layer produces.
+        peak_activation_bytes: the largest set of layer-produced tensors alive at once
+            during the layer (what inference needs as workspace).
+        output_bytes: bytes of the tensors this layer sends to later layers.
+        op_stats: work per op class (see ``OP_CLASSES``).
+        params: names of the parameters this layer owns.
+        tied_params: names of parameters owned by an earlier layer that this layer also uses.
+        buffer_bytes: bytes of the buffers (non-trainable state) this layer uses.
+    """
+
+    index: int
+    name: str
+    kind: str
+    nodes: tuple[str, ...]
+    param_bytes: int
+    flops: int
+    activation_bytes: int
+    peak_activation_bytes: int
+    output_bytes: int
+    op_stats: dict[str, OpStats] = field(default_factory=dict)
+    params: tuple[str, ...] = ()
+    tied_params: tuple[str, ...] = ()
+    buffer_bytes: int = 0
+
+    @property
+    def bytes_accessed(self) -> int:
+        return sum(s.bytes_read + s.bytes_written for s in self.op_stats.values())
+
+
+@dataclass(frozen=True)
+class CrossingTensor:
+    """A tensor that is produced at or before a cut and used after it."""
+
+    name: str  # the fx node that produces it
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+    producer_layer: int
+    role: str  # "hidden", "rotary", "mask", "position", "input" or "other"
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    """The boundary after ``after_layer``: every tensor crossing it and their total bytes."""
+
+    after_layer: int
+    tensors: tuple[CrossingTensor, ...]
+    bytes: int
