@@ -95,3 +95,42 @@ class CutPoint:
     after_layer: int
     tensors: tuple[CrossingTensor, ...]
     bytes: int
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def find_block_container(model) -> tuple[str, int] | None:
+    """The ModuleList/Sequential of repeated blocks: ``("model.layers", 80)``, or ``None``.
+
+    A container qualifies when it has at least two children, all of one class, holding
+    parameters; the one holding the most parameters wins (the decoder stack, not a list of
+    two rotary tables).
+    """
+    import torch.nn as nn
+
+    best: tuple[int, str, int] | None = None
+    for path, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
+            continue
+        children = list(mod)
+        if len({type(c) for c in children}) != 1:
+            continue
+        n_params = sum(p.numel() for p in mod.parameters())
+        if n_params == 0:
+            continue
+        if best is None or n_params > best[0]:
+            best = (n_params, path, len(children))
+    return (best[1], best[2]) if best else None
+
+
+def block_index(paths: list[str], container: str, num_blocks: int) -> int | None:
+    """Index of the block a node belongs to, from its module paths (outermost first)."""
+    prefix = f"{container}." if container else ""
+    for path in paths:
+        if not path.startswith(prefix):
+            continue
+        head = path[len(prefix):].split(".", 1)[0]
+        if head.isdigit() and int(head) < num_blocks:
+            return int(head)
+    return None

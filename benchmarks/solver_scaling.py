@@ -1,0 +1,164 @@
+"""Solve time and status of the CP-SAT planner on model-shaped cost tables.
+
+Usage:
+    .venv/bin/python benchmarks/solver_scaling.py --synthetic            # arch-shaped tables
+    .venv/bin/python benchmarks/solver_scaling.py --synthetic --repeats 5 --workers 2
+    .venv/bin/python benchmarks/solver_scaling.py --builder pkg.module:factory
+
+``--builder`` names ``factory(model, cluster, workload) -> CostTableBuilder`` (the cost
+model's builder); the synthetic mode builds roofline-shaped tables from the architecture
+numbers below with +-3% seeded noise per layer, and is labelled synthetic in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from planner.cluster import Cluster, Workload  # noqa: E402
+from planner.cost_table import CostTable, LayerCost, Link  # noqa: E402
+from planner.solver import solve  # noqa: E402
+
+__all__ = ["SyntheticArch", "synthetic_builder", "CASES", "main"]
+
+
+@dataclass(frozen=True)
+class SyntheticArch:
+    """Just enough of a decoder-only transformer to shape a cost table."""
+
+    name: str
+    blocks: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+
+
+ARCHS = {
+    "llama-3-8b": SyntheticArch("llama-3-8b", 32, 4096, 32, 8, 14336, 128256),
+    "llama-3-70b": SyntheticArch("llama-3-70b", 80, 8192, 64, 8, 28672, 128256),
+    "llama-3-405b": SyntheticArch("llama-3-405b", 126, 16384, 128, 8, 53248, 128256),
+}
+
+
+def synthetic_builder(arch: SyntheticArch, cluster: Cluster, workload: Workload, seed: int = 0):
+    """A roofline-shaped ``CostTableBuilder``: blocks with noise, heavier pre/post layers."""
+    spec = cluster.device_spec
+    peak, hbm = spec.peak_flops[workload.dtype] * 0.6, spec.memory_bandwidth * 0.8
+    nbytes = workload.dtype_bytes
+    rng = random.Random(seed)
+    noise = [1.0 + rng.uniform(-0.03, 0.03) for _ in range(arch.blocks + 2)]
+    h, hd = arch.hidden, arch.hidden // arch.heads
+    block_params = h * (h + 2 * arch.kv_heads * hd) + h * h + 3 * h * arch.ffn
+    embed_params = arch.vocab * h
+    tps = [t for t in (1, 2, 4, 8) if arch.heads % t == 0 and cluster.devices_per_node % t == 0]
+    decode = workload.phase == "decode"
+    ctx = workload.kv_context_len
+
+    def build(microbatch_size: int, microbatches: int) -> CostTable:
+        tokens = microbatch_size * (1 if decode else workload.seq_len)
+        costs = []
+        for j in range(arch.blocks + 2):
+            params = embed_params if j in (0, arch.blocks + 1) else block_params
+            flops = 2 * params * tokens if j != 0 else 0
+            if 0 < j <= arch.blocks:  # attention scores and values
+                flops += 4 * tokens * (ctx if decode else workload.seq_len) * h
+            row = {}
+            for t in tps:
+                kv_rep = max(1, t // arch.kv_heads)
+                weights = params * nbytes // t
+                compute = max(flops / t / peak, weights / hbm) * noise[j]
+                act = tokens * h * nbytes
+                comm = 0.0
+                if t > 1 and 0 < j <= arch.blocks:
+                    comm = 2 * (spec.intra_node_latency + 2 * (t - 1) / t * act
+                                / spec.intra_node_bandwidth)
+                kv = 0
+                if 0 < j <= arch.blocks:
+                    kv_heads_here = arch.kv_heads * kv_rep // t if t <= arch.kv_heads else 1
+                    kv = 2 * kv_heads_here * hd * ctx * microbatch_size * microbatches * nbytes \
+                        if decode else 0
+                row[t] = LayerCost(compute, comm, weights + kv + 4 * act // t)
+            costs.append(row)
+        boundary = tuple(microbatch_size * (1 if decode else workload.seq_len) * h * nbytes
+                         for _ in range(arch.blocks + 1))
+        return CostTable(
+            costs=tuple(costs),
+            boundary_bytes=boundary,
+            intra_node=Link(spec.intra_node_latency, spec.intra_node_bandwidth),
+            inter_node=Link(spec.inter_node_latency, spec.inter_node_bandwidth),
+            microbatch_size=microbatch_size,
+            microbatches=microbatches,
+            kv_heads_replicated={t: max(1, t // arch.kv_heads) for t in tps},
+        )
+
+    return build
+
+
+# (model, cluster, phase, objective, batch, seq)
+CASES = [
+    ("llama-3-8b", "8xH100", "prefill", "latency", 8, 2048),
+    ("llama-3-8b", "8xH100", "decode", "throughput", 64, 2048),
+    ("llama-3-70b", "8xH100", "prefill", "latency", 8, 2048),
+    ("llama-3-70b", "8xH100", "decode", "throughput", 64, 2048),
+    ("llama-3-70b", "4x8xH100", "prefill", "latency", 8, 2048),
+    ("llama-3-70b", "4x8xH100", "decode", "throughput", 64, 2048),
+    ("llama-3-70b", "8x8xH100", "prefill", "latency", 8, 2048),
+    ("llama-3-70b", "8x8xH100", "decode", "throughput", 64, 2048),
+    ("llama-3-405b", "128x8xH100", "prefill", "latency", 8, 2048),
+    ("llama-3-405b", "128x8xH100", "decode", "throughput", 256, 2048),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--synthetic", action="store_true", help="arch-shaped synthetic tables")
+    mode.add_argument("--builder", help="module:factory(model, cluster, workload) -> builder")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--time-limit", type=float, default=60.0)
+    parser.add_argument("--only", help="substring of the model name to run")
+    args = parser.parse_args(argv)
+    factory = None
+    if args.builder:
+        module, _, name = args.builder.partition(":")
+        factory = getattr(importlib.import_module(module), name)
+    label = "synthetic tables" if args.synthetic else f"builder {args.builder}"
+    print(f"# solver scaling ({label}), {args.workers} CP-SAT workers, "
+          f"median of {args.repeats}")
+    print("| model | cluster | devices | layers | phase / objective | batch | status | "
+          "median s | max s | dp | pp | tp | m |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for model, spec, phase, objective, batch, seq in CASES:
+        if args.only and args.only not in model:
+            continue
+        cluster = Cluster.parse(spec)
+        work = Workload(batch_size=batch, seq_len=seq, phase=phase, objective=objective)
+        builder = synthetic_builder(ARCHS[model], cluster, work) if factory is None \
+            else factory(model, cluster, work)
+        times, sol = [], None
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            sol = solve(builder, cluster, work, num_workers=args.workers,
+                        time_limit_s=args.time_limit)
+            times.append(time.perf_counter() - start)
+        tps = sorted({s.tp for s in sol.stages})
+        print(f"| {model} | {spec} | {cluster.num_devices} | {builder(1, 1).num_layers} | "
+              f"{phase} / {objective} | {batch} | {sol.solver.status} | "
+              f"{statistics.median(times):.2f} | {max(times):.2f} | {sol.dp} | {sol.pp} | "
+              f"{'/'.join(map(str, tps))} | {sol.microbatches} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,531 @@
+"""Analytical (roofline) op costs, TP scaling rules, and their calibration on this device.
+
+One op class's time on a device is
+
+    time = count · overhead + max(flops / (peak · e_compute), bytes / (bandwidth · e_memory))
+
+with ``peak`` the dtype's dense FLOP/s and ``bandwidth`` the memory bandwidth. The
+efficiencies ``e_*`` and the per-op ``overhead`` depend on (device, op class):
+
+- on a device that is here (``cpu``; ``cuda`` when present) they are *fitted* to per-node
+  timings of real graphs (``fit_efficiencies``, stored by ``calibrate_device``), and the
+  peaks are the measured ones (``measure_peaks``);
+- for catalogue GPUs they default to ``GPU_EFFICIENCIES`` (sources next to each number).
+
+A layer's work at the traced shape (``Layer.op_stats``) is scaled to the workload's
+microbatch, sequence, phase and dtype, then split across a TP group (``layer_work``):
+
+    op class     prefill scaling              TP split
+    matmul       flops ∝ tokens, weights fixed  flops, weights and activations / tp
+    attention    flops ∝ batch·seq², bytes ∝ tokens   / tp (heads)
+    elementwise  ∝ tokens                      / tp, except the residual adds (replicated;
+                                               / tp under sequence parallelism)
+    norm, reduction  ∝ tokens                  replicated (/ tp under sequence parallelism)
+    embedding    ∝ tokens                      replicated lookup (vocab-parallel table)
+
+Decode (one token per sequence against a KV cache of ``context`` tokens) keeps the same
+rules with ``tokens = batch``; attention reads the whole KV cache and the weights are
+read once per step, which makes decode bandwidth-bound.
+
+>>> w = matmul_work(m=128, k=64, n=256, dtype_bytes=4)
+>>> (w.flops, w.bytes_read, w.bytes_written)
+(4194304, 98304, 131072)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from cost_models.cache import (
+    cache_dir,
+    device_fingerprint,
+    read_record,
+    write_record,
+)
+from cost_models.devices import DeviceSpec
+from cost_models.memory import kv_heads_per_device
+
+if TYPE_CHECKING:
+    from planner.arch import ModelArch
+    from planner.cluster import Workload
+    from planner.layers import Layer
+
+__all__ = [
+    "OP_CLASSES",
+    "OpWork",
+    "ClassEfficiency",
+    "Efficiencies",
+    "GPU_EFFICIENCIES",
+    "TracedShape",
+    "OpSample",
+    "matmul_work",
+    "attention_work",
+    "elementwise_work",
+    "norm_work",
+    "op_time",
+    "work_time",
+    "layer_work",
+    "measure_peaks",
+    "fit_efficiencies",
+    "calibrate_device",
+    "save_efficiencies",
+    "load_efficiencies",
+    "efficiencies_for",
+]
+
+OP_CLASSES = ("matmul", "attention", "elementwise", "norm", "embedding", "reduction", "view", "other")
+_SCHEMA = "fx-planner/roofline/v1"
+
+
+@dataclass(frozen=True)
+class OpWork:
+    """Work of one op class (same fields as ``planner.layers.OpStats``)."""
+
+    count: int = 0
+    flops: float = 0
+    bytes_read: float = 0
+    bytes_written: float = 0
+
+    @property
+    def bytes(self) -> float:
+        return self.bytes_read + self.bytes_written
+
+    def __add__(self, other: OpWork) -> OpWork:
+        return OpWork(
+            self.count + other.count,
+            self.flops + other.flops,
+            self.bytes_read + other.bytes_read,
+            self.bytes_written + other.bytes_written,
+        )
+
+    def scaled(self, flops: float = 1.0, bytes_: float = 1.0) -> OpWork:
+        return OpWork(self.count, self.flops * flops, self.bytes_read * bytes_, self.bytes_written * bytes_)
+
+
+# ------------------------------------------------------------------ analytical op work
+
+
+def matmul_work(m: int, k: int, n: int, dtype_bytes: int, batch: int = 1) -> OpWork:
+    """``batch`` products of (m, k) × (k, n): 2·m·k·n FLOPs each; reads both operands,
+    writes (m, n)."""
+    return OpWork(
+        1, 2 * batch * m * k * n, batch * (m * k + k * n) * dtype_bytes, batch * m * n * dtype_bytes
+    )
+
+
+def attention_work(
+    batch: int,
+    heads: int,
+    q_len: int,
+    kv_len: int,
+    head_dim: int,
+    dtype_bytes: int,
+    kv_heads: int | None = None,
+) -> OpWork:
+    """Fused attention (``scaled_dot_product_attention``): QKᵀ and PV, 2·L·S·E FLOPs each per
+    head (causal masking not subtracted: kernels compute whole tiles). Reads Q, K, V
+    (K and V with ``kv_heads`` heads under GQA), writes the output."""
+    kvh = kv_heads or heads
+    flops = 4 * batch * heads * q_len * kv_len * head_dim
+    read = batch * (heads * q_len + 2 * kvh * kv_len) * head_dim * dtype_bytes
+    return OpWork(1, flops, read, batch * heads * q_len * head_dim * dtype_bytes)
+
+
+def elementwise_work(numel: int, inputs: int, dtype_bytes: int, flops_per_element: int = 1) -> OpWork:
+    """A pointwise op over ``numel`` elements reading ``inputs`` tensors of that size."""
+    return OpWork(1, numel * flops_per_element, inputs * numel * dtype_bytes, numel * dtype_bytes)
+
+
+def norm_work(rows: int, width: int, dtype_bytes: int, affine_params: int = 2) -> OpWork:
+    """LayerNorm/RMSNorm over ``rows`` vectors of ``width``: 5 FLOPs per element (mean,
+    variance, normalise, scale, shift); reads the input and the affine parameters."""
+    numel = rows * width
+    return OpWork(
+        1, 5 * numel, (numel + affine_params * width) * dtype_bytes, numel * dtype_bytes
+    )
+
+
+# ------------------------------------------------------------------ efficiencies
+
+
+@dataclass(frozen=True)
+class ClassEfficiency:
+    """Roofline parameters of one op class on one device.
+
+    Attributes:
+        compute: achieved fraction of peak FLOP/s.
+        memory: achieved fraction of memory bandwidth (can exceed 1 on CPUs when the
+            working set stays in cache).
+        overhead_s: fixed cost per op (dispatch and launch).
+    """
+
+    compute: float
+    memory: float
+    overhead_s: float
+
+
+# Defaults for catalogue GPUs (not measured here). Sources:
+# - matmul 0.70: large BF16 GEMMs reach ~70% of dense peak on H100/A100 (cuBLAS figures in
+#   NVIDIA's H100 tuning guide; Megatron-LM reports 50-60% end-to-end MFU, GEMMs higher).
+# - attention 0.50: FlashAttention-2 forward reaches 50-73% of A100 peak (Dao 2023) and
+#   ~35-50% of H100 peak; FlashAttention-3 ~75% on H100. 0.5 sits between.
+# - memory 0.80-0.85: achieved HBM bandwidth in copy/elementwise kernels is 80-90% of the
+#   datasheet figure (NVIDIA CUDA best-practices guide, "effective bandwidth").
+# overhead_s is the catalogue's launch_overhead_s (filled in by efficiencies_for).
+GPU_EFFICIENCIES: dict[str, ClassEfficiency] = {
+    "matmul": ClassEfficiency(0.70, 0.80, 0.0),
+    "attention": ClassEfficiency(0.50, 0.80, 0.0),
+    "elementwise": ClassEfficiency(0.50, 0.85, 0.0),
+    "norm": ClassEfficiency(0.50, 0.80, 0.0),
+    "embedding": ClassEfficiency(0.50, 0.70, 0.0),
+    "reduction": ClassEfficiency(0.50, 0.80, 0.0),
+    "view": ClassEfficiency(1.0, 1.0, 0.0),
+    "other": ClassEfficiency(0.50, 0.80, 0.0),
+}
+# View ops are metadata-only: no kernel launch on GPU, a Python dispatch on CPU (fitted).
+_NO_LAUNCH = {"view"}
+
+
+@dataclass(frozen=True)
+class Efficiencies:
+    """The roofline parameters of one device: peaks and per-class efficiencies.
+
+    Attributes:
+        device: catalogue name.
+        peak_flops: FLOP/s per dtype used as the roofline's peak (measured where calibrated).
+        memory_bandwidth: bytes/s used as the roofline's bandwidth.
+        classes: per op class efficiencies and overhead.
+        source: ``"calibrated"`` (fitted on this device) or ``"default"``.
+        samples: node timings the fit used (0 for defaults).
+    """
+
+    device: str
+    peak_flops: Mapping[str, float]
+    memory_bandwidth: float
+    classes: Mapping[str, ClassEfficiency]
+    source: str
+    samples: int = 0
+
+    def for_class(self, op_class: str) -> ClassEfficiency:
+        return self.classes.get(op_class) or self.classes["other"]
+
+    def to_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "peak_flops": dict(self.peak_flops),
+            "memory_bandwidth": self.memory_bandwidth,
+            "classes": {c: [e.compute, e.memory, e.overhead_s] for c, e in self.classes.items()},
+            "source": self.source,
+            "samples": self.samples,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Efficiencies:
+        return cls(
+            d["device"],
+            dict(d["peak_flops"]),
+            d["memory_bandwidth"],
+            {c: ClassEfficiency(*v) for c, v in d["classes"].items()},
+            d["source"],
+            d.get("samples", 0),
+        )
+
+
+def op_time(work: OpWork, eff: ClassEfficiency, peak_flops: float, bandwidth: float) -> float:
+    """Roofline time of one op class's aggregated work (see the module docstring)."""
+    compute = work.flops / (peak_flops * eff.compute) if work.flops else 0.0
+    memory = work.bytes / (bandwidth * eff.memory) if work.bytes else 0.0
+    return work.count * eff.overhead_s + max(compute, memory)
+
+
+def work_time(work: Mapping[str, OpWork], efficiencies: Efficiencies, dtype: str) -> float:
+    """Seconds for a layer's per-class work on the device ``efficiencies`` describes."""
+    peak = efficiencies.peak_flops.get(dtype) or efficiencies.peak_flops["float32"]
+    return sum(
+        op_time(w, efficiencies.for_class(c), peak, efficiencies.memory_bandwidth)
+        for c, w in work.items()
+    )
+
+
+# ------------------------------------------------------------------ scaling a traced layer
+
+
+@dataclass(frozen=True)
+class TracedShape:
+    """The shape a model was traced at: the op_stats of its layers describe this."""
+
+    batch_size: int
+    seq_len: int
+    dtype_bytes: int = 4
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+def _as_work(stats) -> OpWork:
+    return OpWork(stats.count, stats.flops, stats.bytes_read, stats.bytes_written)
+
+
+def _matmul_weight_bytes(layer: Layer, arch: ModelArch | None, traced: TracedShape) -> float:
+    """Bytes of weights the layer's matmuls read (fixed under batch scaling)."""
+    stats = layer.op_stats.get("matmul")
+    if stats is None:
+        return 0.0
+    weights = layer.param_bytes
+    if arch is not None and layer.kind == "post" and arch.tied_embeddings and arch.vocab_size:
+        weights += arch.vocab_size * arch.hidden_size * traced.dtype_bytes  # the tied head
+    return float(min(weights, stats.bytes_read))
+
+
+def _residual_bytes(arch: ModelArch | None, layer: Layer, tokens: int, dtype_bytes: int) -> float:
+    """Two residual adds per block, each reading 2 and writing 1 (tokens, hidden) tensor."""
+    if arch is None or not arch.is_transformer or layer.kind != "block":
+        return 0.0
+    return 2 * 3 * tokens * arch.hidden_size * dtype_bytes
+
+
+def layer_work(
+    layer: Layer,
+    arch: ModelArch | None,
+    tp: int,
+    workload: Workload,
+    microbatch_size: int,
+    traced: TracedShape | None = None,
+    *,
+    sequence_parallel: bool = False,
+) -> dict[str, OpWork]:
+    """Per-class work of one microbatch through ``layer`` on one device of a TP group.
+
+    Args:
+        layer: traced layer; its ``op_stats`` describe the ``traced`` shape.
+        arch: architecture (needed for decode attention and the residual/KV rules).
+        tp: tensor-parallel degree.
+        workload: phase, sequence/context length and dtype.
+        microbatch_size: sequences in the microbatch.
+        traced: shape the layer was traced at (default: the microbatch's own shape).
+        sequence_parallel: norms, residual adds and reductions are split across the group.
+
+    Returns:
+        ``{op_class: OpWork}`` on one device.
+    """
+    decode = workload.phase == "decode"
+    seq = workload.seq_len
+    traced = traced or TracedShape(microbatch_size, seq, workload.dtype_bytes)
+    tokens = microbatch_size * (1 if decode else seq)
+    r = tokens / traced.tokens
+    d = workload.dtype_bytes / traced.dtype_bytes
+    out: dict[str, OpWork] = {}
+    for op_class, stats in layer.op_stats.items():
+        w = _as_work(stats)
+        if op_class == "matmul":
+            weights = _matmul_weight_bytes(layer, arch, traced)
+            acts = max(w.bytes_read - weights, 0.0)
+            w = OpWork(w.count, w.flops * r, (weights + acts * r) * d, w.bytes_written * r * d)
+            w = w.scaled(1 / tp, 1 / tp)
+        elif op_class == "attention":
+            if decode and arch is not None and arch.is_transformer:
+                w = _decode_attention(arch, layer, microbatch_size, workload, tp, stats.count)
+            else:
+                ra = microbatch_size * seq * seq / (traced.batch_size * traced.seq_len**2)
+                w = OpWork(w.count, w.flops * ra, w.bytes_read * r * d, w.bytes_written * r * d)
+                w = w.scaled(1 / tp, 1 / tp)
+        else:
+            w = w.scaled(r, r * d)
+            if op_class == "elementwise":
+                residual = min(_residual_bytes(arch, layer, tokens, workload.dtype_bytes), w.bytes)
+                split = w.bytes - residual
+                keep = residual / tp if sequence_parallel else residual
+                frac = (split / tp + keep) / w.bytes if w.bytes else 1.0
+                w = OpWork(w.count, w.flops * frac, w.bytes_read * frac, w.bytes_written * frac)
+            elif op_class in ("norm", "reduction") and sequence_parallel:
+                w = w.scaled(1 / tp, 1 / tp)
+        out[op_class] = w
+    return out
+
+
+def _decode_attention(
+    arch: ModelArch, layer: Layer, batch: int, workload: Workload, tp: int, count: int
+) -> OpWork:
+    """One new token per sequence against ``kv_context_len`` cached tokens, one device."""
+    heads = max(arch.num_heads // tp, 1)
+    kv = kv_heads_per_device(arch.num_kv_heads or arch.num_heads, tp)
+    w = attention_work(batch, heads, 1, workload.kv_context_len + 1, arch.head_dim,
+                       workload.dtype_bytes, kv_heads=kv)  # fmt: skip
+    return OpWork(count, w.flops, w.bytes_read, w.bytes_written)
+
+
+# ------------------------------------------------------------------ calibration
+
+
+@dataclass(frozen=True)
+class OpSample:
+    """One measured node: its op class, work and median time."""
+
+    op_class: str
+    flops: float
+    bytes: float
+    seconds: float
+
+
+def measure_peaks(threads: int | None = None, repeats: int = 5) -> tuple[float, float]:
+    """Measure this CPU's float32 matmul FLOP/s (1024³ GEMM) and copy bandwidth (256 MiB).
+
+    Returns:
+        ``(peak_flops, memory_bandwidth)``: the best of ``repeats`` runs (the least
+        disturbed by other processes on the host).
+    """
+    prev = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        src = torch.empty(64 * 2**20)  # 256 MiB, far beyond the last-level cache
+        dst = torch.empty_like(src)
+        torch.mm(a, b)
+        dst.copy_(src)
+        best_mm = best_copy = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best_mm = min(best_mm, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            best_copy = min(best_copy, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(prev)
+    return 2 * 1024**3 / best_mm, 2 * src.numel() * 4 / best_copy
+
+
+_COMPUTE_GRID = np.logspace(-3, 0.3, 56)  # fraction of peak FLOP/s
+_MEMORY_GRID = np.logspace(-3, 1.5, 64)  # fraction of DRAM bandwidth (>1: cache-resident)
+
+
+def _fit_class(samples: Sequence[OpSample], peak: float, bw: float) -> ClassEfficiency:
+    """Grid search over (e_compute, e_memory); for each, the overhead minimising the
+    squared *relative* error has a closed form. Relative error weights a 5 µs view op
+    and a 5 ms matmul alike, which is what a per-layer sum needs."""
+    f = np.array([s.flops for s in samples], dtype=float)
+    b = np.array([s.bytes for s in samples], dtype=float)
+    y = np.array([s.seconds for s in samples], dtype=float)
+    inv2 = 1.0 / y**2
+    if not f.any() and not b.any():
+        o = float(np.sum(inv2 * y) / np.sum(inv2))
+        return ClassEfficiency(1.0, 1.0, max(o, 0.0))
+    tc = f[None, :] / (peak * _COMPUTE_GRID[:, None])  # (C, n)
+    tm = b[None, :] / (bw * _MEMORY_GRID[:, None])  # (M, n)
+    roof = np.maximum(tc[:, None, :], tm[None, :, :])  # (C, M, n)
+    o = np.sum((y - roof) * inv2, axis=-1) / np.sum(inv2)  # (C, M)
+    o = np.clip(o, 0.0, None)
+    err = np.sum(((o[..., None] + roof - y) / y) ** 2, axis=-1)
+    i, j = np.unravel_index(int(np.argmin(err)), err.shape)
+    return ClassEfficiency(float(_COMPUTE_GRID[i]), float(_MEMORY_GRID[j]), float(o[i, j]))
+
+
+def fit_efficiencies(
+    samples: Iterable[OpSample],
+    peak_flops: float,
+    memory_bandwidth: float,
+    device: str = "cpu",
+    dtype: str = "float32",
+    min_samples: int = 3,
+) -> Efficiencies:
+    """Fit per-class efficiencies and overheads to measured node timings.
+
+    Classes with fewer than ``min_samples`` samples borrow the fit of ``other`` (or of all
+    samples pooled when ``other`` is thin too).
+    """
+    samples = list(samples)
+    by_class: dict[str, list[OpSample]] = {}
+    for s in samples:
+        by_class.setdefault(s.op_class, []).append(s)
+    pooled = _fit_class(samples, peak_flops, memory_bandwidth)
+    classes = {
+        c: _fit_class(ss, peak_flops, memory_bandwidth)
+        for c, ss in by_class.items()
+        if len(ss) >= min_samples
+    }
+    fallback = classes.get("other", pooled)
+    for c in OP_CLASSES:
+        classes.setdefault(c, fallback)
+    return Efficiencies(
+        device, {dtype: peak_flops}, memory_bandwidth, classes, "calibrated", len(samples)
+    )
+
+
+def _path(device: str, cache) -> os.PathLike:
+    return cache_dir(cache) / f"roofline-{device}.json"
+
+
+def save_efficiencies(
+    eff: Efficiencies, fingerprint: dict, cache: str | os.PathLike | None = None
+) -> None:
+    """Store a calibration in the cache, keyed by the device fingerprint."""
+    write_record(_path(eff.device, cache), _SCHEMA, eff.to_dict(), fingerprint)
+
+
+def load_efficiencies(
+    device: str = "cpu", *, threads: int | None = None, cache: str | os.PathLike | None = None
+) -> Efficiencies | None:
+    """The stored calibration of ``device`` if it was measured on this host, else ``None``."""
+    data = read_record(_path(device, cache), _SCHEMA, device_fingerprint(device, threads))
+    return None if data is None else Efficiencies.from_dict(data)
+
+
+def calibrate_device(
+    samples: Iterable[OpSample],
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    cache: str | os.PathLike | None = None,
+    save: bool = True,
+) -> Efficiencies:
+    """Measure this device's peaks, fit efficiencies to ``samples`` and store the result.
+
+    Args:
+        samples: node timings, e.g. ``ModelProfile.op_samples()`` of profiled models.
+        device: ``"cpu"`` (``cuda`` calibration uses the same fit on CUDA timings).
+        threads: intra-op threads the samples were measured with.
+        cache: cache directory.
+        save: write ``<cache>/roofline-<device>.json``.
+    """
+    peak, bw = measure_peaks(threads)
+    eff = fit_efficiencies(samples, peak, bw, device=device)
+    # The fit is per float32 FLOP; other dtypes on CPU run at the same order of speed.
+    eff = replace(eff, peak_flops={"float32": peak, "bfloat16": peak, "float16": peak})
+    if save:
+        save_efficiencies(eff, device_fingerprint(device, threads), cache)
+    return eff
+
+
+def efficiencies_for(
+    device: DeviceSpec,
+    *,
+    threads: int | None = None,
+    cache: str | os.PathLike | None = None,
+    calibrated: Efficiencies | None = None,
+) -> Efficiencies:
+    """The roofline parameters for ``device``: an explicit or stored calibration when one
+    exists for it on this host, else the documented defaults with catalogue peaks."""
+    if calibrated is not None and calibrated.device == device.name:
+        return calibrated
+    stored = load_efficiencies(device.name, threads=threads, cache=cache)
+    if stored is not None:
+        return stored
+    classes = {
+        c: replace(e, overhead_s=0.0 if c in _NO_LAUNCH else device.launch_overhead_s)
+        for c, e in GPU_EFFICIENCIES.items()
+    }
+    return Efficiencies(
+        device.name, dict(device.peak_flops), device.memory_bandwidth, classes, "default"
+    )
+
+

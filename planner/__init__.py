@@ -1,0 +1,1 @@
+"""fx-planner: automatic parallelism planning for PyTorch models."""

@@ -1,0 +1,917 @@
+"""The CP-SAT planner: data parallelism x pipeline partition x per-stage tp x microbatches.
+
+The search is split in two levels (docs/solver.md has the full formulation):
+
+1. *Outer*: every (dp, microbatches) pair the pins allow. Each pair fixes the microbatch
+   size, hence one ``CostTable``. Pairs are visited best-lower-bound first and skipped once
+   their bound cannot beat the incumbent.
+2. *Inner*: one CP-SAT model per pair. A plan is a path through the layer boundaries
+   ``0..L``; an arc ``(a, b, tp)`` is a stage holding layers ``a..b`` at degree ``tp``.
+   Stage time and memory of an arc are prefix sums of the table, computed before the model
+   is built, so the model is a shortest path with a bottleneck term, device offsets for the
+   placement rule and a cutoff at the incumbent.
+
+Optimality is proven by CP-SAT: the best pair is solved to OPTIMAL and every other pair
+is shown INFEASIBLE below the incumbent (or pruned by a valid lower bound).
+
+>>> from planner.cost_table import CostTable, LayerCost, Link
+>>> from planner.cluster import Cluster, Workload
+>>> def build(mbs, m):
+...     c = {1: LayerCost(1e-3 * mbs, 0, 10**9), 2: LayerCost(6e-4 * mbs, 1e-4, 5 * 10**8)}
+...     return CostTable((c,) * 4, (1 << 20,) * 3, Link(1e-6, 1e11), Link(5e-6, 1e10), mbs, m)
+>>> sol = solve(build, Cluster(1, 2, "H100"), Workload(batch_size=2, objective="latency"))
+>>> (sol.dp, sol.pp, [s.tp for s in sol.stages], sol.solver.status)
+(2, 1, [1], 'OPTIMAL')
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from ortools.sat.python import cp_model
+
+from planner.cluster import Cluster, Workload
+from planner.cost_table import TICK_S, CostTable, CostTableBuilder, to_ticks
+
+__all__ = [
+    "PlanError",
+    "InfeasiblePlanError",
+    "Stage",
+    "Prediction",
+    "SolverStats",
+    "Solution",
+    "PINNABLE",
+    "solve",
+    "best_per_family",
+    "replica_size_allowed",
+    "place_stages",
+    "predict",
+]
+
+PINNABLE = ("dp", "pp", "tp", "microbatches")
+GiB = 2**30
+
+
+class PlanError(ValueError):
+    """A request the planner cannot satisfy; the message says what to change."""
+
+
+class InfeasiblePlanError(PlanError):
+    """Nothing fits. ``suggestions`` lists the smallest single changes that do, computed."""
+
+    def __init__(self, message: str, suggestions: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.suggestions = tuple(suggestions)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: a contiguous layer range on one TP group per replica.
+
+    Attributes:
+        first, last: inclusive layer indices.
+        tp: tensor-parallel degree.
+        devices: device ids per data-parallel replica, ``devices[r]`` has ``tp`` ids.
+        compute_s, comm_s: one microbatch through the stage (kernels, TP collectives).
+        memory_bytes: per-device memory of the stage.
+        kv_heads_replicated: KV-head replication factor the cost model applied at ``tp``.
+    """
+
+    first: int
+    last: int
+    tp: int
+    devices: tuple[tuple[int, ...], ...]
+    compute_s: float
+    comm_s: float
+    memory_bytes: int
+    kv_heads_replicated: int = 1
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        return (self.first, self.last)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted figures of a whole plan (definitions in docs/solver.md)."""
+
+    latency_s: float
+    throughput_samples_per_s: float
+    peak_memory_bytes: int
+    period_s: float = 0.0
+    p2p_s: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class SolverStats:
+    """How the plan was found. ``objective``/``bound`` are seconds of the minimised time."""
+
+    status: str
+    objective: float
+    bound: float
+    wall_s: float
+    objective_ticks: int = 0
+    gap: float = 0.0
+    solver: str = "cp-sat"
+    combos_solved: int = 0
+    combos_pruned: int = 0
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A plan as the solvers return it; ``planner.plan.Plan`` adds the model and workload."""
+
+    objective: str
+    batch_size: int
+    dp: int
+    microbatches: int
+    microbatch_size: int
+    stages: tuple[Stage, ...]
+    predicted: Prediction
+    solver: SolverStats
+    sequence_parallel: bool = False
+
+    @property
+    def pp(self) -> int:
+        return len(self.stages)
+
+    @property
+    def num_devices_used(self) -> int:
+        return self.dp * sum(s.tp for s in self.stages)
+
+    @property
+    def family(self) -> tuple[int, int, tuple[int, ...]]:
+        """(dp, pp, tp of each stage): the key ``plan explain`` groups alternatives by."""
+        return (self.dp, self.pp, tuple(s.tp for s in self.stages))
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def replica_size_allowed(size: int, dp: int, nodes: int, devices_per_node: int) -> bool:
+    """Whether ``dp`` replicas of ``size`` devices each can be placed by the rule.
+
+    Replica ``r`` takes devices ``[r*size, (r+1)*size)``. With several replicas the size
+    must divide the node (replicas tile a node) or be a multiple of it (replicas start on a
+    node boundary), so every replica sees the same node layout.
+    """
+    if size < 1 or dp * size > nodes * devices_per_node:
+        return False
+    return dp == 1 or devices_per_node % size == 0 or size % devices_per_node == 0
+
+
+def place_stages(
+    tps: Sequence[int], dp: int, devices_per_node: int
+) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Device ids of every stage and replica: ``result[stage][replica]``.
+
+    Stages are packed in pipeline order inside a replica; replicas are contiguous.
+    Raises ``PlanError`` when a TP group would straddle a node boundary.
+    """
+    size = sum(tps)
+    placed = []
+    offset = 0
+    for i, tp in enumerate(tps):
+        if offset % devices_per_node + tp > devices_per_node:
+            raise PlanError(
+                f"stage {i} (tp {tp}) would start at device {offset} and straddle a node of "
+                f"{devices_per_node} devices"
+            )
+        placed.append(tuple(tuple(range(r * size + offset, r * size + offset + tp)) for r in range(dp)))
+        offset += tp
+    return tuple(placed)
+
+
+def _objective_value(values: Sequence, m: int, objective: str):
+    """Latency or period of one batch from the stage and p2p-hop times (ints or floats)."""
+    total, worst = sum(values), max(values)
+    if objective == "latency":
+        return total + (m - 1) * worst
+    return max(m * worst, total)
+
+
+def predict(
+    table: CostTable,
+    layers: Sequence[tuple[int, int, int]],
+    dp: int,
+    batch_size: int,
+    devices_per_node: int,
+) -> tuple[tuple[Stage, ...], Prediction]:
+    """Stages with their predicted figures, and the plan's prediction, in seconds.
+
+    Args:
+        table: the cost table for this plan's microbatch size.
+        layers: ``(first, last, tp)`` of each stage in pipeline order.
+        dp: data-parallel replicas.
+        batch_size: global batch.
+        devices_per_node: node size, for the placement rule and p2p pricing.
+    """
+    m = table.microbatches
+    devices = place_stages([t for _, _, t in layers], dp, devices_per_node)
+    stages, times, hops = [], [], []
+    offset = 0
+    for i, (a, b, t) in enumerate(layers):
+        compute = sum(table.costs[j][t].compute_s for j in range(a, b + 1))
+        comm = sum(table.costs[j][t].comm_s for j in range(a, b + 1))
+        stages.append(
+            Stage(a, b, t, devices[i], compute, comm, table.stage_memory_bytes(a, b, t),
+                  int(table.kv_heads_replicated.get(t, 1)))
+        )
+        times.append(compute + comm)
+        offset += t
+        if i + 1 < len(layers):
+            hops.append(table.p2p_s(b, inter_node=offset % devices_per_node == 0))
+    latency = _objective_value(times + hops, m, "latency")
+    period = _objective_value(times + hops, m, "throughput")
+    prediction = Prediction(
+        latency_s=latency,
+        throughput_samples_per_s=batch_size / period if period > 0 else math.inf,
+        peak_memory_bytes=max(s.memory_bytes for s in stages),
+        period_s=period,
+        p2p_s=tuple(hops),
+    )
+    return tuple(stages), prediction
+
+
+# --------------------------------------------------------------------------- search space
+
+
+@dataclass
+class _Combo:
+    """One outer choice (dp, microbatches) with its table rounded to integers."""
+
+    dp: int
+    m: int
+    table: CostTable
+    tps: tuple[int, ...]
+    ticks: list[dict[int, int]]
+    mem: list[dict[int, int]]
+    hop_intra: list[int]
+    hop_inter: list[int]
+    cap: int
+    sizes: tuple[int, ...]
+    pp: int | None
+    lb: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.ticks)
+
+    @property
+    def s_max(self) -> int:
+        return max(self.sizes)
+
+
+@dataclass
+class _Space:
+    """Everything both solvers share about a request: combos, limits, objective."""
+
+    batch_size: int
+    nodes: int
+    devices_per_node: int
+    cap: int
+    objective: str
+    combos: list[_Combo]
+    pins: dict[int, int] = field(default_factory=dict)
+
+    def solution(self, combo: _Combo, path, stats: SolverStats) -> Solution:
+        stages, prediction = predict(combo.table, path, combo.dp, self.batch_size,
+                                     self.devices_per_node)
+        return Solution(self.objective, self.batch_size, combo.dp, combo.m,
+                        combo.table.microbatch_size, stages, prediction, stats,
+                        combo.table.sequence_parallel)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _pin_product_message(pins: Mapping[str, int], nodes: int, per_node: int) -> str | None:
+    factors = [(k, pins[k]) for k in ("dp", "pp", "tp") if k in pins]
+    product = math.prod(v for _, v in factors)
+    total = nodes * per_node
+    if factors and product > total:
+        expr = " × ".join(f"{k} {v}" for k, v in factors)
+        return (f"{expr} = {product} > {total} devices ({nodes} node(s) × {per_node}); "
+                f"lower a pin or add devices")
+    return None
+
+
+def check_pins(pins: Mapping[str, int], batch_size: int, num_layers: int, nodes: int,
+               devices_per_node: int) -> dict[str, int]:
+    """Validate user pins against the cluster and workload; one message lists every problem.
+
+    Raises:
+        PlanError: naming every contradicting factor.
+    """
+    problems = []
+    unknown = set(pins) - set(PINNABLE)
+    if unknown:
+        problems.append(f"unknown pin(s) {sorted(unknown)}; pinnable: {', '.join(PINNABLE)}")
+    clean = {}
+    for k in PINNABLE:
+        if k in pins and pins[k] is not None:
+            v = pins[k]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                problems.append(f"{k} must be a positive integer, got {v!r}")
+            else:
+                clean[k] = v
+    tp, dp, pp, m = (clean.get(k) for k in ("tp", "dp", "pp", "microbatches"))
+    if tp is not None and tp > devices_per_node:
+        problems.append(f"tp {tp} > {devices_per_node} devices per node: a tensor-parallel "
+                        f"group stays inside one node")
+    elif tp is not None and devices_per_node % tp:
+        problems.append(f"tp {tp} does not divide {devices_per_node} devices per node; "
+                        f"use one of {_divisors(devices_per_node)}")
+    if dp is not None and batch_size % dp:
+        problems.append(f"dp {dp} does not divide batch size {batch_size}; "
+                        f"use one of {_divisors(batch_size)}")
+    if pp is not None and pp > num_layers:
+        problems.append(f"pp {pp} > {num_layers} layers: every stage needs at least one layer")
+    if m is not None:
+        per_replica = batch_size // dp if dp and batch_size % dp == 0 else None
+        if m > batch_size or (per_replica and per_replica % m):
+            where = f"batch {batch_size} / dp {dp} = {per_replica}" if per_replica \
+                else f"batch size {batch_size}"
+            problems.append(f"microbatches {m} does not divide {where} samples per replica")
+    product = _pin_product_message(clean, nodes, devices_per_node)
+    if product:
+        problems.append(product)
+    if problems:
+        raise PlanError("pins contradict the request: " + "; ".join(problems))
+    return clean
+
+
+def _build_space(
+    builder: CostTableBuilder,
+    cluster: Cluster,
+    workload: Workload,
+    pins: Mapping[str, int] | None,
+    tp_degrees: Iterable[int] | None,
+    max_microbatches: int | None,
+    capacity_bytes: int | None = None,
+) -> tuple[_Space, dict[str, int]]:
+    nodes, per_node, batch = cluster.nodes, cluster.devices_per_node, workload.batch_size
+    cap = capacity_bytes if capacity_bytes is not None else int(
+        cluster.device_spec.memory_bytes * (1.0 - workload.memory_headroom))
+    probe = builder(batch, 1)
+    pins = check_pins(dict(pins or {}), batch, probe.num_layers, nodes, per_node)
+    allowed = {t for t in probe.tp_degrees if per_node % t == 0}
+    if tp_degrees is not None:
+        allowed &= set(tp_degrees)
+    if "tp" in pins:
+        if pins["tp"] not in allowed:
+            raise PlanError(f"tp {pins['tp']} is not allowed by the model: the cost table allows "
+                            f"tp in {sorted(allowed)} (heads, KV heads and FFN width must divide)")
+        allowed = {pins["tp"]}
+    if not allowed:
+        raise PlanError(f"no tp degree of the model {list(probe.tp_degrees)} divides "
+                        f"{per_node} devices per node")
+    tps = tuple(sorted(allowed))
+    combos = []
+    tables: dict[tuple[int, int], CostTable] = {}
+    for dp in [pins["dp"]] if "dp" in pins else _divisors(batch):
+        sizes = tuple(s for s in range(1, nodes * per_node // dp + 1)
+                      if replica_size_allowed(s, dp, nodes, per_node))
+        if not sizes or sizes[0] * dp > nodes * per_node:
+            continue
+        per_replica = batch // dp
+        ms = [pins["microbatches"]] if "microbatches" in pins else _divisors(per_replica)
+        for m in ms:
+            if per_replica % m or (max_microbatches and m > max_microbatches and
+                                   "microbatches" not in pins):
+                continue
+            key = (per_replica // m, m)
+            if key not in tables:
+                tables[key] = builder(*key)
+            combos.append(_make_combo(tables[key], dp, m, tps, cap, sizes, pins.get("pp")))
+    return _Space(batch, nodes, per_node, cap, workload.objective, combos,
+                  pins=dict(pins)), pins
+
+
+def _make_combo(table: CostTable, dp: int, m: int, tps, cap: int, sizes, pp) -> _Combo:
+    L = table.num_layers
+    ticks = [{t: to_ticks(c.time_s) for t, c in table.costs[j].items() if t in tps}
+             for j in range(L)]
+    mem = [{t: c.memory_bytes for t, c in table.costs[j].items() if t in tps} for j in range(L)]
+    intra = [to_ticks(table.p2p_s(j, False)) for j in range(L - 1)]
+    inter = [to_ticks(table.p2p_s(j, True)) for j in range(L - 1)]
+    return _Combo(dp, m, table, tuple(tps), ticks, mem, intra, inter, cap, tuple(sizes), pp)
+
+
+def _lower_bound(combo: _Combo, objective: str) -> int | None:
+    """A valid bound: every layer at its fastest degree, the work spread over all stages."""
+    best = []
+    for j in range(combo.num_layers):
+        if not combo.ticks[j]:
+            return None
+        best.append(min(combo.ticks[j].values()))
+    total = sum(best)
+    stages_max = min(combo.num_layers, combo.s_max // min(combo.tps))
+    if combo.pp is not None:
+        stages_max = min(stages_max, combo.pp)
+    if stages_max < 1:
+        return None
+    worst = max(max(best), -(-total // stages_max))
+    if objective == "latency":
+        return total + (combo.m - 1) * worst
+    return max(combo.m * worst, total)
+
+
+def _path_value(combo: _Combo, path, objective: str, per_node: int) -> int | None:
+    """Integer objective of a path, or None when it breaks a constraint."""
+    values, offset = [], 0
+    for i, (a, b, t) in enumerate(path):
+        if offset % per_node + t > per_node:
+            return None
+        if any(t not in combo.ticks[j] for j in range(a, b + 1)):
+            return None
+        memory = combo.table.workspace(t) + sum(combo.mem[j][t] for j in range(a, b + 1))
+        if memory > combo.cap:
+            return None
+        values.append(sum(combo.ticks[j][t] for j in range(a, b + 1)))
+        offset += t
+        if i + 1 < len(path):
+            values.append(combo.hop_inter[b] if offset % per_node == 0 else combo.hop_intra[b])
+    if offset not in combo.sizes or (combo.pp is not None and len(path) != combo.pp):
+        return None
+    return _objective_value(values, combo.m, objective)
+
+
+# --------------------------------------------------------------------------- heuristic
+
+
+def _greedy_partition(ticks: list[int], mem: list[int], limit: int, mem_cap: int):
+    """Fewest stages with every stage time <= limit and memory <= mem_cap (greedy is exact)."""
+    cuts, start, t_acc, m_acc = [], 0, 0, 0
+    for j, (t, mm) in enumerate(zip(ticks, mem)):
+        if t > limit or mm > mem_cap:
+            return None
+        if t_acc + t > limit or m_acc + mm > mem_cap:
+            cuts.append((start, j - 1))
+            start, t_acc, m_acc = j, 0, 0
+        t_acc += t
+        m_acc += mm
+    cuts.append((start, len(ticks) - 1))
+    return cuts
+
+
+def _heuristic(combo: _Combo, objective: str, per_node: int):
+    """Best plan with one tp for all stages and a min-bottleneck split, per stage count."""
+    best = None
+    L = combo.num_layers
+    for t in combo.tps:
+        if any(t not in combo.ticks[j] for j in range(L)):
+            continue
+        ticks = [combo.ticks[j][t] for j in range(L)]
+        mem = [combo.mem[j][t] for j in range(L)]
+        mem_cap = combo.cap - combo.table.workspace(t)
+        k_max = min(L, combo.s_max // t)
+        if combo.pp is not None:
+            candidates = [combo.pp] if combo.pp <= k_max else []
+        else:
+            candidates = sorted({k for k in range(1, min(k_max, 8) + 1)}
+                                | {int(k_max / 1.25 ** i) for i in range(40)} - {0})
+        for k in candidates:
+            if k * t not in combo.sizes:
+                continue
+            lo, hi = max(ticks), sum(ticks)
+            p = _greedy_partition(ticks, mem, hi, mem_cap)
+            if p is None or len(p) > k:  # memory alone needs more than k stages
+                continue
+            while lo < hi:
+                mid = (lo + hi) // 2
+                p = _greedy_partition(ticks, mem, mid, mem_cap)
+                if p is not None and len(p) <= k:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            parts = _greedy_partition(ticks, mem, lo, mem_cap)
+            while len(parts) < k:  # split the longest stage to reach exactly k stages
+                i = max(range(len(parts)), key=lambda s: parts[s][1] - parts[s][0])
+                a, b = parts[i]
+                if a == b:
+                    break
+                parts[i:i + 1] = [(a, a), (a + 1, b)]
+            if len(parts) != k:
+                continue
+            path = [(a, b, t) for a, b in parts]
+            value = _path_value(combo, path, objective, per_node)
+            if value is not None and (best is None or value < best[0]):
+                best = (value, path)
+    return best
+
+
+# --------------------------------------------------------------------------- CP-SAT model
+
+
+def _arcs(combo: _Combo, objective: str, cutoff: int | None, ignore_memory: bool = False):
+    """Every stage (a, b, tp) that fits in memory and cannot be excluded by the cutoff.
+
+    With a cutoff, a stage of time ``s`` is kept only if the objective could still be
+    ``<= cutoff``: latency >= m*s + (every other layer at its fastest degree); the period
+    >= m*s and >= s + (every other layer at its fastest degree).
+    """
+    L, m = combo.num_layers, combo.m
+    best = [min(c.values()) if c else 0 for c in combo.ticks]
+    prefix_best = [0]
+    for v in best:
+        prefix_best.append(prefix_best[-1] + v)
+    arcs = []
+    for a in range(L):
+        for t in combo.tps:
+            if t > combo.s_max:
+                continue
+            time_acc, mem_acc = 0, combo.table.workspace(t)
+            for b in range(a, L):
+                if t not in combo.ticks[b]:
+                    break
+                time_acc += combo.ticks[b][t]
+                mem_acc += combo.mem[b][t]
+                if not ignore_memory and mem_acc > combo.cap:
+                    break
+                if cutoff is not None:
+                    if m * time_acc > cutoff:
+                        break
+                    outside = prefix_best[a] + prefix_best[L] - prefix_best[b + 1]
+                    lead = m * time_acc if objective == "latency" else time_acc
+                    if lead + outside > cutoff:
+                        continue
+                arcs.append((a, b, t, time_acc, mem_acc))
+    return arcs
+
+
+def _cp_model(combo: _Combo, objective: str, per_node: int, cutoff: int | None,
+              hint=None, minimise_memory: bool = False):
+    """Build the CP-SAT model of one combo. Returns (model, y, arcs, objective expr)."""
+    L, m = combo.num_layers, combo.m
+    arcs = _arcs(combo, objective, None if minimise_memory else cutoff,
+                 ignore_memory=minimise_memory)
+    model = cp_model.CpModel()
+    y = [model.NewBoolVar(f"y{a}_{b}_{t}") for a, b, t, _, _ in arcs]
+    out_arcs: list[list[int]] = [[] for _ in range(L + 1)]
+    in_arcs: list[list[int]] = [[] for _ in range(L + 1)]
+    for i, (a, b, *_rest) in enumerate(arcs):
+        out_arcs[a].append(i)
+        in_arcs[b + 1].append(i)
+    model.AddExactlyOne(y[i] for i in out_arcs[0])
+    model.AddExactlyOne(y[i] for i in in_arcs[L])
+    cut = [None] * (L + 1)
+    for j in range(1, L):
+        model.Add(sum(y[i] for i in in_arcs[j]) == sum(y[i] for i in out_arcs[j]))
+        cut[j] = model.NewBoolVar(f"cut{j}")
+        model.Add(sum(y[i] for i in in_arcs[j]) == cut[j])
+    size = model.NewIntVarFromDomain(cp_model.Domain.FromValues(list(combo.sizes)), "devices")
+    model.Add(size == sum(arcs[i][2] * y[i] for i in range(len(arcs))))
+    if combo.pp is not None:
+        model.Add(sum(y) == combo.pp)
+    if minimise_memory:
+        peak = model.NewIntVar(0, max(a[4] for a in arcs) if arcs else 0, "peak_memory")
+        for a in range(L):
+            model.Add(peak >= sum(arcs[i][4] * y[i] for i in out_arcs[a]))
+        model.Minimize(peak)
+        return model, y, arcs, peak
+
+    spans_nodes = max(combo.sizes) > per_node
+    hop = [None] * (L + 1)
+    for j in range(1, L):
+        intra, inter = combo.hop_intra[j - 1], combo.hop_inter[j - 1]
+        if not spans_nodes or intra == inter:
+            hop[j] = intra * cut[j]
+            continue
+        # offset[j] = devices of the stages ending before boundary j (replica 0);
+        # the cut is inter-node when the next stage starts on a node boundary.
+        hop[j] = None
+    if spans_nodes:
+        offset = [model.NewConstant(0)]
+        for j in range(1, L + 1):
+            o = model.NewIntVar(0, combo.s_max, f"off{j}")
+            model.Add(o == offset[-1] + sum(arcs[i][2] * y[i] for i in in_arcs[j]))
+            offset.append(o)
+        for j in range(L):
+            if per_node > 1:
+                rem = model.NewIntVar(0, per_node - 1, f"rem{j}")
+                q = model.NewIntVar(0, combo.s_max // per_node, f"node{j}")
+                model.Add(offset[j] == per_node * q + rem)
+            else:
+                rem = model.NewConstant(0)
+            # a TP group starting at boundary j stays inside its node
+            model.Add(rem + sum(arcs[i][2] * y[i] for i in out_arcs[j]) <= per_node)
+            if 0 < j and hop[j] is None:
+                intra, inter = combo.hop_intra[j - 1], combo.hop_inter[j - 1]
+                at_node_start = model.NewBoolVar(f"z{j}")
+                model.Add(rem == 0).OnlyEnforceIf(at_node_start)
+                model.Add(rem >= 1).OnlyEnforceIf(at_node_start.Not())
+                crossing = model.NewBoolVar(f"w{j}")
+                model.AddBoolAnd([at_node_start, cut[j]]).OnlyEnforceIf(crossing)
+                model.AddBoolOr([at_node_start.Not(), cut[j].Not()]).OnlyEnforceIf(crossing.Not())
+                hop[j] = intra * cut[j] + (inter - intra) * crossing
+
+    stage_sum = sum(arcs[i][3] * y[i] for i in range(len(arcs)))
+    hop_sum = sum(hop[j] for j in range(1, L))
+    top = max([a[3] for a in arcs] + combo.hop_inter + combo.hop_intra + [0])
+    worst = model.NewIntVar(0, top, "bottleneck")
+    for a in range(L):
+        if out_arcs[a]:
+            model.Add(worst >= sum(arcs[i][3] * y[i] for i in out_arcs[a]))
+    for j in range(1, L):
+        model.Add(worst >= hop[j])
+    total = stage_sum + hop_sum
+    if objective == "latency":
+        obj = total + (m - 1) * worst
+    else:
+        obj = model.NewIntVar(0, m * top + sum(a[3] for a in arcs) + sum(combo.hop_inter)
+                              + sum(combo.hop_intra), "period")
+        model.Add(obj >= m * worst)
+        model.Add(obj >= total)
+    if cutoff is not None:
+        model.Add(obj <= cutoff)
+    model.Minimize(obj)
+    if hint is not None:
+        chosen = set(hint)
+        for i, (a, b, t, _, _) in enumerate(arcs):
+            model.AddHint(y[i], (a, b, t) in chosen)
+    return model, y, arcs, obj
+
+
+def _run(model, num_workers: int, time_limit_s: float):
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = num_workers
+    solver.parameters.max_time_in_seconds = max(time_limit_s, 0.01)
+    status = solver.Solve(model)
+    return solver, status
+
+
+def _extract(solver, y, arcs):
+    path = sorted((arcs[i][0], arcs[i][1], arcs[i][2]) for i in range(len(arcs))
+                  if solver.Value(y[i]))
+    return path
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def solve(
+    cost_table: CostTableBuilder,
+    cluster: Cluster,
+    workload: Workload,
+    *,
+    pins: Mapping[str, int] | None = None,
+    tp_degrees: Iterable[int] | None = None,
+    max_microbatches: int | None = None,
+    num_workers: int = 2,
+    time_limit_s: float = 60.0,
+    diagnose: bool = True,
+) -> Solution:
+    """Find the plan minimising the workload's objective, proven optimal by CP-SAT.
+
+    Args:
+        cost_table: builder ``(microbatch_size, microbatches) -> CostTable``.
+        cluster: nodes, devices per node, device memory (``cluster.device_spec``).
+        workload: batch size, objective and memory headroom.
+        pins: any of ``dp``, ``pp``, ``tp`` (every stage), ``microbatches`` fixed.
+        tp_degrees: restrict tp further (the table's degrees dividing the node by default).
+        max_microbatches: largest microbatch count tried (all divisors when ``None``).
+        num_workers: CP-SAT search workers.
+        time_limit_s: wall-clock budget; on expiry the best plan is returned with status
+            ``FEASIBLE``, its bound and gap.
+        diagnose: on infeasibility, compute the smallest changes that fit (re-solves).
+
+    Returns:
+        The best ``Solution``; ``solution.solver.status`` is ``OPTIMAL`` when proven.
+
+    Raises:
+        PlanError: contradictory pins, or no plan found within the time limit.
+        InfeasiblePlanError: nothing fits; the message lists computed changes that fit.
+    """
+    start = time.perf_counter()
+    deadline = start + time_limit_s
+    space, clean_pins = _build_space(cost_table, cluster, workload, pins, tp_degrees,
+                                     max_microbatches)
+    result = _search(space, num_workers, deadline)
+    if result is None:
+        if time.perf_counter() >= deadline:
+            raise PlanError(f"no plan found within the {time_limit_s:g} s time limit")
+        message, suggestions = _diagnose(space, cost_table, cluster, workload, clean_pins,
+                                         tp_degrees, max_microbatches, num_workers,
+                                         diagnose)
+        raise InfeasiblePlanError(message, suggestions)
+    combo, path, value, bound, status, solved, pruned = result
+    wall = time.perf_counter() - start
+    stats = SolverStats(
+        status=status,
+        objective=value * TICK_S,
+        bound=bound * TICK_S,
+        wall_s=wall,
+        objective_ticks=value,
+        gap=(value - bound) / value if value else 0.0,
+        solver="cp-sat",
+        combos_solved=solved,
+        combos_pruned=pruned,
+    )
+    return space.solution(combo, path, stats)
+
+
+def _search(space: _Space, num_workers: int, deadline: float, feasibility_only: bool = False):
+    """Outer loop over combos. Returns (combo, path, value, bound, status, solved, pruned)."""
+    objective, per_node = space.objective, space.devices_per_node
+    scored = []
+    for combo in space.combos:
+        lb = _lower_bound(combo, objective)
+        if lb is None:
+            continue
+        combo.lb = lb
+        scored.append(combo)
+    scored.sort(key=lambda c: (c.lb, c.dp, c.m))
+    incumbent = None  # (value, combo, path)
+    for combo in scored:  # heuristic incumbent, best lower bound first
+        if incumbent is not None and combo.lb >= incumbent[0]:
+            break
+        found = _heuristic(combo, objective, per_node)
+        if found is not None and (incumbent is None or found[0] < incumbent[0]):
+            incumbent = (found[0], combo, found[1])
+    if feasibility_only and incumbent is not None:
+        return incumbent[1], incumbent[2], incumbent[0], incumbent[0], "FEASIBLE", 0, 0
+    best = None  # (value, combo, path) proven by CP-SAT
+    open_bounds: list[int] = []
+    solved = pruned = 0
+    order = scored
+    if incumbent is not None:  # the heuristic's combo first, so its optimum is the cutoff
+        order = [incumbent[1]] + [c for c in scored if c is not incumbent[1]]
+    for combo in order:
+        limit = best[0] - 1 if best is not None else (incumbent[0] if incumbent else None)
+        if limit is not None and combo.lb > limit:
+            pruned += 1
+            continue
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            open_bounds.append(combo.lb)
+            continue
+        hint = incumbent[2] if incumbent is not None and incumbent[1] is combo else None
+        model, y, arcs, obj = _cp_model(combo, objective, per_node, limit, hint)
+        if not arcs:
+            solved += 1
+            continue
+        if feasibility_only:
+            model.ClearObjective()
+        solver, status = _run(model, num_workers, remaining)
+        solved += 1
+        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            value = int(round(solver.Value(obj)))
+            path = _extract(solver, y, arcs)
+            if best is None or value < best[0]:
+                best = (value, combo, path)
+            if feasibility_only:
+                return combo, path, value, value, "FEASIBLE", solved, pruned
+            if status == cp_model.FEASIBLE:
+                open_bounds.append(max(combo.lb, int(math.ceil(solver.BestObjectiveBound()))))
+        elif status == cp_model.UNKNOWN:
+            open_bounds.append(max(combo.lb, int(math.ceil(solver.BestObjectiveBound()))))
+    if best is None:
+        if incumbent is not None:  # time ran out before CP-SAT confirmed the heuristic
+            value, combo, path = incumbent
+            bound = min(open_bounds + [value])
+            return combo, path, value, bound, "FEASIBLE", solved, pruned
+        return None
+    value, combo, path = best
+    bound = min(open_bounds + [value])
+    status = "OPTIMAL" if bound >= value else "FEASIBLE"
+    return combo, path, value, bound, status, solved, pruned
+
+
+def _feasible(builder, cluster, workload, pins, tp_degrees, max_microbatches, num_workers,
+              capacity_bytes=None) -> bool:
+    try:
+        space, _ = _build_space(builder, cluster, workload, pins, tp_degrees, max_microbatches,
+                                capacity_bytes)
+    except PlanError:
+        return False
+    return _search(space, num_workers, time.perf_counter() + 60.0, feasibility_only=True) \
+        is not None
+
+
+def _diagnose(space, builder, cluster, workload, pins, tp_degrees, max_microbatches,
+              num_workers, compute: bool) -> tuple[str, list[str]]:
+    """The infeasibility message with the smallest single changes that fit, each re-solved."""
+    cap_gib = space.cap / GiB
+    head = (f"no plan fits: every placement needs more than {cap_gib:.2f} GiB per device "
+            f"({cluster.device_spec.memory_bytes / GiB:.2f} GiB × (1 − "
+            f"{workload.memory_headroom:g} headroom)) on {cluster.num_devices} devices "
+            f"({cluster.nodes} node(s) × {cluster.devices_per_node})")
+    if pins:
+        head += " with pins " + ", ".join(f"{k}={v}" for k, v in pins.items())
+    if not compute:
+        return head, []
+    args = (tp_degrees, max_microbatches, num_workers)
+    suggestions = []
+    # 1. per-device memory: minimise the peak over every combo.
+    peak = None
+    for combo in space.combos:
+        model, y, arcs, obj = _cp_model(combo, space.objective, space.devices_per_node, None,
+                                        minimise_memory=True)
+        if not arcs:
+            continue
+        solver, status = _run(model, num_workers, 30.0)
+        if status == cp_model.OPTIMAL:
+            v = int(solver.Value(obj))
+            peak = v if peak is None else min(peak, v)
+    if peak is not None:
+        need = peak / (1.0 - workload.memory_headroom)
+        suggestions.append(f"per-device memory >= {need / GiB:.2f} GiB "
+                           f"(peak {peak / GiB:.2f} GiB + {workload.memory_headroom:g} headroom)")
+    # 2. devices: the fewest nodes of this size that fit (monotone: more nodes, more plans).
+    hi, lo = cluster.nodes, cluster.nodes
+    while hi < cluster.nodes * 64:
+        hi *= 2
+        if _feasible(builder, replace(cluster, nodes=hi), workload, pins, *args):
+            break
+        lo = hi
+    else:
+        hi = None
+    if hi is not None:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if _feasible(builder, replace(cluster, nodes=mid), workload, pins, *args):
+                hi = mid
+            else:
+                lo = mid
+        suggestions.append(f">= {hi * cluster.devices_per_node} devices ({hi} node(s) × "
+                           f"{cluster.devices_per_node})")
+    # 3. batch size: the largest smaller batch that fits.
+    lo, hi = 0, workload.batch_size
+    smaller = [y for y in range(workload.batch_size - 1, 0, -1)]
+    if smaller and _feasible(builder, cluster, replace(workload, batch_size=1),
+                             _batch_pins(pins, 1), *args):
+        lo, hi = 1, workload.batch_size
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if _feasible(builder, cluster, replace(workload, batch_size=mid),
+                         _batch_pins(pins, mid), *args):
+                lo = mid
+            else:
+                hi = mid
+        suggestions.append(f"batch size <= {lo}")
+    if not suggestions:
+        return head + ". No single change of memory, devices or batch size makes it fit.", []
+    return head + ". Smallest changes that fit: " + "; or ".join(suggestions), suggestions
+
+
+def _batch_pins(pins: Mapping[str, int], batch: int) -> dict[str, int]:
+    """Pins that still make sense for a smaller batch (dp/microbatches must divide it)."""
+    return {k: v for k, v in pins.items()
+            if k not in ("dp", "microbatches") or batch % v == 0}
+
+
+def best_per_family(
+    cost_table: CostTableBuilder,
+    cluster: Cluster,
+    workload: Workload,
+    *,
+    families: Iterable[tuple[int, int, int]] | None = None,
+    limit: int = 8,
+    num_workers: int = 2,
+    time_limit_s: float = 10.0,
+) -> list[tuple[tuple[int, int, int], Solution | str]]:
+    """The best plan of each (dp, pp, tp) family, for ``plan explain``.
+
+    Each family is solved by ``solve`` with those three pins, so the figures are comparable
+    with the optimum. Families default to every (dp, pp, tp) that fits the device count,
+    ordered by a lower bound, first ``limit`` of them.
+
+    Returns:
+        ``[((dp, pp, tp), Solution or the reason it is infeasible)]`` sorted best first.
+    """
+    probe = cost_table(workload.batch_size, 1)
+    per_node, total = cluster.devices_per_node, cluster.num_devices
+    if families is None:
+        fams = [(dp, pp, tp) for dp in _divisors(workload.batch_size)
+                for tp in probe.tp_degrees if per_node % tp == 0
+                for pp in range(1, probe.num_layers + 1)
+                if dp * pp * tp <= total and replica_size_allowed(pp * tp, dp, cluster.nodes,
+                                                                   per_node)]
+        fams.sort(key=lambda f: _family_bound(probe, f, workload.batch_size))
+        fams = fams[:limit]
+    else:
+        fams = list(families)
+    results: list[tuple[tuple[int, int, int], Solution | str]] = []
+    for dp, pp, tp in fams:
+        try:
+            sol = solve(cost_table, cluster, workload, pins={"dp": dp, "pp": pp, "tp": tp},
+                        num_workers=num_workers, time_limit_s=time_limit_s, diagnose=False)
+            results.append(((dp, pp, tp), sol))
+        except PlanError as e:
+            results.append(((dp, pp, tp), str(e)))
+    return sorted(results, key=lambda r: r[1].solver.objective
+                  if isinstance(r[1], Solution) else math.inf)
+
+
+def _family_bound(table: CostTable, family: tuple[int, int, int], batch: int) -> float:
+    """Rough ordering key: per-replica work of the whole batch spread over pp stages."""
+    dp, pp, tp = family
+    if any(tp not in c for c in table.costs):
+        return math.inf
+    work = sum(c[tp].time_s for c in table.costs) / dp
+    return work / pp + work * (pp - 1) / (pp * max(batch // dp, 1))
