@@ -204,6 +204,10 @@ def node_work(node: fx.Node) -> NodeWork:
         return NodeWork(name, "embedding", 0, written + _numel(ins[1:2]) * 8, written)
     if name in _REDUCTION_OPS:
         return NodeWork(name, "reduction", sum(t.numel() for t in ins[:1]), read, written)
+    if node.op == "call_module" and "flops" in node.meta:
+        # A leaf module the fallback tracer kept opaque; its FLOPs were counted by running it.
+        flops = node.meta["flops"]
+        return NodeWork(name, "matmul" if flops else "other", flops, read, written)
     if written == 0:
         return NodeWork(name, "other", 0, 0, 0)
     if any(t.is_floating_point() for t in tensors_in(out)):

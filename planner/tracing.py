@@ -21,6 +21,7 @@ in seconds). A folded graph module holds only the traced blocks; layers and cuts
 from __future__ import annotations
 
 import hashlib
+import logging
 import sys
 import traceback
 from dataclasses import dataclass, field, replace
@@ -228,7 +229,8 @@ def _capture(model, args, kwargs, leaf_modules, tracer) -> tuple[fx.GraphModule,
     errors: list[tuple[str, BaseException]] = []
     if tracer in ("auto", "export"):
         try:
-            ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+            with _quiet_export_logs():
+                ep = torch.export.export(model, tuple(args), kwargs, strict=False)
             return ep.module(), "export"
         except Exception as e:  # torch.export raises many types; all mean "did not capture"
             errors.append(("torch.export", e))
@@ -242,6 +244,17 @@ def _capture(model, args, kwargs, leaf_modules, tracer) -> tuple[fx.GraphModule,
     raise TraceError(_explain_failure(model, errors)) from errors[-1][1]
 
 
+class _quiet_export_logs:
+    """Silence export's own warnings (graph dumps on a failed guard); the error says it all."""
+
+    def __enter__(self):
+        logging.disable(logging.WARNING)
+
+    def __exit__(self, *exc):
+        logging.disable(logging.NOTSET)
+        return False
+
+
 class _LeafTracer(fx.Tracer):
     def __init__(self, leaf_modules: tuple[type, ...]) -> None:
         super().__init__()
@@ -252,9 +265,6 @@ class _LeafTracer(fx.Tracer):
 
 
 def _symbolic_trace(model, args, kwargs, leaf_modules) -> fx.GraphModule:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
     graph = _LeafTracer(tuple(leaf_modules)).trace(model)
     gm = fx.GraphModule(model, graph, type(model).__name__)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -266,10 +276,37 @@ def _symbolic_trace(model, args, kwargs, leaf_modules) -> fx.GraphModule:
             inputs.append(node.args[0])  # the parameter's default value
         else:
             raise TypeError(f"no example input for argument {node.target!r}")
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
-    FakeTensorProp(gm, mode).propagate(*fake_inputs)
+    tensors = tensors_in(inputs) + list(model.parameters())
+    if any(t.is_meta for t in tensors):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+        FakeTensorProp(gm, mode).propagate(*fake)
+    else:
+        # Real weights: run the example once (a leaf module may branch on data, which fake
+        # tensors cannot do) and keep shape-only meta copies of every value.
+        _MetaRecorder(gm).run(*inputs)
     return gm
+
+
+class _MetaRecorder(fx.Interpreter):
+    """Runs the graph and stores a ``meta``-device copy of each value in ``node.meta["val"]``."""
+
+    def run_node(self, n: fx.Node):
+        if n.op == "call_module":  # an opaque leaf: count what it does by running it
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                result = super().run_node(n)
+            n.meta["flops"] = counter.get_total_flops()
+        else:
+            result = super().run_node(n)
+        n.meta["val"] = torch.utils._pytree.tree_map_only(
+            torch.Tensor, lambda t: torch.empty_like(t, device="meta"), result
+        )
+        return result
 
 
 def _explain_failure(model: nn.Module, errors: list[tuple[str, BaseException]]) -> str:
@@ -291,14 +328,23 @@ def _explain_failure(model: nn.Module, errors: list[tuple[str, BaseException]]) 
 
 
 def _failing_module(exc: BaseException, names: dict[int, tuple[str, str]]) -> str | None:
-    """The innermost model submodule whose ``forward`` is on the failing stack, with its line."""
-    found = None
-    for frame, lineno in traceback.walk_tb(exc.__traceback__):
-        owner = frame.f_locals.get("self")
-        if owner is not None and id(owner) in names:
-            path, cls = names[id(owner)]
-            found = f"{path} ({cls}, {frame.f_code.co_filename.rsplit('/', 1)[-1]}:{lineno})"
-    return found
+    """The innermost model submodule on the failing stack, and the user line that failed."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    module, line = None, None
+    for e in reversed(chain):
+        for frame, lineno in traceback.walk_tb(e.__traceback__):
+            filename = frame.f_code.co_filename
+            owner = frame.f_locals.get("self")
+            if filename.endswith("torch/nn/modules/module.py") and id(owner) in names:
+                module = "{} ({})".format(*names[id(owner)])
+            elif "/torch/" not in filename and "/planner/" not in filename:
+                line = f"{filename.rsplit('/', 1)[-1]}:{lineno}"
+    if module and line:
+        return f"{module} at {line}"
+    return module
 
 
 # --------------------------------------------------------------------------- folding
@@ -483,10 +529,12 @@ def _build_layers(gm, graph: nx.DiGraph, layer_of, container, num_blocks) -> lis
                 )
             for pname, p in _node_params(gm, node):
                 (owned if owner[id(p)] == index else tied).setdefault(id(p), (pname, p))
+            for src in node.all_input_nodes:  # a parameter fetched by another layer's get_attr
+                for pname, p in _node_params(gm, src) if src.op == "get_attr" else ():
+                    if owner[id(p)] != index:
+                        tied.setdefault(id(p), (pname, p))
             for b in _node_buffers(gm, node):
                 buffers[id(b)] = b
-        # Parameters used by a call_module node in this layer but owned by a later one
-        # cannot happen (ownership is the first use), so `tied` holds earlier owners only.
         kind = "pre" if index == 0 else "post" if index == n_layers - 1 else "block"
         name = "pre" if kind == "pre" else "post" if kind == "post" else f"{container}.{index - 1}"
         members = {n.name for n in nodes}

@@ -152,7 +152,7 @@ def _check_keys(name: str, overrides: dict, allowed: set[str]) -> None:
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ModelLoadError(
                 f"--set {key}: {name} has no config field {key!r}.{hint} "
-                f"Fields: {', '.join(sorted(allowed))}"
+                f"Fields: {', '.join(sorted(k for k in allowed if not k.startswith('_')))}"
             )
 
 

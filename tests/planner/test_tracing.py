@@ -1,0 +1,201 @@
+"""Tracing: equality with eager, layers, parameter accounting, FLOPs, cut points."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import planner
+from planner.models import load_model
+
+SMALL = ["gpt-tiny", "gpt2-tiny", "llama-tiny", "mlp", "cnn"]
+
+
+def _trace(name, overrides=None, device="cpu", **kw):
+    lm = load_model(name, overrides, batch_size=2, seq_len=16, device=device)
+    return lm, planner.trace(lm.model, lm.args, lm.kwargs, name=name, arch=lm.arch, **kw)
+
+
+def _output(value):
+    return value.logits if hasattr(value, "logits") else value
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_traced_graph_equals_eager(name):
+    lm, traced = _trace(name)
+    with torch.no_grad():
+        expected = _output(lm.model(*lm.args, **lm.kwargs))
+        got = _output(traced.graph_module(*lm.args, **lm.kwargs))
+    assert traced.tracer == "export"
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_layers_are_pre_blocks_post(name):
+    lm, traced = _trace(name)
+    n_blocks = lm.arch.num_layers
+    assert len(traced.layers) == n_blocks + 2
+    assert [layer.kind for layer in traced.layers] == ["pre"] + ["block"] * n_blocks + ["post"]
+    assert [layer.index for layer in traced.layers] == list(range(n_blocks + 2))
+    assert len(traced.cuts) == n_blocks + 1
+    # Every non-structural fx node belongs to exactly one layer.
+    owned = [n for layer in traced.layers for n in layer.nodes]
+    assert len(owned) == len(set(owned)) == len(traced.graph_module.graph.nodes)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_parameter_bytes_sum_exactly_to_model(name):
+    lm, traced = _trace(name)
+    unique = {id(p): p for p in lm.model.parameters()}.values()
+    expected = sum(p.numel() * p.element_size() for p in unique)
+    assert traced.param_bytes == expected
+    assert sum(layer.param_bytes for layer in traced.layers) == expected
+
+
+def test_tied_embedding_is_owned_once_and_listed_as_tied():
+    _, traced = _trace("gpt-tiny")
+    pre, post = traced.layers[0], traced.layers[-1]
+    assert "wte.weight" in pre.params
+    assert "lm_head.weight" not in post.params
+    assert any(name.endswith("wte.weight") or name.endswith("lm_head.weight") for name in post.tied_params)
+
+
+class _Linears(nn.Module):
+    def __init__(self, sizes):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes, sizes[1:]))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_linear_flops_are_2_b_t_in_out():
+    B, T, sizes = 3, 5, [16, 32, 24]
+    model = _Linears(sizes).eval()
+    traced = planner.trace(model, (torch.randn(B, T, sizes[0]),))
+    blocks = [layer for layer in traced.layers if layer.kind == "block"]
+    assert [b.flops for b in blocks] == [2 * B * T * i * o for i, o in zip(sizes, sizes[1:])]
+    assert [b.op_stats["matmul"].flops for b in blocks] == [b.flops for b in blocks]
+
+
+def test_attention_block_flops_match_hand_count():
+    # GPT block: qkv (3C^2), proj (C^2), fc (4C^2), fc2 (4C^2) matmuls + SDPA (2 x 2*B*h*T*T*hs).
+    lm, traced = _trace("gpt-tiny")
+    B, T, C = 2, 16, 64
+    block = traced.layers[1]
+    assert block.op_stats["matmul"].flops == 2 * B * T * C * C * (3 + 1 + 4 + 4)
+    assert block.op_stats["attention"].flops == 2 * (2 * B * T * T * C)
+
+
+def test_rope_cut_lists_hidden_state_and_rotary_tensors():
+    lm, traced = _trace("llama-tiny")
+    cut = traced.cuts[2]  # between model.layers.1 and model.layers.2
+    roles = [t.role for t in cut.tensors]
+    hidden = [t for t in cut.tensors if t.role == "hidden"]
+    assert len(hidden) == 1 and hidden[0].shape == (2, 16, 64)
+    assert roles.count("rotary") == 2  # cos and sin
+    rotary = [t for t in cut.tensors if t.role == "rotary"]
+    assert all(t.shape[-2:] == (16, lm.arch.head_dim) for t in rotary)
+    assert cut.bytes == sum(t.bytes for t in cut.tensors)
+    assert hidden[0].bytes == 2 * 16 * 64 * 4
+
+
+def test_cut_after_layer_records_exactly_the_values_used_later():
+    lm, traced = _trace("gpt-tiny")
+    gm = traced.graph_module
+    layer_of = traced.layer_of_node
+    for cut in traced.cuts:
+        j = cut.after_layer
+        expected = {
+            n.name
+            for n in gm.graph.nodes
+            if n.op not in ("get_attr", "output") and layer_of[n.name] <= j
+            and any(layer_of[u.name] > j for u in n.users)
+            and isinstance(n.meta.get("val"), torch.Tensor)
+        }
+        assert {t.name for t in cut.tensors} == expected
+
+
+def test_meta_trace_folds_blocks_and_matches_a_real_trace():
+    overrides = {"num_hidden_layers": 8}
+    _, real = _trace("llama-tiny", overrides)
+    _, meta = _trace("llama-tiny", overrides, device="meta")
+    assert meta.folded and not real.folded
+    assert len(meta.layers) == len(real.layers) == 10
+    assert meta.fingerprint == real.fingerprint
+    assert [layer.param_bytes for layer in meta.layers] == [layer.param_bytes for layer in real.layers]
+    assert [layer.flops for layer in meta.layers] == [layer.flops for layer in real.layers]
+    assert [c.bytes for c in meta.cuts] == [c.bytes for c in real.cuts]
+    assert meta.param_bytes == real.param_bytes
+
+
+def test_fingerprint_changes_with_shapes():
+    _, a = _trace("gpt-tiny")
+    lm = load_model("gpt-tiny", batch_size=2, seq_len=32)
+    b = planner.trace(lm.model, lm.args)
+    assert a.fingerprint != b.fingerprint
+
+
+def _llama_param_count(vocab, hidden, inter, layers, heads, kv):
+    head_dim = hidden // heads
+    attn = hidden * heads * head_dim + 2 * hidden * kv * head_dim + heads * head_dim * hidden
+    block = attn + 3 * hidden * inter + 2 * hidden
+    return vocab * hidden + layers * block + hidden + hidden * vocab
+
+
+@pytest.mark.slow
+def test_llama_3_70b_traces_on_meta_with_exact_parameter_count():
+    lm = load_model("llama-3-70b", batch_size=1, seq_len=512, dtype=torch.bfloat16, device="meta")
+    traced = planner.trace(lm.model, lm.args, lm.kwargs, name="llama-3-70b")
+    expected = _llama_param_count(128256, 8192, 28672, 80, 64, 8)
+    assert traced.num_params == expected
+    assert traced.param_bytes == 2 * expected
+    assert len(traced.layers) == 82 and traced.folded
+    assert sum(layer.param_bytes for layer in traced.layers) == 2 * expected
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent Python control flow
+            return self.lin(x)
+        return -self.lin(x)
+
+
+class _BranchyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(_Branchy(), nn.Linear(8, 8)) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_untraceable_model_names_module_and_fix():
+    model = _BranchyNet().eval()
+    with pytest.raises(planner.TraceError) as info:
+        planner.trace(model, (torch.randn(2, 8),))
+    message = str(info.value)
+    assert "torch.export failed in module blocks.0.0 (_Branchy)" in message
+    assert "fx.symbolic_trace failed in module blocks.0.0 (_Branchy)" in message
+    assert "leaf_modules" in message
+
+
+def test_symbolic_trace_fallback_with_leaf_module_equals_eager():
+    model = _BranchyNet().eval()
+    x = torch.randn(2, 8)
+    traced = planner.trace(model, (x,), leaf_modules=(_Branchy,))
+    assert traced.tracer == "symbolic_trace"
+    assert [layer.name for layer in traced.layers] == ["blocks.0", "blocks.1"]
+    torch.testing.assert_close(traced.graph_module(x), model(x), rtol=0, atol=0)
+    assert sum(layer.param_bytes for layer in traced.layers) == traced.param_bytes
+    assert traced.layers[0].op_stats["matmul"].flops == 2 * 2 * 8 * 8 * 2
