@@ -287,7 +287,8 @@ def _run_kind(dist, kind: str, nbytes: int, rank: int, world: int):
         return lambda: dist.all_reduce(x)
     if kind == "all_gather":
         shard, out = torch.ones(numel // world), torch.empty(numel)
-        return lambda: dist.all_gather_into_tensor(out, shard)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        return lambda: gather(out, shard)
     if kind == "reduce_scatter":
         full, out = torch.ones(numel), torch.empty(numel // world)
         scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor

@@ -205,6 +205,10 @@ class Efficiencies:
         classes: per op class efficiencies and overhead.
         source: ``"calibrated"`` (fitted on this device) or ``"default"``.
         samples: node timings the fit used (0 for defaults).
+        layer_scale: measured / predicted layer time, median over the calibration layers.
+            Node timings come from an interpreter that runs each op cold and alone; a
+            layer runs its ops back to back with warm caches and a reused allocator.
+            The per-node fit sets the shape, this one factor the level (1 for defaults).
     """
 
     device: str
@@ -213,6 +217,7 @@ class Efficiencies:
     classes: Mapping[str, ClassEfficiency]
     source: str
     samples: int = 0
+    layer_scale: float = 1.0
 
     def for_class(self, op_class: str) -> ClassEfficiency:
         return self.classes.get(op_class) or self.classes["other"]
@@ -225,6 +230,7 @@ class Efficiencies:
             "classes": {c: [e.compute, e.memory, e.overhead_s] for c, e in self.classes.items()},
             "source": self.source,
             "samples": self.samples,
+            "layer_scale": self.layer_scale,
         }
 
     @classmethod
@@ -236,6 +242,7 @@ class Efficiencies:
             {c: ClassEfficiency(*v) for c, v in d["classes"].items()},
             d["source"],
             d.get("samples", 0),
+            d.get("layer_scale", 1.0),
         )
 
 
@@ -249,7 +256,7 @@ def op_time(work: OpWork, eff: ClassEfficiency, peak_flops: float, bandwidth: fl
 def work_time(work: Mapping[str, OpWork], efficiencies: Efficiencies, dtype: str) -> float:
     """Seconds for a layer's per-class work on the device ``efficiencies`` describes."""
     peak = efficiencies.peak_flops.get(dtype) or efficiencies.peak_flops["float32"]
-    return sum(
+    return efficiencies.layer_scale * sum(
         op_time(w, efficiencies.for_class(c), peak, efficiencies.memory_bandwidth)
         for c, w in work.items()
     )
@@ -410,24 +417,33 @@ _MEMORY_GRID = np.logspace(-3, 1.5, 64)  # fraction of DRAM bandwidth (>1: cache
 
 
 def _fit_class(samples: Sequence[OpSample], peak: float, bw: float) -> ClassEfficiency:
-    """Grid search over (e_compute, e_memory); for each, the overhead minimising the
-    squared *relative* error has a closed form. Relative error weights a 5 µs view op
-    and a 5 ms matmul alike, which is what a per-layer sum needs."""
+    """Grid search over (e_compute, e_memory); for each pair the per-op overhead has a
+    closed form. Residuals are weighted by 1/t (chi-square style): between absolute error,
+    which ignores the many 10 µs ops whose overheads add up in a layer, and relative
+    error, which lets the near-free ones (``getitem``, 0.3 µs) set the overhead."""
     f = np.array([s.flops for s in samples], dtype=float)
     b = np.array([s.bytes for s in samples], dtype=float)
     y = np.array([s.seconds for s in samples], dtype=float)
-    inv2 = 1.0 / y**2
+    w = 1.0 / y
     if not f.any() and not b.any():
-        o = float(np.sum(inv2 * y) / np.sum(inv2))
-        return ClassEfficiency(1.0, 1.0, max(o, 0.0))
-    tc = f[None, :] / (peak * _COMPUTE_GRID[:, None])  # (C, n)
-    tm = b[None, :] / (bw * _MEMORY_GRID[:, None])  # (M, n)
-    roof = np.maximum(tc[:, None, :], tm[None, :, :])  # (C, M, n)
-    o = np.sum((y - roof) * inv2, axis=-1) / np.sum(inv2)  # (C, M)
-    o = np.clip(o, 0.0, None)
-    err = np.sum(((o[..., None] + roof - y) / y) ** 2, axis=-1)
-    i, j = np.unravel_index(int(np.argmin(err)), err.shape)
-    return ClassEfficiency(float(_COMPUTE_GRID[i]), float(_MEMORY_GRID[j]), float(o[i, j]))
+        return ClassEfficiency(1.0, 1.0, float(np.mean(y)))
+    cgrid, mgrid = _COMPUTE_GRID, _MEMORY_GRID
+    for _ in range(3):  # coarse grid, then two finer grids around the best point
+        tc = f[None, :] / (peak * cgrid[:, None])  # (C, n)
+        tm = b[None, :] / (bw * mgrid[:, None])  # (M, n)
+        roof = np.maximum(tc[:, None, :], tm[None, :, :])  # (C, M, n)
+        o = np.clip(np.sum((y - roof) * w, axis=-1) / np.sum(w), 0.0, None)  # (C, M)
+        err = np.sum(w * (o[..., None] + roof - y) ** 2, axis=-1)
+        i, j = np.unravel_index(int(np.argmin(err)), err.shape)
+        best = ClassEfficiency(float(cgrid[i]), float(mgrid[j]), float(o[i, j]))
+        cgrid = _refine(cgrid, i)
+        mgrid = _refine(mgrid, j)
+    return best
+
+
+def _refine(grid: np.ndarray, i: int) -> np.ndarray:
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    return np.geomspace(lo, hi, 25)
 
 
 def fit_efficiencies(
@@ -482,6 +498,7 @@ def load_efficiencies(
 
 def calibrate_device(
     samples: Iterable[OpSample],
+    layers: Iterable[tuple[Mapping[str, OpWork], float]] = (),
     *,
     device: str = "cpu",
     threads: int | None = None,
@@ -492,6 +509,8 @@ def calibrate_device(
 
     Args:
         samples: node timings, e.g. ``ModelProfile.op_samples()`` of profiled models.
+        layers: ``(work, measured_s)`` of whole layers at the calibration shapes
+            (``layer_work`` at tp 1, ``LayerProfile.median_s``): fits ``layer_scale``.
         device: ``"cpu"`` (``cuda`` calibration uses the same fit on CUDA timings).
         threads: intra-op threads the samples were measured with.
         cache: cache directory.
@@ -501,6 +520,9 @@ def calibrate_device(
     eff = fit_efficiencies(samples, peak, bw, device=device)
     # The fit is per float32 FLOP; other dtypes on CPU run at the same order of speed.
     eff = replace(eff, peak_flops={"float32": peak, "bfloat16": peak, "float16": peak})
+    ratios = [t / work_time(w, eff, "float32") for w, t in layers]
+    if ratios:
+        eff = replace(eff, layer_scale=float(np.median(ratios)))
     if save:
         save_efficiencies(eff, device_fingerprint(device, threads), cache)
     return eff

@@ -44,6 +44,7 @@ __all__ = [
     "SolverStats",
     "Solution",
     "PINNABLE",
+    "check_pins",
     "solve",
     "best_per_family",
     "replica_size_allowed",
@@ -394,6 +395,7 @@ def _build_space(
 
 def _make_combo(table: CostTable, dp: int, m: int, tps, cap: int, sizes, pp) -> _Combo:
     L = table.num_layers
+    tps = tuple(t for t in tps if t <= max(sizes))  # a stage cannot outgrow its replica
     ticks = [{t: to_ticks(c.time_s) for t, c in table.costs[j].items() if t in tps}
              for j in range(L)]
     mem = [{t: c.memory_bytes for t, c in table.costs[j].items() if t in tps} for j in range(L)]
@@ -402,23 +404,63 @@ def _make_combo(table: CostTable, dp: int, m: int, tps, cap: int, sizes, pp) -> 
     return _Combo(dp, m, table, tuple(tps), ticks, mem, intra, inter, cap, tuple(sizes), pp)
 
 
+def _min_devices(combo: _Combo) -> int:
+    """Fewest devices one replica needs for its layers to fit in memory (ignores time)."""
+    L = combo.num_layers
+    fewest = [0] + [math.inf] * L
+    for a in range(L):
+        if fewest[a] == math.inf:
+            continue
+        for t in combo.tps:
+            mem = combo.table.workspace(t)
+            for b in range(a, L):
+                if t not in combo.mem[b]:
+                    break
+                mem += combo.mem[b][t]
+                if mem > combo.cap:
+                    break
+                fewest[b + 1] = min(fewest[b + 1], fewest[a] + t)
+    return fewest[L]
+
+
 def _lower_bound(combo: _Combo, objective: str) -> int | None:
-    """A valid bound: every layer at its fastest degree, the work spread over all stages."""
-    best = []
+    """A valid bound on the objective of any plan of this combo.
+
+    Sum of stage times >= every layer at its fastest degree. Bottleneck >= the slowest
+    layer at its fastest degree, >= that sum spread over the most stages possible, and
+    >= the device-seconds of the layers (each at its cheapest ``tp * time``) spread over
+    the replica's devices: sum_i tp_i * t_i >= W and sum_i tp_i <= S imply max t_i >= W/S.
+    """
+    if _min_devices(combo) > combo.s_max:
+        return None
+    fastest, cheapest = [], 0
     for j in range(combo.num_layers):
         if not combo.ticks[j]:
             return None
-        best.append(min(combo.ticks[j].values()))
-    total = sum(best)
+        fastest.append(min(combo.ticks[j].values()))
+        cheapest += min(t * v for t, v in combo.ticks[j].items())
+    total = sum(fastest)
     stages_max = min(combo.num_layers, combo.s_max // min(combo.tps))
     if combo.pp is not None:
-        stages_max = min(stages_max, combo.pp)
-    if stages_max < 1:
-        return None
-    worst = max(max(best), -(-total // stages_max))
+        if combo.pp > stages_max:
+            return None
+        stages_max = combo.pp
+    worst = max(max(fastest), -(-total // stages_max), -(-cheapest // combo.s_max))
     if objective == "latency":
-        return total + (combo.m - 1) * worst
-    return max(combo.m * worst, total)
+        bound = total + (combo.m - 1) * worst
+    else:
+        bound = max(combo.m * worst, total)
+    # Coupled bound: layer j at degree tau_j adds c to the sum and tau*c to the
+    # device-seconds, and bottleneck >= device-seconds / S. For latency the two terms add;
+    # for the period, any convex combination of its two lower bounds is one.
+    s_max, m = combo.s_max, combo.m
+    weights = [(1.0, (m - 1) / s_max)] if objective == "latency" else \
+        [(1.0 - lam, lam * m / s_max) for lam in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    for w_sum, w_dev in weights:
+        coupled = sum(min(v * (w_sum + w_dev * t) for t, v in combo.ticks[j].items())
+                      for j in range(combo.num_layers))
+        bound = max(bound, int(math.floor(coupled * (1 - 1e-12))))
+    return bound
 
 
 def _path_value(combo: _Combo, path, objective: str, per_node: int) -> int | None:
@@ -609,8 +651,22 @@ def _cp_model(combo: _Combo, objective: str, per_node: int, cutoff: int | None,
                 model.AddBoolAnd([at_node_start, cut[j]]).OnlyEnforceIf(crossing)
                 model.AddBoolOr([at_node_start.Not(), cut[j].Not()]).OnlyEnforceIf(crossing.Not())
                 hop[j] = intra * cut[j] + (inter - intra) * crossing
+                # A full-node stage starts on a node boundary (it may not straddle), so the
+                # cuts on both sides of it cross nodes: valid cuts that tighten the LP.
+                for side in (in_arcs[j], out_arcs[j]):
+                    full = [y[i] for i in side if arcs[i][2] == per_node]
+                    if full:
+                        model.Add(crossing >= sum(full))
 
-    stage_sum = sum(arcs[i][3] * y[i] for i in range(len(arcs)))
+    # Stage times in the sum are written relative to every layer at its fastest degree
+    # (a constant): same objective, but small non-negative coefficients, which lets the LP
+    # relaxation reach its bound in far fewer iterations (docs/solver.md).
+    fastest = [min(c.values()) for c in combo.ticks]
+    prefix = [0]
+    for v in fastest:
+        prefix.append(prefix[-1] + v)
+    stage_sum = prefix[L] + sum((arcs[i][3] - prefix[arcs[i][1] + 1] + prefix[arcs[i][0]]) * y[i]
+                                for i in range(len(arcs)))
     hop_sum = sum(hop[j] for j in range(1, L))
     top = max([a[3] for a in arcs] + combo.hop_inter + combo.hop_intra + [0])
     worst = model.NewIntVar(0, top, "bottleneck")
@@ -619,6 +675,8 @@ def _cp_model(combo: _Combo, objective: str, per_node: int, cutoff: int | None,
             model.Add(worst >= sum(arcs[i][3] * y[i] for i in out_arcs[a]))
     for j in range(1, L):
         model.Add(worst >= hop[j])
+    # device-seconds: sum_i tp_i * t_i <= (sum_i tp_i) * max_i t_i <= S_max * bottleneck
+    model.Add(combo.s_max * worst >= sum(arcs[i][2] * arcs[i][3] * y[i] for i in range(len(arcs))))
     total = stage_sum + hop_sum
     if objective == "latency":
         obj = total + (m - 1) * worst
@@ -640,6 +698,12 @@ def _cp_model(combo: _Combo, objective: str, per_node: int, cutoff: int | None,
 def _run(model, num_workers: int, time_limit_s: float):
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = num_workers
+    # Presolve probing and overlap detection cost seconds on these path models and do not
+    # shorten the search; measured in docs/solver.md.
+    solver.parameters.cp_model_probing_level = 0
+    solver.parameters.symmetry_level = 0
+    solver.parameters.find_big_linear_overlap = False
+    solver.parameters.max_presolve_iterations = 1
     solver.parameters.max_time_in_seconds = max(time_limit_s, 0.01)
     status = solver.Solve(model)
     return solver, status

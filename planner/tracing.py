@@ -563,17 +563,32 @@ def _build_layers(gm, graph: nx.DiGraph, layer_of, container, num_blocks) -> lis
 
 
 def _peak_live_bytes(nodes, graph, members, last_use) -> int:
-    """Largest total of layer-produced tensors alive at once (views alias, cost nothing)."""
+    """Largest total of layer-produced tensors alive at once.
+
+    A view (``view``, ``transpose``, ``alias``...) allocates nothing but keeps its base
+    alive: a base is freed only after the last use of the base or of any view of it.
+    """
+    position = {n.name: i for i, n in enumerate(nodes)}
+    base_of: dict[str, str] = {}
+    for node in nodes:
+        if graph.nodes[node.name]["op_class"] == "view" and node.all_input_nodes:
+            src = node.all_input_nodes[0].name
+            base_of[node.name] = base_of.get(src, src)
+    release_after: dict[str, int] = {}
+    for name, user in last_use.items():
+        base = base_of.get(name, name)
+        if base in members:
+            at = position.get(user.name, len(nodes))  # used by a later layer: live to the end
+            release_after[base] = max(release_after.get(base, -1), at)
     live: dict[str, int] = {}
     peak = 0
-    for node in nodes:
+    for i, node in enumerate(nodes):
         written = graph.nodes[node.name]["bytes_written"]
         if written:
             live[node.name] = written
         peak = max(peak, sum(live.values()))
-        for src in node.all_input_nodes:
-            if src.name in live and last_use.get(src.name) is node:
-                del live[src.name]
+        for name in [n for n in live if release_after.get(n, i) <= i]:
+            del live[name]
     return peak
 
 

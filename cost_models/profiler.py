@@ -1,0 +1,503 @@
+"""The on-device profiler: measured time and peak memory of every layer of a traced model.
+
+``profile_model`` cuts the traced graph into one small GraphModule per layer (the layer's
+nodes; values from other layers become placeholders, parameters stay attributes), feeds
+each the tensors a full run produced, and times it: ``warmup`` calls, then ``repeats``
+timed calls with a fixed intra-op thread count; the median is the layer's time and the
+10th-90th percentile range its spread. For the breakdown (and the roofline calibration)
+an ``fx.Interpreter`` subclass times every node of the full graph, around the op call only.
+
+Peak memory is *measured*, not derived from shapes: one call of each layer runs under
+``torch.profiler`` with ``profile_memory=True``, which records every allocation and free
+of the c10 CPU (or CUDA) allocator; the running sum's maximum is the layer's peak of
+newly allocated bytes (its temporaries and outputs, including buffers inside ATen kernels
+that no graph node shows). On CUDA, ``torch.cuda.max_memory_allocated`` is used instead.
+
+Results are cached on disk, one JSON file per (layer signature, device fingerprint):
+the signature hashes the layer's ops, shapes, dtypes and wiring (not node names, so the
+identical blocks of a transformer share one measurement), the fingerprint the CPU/GPU
+model, torch version and thread count. A second run is a pure cache read.
+
+>>> # profile = profile_model(traced, args=(ids,), progress=lambda done, total, name, hit: ...)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from cost_models.cache import (
+    cache_dir,
+    device_fingerprint,
+    fingerprint_key,
+    read_record,
+    write_record,
+)
+from cost_models.roofline import OpSample
+
+if TYPE_CHECKING:
+    from planner.tracing import TracedModel
+
+__all__ = [
+    "NodeTiming",
+    "LayerProfile",
+    "ModelProfile",
+    "ProgressHook",
+    "profile_model",
+    "layer_signatures",
+    "measure_peak_bytes",
+]
+
+_SCHEMA = "fx-planner/profile/v1"
+
+# progress(done, total, layer_name, from_cache)
+ProgressHook = Callable[[int, int, str, bool], None]
+
+
+@dataclass(frozen=True)
+class NodeTiming:
+    """One node's median time inside a full run, with the work ``planner.op_stats`` gives it."""
+
+    name: str
+    op: str
+    op_class: str
+    flops: float
+    bytes: float
+    median_s: float
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """Measured cost of one layer at the traced shape.
+
+    Attributes:
+        index, name: the layer.
+        signature: hash of its ops, shapes and wiring (the cache key with the device).
+        median_s: median time of one call.
+        p10_s, p90_s: 10th and 90th percentile of the timed calls.
+        repeats: timed calls.
+        peak_alloc_bytes: largest total of bytes allocated during one call above what
+            existed before it (temporaries and outputs).
+        input_bytes: bytes of the tensors the layer receives from earlier layers.
+        nodes: per-node breakdown from the interpreter run.
+        cached: read from the cache rather than measured in this run.
+    """
+
+    index: int
+    name: str
+    signature: str
+    median_s: float
+    p10_s: float
+    p90_s: float
+    repeats: int
+    peak_alloc_bytes: int
+    input_bytes: int
+    nodes: tuple[NodeTiming, ...] = ()
+    cached: bool = False
+
+    @property
+    def spread(self) -> float:
+        """(p90 − p10) / median."""
+        return (self.p90_s - self.p10_s) / self.median_s if self.median_s else 0.0
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Every layer's measurement, and the device they were taken on."""
+
+    device: str
+    fingerprint: dict
+    layers: tuple[LayerProfile, ...]
+
+    @property
+    def total_s(self) -> float:
+        return sum(layer.median_s for layer in self.layers)
+
+    @property
+    def cache_hits(self) -> int:
+        return sum(layer.cached for layer in self.layers)
+
+    def op_samples(self) -> list[OpSample]:
+        """Every timed node as a roofline calibration sample (``calibrate_device``)."""
+        return [
+            OpSample(n.op_class, n.flops, n.bytes, n.median_s)
+            for layer in self.layers
+            for n in layer.nodes
+            if n.median_s > 0
+        ]
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+def _meta_desc(value) -> Any:
+    if isinstance(value, torch.Tensor):
+        return [list(value.shape), str(value.dtype)]
+    if isinstance(value, (list, tuple)):
+        return [_meta_desc(v) for v in value]
+    return type(value).__name__
+
+
+def _arg_desc(arg, local: dict[str, int]) -> Any:
+    if isinstance(arg, fx.Node):
+        if arg.name in local:
+            return f"%{local[arg.name]}"
+        return ["in", _meta_desc(arg.meta.get("val"))]
+    if isinstance(arg, (list, tuple)):
+        return [_arg_desc(a, local) for a in arg]
+    if isinstance(arg, dict):
+        return {k: _arg_desc(v, local) for k, v in sorted(arg.items())}
+    return repr(arg)
+
+
+def _layer_nodes(traced: TracedModel) -> list[list[fx.Node]]:
+    nodes: list[list[fx.Node]] = [[] for _ in traced.layers]
+    for node in traced.graph_module.graph.nodes:
+        j = traced.layer_of_node.get(node.name)
+        if j is not None and j < len(nodes):
+            nodes[j].append(node)
+    return nodes
+
+
+def layer_signatures(traced: TracedModel) -> list[str]:
+    """A hash per layer of its ops, argument shapes/dtypes and internal wiring."""
+    gm = traced.graph_module
+    out = []
+    for nodes in _layer_nodes(traced):
+        local = {n.name: i for i, n in enumerate(nodes)}
+        desc = []
+        for n in nodes:
+            if n.op == "get_attr":
+                desc.append(["param", _meta_desc(_fetch_attr(gm, n.target))])
+                continue
+            target = n.target if n.op != "call_module" else type(gm.get_submodule(n.target)).__name__
+            desc.append([n.op, str(target), _meta_desc(n.meta.get("val")),
+                         _arg_desc(n.args, local), _arg_desc(n.kwargs, local)])  # fmt: skip
+        out.append(fingerprint_key(desc))
+    return out
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """Placeholder values for ``gm`` given the model's ``args``/``kwargs``."""
+    in_spec = getattr(gm, "_in_spec", None)
+    if in_spec is not None:
+        from torch.fx._pytree import tree_flatten_spec
+
+        return list(tree_flatten_spec((args, kwargs), in_spec))
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    values = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
+    return values
+
+
+class _NodeTimer(fx.Interpreter):
+    """Runs the graph, timing each op call (not the interpreter's own bookkeeping) and
+    keeping the values that cross layers."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[str], sync: Callable[[], None]):
+        super().__init__(gm)
+        self.keep = keep
+        self.kept: dict[str, Any] = {}
+        self.times: dict[str, float] = {}
+        self._sync = sync
+
+    def _timed(self, fn, *args, **kwargs):
+        self._sync()
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self._sync()
+        self.times[self._current] = time.perf_counter() - t0
+        return out
+
+    def run_node(self, n: fx.Node) -> Any:
+        self._current = n.name
+        out = super().run_node(n)
+        if n.name in self.keep:
+            self.kept[n.name] = out
+        return out
+
+    def call_function(self, target, args, kwargs):
+        return self._timed(target, *args, **kwargs)
+
+    def call_method(self, target, args, kwargs):
+        self_obj, *rest = args
+        return self._timed(getattr(self_obj, target), *rest, **kwargs)
+
+    def call_module(self, target, args, kwargs):
+        return self._timed(self.fetch_attr(target), *args, **kwargs)
+
+
+def _layer_module(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> tuple[fx.GraphModule, list[str]]:
+    """A GraphModule running ``nodes`` alone; returns it and the names of the outside
+    values it takes as placeholders, in order."""
+    members = {n.name for n in nodes}
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    inputs: list[str] = []
+
+    def lookup(src: fx.Node) -> fx.Node:
+        if src.name not in env:
+            if src.op == "get_attr":  # parameters stay attributes, never inputs
+                env[src.name] = graph.get_attr(src.target)
+            else:
+                env[src.name] = graph.placeholder(f"in_{len(inputs)}")
+                inputs.append(src.name)
+        return env[src.name]
+
+    outputs = []
+    for n in nodes:
+        if n.op == "output":
+            outputs.extend(a for a in n.all_input_nodes)
+            continue
+        if n.op == "placeholder":
+            lookup(n)
+            continue
+        for src in n.all_input_nodes:
+            if src.name not in members or src.name not in env:
+                if src.name not in members:
+                    lookup(src)
+        env[n.name] = graph.node_copy(n, lambda a: env[a.name] if a.name in env else lookup(a))
+        if any(u.name not in members or u.op == "output" for u in n.users):
+            outputs.append(n)
+    graph.output(tuple(env[o.name] if o.name in env else lookup(o) for o in outputs))
+    return fx.GraphModule(gm, graph), inputs
+
+
+def _sync_for(device: str) -> Callable[[], None]:
+    if device.startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _tensor_bytes(values) -> int:
+    seen, total = set(), 0
+    for v in values:
+        for t in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+def measure_peak_bytes(fn: Callable[[], Any], device: str = "cpu") -> int:
+    """Peak bytes newly allocated during ``fn()`` (its temporaries and outputs).
+
+    CPU: the running sum of the allocator events ``torch.profiler`` records with
+    ``profile_memory=True``. CUDA: ``torch.cuda.max_memory_allocated`` above the start.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return int(peak)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    del out
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    running = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        if e.device_type() == torch.autograd.DeviceType.CPU:
+            running += e.nbytes()
+            peak = max(peak, running)
+    return int(peak)
+
+
+def _time_calls(fn: Callable[[], Any], warmup: int, repeats: int, sync) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = np.empty(repeats)
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times[i] = time.perf_counter() - t0
+    return times
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _record_path(root: Path, fingerprint: dict, signature: str, settings: dict) -> Path:
+    return root / "profile" / fingerprint_key(fingerprint, settings) / f"{signature}.json"
+
+
+def _to_record(p: LayerProfile) -> dict:
+    d = asdict(p)
+    d.pop("cached")
+    return d
+
+
+def _from_record(d: dict, index: int, name: str) -> LayerProfile:
+    nodes = tuple(NodeTiming(**n) for n in d.pop("nodes"))
+    d.update(index=index, name=name)
+    return LayerProfile(**d, nodes=nodes, cached=True)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def profile_model(
+    traced: TracedModel,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    device: str = "cpu",
+    warmup: int = 3,
+    repeats: int = 20,
+    node_repeats: int = 5,
+    threads: int | None = None,
+    cache: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    progress: ProgressHook | None = None,
+) -> ModelProfile:
+    """Measure every layer of ``traced`` on ``device`` (cached on disk).
+
+    Args:
+        traced: from ``planner.trace`` (its graph module must hold real weights, not meta).
+        args, kwargs: the example inputs the model was traced with.
+        device: ``"cpu"`` or ``"cuda"``; model and inputs must already live there.
+        warmup: untimed calls per layer before timing.
+        repeats: timed calls per layer.
+        node_repeats: full interpreter runs for the per-node breakdown (median per node).
+        threads: intra-op threads, set for the run and part of the cache key. Default on
+            CPU: 1 (each rank of a ``Nxcpu`` cluster runs one thread, and on a shared host
+            a multi-threaded op stalls whenever one of its threads is descheduled);
+            elsewhere ``torch.get_num_threads()``.
+        cache: cache directory (default ``$FX_PLANNER_CACHE`` or ``./.fx-planner-cache``).
+        use_cache: read cached layers (measurements are written either way).
+        progress: called as ``progress(done, total, layer_name, from_cache)`` after each layer.
+
+    Returns:
+        The model's profile, layers in order.
+    """
+    kwargs = dict(kwargs or {})
+    if getattr(traced, "folded", False):
+        raise ValueError(
+            f"{traced.name} was traced folded (a few blocks copied); profile a model traced "
+            "with real weights and fold_blocks=False"
+        )
+    threads = threads or (1 if device == "cpu" else torch.get_num_threads())
+    fingerprint = device_fingerprint(device, threads)
+    settings = {"warmup": warmup, "repeats": repeats, "schema": _SCHEMA}
+    root = cache_dir(cache)
+    signatures = layer_signatures(traced)
+    total = len(traced.layers)
+    results: dict[int, LayerProfile] = {}
+    if use_cache:
+        for j, layer in enumerate(traced.layers):
+            data = read_record(_record_path(root, fingerprint, signatures[j], settings), _SCHEMA,
+                               fingerprint)  # fmt: skip
+            if data is not None:
+                try:
+                    results[j] = _from_record(data, j, layer.name)
+                except (TypeError, KeyError) as e:
+                    warnings.warn(f"ignoring malformed cached profile of {layer.name}: {e}",
+                                  stacklevel=2)  # fmt: skip
+    done = 0
+    for j in sorted(results):
+        done += 1
+        if progress:
+            progress(done, total, traced.layers[j].name, True)
+    if len(results) == total:
+        return ModelProfile(device, fingerprint, tuple(results[j] for j in range(total)))
+
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        measured = _measure(traced, args, kwargs, device, warmup, repeats, node_repeats,
+                            signatures, set(results), progress, done, total)  # fmt: skip
+    finally:
+        torch.set_num_threads(prev_threads)
+    for j, p in measured.items():
+        write_record(_record_path(root, fingerprint, p.signature, settings), _SCHEMA,
+                     _to_record(p), fingerprint)  # fmt: skip
+        results[j] = p
+    return ModelProfile(device, fingerprint, tuple(results[j] for j in range(total)))
+
+
+def _measure(traced, args, kwargs, device, warmup, repeats, node_repeats, signatures, skip,
+             progress, done, total) -> dict[int, LayerProfile]:  # fmt: skip
+    gm = traced.graph_module
+    sync = _sync_for(device)
+    per_layer = _layer_nodes(traced)
+    modules = {j: _layer_module(gm, per_layer[j]) for j in range(total) if j not in skip}
+    keep = {name for _, inputs in modules.values() for name in inputs}
+    flat = _flat_inputs(gm, args, kwargs)
+    ir = getattr(traced, "graph", None)
+
+    runs: list[dict[str, float]] = []
+    with torch.no_grad():
+        for _ in range(max(node_repeats, 1)):
+            timer = _NodeTimer(gm, keep, sync)
+            timer.run(*flat, enable_io_processing=False)
+            runs.append(timer.times)
+        kept = timer.kept
+
+        measured: dict[int, LayerProfile] = {}
+        by_signature: dict[str, LayerProfile] = {}
+        for j, (module, inputs) in modules.items():
+            layer = traced.layers[j]
+            values = [kept[name] for name in inputs]
+            if signatures[j] in by_signature:  # an identical block measured in this run
+                p = by_signature[signatures[j]]
+                measured[j] = LayerProfile(**{**asdict(p), "index": j, "name": layer.name,
+                                              "nodes": p.nodes, "cached": True})  # fmt: skip
+            else:
+                times = _time_calls(lambda m=module, v=values: m(*v), warmup, repeats, sync)
+                peak = measure_peak_bytes(lambda m=module, v=values: m(*v), device)
+                nodes = tuple(
+                    _node_timing(n, ir, [r[n.name] for r in runs if n.name in r])
+                    for n in per_layer[j]
+                    if n.op.startswith("call_")
+                )
+                p = LayerProfile(
+                    index=j, name=layer.name, signature=signatures[j],
+                    median_s=float(np.median(times)), p10_s=float(np.percentile(times, 10)),
+                    p90_s=float(np.percentile(times, 90)), repeats=repeats,
+                    peak_alloc_bytes=peak, input_bytes=_tensor_bytes(values), nodes=nodes,
+                )  # fmt: skip
+                by_signature[signatures[j]] = p
+                measured[j] = p
+            done += 1
+            if progress:
+                progress(done, total, layer.name, measured[j].cached)
+    return measured
+
+
+def _node_timing(node: fx.Node, ir, times: list[float]) -> NodeTiming:
+    attrs = ir.nodes[node.name] if ir is not None and node.name in ir.nodes else {}
+    return NodeTiming(
+        name=node.name,
+        op=str(attrs.get("name", node.target)),
+        op_class=attrs.get("op_class", "other"),
+        flops=float(attrs.get("flops", 0)),
+        bytes=float(attrs.get("bytes_read", 0) + attrs.get("bytes_written", 0)),
+        median_s=float(np.median(times)) if times else 0.0,
+    )
+
+

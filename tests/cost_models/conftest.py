@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    """A traced 2-block hand-written GPT with its example input."""
+    from planner.models import GPT, GPTConfig
+    from planner.tracing import trace
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    return model, trace(model, args=(ids,)), ids

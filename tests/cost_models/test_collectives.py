@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cost_models.collectives import (
+    AlphaBeta,
+    boundary_time,
+    bus_factor,
+    calibrate,
+    collective_time,
+    fit_alpha_beta,
+    load_calibration,
+    measure_collectives,
+)
+from cost_models.devices import lookup
+
+
+def test_ring_formulas():
+    ab = AlphaBeta(alpha_s=1e-5, beta_s_per_byte=1e-9)
+    n, size = 4, 1_000_000
+    assert collective_time("all_reduce", size, n, alpha_beta=ab) == pytest.approx(
+        2 * 3 * 1e-5 + 2 * 3 / 4 * size * 1e-9)
+    assert collective_time("all_gather", size, n, alpha_beta=ab) == pytest.approx(
+        3 * 1e-5 + 3 / 4 * size * 1e-9)
+    assert collective_time("reduce_scatter", size, n, alpha_beta=ab) == collective_time(
+        "all_gather", size, n, alpha_beta=ab)
+    assert collective_time("all_reduce", size, 1, alpha_beta=ab) == 0.0
+    assert bus_factor("send_recv", 2) == 1.0
+
+
+def test_link_classes_use_catalogue_intra_and_inter_figures():
+    h100 = lookup("H100")
+    intra = boundary_time(50e6, "intra", device=h100)
+    inter = boundary_time(50e6, "inter", device=h100)
+    assert intra == pytest.approx(h100.intra_node_latency + 50e6 / 450e9)
+    assert inter == pytest.approx(h100.inter_node_latency + 50e6 / 50e9)
+
+
+def test_fit_alpha_beta_recovers_a_line():
+    sizes = np.array([1e3, 1e4, 1e5, 1e6])
+    alpha, beta = fit_alpha_beta(sizes, 3e-4 + 2e-9 * 1.5 * sizes, factor=1.5)
+    assert alpha == pytest.approx(3e-4, rel=1e-6)
+    assert beta == pytest.approx(2e-9, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_gloo_calibration_on_two_ranks_predicts_a_held_out_size(tmp_path):
+    cal = calibrate(2, sizes=(4096, 65536, 1 << 20, 4 << 20), reps=40,
+                    kinds=("all_reduce",), cache=tmp_path)
+    fit = cal.fit_for("all_reduce", 2)
+    assert fit.alpha_s > 0 and fit.beta_s_per_byte > 0
+    assert load_calibration("gloo", cache=tmp_path).fit_for("all_reduce", 2) == fit
+    held_out = 2 << 20
+    raw = measure_collectives(2, kinds=("all_reduce",), sizes=(held_out,), reps=40)
+    measured = float(np.percentile(raw["all_reduce"][held_out], cal.percentile))
+    predicted = collective_time("all_reduce", held_out, 2, calibration=cal)
+    assert abs(predicted - measured) / measured <= 0.25

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import cost_models.profiler as profiler
+from cost_models.profiler import layer_signatures, profile_model
+
+
+def _profile(traced, ids, cache, **kw):
+    return profile_model(traced, args=(ids,), cache=cache, warmup=1, repeats=3, node_repeats=1, **kw)
+
+
+def test_profile_measures_every_layer_and_reports_progress(tiny_gpt, tmp_path):
+    _, traced, ids = tiny_gpt
+    calls = []
+    prof = _profile(traced, ids, tmp_path, progress=lambda *a: calls.append(a))
+    assert [p.name for p in prof.layers] == [layer.name for layer in traced.layers]
+    assert all(p.median_s > 0 and p.p10_s <= p.median_s <= p.p90_s for p in prof.layers)
+    assert [c[0] for c in calls] == list(range(1, len(traced.layers) + 1))
+    # The two identical blocks share one signature and one measurement.
+    sigs = layer_signatures(traced)
+    assert sigs[1] == sigs[2] and sigs[0] != sigs[1]
+    # Allocator-measured peak of a block equals the graph's live-tensor peak here.
+    assert prof.layers[1].peak_alloc_bytes == traced.layers[1].peak_activation_bytes
+
+
+def test_second_run_is_a_cache_hit_without_measuring(tiny_gpt, tmp_path, monkeypatch):
+    _, traced, ids = tiny_gpt
+    first = _profile(traced, ids, tmp_path)
+
+    def no_measuring(*a, **k):
+        raise AssertionError("a cached profile must not run the model")
+
+    monkeypatch.setattr(profiler, "_measure", no_measuring)
+    second = _profile(traced, ids, tmp_path)
+    assert second.cache_hits == len(traced.layers)
+    assert [p.median_s for p in second.layers] == [p.median_s for p in first.layers]
+
+
+def test_cache_is_invalidated_by_a_new_signature_or_device(tiny_gpt, tmp_path, monkeypatch):
+    model, traced, ids = tiny_gpt
+    from planner.tracing import trace
+
+    _profile(traced, ids, tmp_path)
+    longer = torch.randint(0, 64, (1, 12))
+    other = _profile(trace(model, args=(longer,)), longer, tmp_path)
+    assert other.cache_hits == 1  # only the second identical block reuses the first's run
+    again = _profile(traced, ids, tmp_path, threads=2)  # another device fingerprint
+    assert again.cache_hits == 1
+    real = profiler.device_fingerprint
+    monkeypatch.setattr(profiler, "device_fingerprint",
+                        lambda *a, **k: {**real(*a, **k), "cpu": "another CPU"})
+    assert _profile(traced, ids, tmp_path).cache_hits == 1
+
+
+def test_corrupted_cache_file_is_ignored_with_a_warning_and_rebuilt(tiny_gpt, tmp_path):
+    _, traced, ids = tiny_gpt
+    _profile(traced, ids, tmp_path)
+    files = sorted((tmp_path / "profile").rglob("*.json"))
+    assert len(files) == 3  # pre, one shared block, post
+    files[0].write_text("{not json")
+    with pytest.warns(UserWarning, match="corrupt cache file"):
+        prof = _profile(traced, ids, tmp_path)
+    assert prof.cache_hits == len(traced.layers) - 1
+    assert json.loads(files[0].read_text())["schema"] == "fx-planner/profile/v1"

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cost_models.devices import lookup
+from cost_models.roofline import (
+    ClassEfficiency,
+    OpSample,
+    OpWork,
+    TracedShape,
+    attention_work,
+    efficiencies_for,
+    elementwise_work,
+    fit_efficiencies,
+    layer_work,
+    matmul_work,
+    norm_work,
+    op_time,
+)
+from planner.arch import ModelArch
+from planner.cluster import Workload
+from planner.layers import Layer, OpStats
+
+
+def test_matmul_work_is_2mkn_flops_and_operand_bytes():
+    w = matmul_work(m=8, k=16, n=32, dtype_bytes=2, batch=3)
+    assert w.flops == 2 * 3 * 8 * 16 * 32
+    assert w.bytes_read == 3 * (8 * 16 + 16 * 32) * 2
+    assert w.bytes_written == 3 * 8 * 32 * 2
+
+
+def test_attention_work_counts_qk_and_pv_and_gqa_kv_reads():
+    # batch 2, 8 query heads, 2 kv heads, L=4 queries, S=16 keys, E=64
+    w = attention_work(2, 8, 4, 16, 64, dtype_bytes=2, kv_heads=2)
+    assert w.flops == 2 * (2 * 8 * 4 * 16 * 64) * 2  # QK^T + PV
+    assert w.bytes_read == 2 * (8 * 4 + 2 * 2 * 16) * 64 * 2
+    assert w.bytes_written == 2 * 8 * 4 * 64 * 2
+
+
+def test_elementwise_and_norm_work():
+    assert elementwise_work(1000, inputs=2, dtype_bytes=4) == OpWork(1, 1000, 8000, 4000)
+    assert norm_work(rows=10, width=64, dtype_bytes=2) == OpWork(1, 5 * 640, (640 + 128) * 2, 1280)
+
+
+def test_op_time_is_max_of_compute_and_memory_plus_overhead():
+    eff = ClassEfficiency(compute=0.5, memory=0.8, overhead_s=1e-6)
+    compute_bound = OpWork(2, flops=1e12, bytes_read=1e6, bytes_written=0)
+    assert op_time(compute_bound, eff, peak_flops=1e15, bandwidth=1e12) == pytest.approx(2e-6 + 2e-3)
+    memory_bound = OpWork(1, flops=1e6, bytes_read=8e9, bytes_written=0)
+    assert op_time(memory_bound, eff, peak_flops=1e15, bandwidth=1e12) == pytest.approx(1e-6 + 1e-2)
+
+
+ARCH = ModelArch("llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 ffn_hidden_size=128, vocab_size=100)
+
+
+def _block(tokens: int = 32) -> Layer:
+    stats = {
+        "matmul": OpStats(7, 1_000_000, 200_000 + tokens * 1000, tokens * 500),
+        "attention": OpStats(1, 80_000, 30_000, 10_000),
+        "elementwise": OpStats(10, 50_000, 200_000, 100_000),
+        "norm": OpStats(2, 20_000, 16_000, 16_000),
+        "view": OpStats(20, 0, 0, 0),
+    }
+    return Layer(1, "model.layers.0", "block", (), 200_000, 1_150_000, 0, 40_000, 8_192, stats)
+
+
+def test_tp_splits_matmul_and_attention_but_replicates_norms():
+    work = Workload(batch_size=2, seq_len=16, dtype="float32")
+    one = layer_work(_block(), ARCH, 1, work, 2)
+    four = layer_work(_block(), ARCH, 4, work, 2)
+    assert four["matmul"].flops == one["matmul"].flops / 4
+    assert four["attention"].flops == one["attention"].flops / 4
+    assert four["norm"] == one["norm"]
+    assert four["view"].count == one["view"].count
+    sp = layer_work(_block(), ARCH, 4, work, 2, sequence_parallel=True)
+    assert sp["norm"].flops == one["norm"].flops / 4
+
+
+def test_prefill_scaling_keeps_weights_and_scales_tokens_and_attention_quadratically():
+    traced = TracedShape(batch_size=2, seq_len=16, dtype_bytes=4)
+    work = Workload(batch_size=4, seq_len=32, dtype="float32")
+    w = layer_work(_block(), ARCH, 1, work, 4, traced)
+    r = (4 * 32) / (2 * 16)
+    assert w["matmul"].flops == 1_000_000 * r
+    weights = 200_000  # param_bytes: read once whatever the batch
+    assert w["matmul"].bytes_read == pytest.approx(weights + 32 * 1000 * r)
+    assert w["attention"].flops == pytest.approx(80_000 * (4 * 32 * 32) / (2 * 16 * 16))
+
+
+def test_decode_attention_reads_the_kv_cache_of_the_context():
+    work = Workload(batch_size=8, seq_len=128, dtype="bfloat16", phase="decode", context_len=1000)
+    w = layer_work(_block(), ARCH, 1, work, 8, TracedShape(2, 16, 4))
+    kv_read = 8 * 1001 * 2 * 2 * 16 * 2  # batch x (context + new) x K,V x kv_heads x dim x bytes
+    assert w["attention"].bytes_read == 8 * 4 * 1 * 16 * 2 + kv_read
+    assert w["attention"].flops == 4 * 8 * 4 * 1 * 1001 * 16
+
+
+def test_fit_recovers_known_efficiencies_and_overhead():
+    peak, bw = 1e11, 1e10
+    true = ClassEfficiency(0.5, 0.8, 20e-6)
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(40):
+        w = OpWork(1, float(10 ** rng.uniform(4, 9)), float(10 ** rng.uniform(3, 8)), 0)
+        samples.append(OpSample("matmul", w.flops, w.bytes, op_time(w, true, peak, bw)))
+    fitted = fit_efficiencies(samples, peak, bw).for_class("matmul")
+    assert fitted.compute == pytest.approx(0.5, rel=0.05)
+    assert fitted.memory == pytest.approx(0.8, rel=0.05)
+    assert fitted.overhead_s == pytest.approx(20e-6, rel=0.1)
+
+
+def test_uncalibrated_gpu_uses_catalogue_peaks_and_launch_overhead(tmp_path):
+    eff = efficiencies_for(lookup("H100"), cache=tmp_path)
+    assert eff.source == "default"
+    assert eff.peak_flops["bfloat16"] == 989e12
+    assert eff.for_class("matmul").overhead_s == lookup("H100").launch_overhead_s
+    assert eff.for_class("view").overhead_s == 0.0

@@ -1,0 +1,115 @@
+"""Plan save/load round trip and every malformed-file error of fx-planner/plan/v1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from planner.baselines import baselines
+from planner.cluster import Cluster, Workload
+from planner.cost_table import CostTable, LayerCost, Link
+from planner.plan import SCHEMA, Plan, PlanFormatError
+from planner.solver import solve
+from planner.validate import check_plan
+
+
+def _build(mbs, m):
+    rows = tuple({t: LayerCost(1e-3 * mbs / t * (1 + j / 10), 2e-5 * (t > 1), 10**10 // t)
+                  for t in (1, 2, 4)} for j in range(6))
+    return CostTable(rows, (2**20 * mbs,) * 5, Link(1e-6, 1e11), Link(1e-5, 1e10), mbs, m,
+                     stage_workspace_bytes={1: 7, 2: 7, 4: 7}, kv_heads_replicated={4: 2},
+                     layer_names=tuple(f"model.layers.{j}" for j in range(6)),
+                     param_bytes=(10**10,) * 6)
+
+
+@pytest.fixture()
+def plan_and_case():
+    cluster = Cluster(1, 4, "H100", memory_bytes=24 * 10**9)
+    work = Workload(batch_size=4, objective="throughput", memory_headroom=0.0)
+    sol = solve(_build, cluster, work)
+    table = _build(sol.microbatch_size, sol.microbatches)
+    plan = Plan.from_solution(sol, table, cluster, work, model_name="toy", fingerprint="abc123",
+                              baselines=baselines(_build, cluster, work))
+    return plan, table, cluster, work
+
+
+def test_save_load_round_trip_is_equal(plan_and_case, tmp_path):
+    plan, table, cluster, work = plan_and_case
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = Plan.load(path)
+    assert loaded == plan
+    assert loaded.cost_table().costs == table.costs
+    assert loaded.cost_table().boundary_bytes == table.boundary_bytes
+    assert check_plan(loaded, loaded.cost_table(), cluster, work) == []
+
+
+def test_file_has_every_documented_key(plan_and_case, tmp_path):
+    plan = plan_and_case[0]
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    d = json.loads(path.read_text())
+    assert d["schema"] == SCHEMA
+    assert set(d["model"]) == {"name", "num_layers", "fingerprint"}
+    assert set(d["cluster"]) == {"num_devices", "nodes", "devices_per_node", "device"}
+    assert set(d["workload"]) == {"batch_size", "seq_len", "dtype", "phase", "objective"}
+    assert {"dp", "pp", "microbatches", "sequence_parallel"} <= set(d["parallelism"])
+    assert {"layers", "tp", "devices", "predicted"} <= set(d["stages"][0])
+    assert set(d["stages"][0]["predicted"]) == {"compute_s", "comm_s", "memory_bytes"}
+    assert set(d["layers"][0]["costs"]) == {"1", "2", "4"}
+    assert len(d["boundaries"]) == 5
+    assert set(d["predicted"]) == {"latency_s", "throughput_samples_per_s", "peak_memory_bytes"}
+    assert set(d["baselines"]) == {"even_tp_node", "pure_tp", "pure_pp", "pure_dp"}
+    assert {"latency_s", "throughput_samples_per_s", "feasible"} <= set(d["baselines"]["pure_tp"])
+    assert {"status", "objective", "bound", "wall_s"} <= set(d["solver"])
+
+
+def _write(tmp_path, plan, edit):
+    d = plan.to_dict()
+    edit(d)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(d))
+    return path
+
+
+def _set(d, dotted, value):
+    *head, last = dotted.split(".")
+    for k in head:
+        d = d[int(k)] if k.isdigit() else d[k]
+    d[last] = value
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: _set(d, "schema", "fx-planner/plan/v0"),
+     "schema is 'fx-planner/plan/v0'; this planner reads 'fx-planner/plan/v1'"),
+    (lambda d: d["workload"].pop("seq_len"), "missing key 'workload.seq_len'"),
+    (lambda d: d.pop("solver"), "missing key 'solver.status'"),
+    (lambda d: _set(d, "parallelism.dp", "1"), "key 'parallelism.dp' must be int, got str '1'"),
+    (lambda d: _set(d, "stages.0.layers", [1, 2, 3]), "key 'stages[0].layers' must be [first, last]"),
+    (lambda d: _set(d, "layers.0.costs", {"four": d["layers"][0]["costs"]["1"]}),
+     "layers[0].costs has key 'four'"),
+    (lambda d: _set(d, "stages.0.layers", [1, d["stages"][0]["layers"][1]]),
+     "stages must cover layers contiguously, this one should start at 0"),
+    (lambda d: _set(d, "stages.0.devices", [[99] * d["stages"][0]["tp"]] * d["parallelism"]["dp"]),
+     "uses device 99; the cluster has devices 0..3"),
+    (lambda d: _set(d, "parallelism.pp", 7), "parallelism.pp is 7 but stages[] has"),
+    (lambda d: _set(d, "model.num_layers", 9), "model.num_layers is 9 but layers[] has 6"),
+    (lambda d: d["boundaries"].pop(), "boundaries has 4 entries; 6 layers have 5 cuts"),
+    (lambda d: _set(d, "cluster.num_devices", 5),
+     "cluster.num_devices 5 != nodes 1 × devices_per_node 4"),
+])
+def test_malformed_plan_files_raise_naming_the_key(plan_and_case, tmp_path, edit, message):
+    path = _write(tmp_path, plan_and_case[0], edit)
+    with pytest.raises(PlanFormatError) as err:
+        Plan.load(path)
+    assert message in str(err.value)
+
+
+def test_not_json_and_missing_file(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text("{not json")
+    with pytest.raises(PlanFormatError, match="is not valid JSON"):
+        Plan.load(path)
+    with pytest.raises(PlanFormatError, match="does not exist"):
+        Plan.load(tmp_path / "missing.json")
