@@ -35,35 +35,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cost_models import collectives as coll  # noqa: E402
 from cost_models.memory import WORKSPACE_FACTOR, activation_peak_bytes  # noqa: E402
 from cost_models.profiler import measure_peak_bytes, profile_model  # noqa: E402
-from cost_models.roofline import calibrate_device, layer_work, work_time  # noqa: E402
+from cost_models.roofline import layer_work, work_time  # noqa: E402
+from planner.calibration import (  # noqa: E402
+    CALIBRATION_SHAPES,
+    calibrate_this_device,
+    calibration_inputs,
+    calibration_models,
+)
 
-CALIBRATION_SHAPES = [(1, 16), (2, 48), (8, 96)]
 EVALUATION_SHAPES = [(1, 64), (4, 32), (2, 128)]
 COLLECTIVE_HELDOUT = (16 * 1024, 256 * 1024, 2 * 1024 * 1024)
-VOCAB = 512
-
-
-def build_models():
-    """(name, model) for the three benchmark models, random weights, eval mode."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    from planner.models import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, vocab_size=VOCAB, block_size=256))
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=128, vocab_size=VOCAB,
-                                      n_positions=256))  # fmt: skip
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))  # fmt: skip
-    return [("gpt", gpt.eval()), ("hf-gpt2", gpt2.eval()), ("hf-llama", llama.eval())]
 
 
 def _inputs(name: str, batch: int, seq: int):
-    ids = torch.randint(0, VOCAB, (batch, seq))
-    if name == "gpt":
-        return (ids,), {}
-    return (), {"input_ids": ids, "use_cache": False}
+    return calibration_inputs(name, batch, seq)
 
 
 def _trace(name, model, batch, seq):
@@ -87,22 +72,12 @@ def run(quick: bool, with_collectives: bool, cache: str) -> int:
     from planner.cluster import Workload
 
     repeats = 10 if quick else 30
-    models = build_models()
+    models = calibration_models()
     t0 = time.time()
 
-    # --- 1. roofline calibration on the calibration shapes
-    samples, layer_pairs = [], []
-    for name, model in models:
-        for batch, seq in CALIBRATION_SHAPES:
-            traced, args, kwargs = _trace(name, model, batch, seq)
-            prof = profile_model(traced, args, kwargs, repeats=repeats, node_repeats=5,
-                                 cache=cache)  # fmt: skip
-            samples += prof.op_samples()
-            work = Workload(batch_size=batch, seq_len=seq, dtype="float32", phase="prefill")
-            layer_pairs += [(layer_work(layer, traced.arch, 1, work, batch), lp.median_s)
-                            for layer, lp in zip(traced.layers, prof.layers)]  # fmt: skip
-    eff = calibrate_device(samples, layer_pairs, cache=cache)
-    print(f"roofline calibration: {len(samples)} node timings, measured peak "
+    # --- 1. roofline calibration on the calibration shapes (what `plan calibrate` runs)
+    eff = calibrate_this_device(repeats=repeats, cache=cache, models=models)
+    print(f"roofline calibration on {len(CALIBRATION_SHAPES)} shapes x {len(models)} models: measured peak "
           f"{eff.peak_flops['float32'] / 1e9:.1f} GFLOP/s, copy bandwidth "
           f"{eff.memory_bandwidth / 1e9:.1f} GB/s, layer scale {eff.layer_scale:.3f} "
           f"({time.time() - t0:.0f} s)")  # fmt: skip

@@ -5,13 +5,27 @@
 16
 """
 
+from planner.api import plan
 from planner.arch import ModelArch
 from planner.cluster import Cluster, SpecError, Workload
+from planner.cost_table import CostTable, LayerCost
 from planner.layers import CrossingTensor, CutPoint, Layer, OpStats
+from planner.plan import Plan, PlanFormatError
+from planner.reference_solver import solve_reference
+from planner.solver import InfeasiblePlanError, PlanError, solve
 from planner.tracing import TracedModel, TraceError, trace
 
 __all__ = [
     "trace",
+    "plan",
+    "Plan",
+    "PlanError",
+    "InfeasiblePlanError",
+    "PlanFormatError",
+    "solve",
+    "solve_reference",
+    "CostTable",
+    "LayerCost",
     "TracedModel",
     "TraceError",
     "Layer",

@@ -14,6 +14,7 @@ import json
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 
 from rich.console import Console
 from rich.table import Table
@@ -57,11 +58,25 @@ def _model_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", default="prefill", choices=["prefill", "decode"])
     p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
     p.add_argument("--context", type=int, default=None, help="KV-cache length for decode (default: --seq)")
+    p.add_argument("--tp", type=int, default=None, help="pin the tensor-parallel degree of every stage")
+    p.add_argument("--pp", type=int, default=None, help="pin the number of pipeline stages")
+    p.add_argument("--dp", type=int, default=None, help="pin the number of data-parallel replicas")
+    p.add_argument("--microbatches", type=int, default=None, help="pin the microbatch count")
+    p.add_argument("--headroom", type=float, default=0.1, help="fraction of device memory kept free")
+    p.add_argument("--solver", default="cp-sat", choices=["cp-sat", "reference"],
+                   help="cp-sat (default) or the exact dynamic-programming reference")
+    p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit, seconds")
+    p.add_argument("--alternatives", type=int, default=6,
+                   help="other (dp, pp, tp) families to solve for `plan explain`")
+    p.add_argument("--profile", action="store_true",
+                   help="measure layer times on this machine's device and use them where they apply")
+    p.add_argument("--layers-only", action="store_true",
+                   help="print the traced layer table and stop (no cost model, no solver)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for presets and hf: models; repeat for several")
     p.add_argument("--device", default="meta", choices=["meta", "cpu"],
                    help="where to build the model for tracing (meta allocates no weights)")
-    p.add_argument("--out", default=None, help="write the result as JSON to this file")
+    p.add_argument("--out", default=None, help="write the plan file (fx-planner/plan/v1 JSON)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return p
 
@@ -80,11 +95,14 @@ def _run_guarded(fn: Callable[[], int]) -> int:
     """Turn the errors a user can fix into one paragraph on stderr and exit code 2."""
     from planner.cluster import SpecError
     from planner.models.loader import ModelLoadError
+    from planner.plan import PlanFormatError
+    from planner.solver import PlanError
     from planner.tracing import TraceError
 
     try:
         return fn()
-    except (ModelLoadError, TraceError, SpecError, _UsageError, FileNotFoundError) as e:
+    except (ModelLoadError, TraceError, SpecError, PlanError, PlanFormatError, _UsageError,
+            FileNotFoundError) as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
 
@@ -96,25 +114,96 @@ def _console() -> Console:
 
 
 def _plan_model(args: argparse.Namespace) -> int:
+    from planner.api import plan_traced
     from planner.cluster import Cluster, Workload
     from planner.models.loader import load_model, parse_set
     from planner.tracing import trace
 
     cluster = Cluster.parse(args.cluster)
+    overrides = parse_set(args.set)
     workload = Workload(batch_size=args.batch, seq_len=args.seq or 2048, dtype=args.dtype,
-                        phase=args.phase, objective=args.objective, context_len=args.context)
-    loaded = load_model(args.model, parse_set(args.set), batch_size=args.batch, seq_len=args.seq,
+                        phase=args.phase, objective=args.objective, context_len=args.context,
+                        memory_headroom=args.headroom)
+    loaded = load_model(args.model, overrides, batch_size=args.batch, seq_len=args.seq,
                         dtype=workload.torch_dtype, device=args.device)
+    if args.seq is None:  # the model's default length (e.g. GPT-2's 1024 positions)
+        workload = replace(workload, seq_len=_example_seq_len(loaded, workload.seq_len))
     traced = trace(loaded.model, loaded.args, loaded.kwargs, name=loaded.name, arch=loaded.arch)
-    result = {"model": traced.to_dict(), "cluster": cluster.to_dict(), "workload": workload.to_dict()}
+    if args.layers_only:
+        if args.json:
+            print(json.dumps({"model": traced.to_dict(), "cluster": cluster.to_dict(),
+                              "workload": workload.to_dict()}, indent=2))
+        else:
+            _print_layer_table(traced, cluster)
+        return 0
+    profile = _profile_here(args, overrides, workload) if args.profile else None
+    pins = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp),
+                                ("microbatches", args.microbatches)) if v is not None}
+    source = {"model": args.model, "overrides": overrides}
+    with _status(args, "solving"):
+        plan = plan_traced(traced, cluster, workload, pins=pins, solver=args.solver,
+                           profile=profile, alternatives=args.alternatives,
+                           time_limit_s=args.time_limit, source=source)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        plan.save(args.out)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(plan.to_dict(), indent=2))
     else:
-        _print_layer_table(traced, cluster)
+        from planner.report import render_plan
+
+        render_plan(plan, _console())
+        if args.out:
+            _console().print(f"plan written to {args.out} (show it again with `plan show {args.out}`)")
     return 0
+
+
+def _example_seq_len(loaded, default: int) -> int:
+    shapes = [t.shape for t in list(loaded.args) + list(loaded.kwargs.values()) if hasattr(t, "shape")]
+    return int(shapes[0][1]) if shapes and len(shapes[0]) >= 2 else default
+
+
+class _status:
+    """A spinner on stderr while something slow runs (tables go to stdout untouched)."""
+
+    def __init__(self, args, what: str) -> None:
+        self.enabled = not getattr(args, "json", False) and sys.stderr.isatty()
+        self.what = what
+
+    def __enter__(self):
+        if self.enabled:
+            self.ctx = Console(stderr=True).status(self.what + "...")
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.ctx.__exit__(*exc)
+        return False
+
+
+def _profile_here(args, overrides, workload):
+    """Profile the model on this machine at the workload's microbatch-1 shape (cpu)."""
+    from planner.models.loader import load_model
+    from planner.tracing import trace
+
+    loaded = load_model(args.model, overrides, batch_size=args.batch, seq_len=args.seq,
+                        dtype=workload.torch_dtype, device="cpu")
+    traced = trace(loaded.model, loaded.args, loaded.kwargs, name=loaded.name, arch=loaded.arch)
+    return _run_profile(traced, loaded)
+
+
+def _run_profile(traced, loaded):
+    from rich.progress import Progress
+
+    from cost_models.profiler import profile_model
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("profiling layers", total=len(traced.layers))
+
+        def progress(done, total, name, cached):
+            bar.update(task, completed=done, description=f"profiling {name}{' (cached)' if cached else ''}")
+
+        return profile_model(traced, loaded.args, loaded.kwargs, progress=progress)
 
 
 def _print_layer_table(traced, cluster) -> None:
@@ -160,6 +249,150 @@ def _devices(argv: list[str]) -> int:
                       f"{d.memory_bandwidth / 1e9:.0f} GB/s", f"{d.intra_node_bandwidth / 1e9:.0f} GB/s",
                       f"{d.inter_node_bandwidth / 1e9:.0f} GB/s")
     _console().print(table)
+    return 0
+
+
+@_subcommand("show")
+def _show(argv: list[str]) -> int:
+    from planner.plan import Plan
+    from planner.report import render_plan
+
+    p = _Parser(prog="plan show", description="Print a plan file as tables.")
+    p.add_argument("plan_file")
+    p.add_argument("--json", action="store_true", help="print the validated plan as JSON")
+    args = p.parse_args(argv)
+    plan = Plan.load(args.plan_file)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        render_plan(plan, _console())
+    return 0
+
+
+@_subcommand("explain")
+def _explain(argv: list[str]) -> int:
+    from planner.plan import Plan
+    from planner.report import render_explain
+
+    p = _Parser(prog="plan explain", description="The next-best plans and why they lost.")
+    p.add_argument("plan_file")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    plan = Plan.load(args.plan_file)
+    if args.json:
+        print(json.dumps(plan.extra.get("alternatives", []), indent=2))
+    else:
+        render_explain(plan, _console())
+    return 0
+
+
+@_subcommand("profile")
+def _profile(argv: list[str]) -> int:
+    from cost_models.devices import lookup
+    from cost_models.layer_cost import layer_cost
+    from cost_models.roofline import TracedShape
+    from planner.cluster import Workload
+    from planner.models.loader import load_model, parse_set
+    from planner.tracing import trace
+    from planner.units import fmt_bytes, fmt_seconds
+
+    p = _Parser(prog="plan profile",
+                description="Measure every layer of MODEL on this machine (cached), next to the "
+                            "cost model's prediction.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    workload = Workload(batch_size=args.batch, seq_len=args.seq, dtype=args.dtype)
+    loaded = load_model(args.model, parse_set(args.set), batch_size=args.batch, seq_len=args.seq,
+                        dtype=workload.torch_dtype, device="cpu")
+    traced = trace(loaded.model, loaded.args, loaded.kwargs, name=loaded.name, arch=loaded.arch)
+    profile = _run_profile(traced, loaded)
+    spec = lookup("cpu")
+    shape = TracedShape(args.batch, _example_seq_len(loaded, args.seq), workload.dtype_bytes)
+    rows = []
+    for layer, measured in zip(traced.layers, profile.layers):
+        predicted = layer_cost(layer, traced.arch, 1, workload, spec, args.batch, traced=shape)
+        rows.append({
+            "layer": layer.name, "median_s": measured.median_s, "p10_s": measured.p10_s,
+            "p90_s": measured.p90_s, "peak_alloc_bytes": measured.peak_alloc_bytes,
+            "predicted_s": predicted.compute_s, "cached": measured.cached,
+        })
+    if args.json:
+        print(json.dumps({"device": profile.device, "fingerprint": profile.fingerprint,
+                          "layers": rows}, indent=2, default=str))
+        return 0
+    table = Table(title=f"{traced.name} on {profile.device}: {profile.cache_hits}/{len(rows)} "
+                        "layers from the cache")
+    for col in ("layer", "median", "p10", "p90", "peak alloc", "predicted", "error", "cached"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for r in rows:
+        error = (r["predicted_s"] - r["median_s"]) / r["median_s"] if r["median_s"] else 0.0
+        table.add_row(r["layer"], fmt_seconds(r["median_s"]), fmt_seconds(r["p10_s"]),
+                      fmt_seconds(r["p90_s"]), fmt_bytes(r["peak_alloc_bytes"]),
+                      fmt_seconds(r["predicted_s"]), f"{error:+.0%}", "yes" if r["cached"] else "")
+    _console().print(table)
+    return 0
+
+
+@_subcommand("calibrate")
+def _calibrate(argv: list[str]) -> int:
+    from cost_models.collectives import calibrate
+    from planner.cluster import Cluster
+
+    p = _Parser(prog="plan calibrate",
+                description="Measure all-reduce, all-gather, reduce-scatter and send/recv on the "
+                            "live backend of this machine and store alpha/beta fits.")
+    p.add_argument("--cluster", required=True, help="Nxcpu: N gloo ranks on this machine")
+    p.add_argument("--reps", type=int, default=40, help="timed repetitions per message size")
+    p.add_argument("--repeats", type=int, default=30, help="timed repetitions per profiled layer")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    cluster = Cluster.parse(args.cluster)
+    if cluster.device != "cpu" or cluster.nodes != 1:
+        raise _UsageError(
+            f"plan calibrate measures the backend of this machine; {cluster.spec_string} is not "
+            "here. Use --cluster Nxcpu (gloo ranks on this machine), or run it under torchrun on "
+            "the GPU nodes themselves."
+        )
+    if cluster.num_devices < 2:
+        raise _UsageError("calibration needs at least 2 ranks: use --cluster 2xcpu or more")
+    from rich.progress import Progress
+
+    from planner.calibration import calibrate_this_device
+
+    with Progress(console=Console(stderr=True), transient=True, disable=args.json) as bar:
+        task = bar.add_task("profiling the calibration set", total=1)
+
+        def progress(done, total, what):
+            bar.update(task, total=total, completed=done, description=f"roofline: {what}")
+
+        eff = calibrate_this_device(repeats=args.repeats, progress=progress)
+        bar.update(task, description=f"collectives on {cluster.num_devices} gloo ranks")
+        result = calibrate(cluster.num_devices, "gloo", reps=args.reps)
+    if args.json:
+        print(json.dumps({"roofline": {"peak_flops": eff.peak_flops,
+                                       "memory_bandwidth": eff.memory_bandwidth,
+                                       "layer_scale": eff.layer_scale},
+                          "collectives": result.to_dict()}, indent=2))
+        return 0
+    _console().print(
+        f"roofline of this cpu: measured peak {eff.peak_flops['float32'] / 1e9:.1f} GFLOP/s, "
+        f"copy bandwidth {eff.memory_bandwidth / 1e9:.1f} GB/s, layer scale {eff.layer_scale:.3f}"
+    )
+    table = Table(title=f"gloo on {cluster.num_devices} ranks, p{result.percentile:g} of "
+                        f"{args.reps} repetitions per size")
+    for col in ("collective", "ranks", "alpha (latency)", "bus bandwidth", "sizes fitted"):
+        table.add_column(col, justify="left" if col == "collective" else "right")
+    for f in result.fits:
+        table.add_row(f.kind, str(f.group_size), f"{f.alpha_s * 1e6:.1f} us",
+                      f"{1 / f.beta_s_per_byte / 1e9:.3f} GB/s",
+                      f"{min(f.sizes)}..{max(f.sizes)} B" if f.sizes else "-")
+    _console().print(table)
+    _console().print("stored; plans for cpu clusters use these fits from now on")
     return 0
 
 

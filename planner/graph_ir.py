@@ -2,7 +2,7 @@
 
 Both tracers (``torch.export`` and ``fx.symbolic_trace``) land here; nothing downstream
 asks which one ran. Vertex attributes: ``op`` (fx opcode), ``name`` (op name such as
-``"linear"``), ``op_class``, ``shape``, ``dtype``, ``flops``, ``bytes_read``,
+``"linear"``), ``op_class``, ``shape``, ``dtype``, ``flops``, ``count`` (kernels), ``bytes_read``,
 ``bytes_written``, ``param_bytes``, ``module`` (owning module path) and ``layer``.
 """
 
@@ -55,6 +55,7 @@ def build_graph(gm: fx.GraphModule, layer_of: dict[str, int]) -> nx.DiGraph:
             dtype=shape[1] if shape else None,
             num_tensors=len(tensors_in(node.meta.get("val"))),
             flops=work.flops,
+            count=work.count,
             bytes_read=work.bytes_read,
             bytes_written=work.bytes_written,
             param_bytes=param_bytes,

@@ -70,6 +70,7 @@ class NodeWork:
     flops: int
     bytes_read: int
     bytes_written: int
+    count: int = 1  # kernels launched: more than one for a higher-order op's body
 
 
 def tensors_in(value) -> list[torch.Tensor]:
@@ -183,11 +184,38 @@ def _attention_flops(node: fx.Node) -> int:
     return 2 * batch_heads * L * S * E + 2 * batch_heads * L * S * Ev
 
 
+def _higher_order_body(node: fx.Node) -> fx.GraphModule | None:
+    """The sub-graph a higher-order op runs (export wraps HF's rotary table in
+    ``wrap_with_set_grad_enabled``), or ``None`` for an ordinary op."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+        return None
+    for arg in node.args:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            sub = getattr(node.graph.owning_module, str(arg.target), None)
+            if isinstance(sub, fx.GraphModule):
+                return sub
+    return None
+
+
+def _body_work(name: str, body: fx.GraphModule) -> NodeWork:
+    """A higher-order op costs what its body's ops cost (every intermediate is written)."""
+    works = [node_work(n) for n in body.graph.nodes]
+    flops = sum(w.flops for w in works)
+    classes = [w for w in works if w.op_class not in ("view", "other")]
+    op_class = max(classes, key=lambda w: w.bytes_written).op_class if classes else "other"
+    return NodeWork(name, op_class, flops, sum(w.bytes_read for w in works),
+                    sum(w.bytes_written for w in works),
+                    count=sum(w.count for w in works if w.op_class != "view"))
+
+
 def node_work(node: fx.Node) -> NodeWork:
     """FLOPs and bytes of ``node`` from its recorded ``meta["val"]`` and its inputs' values."""
     name = op_name(node)
     if node.op in ("placeholder", "output", "get_attr") or name in _VIEW_OPS:
         return NodeWork(name, "view", 0, 0, 0)
+    body = _higher_order_body(node)
+    if body is not None:
+        return _body_work(name, body)
     out = node.meta.get("val")
     ins = _inputs(node)
     read = sum(t.numel() * t.element_size() for t in ins)

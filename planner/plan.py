@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from planner.cost_table import CostTable, LayerCost, Link
 
@@ -31,6 +32,12 @@ __all__ = [
 ]
 
 SCHEMA = "fx-planner/plan/v1"
+
+
+_KNOWN_KEYS = frozenset({
+    "schema", "model", "cluster", "workload", "parallelism", "stages", "layers", "boundaries",
+    "predicted", "baselines", "solver", "links", "stage_workspace_bytes", "provenance",
+})
 
 
 class PlanFormatError(ValueError):
@@ -141,6 +148,9 @@ class Plan:
     stage_workspace_bytes: Mapping[int, int] = field(default_factory=dict)
     provenance: str = "predicted"
     schema: str = SCHEMA
+    # Further top-level keys (alternatives for `plan explain`, how to rebuild the model,
+    # the full workload, the arch): kept verbatim through save/load.
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
 
@@ -231,6 +241,8 @@ class Plan:
             "stage_workspace_bytes": {str(t): b for t, b in self.stage_workspace_bytes.items()},
             "provenance": self.provenance,
         }
+        for key, value in self.extra.items():
+            d.setdefault(key, value)
         return d
 
     def save(self, path: str | Path) -> None:
@@ -322,6 +334,7 @@ class Plan:
             stage_workspace_bytes={int(k): v for k, v in
                                    r.get("stage_workspace_bytes", dict, default={}).items()},
             provenance=r.get("provenance", str, default="predicted"),
+            extra={k: v for k, v in data.items() if k not in _KNOWN_KEYS},
         )
 
     def validate(self) -> None:

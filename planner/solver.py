@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ortools.sat.python import cp_model
@@ -729,6 +729,7 @@ def solve(
     num_workers: int = 2,
     time_limit_s: float = 60.0,
     diagnose: bool = True,
+    rebuild: Callable[[Workload], CostTableBuilder] | None = None,
 ) -> Solution:
     """Find the plan minimising the workload's objective, proven optimal by CP-SAT.
 
@@ -743,6 +744,8 @@ def solve(
         time_limit_s: wall-clock budget; on expiry the best plan is returned with status
             ``FEASIBLE``, its bound and gap.
         diagnose: on infeasibility, compute the smallest changes that fit (re-solves).
+        rebuild: makes the builder for another workload (dtype, context length); lets the
+            diagnosis try lower precision and, for decode, a shorter KV context.
 
     Returns:
         The best ``Solution``; ``solution.solver.status`` is ``OPTIMAL`` when proven.
@@ -761,7 +764,7 @@ def solve(
             raise PlanError(f"no plan found within the {time_limit_s:g} s time limit")
         message, suggestions = _diagnose(space, cost_table, cluster, workload, clean_pins,
                                          tp_degrees, max_microbatches, num_workers,
-                                         diagnose)
+                                         diagnose, rebuild)
         raise InfeasiblePlanError(message, suggestions)
     combo, path, value, bound, status, solved, pruned = result
     wall = time.perf_counter() - start
@@ -858,7 +861,7 @@ def _feasible(builder, cluster, workload, pins, tp_degrees, max_microbatches, nu
 
 
 def _diagnose(space, builder, cluster, workload, pins, tp_degrees, max_microbatches,
-              num_workers, compute: bool) -> tuple[str, list[str]]:
+              num_workers, compute: bool, rebuild=None) -> tuple[str, list[str]]:
     """The infeasibility message with the smallest single changes that fit, each re-solved."""
     cap_gib = space.cap / GiB
     head = (f"no plan fits: every placement needs more than {cap_gib:.2f} GiB per device "
@@ -886,7 +889,17 @@ def _diagnose(space, builder, cluster, workload, pins, tp_degrees, max_microbatc
         need = peak / (1.0 - workload.memory_headroom)
         suggestions.append(f"per-device memory >= {need / GiB:.2f} GiB "
                            f"(peak {peak / GiB:.2f} GiB + {workload.memory_headroom:g} headroom)")
-    # 2. devices: the fewest nodes of this size that fit (monotone: more nodes, more plans).
+    # 2a. devices inside the node, up to the largest node this device ships in.
+    grown = None
+    node_limit = cluster.device_spec.max_devices_per_node
+    for per_node in range(cluster.devices_per_node + 1, node_limit + 1):
+        bigger = replace(cluster, devices_per_node=per_node)
+        if _feasible(builder, bigger, workload, pins, *args):
+            grown = per_node
+            break
+    if grown is not None:
+        suggestions.append(f">= {grown * cluster.nodes} devices ({cluster.nodes} node(s) × {grown})")
+    # 2b. devices: the fewest nodes of this size that fit (monotone: more nodes, more plans).
     hi, lo = cluster.nodes, cluster.nodes
     while hi < cluster.nodes * 64:
         hi *= 2
@@ -917,10 +930,42 @@ def _diagnose(space, builder, cluster, workload, pins, tp_degrees, max_microbatc
                 lo = mid
             else:
                 hi = mid
-        suggestions.append(f"batch size <= {lo}")
+        dropped = sorted(set(pins) - set(_batch_pins(pins, lo)))
+        without = f" (without the {', '.join(f'{k}={pins[k]}' for k in dropped)} pin)" if dropped else ""
+        suggestions.append(f"batch size <= {lo}{without}")
+    if rebuild is not None:
+        suggestions += _workload_changes(rebuild, cluster, workload, pins, args)
     if not suggestions:
         return head + ". No single change of memory, devices or batch size makes it fit.", []
     return head + ". Smallest changes that fit: " + "; or ".join(suggestions), suggestions
+
+
+_LOWER_PRECISION = {"float32": "bfloat16"}
+
+
+def _workload_changes(rebuild, cluster, workload, pins, args) -> list[str]:
+    """Lower precision, and for decode the longest KV context that fits, each re-solved."""
+    out = []
+    lower = _LOWER_PRECISION.get(workload.dtype)
+    if lower:
+        w = replace(workload, dtype=lower)
+        if _feasible(rebuild(w), cluster, w, pins, *args):
+            out.append(f"dtype {lower} instead of {workload.dtype}")
+    if workload.phase == "decode":
+        context = workload.kv_context_len
+        if context > 1:
+            shortest = replace(workload, context_len=1)
+            if _feasible(rebuild(shortest), cluster, shortest, pins, *args):
+                lo, hi = 1, context
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    w = replace(workload, context_len=mid)
+                    if _feasible(rebuild(w), cluster, w, pins, *args):
+                        lo = mid
+                    else:
+                        hi = mid
+                out.append(f"KV context <= {lo} tokens")
+    return out
 
 
 def _batch_pins(pins: Mapping[str, int], batch: int) -> dict[str, int]:

@@ -525,7 +525,7 @@ def _build_layers(gm, graph: nx.DiGraph, layer_of, container, num_blocks) -> lis
             attrs = graph.nodes[node.name]
             if node.op not in ("placeholder", "output", "get_attr"):
                 stats[attrs["op_class"]] = stats.get(attrs["op_class"], OpStats()) + OpStats(
-                    1, attrs["flops"], attrs["bytes_read"], attrs["bytes_written"]
+                    attrs["count"], attrs["flops"], attrs["bytes_read"], attrs["bytes_written"]
                 )
             for pname, p in _node_params(gm, node):
                 (owned if owner[id(p)] == index else tied).setdefault(id(p), (pname, p))

@@ -22,7 +22,8 @@ def test_layer_table_json_for_a_small_hf_model():
     r = run("hf:llama", "--set", "num_hidden_layers=3", "--set", "hidden_size=64",
             "--set", "intermediate_size=128", "--set", "num_attention_heads=4",
             "--set", "num_key_value_heads=2", "--set", "vocab_size=256",
-            "--cluster", "4xcpu", "--batch", "2", "--seq", "32", "--dtype", "float32", "--json")
+            "--cluster", "4xcpu", "--batch", "2", "--seq", "32", "--dtype", "float32",
+            "--layers-only", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     model = out["model"]
@@ -35,21 +36,55 @@ def test_layer_table_json_for_a_small_hf_model():
 
 
 def test_table_output_names_layers_and_totals():
-    r = run("gpt-tiny", "--cluster", "2xcpu")
+    r = run("gpt-tiny", "--cluster", "2xcpu", "--layers-only")
     assert r.returncode == 0, r.stderr
     assert "h.3" in r.stdout and "post" in r.stdout
     assert "parameters:" in r.stdout and "2xcpu" in r.stdout
 
 
 @pytest.mark.slow
-def test_llama_3_70b_json_reports_parameter_bytes():
-    r = run("llama-3-70b", "--cluster", "2x8xH100", "--json")
+def test_llama_3_70b_plan_json_is_a_valid_plan_with_the_model_parameter_bytes():
+    from planner.plan import Plan
+
+    r = run("llama-3-70b", "--cluster", "2x8xH100", "--batch", "8", "--seq", "2048",
+            "--alternatives", "0", "--json")
     assert r.returncode == 0, r.stderr
-    model = json.loads(r.stdout)["model"]
-    assert len(model["layers"]) == 82
-    # Published parameter count of Llama-3-70B: 70.55e9; bf16 = 2 bytes each.
-    assert abs(model["num_params"] / 70.55e9 - 1) < 0.01
-    assert model["param_bytes"] == 2 * model["num_params"]
+    data = json.loads(r.stdout)
+    plan = Plan.from_dict(data)
+    plan.validate()
+    assert data["schema"] == "fx-planner/plan/v1"
+    assert data["model"]["num_layers"] == len(data["layers"]) == 82
+    assert data["solver"]["status"] == "OPTIMAL"
+    # Published parameter count of Llama-3-70B: 70.55e9, bf16 = 2 bytes each.
+    param_bytes = sum(layer["param_bytes"] for layer in data["layers"])
+    assert abs(param_bytes / (2 * 70.55e9) - 1) < 0.01
+
+
+def test_plan_show_explain_round_trip(tmp_path):
+    out = tmp_path / "plan.json"
+    made = run("llama-tiny", "--cluster", "4xcpu", "--batch", "4", "--seq", "64",
+               "--dtype", "float32", "--out", str(out), "--alternatives", "3")
+    assert made.returncode == 0, made.stderr
+    assert "solver: cp-sat OPTIMAL" in made.stdout and "baselines" in made.stdout
+    shown = run("show", str(out))
+    assert shown.returncode == 0, shown.stderr
+    assert "pipeline timeline" in shown.stdout and "ratio" in shown.stdout
+    as_json = run("show", str(out), "--json")
+    assert json.loads(as_json.stdout) == json.loads(out.read_text())
+    explained = run("explain", str(out), "--json")
+    assert explained.returncode == 0, explained.stderr
+    alternatives = json.loads(explained.stdout)
+    assert 1 <= len(alternatives) <= 3
+    assert all(a["ratio"] >= 1 - 1e-9 for a in alternatives if a["feasible"])
+
+
+def test_reference_solver_flag_gives_the_same_objective():
+    common = ["gpt-tiny", "--cluster", "2x2xcpu", "--batch", "4", "--seq", "64", "--dtype",
+              "float32", "--alternatives", "0", "--json"]
+    a = json.loads(run(*common).stdout)
+    b = json.loads(run(*common, "--solver", "reference").stdout)
+    assert b["solver"]["name"] == "reference"
+    assert abs(a["solver"]["objective"] - b["solver"]["objective"]) <= 1e-9
 
 
 @pytest.mark.parametrize(
@@ -64,6 +99,12 @@ def test_llama_3_70b_json_reports_parameter_bytes():
         (["gpt-tiny", "--cluster", "eight gpus"], "write DEVICESxTYPE"),
         (["gpt-tiny", "--cluster", "16xH100"], "2x8xH100-SXM-80GB"),
         (["gpt-tiny", "--batch", "0"], "batch size must be >= 1"),
+        (["llama-3-70b", "--cluster", "8xH100", "--tp", "16"], "tp 16 > 8 devices per node"),
+        (["llama-3-70b", "--cluster", "1xH100"], "Smallest changes that fit"),
+        (["gpt-tiny", "--cluster", "4xcpu", "--dp", "3", "--batch", "4"], "dp 3"),
+        (["show", "/nonexistent/plan.json"], "does not exist"),
+        (["calibrate", "--cluster", "8xH100"], "is not here"),
+        (["gpt-tiny", "--cluster", "4xcpu", "--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
 def test_bad_input_is_one_clear_error_with_exit_2(args, expected):
@@ -84,7 +125,7 @@ def test_factory_forms(tmp_path):
         def broken():
             raise RuntimeError("weights missing")
     """))
-    ok = run(f"{tmp_path}/mymodel.py:make", "--json")
+    ok = run(f"{tmp_path}/mymodel.py:make", "--layers-only", "--json")
     assert ok.returncode == 0, ok.stderr
     assert len(json.loads(ok.stdout)["model"]["layers"]) == 4
     raised = run(f"{tmp_path}/mymodel.py:broken")
@@ -96,6 +137,17 @@ def test_factory_forms(tmp_path):
     assert typo.returncode == 2 and "Did you mean make" in typo.stderr
     module_form = run("planner.models.gpt:GPT")
     assert module_form.returncode == 2 and "raised TypeError" in module_form.stderr
+
+
+def test_malformed_plan_files_are_refused(tmp_path):
+    bad_schema = tmp_path / "schema.json"
+    bad_schema.write_text('{"schema": "fx-planner/plan/v0"}')
+    r = run("show", str(bad_schema))
+    assert r.returncode == 2 and "fx-planner/plan/v1" in r.stderr
+    not_json = tmp_path / "garbage.json"
+    not_json.write_text("{not json")
+    r = run("explain", str(not_json))
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
 
 
 def test_devices_lists_the_catalogue():

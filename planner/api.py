@@ -1,0 +1,168 @@
+"""The Python API: ``planner.plan`` (trace → cost table → solve → Plan).
+
+>>> import planner
+>>> from planner.models import load_model
+>>> lm = load_model("gpt-tiny", batch_size=4, seq_len=64, device="meta")
+>>> p = planner.plan(lm.model, planner.Cluster.parse("8xH100"),
+...                  planner.Workload(batch_size=4, seq_len=64), kwargs=lm.kwargs, args=lm.args)
+>>> p.solver.status
+'OPTIMAL'
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch.nn as nn
+
+from planner.baselines import baselines as compute_baselines
+from planner.cluster import Cluster, Workload
+from planner.cost_builder import CostBuilder
+from planner.plan import Plan
+from planner.reference_solver import solve_reference
+from planner.solver import Solution, best_per_family, solve
+from planner.tracing import TracedModel, trace
+
+__all__ = ["plan", "plan_traced", "SOLVERS"]
+
+SOLVERS = ("cp-sat", "reference")
+
+
+def plan(
+    model_or_traced: nn.Module | TracedModel,
+    cluster: Cluster | str,
+    workload: Workload,
+    *,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    pins: dict[str, int] | None = None,
+    solver: str = "cp-sat",
+    profile: Any = None,
+    alternatives: int = 6,
+    time_limit_s: float = 60.0,
+    num_workers: int = 2,
+    name: str | None = None,
+) -> Plan:
+    """Plan ``model_or_traced`` on ``cluster`` for ``workload``.
+
+    Args:
+        model_or_traced: a module (traced here with ``args``/``kwargs``, which should have the
+            workload's batch and sequence shape) or a ``TracedModel``.
+        cluster: a ``Cluster`` or a spec string (``"2x8xH100"``).
+        workload: batch, sequence, dtype, phase, objective, headroom.
+        pins: fixed dimensions, any of ``dp``, ``pp``, ``tp``, ``microbatches``.
+        solver: ``"cp-sat"`` (default) or ``"reference"`` (the exact DP oracle).
+        profile: a ``cost_models.profiler.ModelProfile`` measured on this device, to use
+            measured layer times where the workload runs the traced shapes.
+        alternatives: how many other (dp, pp, tp) families to solve for ``plan explain``.
+        time_limit_s: CP-SAT wall-clock budget.
+        num_workers: CP-SAT search workers.
+        name: model name recorded in the plan.
+
+    Raises:
+        planner.solver.PlanError: contradictory pins (message lists every factor).
+        planner.solver.InfeasiblePlanError: nothing fits; the message says what would.
+    """
+    if isinstance(cluster, str):
+        cluster = Cluster.parse(cluster)
+    if isinstance(model_or_traced, TracedModel):
+        traced = model_or_traced
+    else:
+        traced = trace(model_or_traced, args, kwargs, name=name)
+    return plan_traced(traced, cluster, workload, pins=pins, solver=solver, profile=profile,
+                       alternatives=alternatives, time_limit_s=time_limit_s,
+                       num_workers=num_workers, name=name)
+
+
+def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pins=None,
+                solver="cp-sat", profile=None, alternatives=6, time_limit_s=60.0, num_workers=2,
+                name=None, source: dict | None = None) -> Plan:
+    """``plan`` for an already traced model; ``source`` records how to rebuild it."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, not {solver!r}")
+    builder = CostBuilder(traced, cluster, workload, profile=profile)
+    if solver == "reference":
+        solution = solve_reference(builder, cluster, workload, pins=pins)
+    else:
+        def rebuild(w: Workload) -> CostBuilder:
+            return CostBuilder(traced, cluster, w, profile=profile)
+
+        solution = solve(builder, cluster, workload, pins=pins, num_workers=num_workers,
+                         time_limit_s=time_limit_s, rebuild=rebuild)
+    table = builder(solution.microbatch_size, solution.microbatches)
+    result = Plan.from_solution(
+        solution, table, cluster, workload, model_name=name or traced.name,
+        fingerprint=traced.fingerprint, baselines=compute_baselines(builder, cluster, workload),
+    )
+    sources = builder.sources(solution.microbatch_size, solution.microbatches)
+    provenance = "measured" if sources == {"measured"} else "mixed" if "measured" in sources else "predicted"
+    extra = {
+        "alternatives": _alternatives(builder, cluster, workload, solution, alternatives,
+                                      num_workers) if alternatives else [],
+        "source": source or {},
+        "workload_full": workload.to_dict(),
+        "arch": traced.arch.to_dict() if traced.arch else None,
+    }
+    return replace(result, provenance=provenance, extra=extra)
+
+
+def _alternatives(builder, cluster, workload, best: Solution, limit: int, num_workers: int) -> list[dict]:
+    """The best plan of each other (dp, pp, tp) family and why it lost to ``best``."""
+    out = []
+    for (dp, pp, tp), sol in best_per_family(builder, cluster, workload, limit=limit + 1,
+                                             num_workers=num_workers):
+        uniform_tp = all(st.tp == tp for st in best.stages)
+        if (dp, pp, tp) == (best.dp, best.pp, best.stages[0].tp) and uniform_tp:
+            continue
+        if isinstance(sol, Solution):
+            ratio = sol.solver.objective / best.solver.objective if best.solver.objective else 1.0
+            out.append({
+                "dp": dp, "pp": pp, "tp": tp, "feasible": True,
+                "microbatches": sol.microbatches,
+                "objective": sol.solver.objective, "ratio": ratio,
+                "latency_s": sol.predicted.latency_s,
+                "throughput_samples_per_s": sol.predicted.throughput_samples_per_s,
+                "peak_memory_bytes": sol.predicted.peak_memory_bytes,
+                "why": _why_lost(best, sol, workload.objective),
+            })
+        else:
+            out.append({"dp": dp, "pp": pp, "tp": tp, "feasible": False, "why": sol})
+    return out[:limit]
+
+
+def objective_terms(s: Solution, objective: str) -> dict[str, float]:
+    """Split a solution's objective (seconds) into additive terms that name its causes.
+
+    latency = Σ compute + Σ TP comm + Σ p2p + (m − 1)·max stage (the pipeline bubble);
+    period (throughput) = m·(compute + comm) of the bottleneck stage, or the fill time when
+    the pipeline is longer than the batch.
+    """
+    m = s.microbatches
+    p2p = list(s.predicted.p2p_s)
+    items = [st.compute_s + st.comm_s for st in s.stages] + p2p
+    slowest = max(items)
+    if objective == "latency":
+        return {
+            "compute": sum(st.compute_s for st in s.stages),
+            "tensor-parallel communication": sum(st.comm_s for st in s.stages),
+            "pipeline transfers": sum(p2p),
+            "pipeline bubble": (m - 1) * slowest,
+        }
+    k = max(range(len(s.stages)), key=lambda i: s.stages[i].compute_s + s.stages[i].comm_s)
+    bottleneck = m * (s.stages[k].compute_s + s.stages[k].comm_s)
+    return {
+        "compute": m * s.stages[k].compute_s,
+        "tensor-parallel communication": m * s.stages[k].comm_s,
+        "pipeline fill": max(0.0, sum(items) - bottleneck),
+    }
+
+
+def _why_lost(best: Solution, alt: Solution, objective: str) -> str:
+    """Name the term of the objective that grew most from the best plan to ``alt``."""
+    a, b = objective_terms(alt, objective), objective_terms(best, objective)
+    worst = max(a, key=lambda k: a[k] - b.get(k, 0.0))
+    metric = "latency" if objective == "latency" else "period"
+    ratio = alt.solver.objective / best.solver.objective if best.solver.objective else 1.0
+    return (f"{metric} {ratio:.2f}x the best; largest extra cost: {worst} "
+            f"(+{(a[worst] - b.get(worst, 0.0)) * 1e3:.3f} ms)")

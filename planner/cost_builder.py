@@ -1,0 +1,138 @@
+"""Glue from a TracedModel to the solver's cost tables, through ``cost_models``.
+
+``CostBuilder(traced, cluster, workload)`` is a ``CostTableBuilder``: called with a
+microbatch size and count it returns the ``CostTable`` the solver optimises over, every
+entry from ``cost_models.layer_cost`` (measured where a profile of this device is given,
+predicted from the calibrated roofline otherwise) and every boundary from the traced cut
+points. Tables are cached per (microbatch size, microbatches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cost_models.collectives import link_alpha_beta, load_calibration
+from cost_models.layer_cost import TracedShape, layer_cost
+from cost_models.memory import kv_heads_per_device, stage_workspace_bytes
+from planner.cluster import Cluster, Workload
+from planner.cost_table import CostTable, LayerCost, Link
+from planner.tracing import TracedModel
+
+__all__ = ["CostBuilder", "allowed_tp_degrees"]
+
+
+def allowed_tp_degrees(traced: TracedModel, cluster: Cluster) -> tuple[int, ...]:
+    """TP degrees that divide the node and the model's heads and FFN width.
+
+    KV heads need not divide: with ``tp > kv_heads`` each KV head is replicated
+    ``tp / kv_heads`` times (recorded in the plan), provided ``kv_heads`` divides ``tp``.
+    Models without heads (MLP) split their hidden/FFN width; a CNN runs at tp 1.
+    """
+    per_node = cluster.devices_per_node
+    candidates = [t for t in range(1, per_node + 1) if per_node % t == 0]
+    arch = traced.arch
+    if arch is None or arch.family == "cnn":
+        return (1,)
+    out = []
+    for t in candidates:
+        if arch.num_heads is not None:
+            if arch.num_heads % t:
+                continue
+            kv = arch.num_kv_heads or arch.num_heads
+            if kv % t and t % kv:
+                continue
+        if arch.ffn_hidden_size and arch.ffn_hidden_size % t:
+            continue
+        out.append(t)
+    return tuple(out)
+
+
+@dataclass
+class CostBuilder:
+    """Builds ``CostTable``s for ``traced`` on ``cluster`` under ``workload``."""
+
+    traced: TracedModel
+    cluster: Cluster
+    workload: Workload
+    sequence_parallel: bool = False
+    profile: object | None = None  # cost_models.profiler.ModelProfile of this device
+    _cache: dict = field(default_factory=dict, repr=False)
+    _sources: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.spec = self.cluster.device_spec
+        self.tp_degrees = allowed_tp_degrees(self.traced, self.cluster)
+        batch, seq = _traced_batch_seq(self.traced, self.workload)
+        self.traced_shape = TracedShape(batch, seq, _dtype_bytes(self.traced.dtype))
+        self.calibration = load_calibration(self.spec.backend) if self.spec.name == "cpu" else None
+
+    def __call__(self, microbatch_size: int, microbatches: int) -> CostTable:
+        key = (microbatch_size, microbatches)
+        if key not in self._cache:
+            self._cache[key] = self._build(microbatch_size, microbatches)
+        return self._cache[key]
+
+    def sources(self, microbatch_size: int, microbatches: int) -> set[str]:
+        """Where the table's layer costs came from: ``{"measured", "predicted"}`` subsets."""
+        self(microbatch_size, microbatches)
+        return self._sources[(microbatch_size, microbatches)]
+
+    def _build(self, mb: int, m: int) -> CostTable:
+        w, layers = self.workload, self.traced.layers
+        measured = self.profile.layers if self.profile is not None else [None] * len(layers)
+        costs, sources = [], set()
+        for j, layer in enumerate(layers):
+            row = {}
+            for tp in self.tp_degrees:
+                est = layer_cost(layer, self.traced.arch, tp, w, self.spec, mb, m,
+                                 traced=self.traced_shape, sequence_parallel=self.sequence_parallel,
+                                 calibration=self.calibration, measured=measured[j])
+                row[tp] = LayerCost(est.compute_s, est.comm_s, int(est.memory_bytes))
+                sources.add(est.source)
+            costs.append(row)
+        tokens_traced = self.traced_shape.tokens
+        tokens_step = mb * (1 if w.phase == "decode" else w.seq_len)
+        ratio = tokens_step / tokens_traced
+        dtype_scale = w.dtype_bytes / self.traced_shape.dtype_bytes
+        boundary = tuple(int(c.bytes * ratio * dtype_scale) for c in self.traced.cuts)
+        workspace = {tp: stage_workspace_bytes(layers, tp, m, token_ratio=ratio, dtype_scale=dtype_scale)
+                     for tp in self.tp_degrees}
+        arch = self.traced.arch
+        replicated = {}
+        if arch is not None and arch.num_kv_heads:
+            for tp in self.tp_degrees:
+                per_device = kv_heads_per_device(arch.num_kv_heads, tp)
+                if per_device * tp > arch.num_kv_heads:
+                    replicated[tp] = per_device * tp // arch.num_kv_heads
+        intra = link_alpha_beta(self.spec, "intra")
+        inter = link_alpha_beta(self.spec, "inter")
+        self._sources[(mb, m)] = sources
+        return CostTable(
+            costs=tuple(costs),
+            boundary_bytes=boundary,
+            intra_node=Link(intra.alpha_s, intra.bandwidth),
+            inter_node=Link(inter.alpha_s, inter.bandwidth),
+            microbatch_size=mb,
+            microbatches=m,
+            stage_workspace_bytes=workspace,
+            kv_heads_replicated=replicated,
+            layer_names=tuple(layer.name for layer in layers),
+            param_bytes=tuple(layer.param_bytes for layer in layers),
+            sequence_parallel=self.sequence_parallel,
+        )
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
+
+
+def _traced_batch_seq(traced: TracedModel, workload: Workload) -> tuple[int, int]:
+    """Batch and sequence of the traced example: the first input's leading dims."""
+    if traced.input_shapes and len(traced.input_shapes[0]) >= 2:
+        b, t = traced.input_shapes[0][:2]
+        if traced.arch is not None and traced.arch.is_transformer:
+            return int(b), int(t)
+        return int(b), 1
+    if traced.input_shapes:
+        return int(traced.input_shapes[0][0]), 1
+    return workload.batch_size, workload.seq_len

@@ -1,0 +1,159 @@
+"""Rendering a Plan for people: stage table, memory bars, pipeline timeline, baselines.
+
+Everything printed is read from the Plan (the numbers the cost model produced once and the
+solver optimised); nothing is recomputed here.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from planner.plan import Plan
+from planner.units import fmt_bytes, fmt_seconds
+
+__all__ = ["render_plan", "render_explain", "baseline_ratios"]
+
+_BAR = 20
+_TIMELINE = 64
+
+
+def _objective(plan: Plan, latency_s: float | None, throughput: float | None) -> float | None:
+    """The figure the plan minimised: latency, or time per sample for throughput."""
+    if plan.workload.objective == "latency":
+        return latency_s
+    return 1.0 / throughput if throughput else None
+
+
+def baseline_ratios(plan: Plan) -> dict[str, float | None]:
+    """Baseline objective / plan objective (> 1 means the plan is better); None if infeasible."""
+    mine = _objective(plan, plan.predicted.latency_s, plan.predicted.throughput_samples_per_s)
+    out = {}
+    for name, b in plan.baselines.items():
+        theirs = _objective(plan, b.latency_s, b.throughput_samples_per_s) if b.feasible else None
+        out[name] = theirs / mine if theirs is not None and mine else None
+    return out
+
+
+def _memory_bar(used: int, capacity: int) -> str:
+    filled = min(_BAR, round(_BAR * used / capacity)) if capacity else 0
+    return "█" * filled + "·" * (_BAR - filled) + f" {100 * used / capacity:5.1f}%"
+
+
+def _timeline(plan: Plan) -> list[str]:
+    """GPipe fill / steady / drain, one row per stage, time scaled to the terminal."""
+    m = plan.parallelism.microbatches
+    times = [s.predicted.compute_s + s.predicted.comm_s for s in plan.stages]
+    slot = max(times) if times else 0.0
+    total = sum(times) + (m - 1) * slot
+    if total <= 0:
+        return []
+    scale = _TIMELINE / total
+    rows = []
+    for i, t in enumerate(times):
+        start = sum(times[:i])
+        line = [" "] * _TIMELINE
+        for k in range(m):
+            a = int((start + k * slot) * scale)
+            b = max(a + 1, int((start + k * slot + t) * scale))
+            for x in range(a, min(b, _TIMELINE)):
+                line[x] = "▇" if k % 2 == 0 else "▆"
+        rows.append(f"stage {i:<3}|{''.join(line)}|")
+    rows.append(f"{'':10}0{'':{_TIMELINE - 12}}{fmt_seconds(total):>12}")
+    return rows
+
+
+def render_plan(plan: Plan, console: Console) -> None:
+    """Print the plan: summary, stages, memory, timeline, baselines, solver."""
+    par, w, c = plan.parallelism, plan.workload, plan.cluster
+    capacity = _capacity(plan)
+    console.print(
+        f"[bold]{plan.model.name}[/] on {c.nodes}x{c.devices_per_node}x{c.device} "
+        f"({c.num_devices} devices) | {w.phase} batch {w.batch_size} seq {w.seq_len} {w.dtype} | "
+        f"objective: {w.objective}"
+    )
+    used = par.dp * sum(s.tp for s in plan.stages)
+    console.print(
+        f"[bold green]plan:[/] dp {par.dp} x pp {par.pp} x tp {'/'.join(str(s.tp) for s in plan.stages)}"
+        f" = {used} of {c.num_devices} devices, {par.microbatches} microbatch(es) of {par.microbatch_size}"
+        f", sequence parallel {'on' if par.sequence_parallel else 'off'}"
+    )
+    table = Table(title="stages (per microbatch, per device)")
+    for col in ("stage", "layers", "#", "tp", "devices (replica 0)", "compute", "tp comm", "memory",
+                "memory / usable capacity"):
+        table.add_column(col, justify="left" if col in ("layers", "devices (replica 0)",
+                                                        "memory / usable capacity") else "right")
+    for i, s in enumerate(plan.stages):
+        first, last = s.layers
+        names = f"{plan.layers[first].name} .. {plan.layers[last].name}" if last > first else plan.layers[first].name
+        kv = f" (kv x{s.kv_heads_replicated})" if s.kv_heads_replicated > 1 else ""
+        table.add_row(str(i), names, str(last - first + 1), f"{s.tp}{kv}",
+                      _device_list(s.devices[0]), fmt_seconds(s.predicted.compute_s),
+                      fmt_seconds(s.predicted.comm_s), fmt_bytes(s.predicted.memory_bytes),
+                      _memory_bar(s.predicted.memory_bytes, capacity))
+    console.print(table)
+    console.print("[bold]pipeline timeline[/] (one replica; fill, steady state, drain):")
+    for row in _timeline(plan):
+        console.print(row, highlight=False)
+    p = plan.predicted
+    console.print(
+        f"[bold]predicted:[/] latency {fmt_seconds(p.latency_s)}, throughput "
+        f"{p.throughput_samples_per_s:.2f} samples/s, peak memory {fmt_bytes(p.peak_memory_bytes)} "
+        f"per device (usable {fmt_bytes(capacity)}); numbers are {plan.provenance}"
+    )
+    if plan.baselines:
+        bt = Table(title=f"baselines ({w.objective}: ratio = baseline / this plan)")
+        for col in ("baseline", "latency", "throughput", "ratio"):
+            bt.add_column(col, justify="left" if col == "baseline" else "right")
+        ratios = baseline_ratios(plan)
+        for name, b in plan.baselines.items():
+            if b.feasible:
+                bt.add_row(name, fmt_seconds(b.latency_s), f"{b.throughput_samples_per_s:.2f}/s",
+                           f"{ratios[name]:.2f}x")
+            else:
+                need = f"needs {fmt_bytes(b.needs_memory_bytes)}/device" if b.needs_memory_bytes else ""
+                bt.add_row(name, "infeasible", need, "-")
+        console.print(bt)
+    s = plan.solver
+    console.print(
+        f"[bold]solver:[/] {s.name} {s.status}, objective {fmt_seconds(s.objective)}, bound "
+        f"{fmt_seconds(s.bound)}, gap {s.gap:.2%}, {s.wall_s:.2f} s"
+    )
+
+
+def render_explain(plan: Plan, console: Console) -> None:
+    """The best plan of each other (dp, pp, tp) family and why it lost."""
+    alts = plan.extra.get("alternatives", [])
+    par = plan.parallelism
+    console.print(
+        f"[bold]chosen:[/] dp {par.dp} x pp {par.pp} x tp {'/'.join(str(s.tp) for s in plan.stages)}, "
+        f"objective {fmt_seconds(plan.solver.objective)} ({plan.solver.status})"
+    )
+    if not alts:
+        console.print("this plan file carries no alternatives (made with --alternatives 0)")
+        return
+    table = Table(title="next-best plans by (dp, pp, tp) family")
+    for col in ("dp", "pp", "tp", "m", "latency", "throughput", "vs best", "why it lost"):
+        table.add_column(col, justify="left" if col == "why it lost" else "right")
+    for a in alts:
+        if a["feasible"]:
+            table.add_row(str(a["dp"]), str(a["pp"]), str(a["tp"]), str(a["microbatches"]),
+                          fmt_seconds(a["latency_s"]), f"{a['throughput_samples_per_s']:.2f}/s",
+                          f"{a['ratio']:.2f}x", a["why"])
+        else:
+            table.add_row(str(a["dp"]), str(a["pp"]), str(a["tp"]), "-", "-", "-", "-", a["why"])
+    console.print(table)
+
+
+def _capacity(plan: Plan) -> int:
+    from cost_models.devices import lookup
+
+    headroom = plan.extra.get("workload_full", {}).get("memory_headroom", 0.1)
+    return int(lookup(plan.cluster.device).memory_bytes * (1 - headroom))
+
+
+def _device_list(ids) -> str:
+    ids = list(ids)
+    if len(ids) > 2 and ids == list(range(ids[0], ids[0] + len(ids))):
+        return f"{ids[0]}-{ids[-1]}"
+    return ",".join(map(str, ids))
