@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch.nn as nn
 from planner.baselines import baselines as compute_baselines
 from planner.cluster import Cluster, Workload
 from planner.cost_builder import CostBuilder
+from planner.cost_table import CostTable
 from planner.plan import Plan
 from planner.reference_solver import solve_reference
 from planner.solver import Solution, best_per_family, solve
@@ -77,11 +79,19 @@ def plan(
 
 def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pins=None,
                 solver="cp-sat", profile=None, alternatives=6, time_limit_s=60.0, num_workers=2,
-                name=None, source: dict | None = None) -> Plan:
-    """``plan`` for an already traced model; ``source`` records how to rebuild it."""
+                name=None, source: dict | None = None,
+                adjust_costs: Callable[[CostTable], CostTable] | None = None) -> Plan:
+    """``plan`` for an already traced model.
+
+    ``source`` records how to rebuild the model (the CLI's MODEL and ``--set``);
+    ``adjust_costs`` transforms every cost table before the solver sees it (what-if
+    analysis; the plan-quality tests use it to perturb the cost model).
+    """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, not {solver!r}")
     builder = CostBuilder(traced, cluster, workload, profile=profile)
+    if adjust_costs is not None:
+        builder = _AdjustedBuilder(builder, adjust_costs)
     if solver == "reference":
         solution = solve_reference(builder, cluster, workload, pins=pins)
     else:
@@ -105,6 +115,19 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
         "arch": traced.arch.to_dict() if traced.arch else None,
     }
     return replace(result, provenance=provenance, extra=extra)
+
+
+class _AdjustedBuilder:
+    """A cost builder whose tables pass through ``adjust`` first."""
+
+    def __init__(self, inner: CostBuilder, adjust: Callable[[CostTable], CostTable]) -> None:
+        self.inner, self.adjust = inner, adjust
+
+    def __call__(self, microbatch_size: int, microbatches: int) -> CostTable:
+        return self.adjust(self.inner(microbatch_size, microbatches))
+
+    def sources(self, microbatch_size: int, microbatches: int) -> set[str]:
+        return self.inner.sources(microbatch_size, microbatches)
 
 
 def _alternatives(builder, cluster, workload, best: Solution, limit: int, num_workers: int) -> list[dict]:

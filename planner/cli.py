@@ -396,5 +396,62 @@ def _calibrate(argv: list[str]) -> int:
     return 0
 
 
+@_subcommand("bench")
+def _bench(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from planner.bench import (
+        DEFAULT_SUITE,
+        compare,
+        golden_diff,
+        golden_record,
+        load_cases,
+        run_case,
+    )
+
+    p = _Parser(prog="plan bench", description="Plan-quality regression suite: fails when a "
+                "case's objective worsens by > 0.5%, loses OPTIMAL, or exceeds its time budget.")
+    p.add_argument("--suite", default=str(DEFAULT_SUITE), help="folder with cases.json, golden.json")
+    p.add_argument("--update-golden", action="store_true",
+                   help="accept this run as the new golden file (prints what moved)")
+    p.add_argument("--only", default=None, help="run cases whose name contains this text")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    suite = Path(args.suite)
+    cases = [c for c in load_cases(suite) if not args.only or args.only in c.name]
+    if not cases:
+        raise _UsageError(f"no case of {suite}/cases.json matches --only {args.only!r}")
+    golden_path = suite / "golden.json"
+    golden = json.loads(golden_path.read_text()) if golden_path.is_file() else {}
+    results = []
+    with _status(args, "solving the suite") as status:
+        for case in cases:
+            if status.enabled:
+                status.ctx.update(f"solving {case.name}...")
+            results.append(run_case(case))
+    if args.update_golden:
+        diff = golden_diff(results, golden)
+        merged = {**golden, **golden_record(results)}
+        golden_path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+        print("\n".join(diff) if diff else "golden unchanged")
+        print(f"wrote {golden_path} ({len(merged)} cases)")
+        return 0
+    rows = compare(results, golden, cases)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        table = Table(title=f"plan quality: {sum(r['ok'] for r in rows)}/{len(rows)} cases pass")
+        for col in ("case", "objective", "golden", "change", "status", "solve", "budget", "verdict"):
+            table.add_column(col, justify="left" if col in ("case", "verdict") else "right")
+        for r in rows:
+            table.add_row(r["name"], f"{r['objective']:.6g} s",
+                          f"{r['golden']:.6g} s" if r["golden"] is not None else "-",
+                          f"{r['change']:+.3%}" if r["change"] is not None else "-", r["status"],
+                          f"{r['wall_s']:.2f} s", f"{r['budget_s']:g} s",
+                          "ok" if r["ok"] else "[red]" + "; ".join(r["problems"]) + "[/]")
+        _console().print(table)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from cost_models.collectives import link_alpha_beta, load_calibration
 from cost_models.layer_cost import TracedShape, layer_cost
 from cost_models.memory import kv_heads_per_device, stage_workspace_bytes
+from cost_models.roofline import efficiencies_for
 from planner.cluster import Cluster, Workload
 from planner.cost_table import CostTable, LayerCost, Link
 from planner.tracing import TracedModel
@@ -65,6 +66,8 @@ class CostBuilder:
         batch, seq = _traced_batch_seq(self.traced, self.workload)
         self.traced_shape = TracedShape(batch, seq, _dtype_bytes(self.traced.dtype))
         self.calibration = load_calibration(self.spec.backend) if self.spec.name == "cpu" else None
+        # Read once: efficiencies_for goes to the on-disk calibration on every call.
+        self.efficiencies = efficiencies_for(self.spec)
 
     def __call__(self, microbatch_size: int, microbatches: int) -> CostTable:
         key = (microbatch_size, microbatches)
@@ -80,16 +83,22 @@ class CostBuilder:
     def _build(self, mb: int, m: int) -> CostTable:
         w, layers = self.workload, self.traced.layers
         measured = self.profile.layers if self.profile is not None else [None] * len(layers)
-        costs, sources = [], set()
+        costs, sources, seen = [], set(), {}
         for j, layer in enumerate(layers):
-            row = {}
-            for tp in self.tp_degrees:
-                est = layer_cost(layer, self.traced.arch, tp, w, self.spec, mb, m,
-                                 traced=self.traced_shape, sequence_parallel=self.sequence_parallel,
-                                 calibration=self.calibration, measured=measured[j])
-                row[tp] = LayerCost(est.compute_s, est.comm_s, int(est.memory_bytes))
-                sources.add(est.source)
-            costs.append(row)
+            # Identical blocks (same work, same parameters) cost the same: price each once.
+            key = (_layer_key(layer), measured[j].median_s if measured[j] else None)
+            if key not in seen:
+                row = {}
+                for tp in self.tp_degrees:
+                    est = layer_cost(layer, self.traced.arch, tp, w, self.spec, mb, m,
+                                     traced=self.traced_shape,
+                                     sequence_parallel=self.sequence_parallel,
+                                     efficiencies=self.efficiencies,
+                                     calibration=self.calibration, measured=measured[j])
+                    row[tp] = LayerCost(est.compute_s, est.comm_s, int(est.memory_bytes))
+                    sources.add(est.source)
+                seen[key] = row
+            costs.append(seen[key])
         tokens_traced = self.traced_shape.tokens
         tokens_step = mb * (1 if w.phase == "decode" else w.seq_len)
         ratio = tokens_step / tokens_traced
@@ -120,6 +129,13 @@ class CostBuilder:
             param_bytes=tuple(layer.param_bytes for layer in layers),
             sequence_parallel=self.sequence_parallel,
         )
+
+
+def _layer_key(layer) -> tuple:
+    """Everything ``layer_cost`` reads from a layer."""
+    return (layer.kind, layer.param_bytes, layer.flops, layer.activation_bytes,
+            layer.peak_activation_bytes, layer.output_bytes, layer.buffer_bytes,
+            tuple(sorted(layer.op_stats.items())))
 
 
 def _dtype_bytes(dtype: str) -> int:

@@ -18,6 +18,7 @@ from planner.cost_table import CostTable, LayerCost, Link
 __all__ = [
     "SCHEMA",
     "PlanFormatError",
+    "check_fingerprint",
     "PlanModel",
     "PlanCluster",
     "PlanWorkload",
@@ -425,6 +426,26 @@ class _Reader:
             raise PlanFormatError(f"key {key!r} must be {kind.__name__}, got "
                                   f"{type(node).__name__} {node!r}")
         return node
+
+
+def check_fingerprint(plan: Plan, traced) -> None:
+    """Refuse to apply ``plan`` to a model that does not trace to the plan's fingerprint.
+
+    Raises:
+        PlanFormatError: the model (or its example input shapes) differs from the planned one.
+    """
+    if plan.model.fingerprint != traced.fingerprint:
+        raise PlanFormatError(
+            f"this plan was made for {plan.model.name!r} with fingerprint {plan.model.fingerprint}, "
+            f"but the model given traces to {traced.fingerprint} ({traced.name}, inputs "
+            f"{traced.input_shapes}). A plan only applies to the model and input shapes it was "
+            "made for: re-plan with `plan MODEL --out plan.json` (same --set, --batch and --seq)."
+        )
+    if plan.model.num_layers != len(traced.layers):
+        raise PlanFormatError(
+            f"plan has {plan.model.num_layers} layers but the model has {len(traced.layers)}; "
+            "re-plan with `plan MODEL --out plan.json`"
+        )
 
 
 def _ints(values, key: str) -> list[int]:

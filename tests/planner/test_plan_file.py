@@ -113,3 +113,19 @@ def test_not_json_and_missing_file(tmp_path):
         Plan.load(path)
     with pytest.raises(PlanFormatError, match="does not exist"):
         Plan.load(tmp_path / "missing.json")
+
+
+def test_fingerprint_mismatch_is_refused_with_the_fix():
+    import planner
+    from planner.api import plan_traced
+    from planner.models import load_model
+    from planner.plan import PlanFormatError, check_fingerprint
+
+    lm = load_model("gpt-tiny", batch_size=2, seq_len=32)
+    traced = planner.trace(lm.model, lm.args)
+    plan = plan_traced(traced, planner.Cluster.parse("2xcpu"),
+                       planner.Workload(batch_size=2, seq_len=32, dtype="float32"), alternatives=0)
+    check_fingerprint(plan, traced)  # the same model: accepted
+    other = load_model("gpt-tiny", batch_size=2, seq_len=64)
+    with pytest.raises(PlanFormatError, match="re-plan with `plan MODEL --out plan.json`"):
+        check_fingerprint(plan, planner.trace(other.model, other.args))

@@ -1,0 +1,197 @@
+"""Runtime: turn (model, plan) into this rank's module and run it under torchrun.
+
+Inside a rank (``torch.distributed`` initialised, e.g. by ``torchrun``)::
+
+    local = parallelize(model, plan, args=(ids,))   # this rank's stage, sharded
+    with torch.no_grad():
+        out = local(ids)        # last stage: this replica's outputs; other stages: None
+
+Data-parallel replicas split the batch; each replica's pipeline runs its share in
+``plan.parallelism.microbatches`` microbatches with ``torch.distributed.pipelining``
+(``PipelineStage`` + ``ScheduleGPipe``) over the project's own stage modules. Stage
+modules are traced at the microbatch size (export bakes sizes into ``view`` shapes).
+Every process group gets ``timeout``, so a dead rank ends the job with an error.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from codegen.layout import ParallelLayout, RankCoords
+from codegen.stage_split import StageGraph, model_tensor_inputs, split_stages
+from codegen.tensor_parallel import TPReport, shard_stage
+
+__all__ = ["FingerprintMismatch", "LocalModule", "ProcessGroups", "parallelize",
+           "build_process_groups", "batch_slice"]
+
+DEFAULT_TIMEOUT = datetime.timedelta(seconds=60)
+
+
+class FingerprintMismatch(ValueError):
+    """The plan was made for a different model or input shapes than the one given."""
+
+
+@dataclass
+class ProcessGroups:
+    """This rank's groups: ``tp`` (its stage replica's tp ranks) and ``pp`` (the ranks with
+    the same replica and tp index across stages, in stage order)."""
+
+    tp: dist.ProcessGroup | None
+    pp: dist.ProcessGroup | None
+
+
+def build_process_groups(layout: ParallelLayout, rank: int,
+                         timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> ProcessGroups:
+    """Create every tp and pp group (all ranks must call this, in the same order).
+
+    Returns:
+        The groups this rank belongs to.
+    """
+    me = layout.coords(rank)
+    tp_group = pp_group = None
+    for i, stage in enumerate(layout.stages):
+        for r, ranks in enumerate(stage.devices):
+            group = dist.new_group(list(ranks), timeout=timeout)
+            if (i, r) == (me.stage, me.replica):
+                tp_group = group
+    if layout.pp > 1:
+        for r in range(layout.dp):
+            for k in range(layout.stages[0].tp):
+                ranks = [s.devices[r][k] for s in layout.stages]
+                group = dist.new_group(ranks, timeout=timeout)
+                if (r, k) == (me.replica, me.tp_rank):
+                    pp_group = group
+    return ProcessGroups(tp_group, pp_group)
+
+
+def batch_slice(args: tuple, kwargs: dict, start: int, stop: int) -> tuple[tuple, dict]:
+    """``args``/``kwargs`` with every tensor sliced to rows ``start:stop`` of dim 0."""
+    def cut(x):
+        return x[start:stop] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+    return pytree.tree_map(cut, (tuple(args), dict(kwargs)))
+
+
+class LocalModule(nn.Module):
+    """This rank's part of the parallel model: one stage, sharded over its tp group.
+
+    Call it on the *global* batch (the same inputs on every rank, as the eager model takes
+    them). It runs this replica's rows through the pipeline and returns, on a last-stage
+    rank, the flat model outputs for those rows (``pytree.tree_leaves`` order), elsewhere
+    ``None``. ``rows`` says which rows of the global batch the result covers.
+
+    Attributes:
+        stage: the ``StageGraph`` (``stage.module`` is the sharded GraphModule).
+        layout: the parallel layout.
+        coords: this rank's stage, replica and tp rank.
+        tp_report: what the tensor-parallel pass did.
+    """
+
+    def __init__(self, stage: StageGraph, layout: ParallelLayout, coords: RankCoords,
+                 groups: ProcessGroups, tp_report: TPReport, device: torch.device) -> None:
+        super().__init__()
+        self.stage, self.layout, self.coords = stage, layout, coords
+        self.module = stage.module
+        self.groups, self.tp_report, self.device = groups, tp_report, device
+        self._schedule = None
+
+    @property
+    def is_first(self) -> bool:
+        return self.coords.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.coords.stage == self.layout.pp - 1
+
+    def rows(self, batch_size: int) -> tuple[int, int]:
+        """The rows ``[start, stop)`` of a global batch that this rank's replica runs."""
+        per_replica = batch_size // self.layout.dp
+        return self.coords.replica * per_replica, (self.coords.replica + 1) * per_replica
+
+    def forward(self, *args, **kwargs):
+        flat = model_tensor_inputs(args, kwargs)
+        start, stop = self.rows(flat[0].shape[0])
+        inputs = [t[start:stop].to(self.device) for t in flat]
+        if self.layout.pp == 1:
+            return self._run_local(inputs)
+        return self._run_pipeline(inputs)
+
+    def _run_local(self, inputs) -> tuple:
+        chunks = zip(*(t.tensor_split(self.layout.microbatches) for t in inputs), strict=True)
+        outs = [self.module(*chunk) for chunk in chunks]
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+
+    def _run_pipeline(self, inputs):
+        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+        if self._schedule is None:
+            pipe_stage = PipelineStage(self.module, self.coords.stage, self.layout.pp,
+                                       self.device, group=self.groups.pp)
+            self._schedule = ScheduleGPipe(pipe_stage, n_microbatches=self.layout.microbatches)
+        out = self._schedule.eval(*inputs) if self.is_first else self._schedule.eval()
+        if not self.is_last:
+            return None
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def parallelize(model: nn.Module, plan, args: tuple = (), kwargs: dict | None = None, *,
+                check_fingerprint: bool = True, device: torch.device | str | None = None,
+                timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> LocalModule:
+    """This rank's module for ``plan``: its pipeline stage, tensor-parallel sharded.
+
+    Args:
+        model: the full model, the same weights on every rank (e.g. same seed or checkpoint).
+        plan: a ``planner.plan.Plan`` (or a ``codegen.layout.ParallelLayout``).
+        args, kwargs: example inputs of the global batch (``workload.batch_size`` rows).
+        check_fingerprint: refuse a plan whose ``model.fingerprint`` differs from this
+            model traced on these inputs.
+        device: where the stage runs (default: ``cuda:<local rank>`` under nccl, else cpu).
+        timeout: for every process group this creates.
+
+    Returns:
+        A ``LocalModule``; call it on the global batch under ``torch.no_grad()``.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialised.
+        codegen.layout.LayoutError: the plan does not fit the world size.
+        FingerprintMismatch: the plan was made for another model or input shapes.
+    """
+    import planner
+
+    if not dist.is_initialized():
+        raise RuntimeError("parallelize() runs inside a torchrun rank: call "
+                           "torch.distributed.init_process_group() first")
+    kwargs = dict(kwargs or {})
+    is_layout = isinstance(plan, ParallelLayout)
+    layout = plan if is_layout else ParallelLayout.from_plan(plan)
+    rank = dist.get_rank()
+    layout.validate(dist.get_world_size())
+    batch = model_tensor_inputs(args, kwargs)[0].shape[0]
+    if batch % (layout.dp * layout.microbatches):
+        raise ValueError(f"batch {batch} is not divisible by dp {layout.dp} × microbatches "
+                         f"{layout.microbatches}")
+    micro = batch // (layout.dp * layout.microbatches)
+    if check_fingerprint and not is_layout:
+        full = planner.trace(model, args, kwargs)
+        if full.fingerprint != plan.model.fingerprint:
+            raise FingerprintMismatch(
+                f"plan {plan.model.name!r} has fingerprint {plan.model.fingerprint} but this model "
+                f"on these inputs traces to {full.fingerprint}; re-plan for this model and shape")
+    mb_args, mb_kwargs = batch_slice(args, kwargs, 0, micro)
+    traced = planner.trace(model, mb_args, mb_kwargs)
+    coords = layout.coords(rank)
+    groups = build_process_groups(layout, rank, timeout)
+    stage = split_stages(traced, layout.stage_layers)[coords.stage]
+    stage_layout = layout.stages[coords.stage]
+    group_name = groups.tp.group_name if stage_layout.tp > 1 else ""
+    report = shard_stage(stage.module, stage_layout.tp, coords.tp_rank, group_name, traced.arch)
+    if device is None:
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if dist.get_backend() == "nccl" else torch.device("cpu"))
+    stage.module.to(device)
+    return LocalModule(stage, layout, coords, groups, report, torch.device(device))

@@ -1,0 +1,232 @@
+"""Stage split: one fx GraphModule per pipeline stage, cut at a plan's layer boundaries.
+
+Stage ``s`` holds the nodes of layers ``[first, last]``. Its inputs are exactly the tensors
+that cross the cut before ``first`` (``traced.cuts[first - 1].tensors``: hidden state,
+rotary cos/sin, masks, position ids), or the model's tensor inputs for stage 0; its outputs
+are the tensors crossing the cut after ``last``, or the model's flattened outputs for the
+last stage. A parameter or buffer goes only to the stages that read it (a tied weight is
+held by each stage that uses it).
+
+>>> import torch, planner
+>>> from planner.models import load_model
+>>> lm = load_model("gpt-tiny", batch_size=2, seq_len=8)
+>>> traced = planner.trace(lm.model, lm.args)
+>>> stages = split_stages(traced, [(0, 2), (3, 5)])
+>>> [s.inputs for s in stages], [s.outputs for s in stages]
+([('idx',), ('add_4',)], [('add_4',), ('linear_16',)])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+__all__ = [
+    "StageGraph",
+    "StageSplitError",
+    "split_stages",
+    "check_stage_ranges",
+    "model_tensor_inputs",
+    "run_stages",
+]
+
+# Export's input-shape guard: it pins the traced batch size, which microbatching changes.
+_DROPPED_MODULES = ("_guards_fn",)
+
+
+class StageSplitError(ValueError):
+    """Stage ranges that do not partition the layers, or a graph that cannot be cut there."""
+
+
+@dataclass
+class StageGraph:
+    """One pipeline stage as an fx graph.
+
+    Attributes:
+        index: stage number.
+        layers: ``(first, last)`` inclusive layer indices.
+        module: the stage's GraphModule; ``module(*inputs)`` returns a tuple of ``outputs``.
+        inputs: names of the values the stage receives, in call order (fx node names of the
+            original graph: cut tensors, or the model's tensor inputs for stage 0).
+        outputs: names of the values the stage returns, in order.
+        output_spec: for the last stage, the pytree spec that rebuilds the model's output
+            type (``CausalLMOutputWithPast``...) from the flat outputs; ``None`` otherwise.
+    """
+
+    index: int
+    layers: tuple[int, int]
+    module: fx.GraphModule
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    output_spec: Any = None
+
+
+def check_stage_ranges(num_layers: int, stage_layers: Sequence[Sequence[int]]) -> None:
+    """Check that ``stage_layers`` (``[(first, last), ...]``) partition ``range(num_layers)``.
+
+    Raises:
+        StageSplitError: naming the offending stage and what it should be.
+    """
+    expected = 0
+    for i, (first, last) in enumerate(stage_layers):
+        if first != expected or last < first:
+            raise StageSplitError(
+                f"stage {i} covers layers [{first}, {last}]; stages must cover the {num_layers} "
+                f"layers contiguously, so stage {i} must start at layer {expected} and end at or "
+                f"after it (splits given: {[list(r) for r in stage_layers]})")
+        expected = last + 1
+    if expected != num_layers:
+        raise StageSplitError(
+            f"the stages end at layer {expected - 1} but the model has {num_layers} layers "
+            f"(0..{num_layers - 1}); extend the last stage to layer {num_layers - 1}")
+
+
+def split_stages(traced, stage_layers: Sequence[Sequence[int]]) -> list[StageGraph]:
+    """Cut ``traced.graph_module`` into one GraphModule per stage.
+
+    Args:
+        traced: a ``planner.TracedModel`` (not folded: every block must be in the graph).
+        stage_layers: ``[(first, last), ...]`` inclusive layer ranges, contiguous, in order.
+
+    Returns:
+        One ``StageGraph`` per range. Calling them in a chain, feeding each stage the named
+        outputs of the stages before it, equals calling the model.
+
+    Raises:
+        StageSplitError: bad ranges, a folded trace, or a value that crosses a cut without
+            being a tensor listed in the cut point.
+    """
+    if traced.folded:
+        raise StageSplitError(
+            f"{traced.name} was traced folded (blocks copied, not traced); trace it on real "
+            "weights or with fold_blocks=False to generate code")
+    ranges = [(int(a), int(b)) for a, b in stage_layers]
+    check_stage_ranges(len(traced.layers), ranges)
+    gm = traced.graph_module
+    layer_of = traced.layer_of_node
+    stage_of_layer = {j: s for s, (a, b) in enumerate(ranges) for j in range(a, b + 1)}
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    model_inputs = tuple(n.name for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor))
+    # Non-tensor inputs (``use_cache=False``) were specialised by export; inline their value.
+    constants = {n.name: n.meta.get("val") for n in placeholders if n.name not in model_inputs}
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    flat_outputs = pytree.tree_leaves(output_node.args[0])
+    out_names = tuple(n.name for n in flat_outputs if isinstance(n, fx.Node))
+    codegen = gm.graph._codegen
+    out_spec = getattr(getattr(codegen, "pytree_info", None), "out_spec", None)
+
+    stages = []
+    for s, (first, last) in enumerate(ranges):
+        inputs = model_inputs if s == 0 else tuple(t.name for t in traced.cuts[first - 1].tensors)
+        if s == len(ranges) - 1:
+            outputs = out_names
+        else:
+            outputs = tuple(t.name for t in traced.cuts[last].tensors)
+        module = _build_stage(gm, s, inputs, outputs, constants,
+                              lambda n: stage_of_layer[layer_of[n.name]])
+        stages.append(StageGraph(s, (first, last), module, inputs, outputs,
+                                 out_spec if s == len(ranges) - 1 else None))
+    return stages
+
+
+def _build_stage(gm: fx.GraphModule, s: int, inputs, outputs, constants, stage_of) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    attrs: dict[str, Any] = {}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for name in inputs:
+        ph = graph.placeholder(name)
+        ph.meta = dict(by_name[name].meta)
+        env[name] = ph
+
+    def lookup(n: fx.Node):
+        if n.name in env:
+            return env[n.name]
+        if n.op == "get_attr":
+            attrs[n.target] = _fetch(gm, n.target)
+            env[n.name] = graph.get_attr(n.target)
+            env[n.name].meta = dict(n.meta)
+            return env[n.name]
+        if n.name in constants:
+            return constants[n.name]
+        raise StageSplitError(
+            f"stage {s} uses {n.name!r} (from layer stage {stage_of(n)}) which is not among the "
+            f"tensors crossing into it ({list(inputs)}); a non-tensor value cannot cross a stage "
+            "boundary: move the cut or make the value a tensor")
+
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr") or stage_of(node) != s:
+            continue
+        if node.op == "call_module" and node.target in _DROPPED_MODULES:
+            continue
+        if node.op == "call_module":
+            attrs[node.target] = _fetch(gm, node.target)
+        env[node.name] = graph.node_copy(node, lookup)
+    missing = [name for name in outputs if name not in env]
+    if missing:
+        raise StageSplitError(f"stage {s} must return {missing} but does not compute or receive "
+                              "them; the cut points of the trace are inconsistent")
+    graph.output(tuple(env[name] for name in outputs))
+    root = nn.Module()
+    for target, obj in attrs.items():
+        _install(root, target, obj)
+    module = fx.GraphModule(root, graph, class_name=f"Stage{s}")
+    module.graph.lint()
+    return module
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _install(root: nn.Module, target: str, obj) -> None:
+    """Place ``obj`` at dotted ``target`` as a parameter, buffer or submodule."""
+    *path, leaf = target.split(".")
+    mod = root
+    for part in path:
+        if not hasattr(mod, part):
+            mod.add_module(part, nn.Module())
+        mod = getattr(mod, part)
+    if isinstance(obj, nn.Parameter):
+        mod.register_parameter(leaf, obj)
+    elif isinstance(obj, torch.Tensor):
+        mod.register_buffer(leaf, obj)
+    elif isinstance(obj, nn.Module):
+        mod.add_module(leaf, obj)
+    else:
+        setattr(mod, leaf, obj)
+
+
+def run_stages(stages: Sequence[StageGraph], model_inputs: Sequence[torch.Tensor]) -> tuple:
+    """Call the stages in a chain on one process (the reference for the pipelined run).
+
+    Args:
+        stages: from ``split_stages`` (possibly sharded).
+        model_inputs: the model's tensor inputs in ``stages[0].inputs`` order.
+
+    Returns:
+        The last stage's flat outputs.
+    """
+    values: dict[str, Any] = dict(zip(stages[0].inputs, model_inputs, strict=True))
+    out: tuple = ()
+    for stage in stages:
+        out = stage.module(*(values[name] for name in stage.inputs))
+        values.update(zip(stage.outputs, out, strict=True))
+    return tuple(out)
+
+
+def model_tensor_inputs(args: Sequence = (), kwargs: dict | None = None) -> list[torch.Tensor]:
+    """The model's tensor inputs in the order of stage 0's placeholders (pytree order of
+    ``(args, kwargs)``, which is the order ``torch.export`` flattens them in)."""
+    return [x for x in pytree.tree_leaves((tuple(args), dict(kwargs or {})))
+            if isinstance(x, torch.Tensor)]

@@ -1,0 +1,120 @@
+"""Runtime under torchrun (gloo, CPU): every layout equals the eager model within 1e-4.
+
+Each multi-process job runs several (model, plan) cases to keep process start-ups few.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from codegen.check import run_check
+from codegen.layout import LayoutError, ParallelLayout
+from codegen.runtime import FingerprintMismatch, parallelize
+from planner.models import load_model
+from tests.codegen.plans import pinned_plan, run_cases, traced_for
+
+TOL = 1e-4
+BATCH, SEQ = 4, 8
+
+
+def _case(model, overrides, layout):
+    plan = pinned_plan(traced_for(model, overrides, BATCH, SEQ), layout, BATCH, SEQ)
+    return {"model": model, "overrides": overrides, "plan": plan.to_dict(),
+            "layout": layout, "name": f"{model}{overrides or ''}"}
+
+
+def _check(cases, results, tp_of):
+    for i, case in enumerate(cases):
+        per_rank = [r[i] for r in results]
+        last = [r for r in per_rank if r["max_abs_err"] is not None]
+        layout = case["layout"]
+        assert len(last) == layout.dp * layout.stages[-1].tp, case["name"]
+        for r in last:
+            assert r["max_abs_err"] <= TOL, (case["name"], r)
+        for r in per_rank:
+            stage = layout.stages[r["stage"]]
+            first, lastl = stage.layers
+            blocks = sum(1 for j in range(first, lastl + 1) if 0 < j < len(case["plan"]["layers"]) - 1)
+            tp = stage.tp
+            assert r["all_reduces"] == (2 * blocks if tp > 1 and tp_of(case) else 0), case["name"]
+            for name, (global_numel, local_numel, _, _) in r["sharded"].items():
+                kv = (case["overrides"] or {}).get("num_key_value_heads")
+                divisor = kv if kv and kv < tp and ("k_proj" in name or "v_proj" in name) else tp
+                assert local_numel * divisor == global_numel, (case["name"], name)
+            if tp > 1 and tp_of(case):
+                assert r["sharded"], case["name"]
+
+
+def _transformer(case):
+    return case["model"] in ("gpt-tiny", "gpt2-tiny", "llama-tiny")
+
+
+@pytest.mark.slow
+def test_two_ranks_tp_pp_dp_equal_eager(tmp_path):
+    simple = ParallelLayout.simple
+    cases = [
+        _case("gpt-tiny", {}, simple(1, [(0, 5, 2)])),
+        _case("gpt2-tiny", {}, simple(1, [(0, 5, 2)])),
+        _case("llama-tiny", {}, simple(1, [(0, 5, 2)])),
+        _case("llama-tiny", {"num_key_value_heads": 1}, simple(1, [(0, 5, 2)])),
+        _case("mlp", {}, simple(1, [(0, 1, 1), (2, 5, 1)], microbatches=2)),
+        _case("cnn", {}, simple(2, [(0, 5, 1)], microbatches=2)),
+        _case("gpt2-tiny", {}, simple(1, [(0, 3, 1), (4, 5, 1)], microbatches=4)),
+    ]
+    results = run_cases(cases, 2, tmp_path)
+    _check(cases, results, _transformer)
+
+
+@pytest.mark.slow
+def test_four_ranks_tp_x_pp_dp_x_pp_dp_x_tp_equal_eager(tmp_path):
+    simple = ParallelLayout.simple
+    cases = [
+        _case("gpt-tiny", {}, simple(1, [(0, 2, 2), (3, 5, 2)], microbatches=2)),
+        _case("llama-tiny", {}, simple(1, [(0, 1, 2), (2, 5, 2)], microbatches=2)),
+        _case("llama-tiny", {}, simple(2, [(0, 3, 1), (4, 5, 1)], microbatches=2)),
+        _case("gpt2-tiny", {}, simple(2, [(0, 5, 2)])),
+        _case("cnn", {}, simple(1, [(0, 0, 1), (1, 2, 1), (3, 4, 1), (5, 5, 1)],
+                                microbatches=4)),
+    ]
+    results = run_cases(cases, 4, tmp_path)
+    _check(cases, results, _transformer)
+
+
+@pytest.mark.slow
+def test_run_check_launches_torchrun_and_passes(tmp_path, capfd):
+    layout = ParallelLayout.simple(1, [(0, 2, 1), (3, 5, 1)], microbatches=2)
+    plan = pinned_plan(traced_for("llama-tiny", {"num_hidden_layers": 4}, BATCH, SEQ), layout,
+                       BATCH, SEQ)
+    plan.save(tmp_path / "plan.json")
+    rc = run_check(tmp_path / "plan.json", "llama-tiny", {"num_hidden_layers": 4}, timeout_s=180)
+    out = capfd.readouterr().out
+    assert rc == 0, out
+    assert "max abs error vs the unsharded model" in out
+
+
+@pytest.fixture()
+def single_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=60))
+    yield
+    dist.destroy_process_group()
+
+
+def test_single_rank_plan_runs_and_wrong_fingerprint_is_refused(single_rank_group):
+    lm = load_model("gpt-tiny", batch_size=BATCH, seq_len=SEQ)
+    layout = ParallelLayout.simple(1, [(0, 5, 1)], microbatches=2)
+    plan = pinned_plan(traced_for("gpt-tiny", None, BATCH, SEQ), layout, BATCH, SEQ)
+    local = parallelize(lm.model, plan, lm.args)
+    with torch.no_grad():
+        (out,) = local(*lm.args)
+        ref = lm.model(*lm.args)
+    assert (out - ref).abs().max().item() <= TOL
+    other = load_model("gpt-tiny", {"n_layer": 2}, batch_size=BATCH, seq_len=SEQ)
+    with pytest.raises(FingerprintMismatch, match="re-plan"):
+        parallelize(other.model, plan, other.args)
+    with pytest.raises(LayoutError, match="world size 1"):
+        parallelize(lm.model, ParallelLayout.simple(2, [(0, 5, 1)]), lm.args)

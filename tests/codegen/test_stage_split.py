@@ -1,0 +1,97 @@
+"""Stage split: chained stage modules equal the eager model; weights live where they are used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+import planner
+from codegen.stage_split import (
+    StageSplitError,
+    check_stage_ranges,
+    model_tensor_inputs,
+    run_stages,
+    split_stages,
+)
+from planner.models import load_model
+
+SPLITS = [[(0, 5)], [(0, 0), (1, 5)], [(0, 2), (3, 5)], [(0, 3), (4, 4), (5, 5)],
+          [(0, 1), (2, 2), (3, 4), (5, 5)]]
+
+
+@pytest.fixture(scope="module", params=["gpt-tiny", "gpt2-tiny", "llama-tiny", "mlp", "cnn"])
+def case(request):
+    lm = load_model(request.param, batch_size=2, seq_len=8)
+    traced = planner.trace(lm.model, lm.args, lm.kwargs)
+    with torch.no_grad():
+        ref = [x for x in pytree.tree_leaves(lm.model(*lm.args, **lm.kwargs))
+               if isinstance(x, torch.Tensor)]
+    return lm, traced, ref
+
+
+@pytest.mark.parametrize("split", SPLITS, ids=lambda s: "-".join(f"{a}:{b}" for a, b in s))
+def test_chained_stages_equal_eager_model(case, split):
+    lm, traced, ref = case
+    stages = split_stages(traced, split)
+    with torch.no_grad():
+        out = run_stages(stages, model_tensor_inputs(lm.args, lm.kwargs))
+    assert len(out) == len(ref)
+    for got, want in zip(out, ref):
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_stage_inputs_and_outputs_are_the_cut_tensors(case):
+    _, traced, _ = case
+    stages = split_stages(traced, [(0, 1), (2, 3), (4, 5)])
+    assert stages[1].inputs == tuple(t.name for t in traced.cuts[1].tensors)
+    assert stages[1].outputs == tuple(t.name for t in traced.cuts[3].tensors)
+    assert stages[2].inputs == stages[1].outputs
+    placeholders = [n.name for n in stages[1].module.graph.nodes if n.op == "placeholder"]
+    assert tuple(placeholders) == stages[1].inputs
+
+
+def test_parameters_go_only_to_stages_that_use_them(case):
+    _, traced, _ = case
+    split = [(0, 1), (2, 3), (4, 5)]
+    stages = split_stages(traced, split)
+    gm = traced.graph_module
+    for stage, (first, last) in zip(stages, split):
+        layers = traced.layers[first:last + 1]
+        # By identity: export may name a tied weight by either of its module paths.
+        used = {id(gm.get_parameter(p)) for layer in layers for p in layer.params + layer.tied_params}
+        held = {id(p) for p in stage.module.parameters()}
+        assert held == used, f"stage {stage.index} holds the wrong parameters"
+    total = {id(p) for s in stages for p in s.module.parameters()}
+    assert total == {id(p) for p in gm.parameters()}
+
+
+def test_tied_embedding_is_held_by_each_stage_that_uses_it():
+    lm = load_model("gpt2-tiny", batch_size=1, seq_len=8)
+    traced = planner.trace(lm.model, lm.args, lm.kwargs)
+    first, last = split_stages(traced, [(0, 2), (3, 5)])
+    assert any(traced.layers[-1].tied_params)
+    tied = traced.layers[-1].tied_params[0]
+    weight = traced.graph_module.get_parameter(tied)
+    assert any(p is weight for p in first.module.parameters())
+    assert any(p is weight for p in last.module.parameters())
+
+
+def test_rotary_and_mask_tensors_cross_llama_cuts():
+    lm = load_model("llama-tiny", batch_size=1, seq_len=8)
+    traced = planner.trace(lm.model, lm.args, lm.kwargs)
+    stages = split_stages(traced, [(0, 2), (3, 5)])
+    roles = {t.name: t.role for t in traced.cuts[2].tensors}
+    assert set(stages[1].inputs) == set(roles)
+    assert {"rotary", "mask", "hidden"} <= set(roles.values())
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([(0, 2), (4, 5)], "must start at layer 3"),
+    ([(0, 2), (3, 4)], "extend the last stage to layer 5"),
+    ([(1, 5)], "must start at layer 0"),
+])
+def test_bad_ranges_are_explained(bad, message):
+    with pytest.raises(StageSplitError, match=message):
+        check_stage_ranges(6, bad)
