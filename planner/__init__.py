@@ -15,8 +15,19 @@ from planner.reference_solver import solve_reference
 from planner.solver import InfeasiblePlanError, PlanError, solve
 from planner.tracing import TracedModel, TraceError, trace
 
+
+def parallelize(model, plan, args=(), kwargs=None, **options):
+    """Inside a torchrun rank: this rank's part of ``model`` under ``plan`` (its pipeline
+    stage, tensor-parallel shard and data-parallel slice), ready to call with the global
+    batch. See ``codegen.runtime.parallelize`` for the options."""
+    from codegen.runtime import parallelize as _parallelize
+
+    return _parallelize(model, plan, args, kwargs, **options)
+
+
 __all__ = [
     "trace",
+    "parallelize",
     "plan",
     "Plan",
     "PlanError",

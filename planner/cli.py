@@ -54,7 +54,8 @@ def _model_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default="8xH100", help="8xH100, 2x8xA100-80GB, 4xcpu, or a JSON file")
     p.add_argument("--batch", type=int, default=1, help="global batch size (sequences)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: min(2048, model max))")
-    p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default: float32 on cpu clusters, else bfloat16)")
     p.add_argument("--phase", default="prefill", choices=["prefill", "decode"])
     p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
     p.add_argument("--context", type=int, default=None, help="KV-cache length for decode (default: --seq)")
@@ -121,7 +122,8 @@ def _plan_model(args: argparse.Namespace) -> int:
 
     cluster = Cluster.parse(args.cluster)
     overrides = parse_set(args.set)
-    workload = Workload(batch_size=args.batch, seq_len=args.seq or 2048, dtype=args.dtype,
+    dtype = args.dtype or ("float32" if cluster.device == "cpu" else "bfloat16")
+    workload = Workload(batch_size=args.batch, seq_len=args.seq or 2048, dtype=dtype,
                         phase=args.phase, objective=args.objective, context_len=args.context,
                         memory_headroom=args.headroom)
     loaded = load_model(args.model, overrides, batch_size=args.batch, seq_len=args.seq,
@@ -249,6 +251,99 @@ def _devices(argv: list[str]) -> int:
                       f"{d.memory_bandwidth / 1e9:.0f} GB/s", f"{d.intra_node_bandwidth / 1e9:.0f} GB/s",
                       f"{d.inter_node_bandwidth / 1e9:.0f} GB/s")
     _console().print(table)
+    return 0
+
+
+@_subcommand("run")
+def _run(argv: list[str]) -> int:
+    import math
+
+    from codegen.check import run_check
+    from planner.models.loader import parse_set
+    from planner.plan import Plan
+
+    p = _Parser(prog="plan run", description="Launch a plan with torchrun on this machine "
+                "(gloo on CPU, nccl on GPUs), run it and the unsharded model on the same "
+                "inputs, and print the error and the measured times next to the prediction.")
+    p.add_argument("plan_file")
+    p.add_argument("--check", action="store_true",
+                   help="exit non-zero if any output differs from the unsharded model beyond --tol")
+    p.add_argument("--tol", type=float, default=1e-4, help="max abs error allowed (float32)")
+    p.add_argument("--model", default=None, help="MODEL the plan was made for (default: the "
+                   "one recorded in the plan file)")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE")
+    p.add_argument("--timeout", type=float, default=600, help="wall-clock limit for the job, s")
+    args = p.parse_args(argv)
+    plan = Plan.load(args.plan_file)
+    source = plan.extra.get("source") or {}
+    model = args.model or source.get("model")
+    if not model:
+        raise _UsageError(f"{args.plan_file} does not record its model (it was made with the "
+                          "Python API); pass --model MODEL and the --set overrides used")
+    overrides = parse_set(args.set) if args.set is not None else source.get("overrides", {})
+    _check_runnable_here(plan)
+    status = run_check(args.plan_file, model, overrides,
+                       tol=args.tol if args.check else math.inf, timeout_s=args.timeout)
+    if status != 0:
+        Console(stderr=True).print(f"[bold red]error:[/] plan run failed (exit status {status})")
+    return status
+
+
+def _check_runnable_here(plan) -> None:
+    import os
+
+    import torch
+
+    ranks = plan.parallelism.dp * sum(s.tp for s in plan.stages)
+    if plan.cluster.device != "cpu" and not torch.cuda.is_available():
+        raise _UsageError(
+            f"this plan is for {plan.cluster.num_devices} {plan.cluster.device} devices and this "
+            "machine has no GPU. `plan run` launches on this machine: make a plan for "
+            f"--cluster {ranks}xcpu to run it here, or run it on the GPU nodes."
+        )
+    if plan.workload.dtype != "float32" and not torch.cuda.is_available():
+        raise _UsageError(
+            f"the plan is for {plan.workload.dtype}; the CPU check compares float32 outputs: "
+            "re-plan with --dtype float32"
+        )
+    if plan.cluster.device == "cpu" and ranks > 4 * (os.cpu_count() or 1):
+        raise _UsageError(f"the plan needs {ranks} ranks; this machine has {os.cpu_count()} cores")
+
+
+@_subcommand("compile")
+def _compile(argv: list[str]) -> int:
+    from codegen.emit import compile_plan
+    from planner.models.loader import load_model, parse_set
+    from planner.plan import Plan, check_fingerprint
+    from planner.tracing import trace
+
+    p = _Parser(prog="plan compile", description="Write readable per-stage Python source of a "
+                "plan, with every all-reduce and send/recv visible.")
+    p.add_argument("plan_file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--model", default=None, help="MODEL (default: recorded in the plan file)")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    plan = Plan.load(args.plan_file)
+    source = plan.extra.get("source") or {}
+    model = args.model or source.get("model")
+    if not model:
+        raise _UsageError(f"{args.plan_file} does not record its model; pass --model MODEL")
+    overrides = parse_set(args.set) if args.set is not None else source.get("overrides", {})
+    w = plan.workload
+    dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[w.dtype]
+    import torch
+
+    full = load_model(model, overrides, batch_size=w.batch_size, seq_len=w.seq_len,
+                      dtype=getattr(torch, dtype), device="meta")
+    check_fingerprint(plan, trace(full.model, full.args, full.kwargs, name=full.name,
+                                  fold_blocks=False))
+    micro = load_model(model, overrides, batch_size=plan.parallelism.microbatch_size,
+                       seq_len=w.seq_len, dtype=getattr(torch, dtype), device="meta")
+    traced = trace(micro.model, micro.args, micro.kwargs, name=micro.name, fold_blocks=False)
+    paths = compile_plan(traced, plan, args.out)
+    for path in paths:
+        print(path)
     return 0
 
 

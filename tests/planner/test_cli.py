@@ -156,3 +156,31 @@ def test_devices_lists_the_catalogue():
     devices = json.loads(r.stdout)
     assert "H100-SXM-80GB" in devices and "cpu" in devices
     assert devices["H100-SXM-80GB"]["memory_bytes"] == 80 * 10**9
+
+
+@pytest.mark.slow
+def test_run_check_compile_and_refusals(tmp_path):
+    plan_file = tmp_path / "plan.json"
+    made = run("llama-tiny", "--cluster", "4xcpu", "--batch", "4", "--seq", "32", "--tp", "2",
+               "--alternatives", "0", "--out", str(plan_file))
+    assert made.returncode == 0, made.stderr
+    checked = run("run", str(plan_file), "--check")
+    assert checked.returncode == 0, checked.stderr
+    assert "max abs error vs the unsharded model" in checked.stdout
+    err = float(checked.stdout.split("max abs error vs the unsharded model: ")[1].split()[0])
+    assert err <= 1e-4
+
+    compiled = run("compile", str(plan_file), "--out", str(tmp_path / "build"))
+    assert compiled.returncode == 0, compiled.stderr
+    stage0 = (tmp_path / "build" / "stage0.py").read_text()
+    assert stage0.count("all_reduce") >= 2 * 4  # two per block, four blocks
+
+    other_model = run("run", str(plan_file), "--check", "--set", "num_hidden_layers=3")
+    assert other_model.returncode != 0
+    assert "fingerprint" in (other_model.stderr + other_model.stdout)
+
+    gpu_plan = tmp_path / "gpu.json"
+    assert run("gpt-tiny", "--cluster", "8xH100", "--batch", "8", "--seq", "64", "--alternatives",
+               "0", "--out", str(gpu_plan)).returncode == 0
+    refused = run("run", str(gpu_plan), "--check")
+    assert refused.returncode == 2 and "--cluster" in refused.stderr and "xcpu" in refused.stderr
