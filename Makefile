@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/plan llama-3-8b --cluster 8xH100 --batch 8 --seq 2048
+	$(BIN)/plan llama-3-70b --cluster 2x8xH100 --batch 8 --seq 2048
 
 test: setup
 	$(BIN)/pytest -q -p no:cacheprovider

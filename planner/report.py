@@ -82,7 +82,8 @@ def render_plan(plan: Plan, console: Console) -> None:
     for col in ("stage", "layers", "#", "tp", "devices (replica 0)", "compute", "tp comm", "memory",
                 "memory / usable capacity"):
         table.add_column(col, justify="left" if col in ("layers", "devices (replica 0)",
-                                                        "memory / usable capacity") else "right")
+                                                        "memory / usable capacity") else "right",
+                         no_wrap=col == "memory / usable capacity")
     for i, s in enumerate(plan.stages):
         first, last = s.layers
         names = f"{plan.layers[first].name} .. {plan.layers[last].name}" if last > first else plan.layers[first].name
