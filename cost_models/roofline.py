@@ -87,7 +87,7 @@ _SCHEMA = "fx-planner/roofline/v1"
 
 @dataclass(frozen=True)
 class OpWork:
-    """Work of one op class (same fields as ``planner.layers.OpStats``)."""
+    """Work of one op class; ``planner.layers.OpStats`` is this type."""
 
     count: int = 0
     flops: float = 0

@@ -259,7 +259,6 @@ def _run(argv: list[str]) -> int:
     import math
 
     from codegen.check import run_check
-    from planner.models.loader import parse_set
     from planner.plan import Plan
 
     p = _Parser(prog="plan run", description="Launch a plan with torchrun on this machine "
@@ -275,18 +274,26 @@ def _run(argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=600, help="wall-clock limit for the job, s")
     args = p.parse_args(argv)
     plan = Plan.load(args.plan_file)
-    source = plan.extra.get("source") or {}
-    model = args.model or source.get("model")
-    if not model:
-        raise _UsageError(f"{args.plan_file} does not record its model (it was made with the "
-                          "Python API); pass --model MODEL and the --set overrides used")
-    overrides = parse_set(args.set) if args.set is not None else source.get("overrides", {})
+    model, overrides = _planned_model(args, plan)
     _check_runnable_here(plan)
     status = run_check(args.plan_file, model, overrides,
                        tol=args.tol if args.check else math.inf, timeout_s=args.timeout)
     if status != 0:
         Console(stderr=True).print(f"[bold red]error:[/] plan run failed (exit status {status})")
     return status
+
+
+def _planned_model(args, plan) -> tuple[str, dict]:
+    """MODEL and --set overrides: from the command line, else as recorded in the plan file."""
+    from planner.models.loader import parse_set
+
+    source = plan.extra.get("source") or {}
+    model = args.model or source.get("model")
+    if not model:
+        raise _UsageError(f"{args.plan_file} does not record its model (it was made with the "
+                          "Python API); pass --model MODEL and the --set overrides used")
+    overrides = parse_set(args.set) if args.set is not None else source.get("overrides", {})
+    return model, overrides
 
 
 def _check_runnable_here(plan) -> None:
@@ -313,7 +320,7 @@ def _check_runnable_here(plan) -> None:
 @_subcommand("compile")
 def _compile(argv: list[str]) -> int:
     from codegen.emit import compile_plan
-    from planner.models.loader import load_model, parse_set
+    from planner.models.loader import load_model
     from planner.plan import Plan, check_fingerprint
     from planner.tracing import trace
 
@@ -325,11 +332,7 @@ def _compile(argv: list[str]) -> int:
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE")
     args = p.parse_args(argv)
     plan = Plan.load(args.plan_file)
-    source = plan.extra.get("source") or {}
-    model = args.model or source.get("model")
-    if not model:
-        raise _UsageError(f"{args.plan_file} does not record its model; pass --model MODEL")
-    overrides = parse_set(args.set) if args.set is not None else source.get("overrides", {})
+    model, overrides = _planned_model(args, plan)
     w = plan.workload
     dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[w.dtype]
     import torch

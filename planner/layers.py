@@ -10,28 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cost_models.roofline import OP_CLASSES, OpWork
+
 __all__ = ["OpStats", "Layer", "CutPoint", "OP_CLASSES"]
 
-# Op classes the cost model distinguishes (roofline efficiencies differ per class).
-OP_CLASSES = ("matmul", "attention", "elementwise", "norm", "embedding", "reduction", "view", "other")
-
-
-@dataclass(frozen=True)
-class OpStats:
-    """Aggregated work of one op class inside a layer."""
-
-    count: int = 0
-    flops: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-
-    def __add__(self, other: OpStats) -> OpStats:
-        return OpStats(
-            self.count + other.count,
-            self.flops + other.flops,
-            self.bytes_read + other.bytes_read,
-            self.bytes_written + other.bytes_written,
-        )
+# Per-op-class work is the cost model's own type (one definition for both packages):
+# ``OpStats(count, flops, bytes_read, bytes_written)``, summed with ``+``.
+OpStats = OpWork
 
 
 @dataclass(frozen=True)
