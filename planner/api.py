@@ -106,7 +106,10 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
         fingerprint=traced.fingerprint, baselines=compute_baselines(builder, cluster, workload),
     )
     sources = builder.sources(solution.microbatch_size, solution.microbatches)
-    provenance = "measured" if sources == {"measured"} else "mixed" if "measured" in sources else "predicted"
+    result = replace(result, layers=tuple(replace(layer, source=src)
+                                          for layer, src in zip(result.layers, sources)))
+    kinds = set(sources)
+    provenance = "measured" if kinds == {"measured"} else "mixed" if "measured" in kinds else "predicted"
     extra = {
         "alternatives": _alternatives(builder, cluster, workload, solution, alternatives,
                                       num_workers) if alternatives else [],
@@ -126,7 +129,7 @@ class _AdjustedBuilder:
     def __call__(self, microbatch_size: int, microbatches: int) -> CostTable:
         return self.adjust(self.inner(microbatch_size, microbatches))
 
-    def sources(self, microbatch_size: int, microbatches: int) -> set[str]:
+    def sources(self, microbatch_size: int, microbatches: int) -> list[str]:
         return self.inner.sources(microbatch_size, microbatches)
 
 

@@ -138,6 +138,9 @@ def _plan_model(args: argparse.Namespace) -> int:
         else:
             _print_layer_table(traced, cluster)
         return 0
+    if args.profile and cluster.device != "cpu":
+        raise _UsageError(f"--profile measures this machine's cpu, but the cluster's devices are "
+                          f"{cluster.device}; drop --profile or plan for an Nxcpu cluster")
     profile = _profile_here(args, overrides, workload) if args.profile else None
     pins = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp),
                                 ("microbatches", args.microbatches)) if v is not None}

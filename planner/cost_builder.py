@@ -62,9 +62,15 @@ class CostBuilder:
 
     def __post_init__(self) -> None:
         self.spec = self.cluster.device_spec
+        if self.profile is not None and not _same_device(self.profile.device, self.spec.name):
+            raise ValueError(
+                f"the profile was measured on {self.profile.device} but the cluster's devices are "
+                f"{self.spec.name}: measured costs only apply to plans for the device they were "
+                "measured on (drop --profile, or profile on that device)"
+            )
         self.tp_degrees = allowed_tp_degrees(self.traced, self.cluster)
-        batch, seq = _traced_batch_seq(self.traced, self.workload)
-        self.traced_shape = TracedShape(batch, seq, _dtype_bytes(self.traced.dtype))
+        self.traced_shape = TracedShape(self.traced.batch_size, self.traced.seq_len,
+                                        _dtype_bytes(self.traced.dtype))
         self.calibration = load_calibration(self.spec.backend) if self.spec.name == "cpu" else None
         # Read once: efficiencies_for goes to the on-disk calibration on every call.
         self.efficiencies = efficiencies_for(self.spec)
@@ -75,15 +81,15 @@ class CostBuilder:
             self._cache[key] = self._build(microbatch_size, microbatches)
         return self._cache[key]
 
-    def sources(self, microbatch_size: int, microbatches: int) -> set[str]:
-        """Where the table's layer costs came from: ``{"measured", "predicted"}`` subsets."""
+    def sources(self, microbatch_size: int, microbatches: int) -> list[str]:
+        """Per layer, where its costs came from: ``"measured"`` or ``"predicted"``."""
         self(microbatch_size, microbatches)
         return self._sources[(microbatch_size, microbatches)]
 
     def _build(self, mb: int, m: int) -> CostTable:
         w, layers = self.workload, self.traced.layers
         measured = self.profile.layers if self.profile is not None else [None] * len(layers)
-        costs, sources, seen = [], set(), {}
+        costs, sources, seen = [], [], {}
         for j, layer in enumerate(layers):
             # Identical blocks (same work, same parameters) cost the same: price each once.
             key = (_layer_key(layer), measured[j].median_s if measured[j] else None)
@@ -96,9 +102,10 @@ class CostBuilder:
                                      efficiencies=self.efficiencies,
                                      calibration=self.calibration, measured=measured[j])
                     row[tp] = LayerCost(est.compute_s, est.comm_s, int(est.memory_bytes))
-                    sources.add(est.source)
-                seen[key] = row
-            costs.append(seen[key])
+                    source = est.source
+                seen[key] = (row, source)
+            costs.append(seen[key][0])
+            sources.append(seen[key][1])
         tokens_traced = self.traced_shape.tokens
         tokens_step = mb * (1 if w.phase == "decode" else w.seq_len)
         ratio = tokens_step / tokens_traced
@@ -131,6 +138,14 @@ class CostBuilder:
         )
 
 
+def _same_device(profiled: str, catalogue_name: str) -> bool:
+    """A ``cpu`` profile applies to the ``cpu`` entry only; a ``cuda`` profile to GPU entries
+    (the planner cannot tell an H100 from an A100 by the string; plan for the GPU you have)."""
+    if profiled == "cpu" or catalogue_name == "cpu":
+        return profiled == catalogue_name
+    return profiled.startswith("cuda")
+
+
 def _layer_key(layer) -> tuple:
     """Everything ``layer_cost`` reads from a layer."""
     return (layer.kind, layer.param_bytes, layer.flops, layer.activation_bytes,
@@ -140,15 +155,3 @@ def _layer_key(layer) -> tuple:
 
 def _dtype_bytes(dtype: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
-
-
-def _traced_batch_seq(traced: TracedModel, workload: Workload) -> tuple[int, int]:
-    """Batch and sequence of the traced example: the first input's leading dims."""
-    if traced.input_shapes and len(traced.input_shapes[0]) >= 2:
-        b, t = traced.input_shapes[0][:2]
-        if traced.arch is not None and traced.arch.is_transformer:
-            return int(b), int(t)
-        return int(b), 1
-    if traced.input_shapes:
-        return int(traced.input_shapes[0][0]), 1
-    return workload.batch_size, workload.seq_len

@@ -99,6 +99,7 @@ class PlanLayer:
     name: str
     param_bytes: int
     costs: Mapping[int, StageCosts]
+    source: str = "predicted"  # "measured" (profiled on this device) or "predicted"
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,8 @@ class Plan:
                         "predicted": asdict(s.predicted),
                         "kv_heads_replicated": s.kv_heads_replicated} for s in self.stages],
             "layers": [{"name": layer.name, "param_bytes": layer.param_bytes,
-                        "costs": {str(t): asdict(c) for t, c in layer.costs.items()}}
+                        "costs": {str(t): asdict(c) for t, c in layer.costs.items()},
+                        "source": layer.source}
                        for layer in self.layers],
             "boundaries": list(self.boundaries),
             "predicted": asdict(self.predicted),
@@ -298,7 +300,8 @@ class Plan:
                                           f"degrees written as strings, e.g. \"4\"")
                 costs[int(key)] = _costs(r, f"layers[{j}].costs.{key}")
             layers.append(PlanLayer(r.get(f"layers[{j}].name", str),
-                                    r.get(f"layers[{j}].param_bytes", int), costs))
+                                    r.get(f"layers[{j}].param_bytes", int), costs,
+                                    r.get(f"layers[{j}].source", str, default="predicted")))
         links = {k: Link(r.get(f"links.{k}.latency_s", float),
                          r.get(f"links.{k}.bandwidth_bytes_per_s", float))
                  for k in r.get("links", dict, default={})}

@@ -1,11 +1,15 @@
 """Exact reference solver: dynamic programming over the same cost table as CP-SAT.
 
 For each (dp, microbatches) pair it walks the layer boundaries ``0..L`` keeping, per state
-``(boundary, devices used, stages so far)``, the Pareto front of ``(sum, max)`` over the
-stage and p2p-hop times of every partial plan (integer ticks, rounded exactly like the
-CP-SAT model). Both objectives are non-decreasing in the sum and in the max, so the best
-complete plan is on the front: the result is exact. The state space grows with the device
-count, so this is the test oracle and ``--solver reference``, not the fast path.
+``(boundary, devices used)`` (and stages so far when ``pp`` is pinned), the Pareto front of
+``(sum, max)`` over the stage and p2p-hop times of every partial plan (integer ticks,
+rounded exactly like the CP-SAT model). Both objectives are non-decreasing in the sum and
+in the max, so the best complete plan is on the front: the result is exact. Pairs with
+small replicas are solved first, and a partial plan is dropped once its sum plus every
+remaining layer at its fastest degree, with its max, already exceeds the best value found
+(again exact). It shares no bound or model with the CP-SAT solver. The state space grows
+with the device count, so this is the test oracle and ``--solver reference``, not the fast
+path.
 
 >>> from planner.cost_table import CostTable, LayerCost, Link
 >>> from planner.cluster import Cluster, Workload
@@ -35,29 +39,57 @@ from planner.solver import (
 __all__ = ["solve_reference"]
 
 
-def _pareto_insert(front: list, label: tuple) -> None:
-    """Keep only labels (sum, max, path) not dominated in both sum and max."""
-    s, w = label[0], label[1]
-    for other in front:
-        if other[0] <= s and other[1] <= w:
-            return
-    front[:] = [o for o in front if not (s <= o[0] and w <= o[1])]
-    front.append(label)
+def _front(labels: list) -> list:
+    """The labels ``(sum, max, path)`` not dominated in both sum and max, by sum."""
+    labels.sort(key=lambda label: (label[0], label[1]))
+    kept, lowest = [], None
+    for label in labels:
+        if lowest is None or label[1] < lowest:
+            kept.append(label)
+            lowest = label[1]
+    return kept
 
 
-def _best_path(combo: _Combo, objective: str, per_node: int):
-    """(value, path) of the best plan of one combo, or None when nothing fits."""
-    L = combo.num_layers
-    fronts: dict[tuple[int, int, int], list] = {(0, 0, 0): [(0, 0, ())]}
+def _unwind(node) -> tuple:
+    """A path stored as nested ``(arc, parent)`` pairs, in pipeline order."""
+    arcs = []
+    while node is not None:
+        arcs.append(node[0])
+        node = node[1]
+    return tuple(reversed(arcs))
+
+
+def _best_path(combo: _Combo, objective: str, per_node: int, worse_than: int | None = None):
+    """(value, path) of the best plan of one combo, or None when nothing fits.
+
+    With ``worse_than``, partial plans that cannot end at a value ``<= worse_than`` are
+    dropped (their sum so far plus every remaining layer at its fastest degree, and their
+    max, already give more), so None also means "nothing at or below ``worse_than``".
+    """
+    L, m, latency = combo.num_layers, combo.m, objective == "latency"
+    pinned = combo.pp is not None
+    rest = [0] * (L + 1)  # every layer from j on at its fastest degree
+    for j in range(L - 1, -1, -1):
+        rest[j] = rest[j + 1] + min(combo.ticks[j].values(), default=0)
+
+    def hopeless(s: int, w: int, pos: int) -> bool:
+        total = s + rest[pos]
+        value = total + (m - 1) * w if latency else max(m * w, total)
+        return worse_than is not None and value > worse_than
+
+    # labels[pos][(devices used, stages so far if pp is pinned)] = [(sum, max, path)]
+    labels: list[dict] = [{} for _ in range(L + 1)]
+    labels[0][(0, 0)] = [(0, 0, None)]
     for j in range(L):  # boundaries in increasing order: every arc goes forward
-        for (pos, used, k), labels in sorted(fronts.items()):
-            if pos != j:
+        for (used, k), raw in sorted(labels[j].items()):
+            if pinned and k >= combo.pp:
                 continue
-            if combo.pp is not None and k >= combo.pp:
-                continue
+            front = _front(raw)
             for t in combo.tps:
                 if used % per_node + t > per_node or used + t > combo.s_max:
                     continue
+                key = (used + t, k + 1 if pinned else 0)
+                inter = (used + t) % per_node == 0
                 time_acc, mem_acc = 0, combo.table.workspace(t)
                 for b in range(j, L):
                     if t not in combo.ticks[b]:
@@ -66,26 +98,29 @@ def _best_path(combo: _Combo, objective: str, per_node: int):
                     mem_acc += combo.mem[b][t]
                     if mem_acc > combo.cap:
                         break
-                    new_used = used + t
+                    if worse_than is not None and m * time_acc > worse_than:
+                        break  # both objectives are >= m * (any stage time)
                     if b + 1 < L:
-                        inter = new_used % per_node == 0
                         hop = combo.hop_inter[b] if inter else combo.hop_intra[b]
                     else:
                         hop = 0
-                    key = (b + 1, new_used, k + 1)
-                    front = fronts.setdefault(key, [])
-                    for s, w, path in labels:
-                        _pareto_insert(front, (s + time_acc + hop,
-                                               max(w, time_acc, hop), path + ((j, b, t),)))
+                    target = labels[b + 1].setdefault(key, [])
+                    arc = (j, b, t)
+                    for s, w, path in front:
+                        s2, w2 = s + time_acc + hop, max(w, time_acc, hop)
+                        if not hopeless(s2, w2, b + 1):
+                            target.append((s2, w2, (arc, path)))
+        labels[j] = {}
     best = None
-    for (pos, used, k), labels in fronts.items():
-        if pos != L or used not in combo.sizes or (combo.pp is not None and k != combo.pp):
+    for (used, k), raw in labels[L].items():
+        if used not in combo.sizes or (pinned and k != combo.pp):
             continue
-        for s, w, path in labels:
+        for s, w, path in _front(raw):
             # the same formula as _objective_value, from the sum and the max
-            value = s + (combo.m - 1) * w if objective == "latency" else max(combo.m * w, s)
-            if best is None or (value, path) < best:
-                best = (value, path)
+            value = s + (m - 1) * w if latency else max(m * w, s)
+            if best is None or value < best[0] or (value == best[0] and
+                                                   _unwind(path) < best[1]):
+                best = (value, _unwind(path))
     return best
 
 
@@ -106,11 +141,23 @@ def solve_reference(
     """
     start = time.perf_counter()
     space, _ = _build_space(cost_table, cluster, workload, pins, tp_degrees, max_microbatches)
+    # Small replicas first: their state spaces are small and their optimum prunes the
+    # larger ones. Ties go to the earlier combo of ``space.combos``, so partial plans are
+    # dropped only when they cannot reach the best value so far (not when they tie it).
+    order = sorted(range(len(space.combos)),
+                   key=lambda i: (space.combos[i].s_max, -space.combos[i].dp, i))
+    found_at = {}
+    best_value = None
+    for i in order:
+        found = _best_path(space.combos[i], space.objective, space.devices_per_node,
+                           worse_than=best_value)
+        if found is not None:
+            found_at[i] = found
+            best_value = found[0] if best_value is None else min(best_value, found[0])
     best = None
-    for combo in space.combos:
-        found = _best_path(combo, space.objective, space.devices_per_node)
-        if found is not None and (best is None or found[0] < best[0]):
-            best = (found[0], combo, list(found[1]))
+    if found_at:
+        i = min(found_at, key=lambda i: (found_at[i][0], i))
+        best = (found_at[i][0], space.combos[i], list(found_at[i][1]))
     if best is None:
         raise InfeasiblePlanError(
             f"no plan fits in {space.cap / 2**30:.2f} GiB per device on "

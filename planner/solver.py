@@ -26,6 +26,8 @@ is shown INFEASIBLE below the incumbent (or pruned by a valid lower bound).
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -256,6 +258,7 @@ class _Combo:
     sizes: tuple[int, ...]
     pp: int | None
     lb: int = 0
+    bottleneck: int | None = None  # _bottleneck_bound, computed when the combo is solved
 
     @property
     def num_layers(self) -> int:
@@ -423,13 +426,77 @@ def _min_devices(combo: _Combo) -> int:
     return fewest[L]
 
 
-def _lower_bound(combo: _Combo, objective: str) -> int | None:
+def _bottleneck_bound(combo: _Combo) -> int | None:
+    """The smallest largest-stage time of any plan of this combo, or None if nothing fits.
+
+    Exact for the stage times alone: the least ``M`` such that the layers can be cut into
+    contiguous stages, each of time ``<= M`` and within memory at a degree all its layers
+    allow, using at most ``S_max`` devices. It ignores p2p hops, the placement rule and a
+    ``pp`` pin, so it is a valid lower bound on ``max E`` of every plan. Where memory forces
+    short stages this is far above the LP bound (device-seconds / S_max), which cannot see
+    that a stage holds a whole number of layers.
+
+    Feasibility of ``M`` is monotone and the answer is some stage's time, so it is found by
+    bisection over the times of the stages that fit in memory; each test is a fewest-devices shortest path in O(L * |tp| * log L): a stage that fits may be
+    shortened and still fit, so boundary ``x`` is reached by any arc starting before ``x``
+    whose longest fitting extension reaches ``x`` (a heap of such arcs by device count).
+    """
+    L, s_max = combo.num_layers, combo.s_max
+    if not all(combo.ticks):
+        return None
+    rows = []  # (tp, prefix time, furthest end boundary by memory and allowed degree)
+    for t in combo.tps:
+        pt, pm = [0], [0]
+        for j in range(L):
+            pt.append(pt[-1] + combo.ticks[j].get(t, 0))
+            pm.append(pm[-1] + combo.mem[j].get(t, 0))
+        allowed_until = [L] * (L + 1)  # first layer >= a that does not allow t
+        for j in range(L - 1, -1, -1):
+            allowed_until[j] = j if t not in combo.ticks[j] else allowed_until[j + 1]
+        room = combo.cap - combo.table.workspace(t)
+        ends = [bisect.bisect_right(pm, pm[a] + room, a, allowed_until[a] + 1) - 1
+                for a in range(L)]
+        rows.append((t, pt, ends))
+
+    def fits(limit: int) -> bool:
+        heap: list[tuple[int, int]] = []
+        fewest = 0
+        for a in range(L):
+            for t, pt, ends in rows:
+                end = bisect.bisect_right(pt, pt[a] + limit, a, ends[a] + 1) - 1
+                if end > a:
+                    heapq.heappush(heap, (fewest + t, end))
+            while heap and heap[0][1] <= a:
+                heapq.heappop(heap)
+            if not heap or heap[0][0] > s_max:  # fewest is non-decreasing in the boundary
+                return False
+            fewest = heap[0][0]
+        return True
+
+    # The answer is the time of some stage that fits: bisect over those times.
+    floor = max(min(c.values()) for c in combo.ticks)
+    values = sorted({pt[b] - pt[a] for _, pt, ends in rows for a in range(L)
+                     for b in range(a + 1, ends[a] + 1) if pt[b] - pt[a] >= floor})
+    if not values or not fits(values[-1]):
+        return None
+    lo, hi = 0, len(values) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(values[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return values[lo]
+
+
+def _lower_bound(combo: _Combo, objective: str, bottleneck: int = 0) -> int | None:
     """A valid bound on the objective of any plan of this combo.
 
     Sum of stage times >= every layer at its fastest degree. Bottleneck >= the slowest
     layer at its fastest degree, >= that sum spread over the most stages possible, and
     >= the device-seconds of the layers (each at its cheapest ``tp * time``) spread over
     the replica's devices: sum_i tp_i * t_i >= W and sum_i tp_i <= S imply max t_i >= W/S.
+    ``bottleneck`` is a further known lower bound on it (``_bottleneck_bound``).
     """
     if _min_devices(combo) > combo.s_max:
         return None
@@ -445,7 +512,8 @@ def _lower_bound(combo: _Combo, objective: str) -> int | None:
         if combo.pp > stages_max:
             return None
         stages_max = combo.pp
-    worst = max(max(fastest), -(-total // stages_max), -(-cheapest // combo.s_max))
+    worst = max(max(fastest), -(-total // stages_max), -(-cheapest // combo.s_max),
+                bottleneck)
     if objective == "latency":
         bound = total + (combo.m - 1) * worst
     else:
@@ -669,7 +737,9 @@ def _cp_model(combo: _Combo, objective: str, per_node: int, cutoff: int | None,
                                 for i in range(len(arcs)))
     hop_sum = sum(hop[j] for j in range(1, L))
     top = max([a[3] for a in arcs] + combo.hop_inter + combo.hop_intra + [0])
-    worst = model.NewIntVar(0, top, "bottleneck")
+    # every plan of the combo has a stage at least this long (_bottleneck_bound)
+    floor = combo.bottleneck or 0
+    worst = model.NewIntVar(floor, max(top, floor), "bottleneck")
     for a in range(L):
         if out_arcs[a]:
             model.Add(worst >= sum(arcs[i][3] * y[i] for i in out_arcs[a]))
@@ -817,6 +887,12 @@ def _search(space: _Space, num_workers: int, deadline: float, feasibility_only: 
         if remaining <= 0:
             open_bounds.append(combo.lb)
             continue
+        if combo.bottleneck is None:  # exact for the stage times; often prunes the combo
+            combo.bottleneck = _bottleneck_bound(combo) or 0
+            combo.lb = max(combo.lb, _lower_bound(combo, objective, combo.bottleneck) or 0)
+            if limit is not None and combo.lb > limit:
+                pruned += 1
+                continue
         hint = incumbent[2] if incumbent is not None and incumbent[1] is combo else None
         model, y, arcs, obj = _cp_model(combo, objective, per_node, limit, hint)
         if not arcs:

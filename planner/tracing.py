@@ -76,6 +76,8 @@ class TracedModel:
         num_params / param_bytes: of the whole model (tied parameters counted once).
         input_shapes: shapes of the example tensor inputs.
         dtype: parameter dtype.
+        batch_size, seq_len: the traced shape: (B, T) of token ids (or of the first input
+            of a transformer), else (B, 1); layer statistics describe this shape.
     """
 
     name: str
@@ -93,6 +95,8 @@ class TracedModel:
     param_bytes: int
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     dtype: str = "float32"
+    batch_size: int = 1
+    seq_len: int = 1
 
     @property
     def num_layers(self) -> int:
@@ -201,7 +205,9 @@ def trace(
     layers, cuts, layer_of = _drop_empty_edges(layers, cuts, layer_of)
 
     unique = {id(p): p for p in model.parameters()}.values()
-    input_shapes = [tuple(t.shape) for t in tensors_in((args, kwargs))]
+    inputs = tensors_in((args, kwargs))
+    input_shapes = [tuple(t.shape) for t in inputs]
+    batch_size, seq_len = _batch_and_sequence(inputs, arch)
     dtype = next((str(p.dtype).removeprefix("torch.") for p in unique), "float32")
     return TracedModel(
         name=name,
@@ -219,7 +225,19 @@ def trace(
         param_bytes=sum(p.numel() * p.element_size() for p in unique),
         input_shapes=input_shapes,
         dtype=dtype,
+        batch_size=batch_size,
+        seq_len=seq_len,
     )
+
+
+def _batch_and_sequence(inputs: list[torch.Tensor], arch: ModelArch | None) -> tuple[int, int]:
+    if not inputs or inputs[0].dim() == 0:
+        return 1, 1
+    first = inputs[0]
+    tokens = not first.is_floating_point() and first.dim() == 2
+    if first.dim() >= 2 and (tokens or (arch is not None and arch.is_transformer)):
+        return int(first.shape[0]), int(first.shape[1])
+    return int(first.shape[0]), 1
 
 
 # --------------------------------------------------------------------------- capture
