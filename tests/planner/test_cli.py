@@ -184,3 +184,40 @@ def test_run_check_compile_and_refusals(tmp_path):
                "0", "--out", str(gpu_plan)).returncode == 0
     refused = run("run", str(gpu_plan), "--check")
     assert refused.returncode == 2 and "--cluster" in refused.stderr and "xcpu" in refused.stderr
+
+
+def test_profile_measures_then_reads_the_cache(tmp_path):
+    env_cache = {"FX_PLANNER_CACHE": str(tmp_path / "cache")}
+    first = run_env(env_cache, "profile", "gpt-tiny", "--batch", "1", "--seq", "16", "--json")
+    assert first.returncode == 0, first.stderr
+    rows = json.loads(first.stdout)["layers"]
+    assert [r["layer"] for r in rows] == ["pre", "h.0", "h.1", "h.2", "h.3", "post"]
+    assert all(r["median_s"] > 0 and r["p10_s"] <= r["median_s"] <= r["p90_s"] for r in rows)
+    # Identical blocks share one measurement, so only pre, h.0 and post are measured.
+    assert [r["cached"] for r in rows] == [False, False, True, True, True, False]
+    second = run_env(env_cache, "profile", "gpt-tiny", "--batch", "1", "--seq", "16", "--json")
+    assert all(r["cached"] for r in json.loads(second.stdout)["layers"])
+
+
+@pytest.mark.slow
+def test_calibrate_fits_positive_alpha_beta_on_2_gloo_ranks(tmp_path):
+    r = run_env({"FX_PLANNER_CACHE": str(tmp_path)}, "calibrate", "--cluster", "2xcpu",
+                "--reps", "8", "--repeats", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["roofline"]["peak_flops"]["float32"] > 0
+    fits = out["collectives"]["fits"]
+    assert {f["kind"] for f in fits} >= {"all_reduce", "all_gather", "reduce_scatter"}
+    assert all(f["alpha_s"] > 0 and f["beta_s_per_byte"] > 0 for f in fits)
+
+
+def test_bench_one_case_passes_against_golden():
+    r = run("bench", "--only", "gpt2-1x8", "--json")
+    assert r.returncode == 0, r.stderr + r.stdout
+    rows = json.loads(r.stdout)
+    assert len(rows) == 1 and rows[0]["ok"] and rows[0]["change"] == 0.0
+
+
+def run_env(extra_env, *args):
+    env = dict(os.environ, COLUMNS="160", **extra_env)
+    return subprocess.run([*PLAN, *args], capture_output=True, text=True, timeout=600, env=env)
