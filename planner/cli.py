@@ -10,6 +10,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import signal
 import sys
@@ -88,8 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _SUBCOMMANDS:
         return _run_guarded(lambda: _SUBCOMMANDS[argv[0]](argv[1:]))
+    if argv and _looks_like_a_subcommand(argv[0]):
+        close = difflib.get_close_matches(argv[0], list(_SUBCOMMANDS), n=1)[0]
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {argv[0]!r} is neither a subcommand nor a model. Did you mean "
+            f"`plan {close}`? Subcommands: {', '.join(sorted(_SUBCOMMANDS))}.", highlight=False)
+        return 2
     args = _model_parser().parse_args(argv)
     return _run_guarded(lambda: _plan_model(args))
+
+
+def _looks_like_a_subcommand(word: str) -> bool:
+    from planner.models.presets import PRESETS
+
+    if word.startswith("-") or ":" in word or word in PRESETS:
+        return False
+    return bool(difflib.get_close_matches(word, list(_SUBCOMMANDS), n=1, cutoff=0.75))
 
 
 def _run_guarded(fn: Callable[[], int]) -> int:

@@ -105,6 +105,7 @@ def test_reference_solver_flag_gives_the_same_objective():
         (["show", "/nonexistent/plan.json"], "does not exist"),
         (["calibrate", "--cluster", "8xH100"], "is not here"),
         (["gpt-tiny", "--cluster", "4xcpu", "--bogus"], "unrecognized arguments: --bogus"),
+        (["shwo", "plan.json"], "Did you mean `plan show`?"),
     ],
 )
 def test_bad_input_is_one_clear_error_with_exit_2(args, expected):
