@@ -437,9 +437,10 @@ def _bottleneck_bound(combo: _Combo) -> int | None:
     that a stage holds a whole number of layers.
 
     Feasibility of ``M`` is monotone and the answer is some stage's time, so it is found by
-    bisection over the times of the stages that fit in memory; each test is a fewest-devices shortest path in O(L * |tp| * log L): a stage that fits may be
-    shortened and still fit, so boundary ``x`` is reached by any arc starting before ``x``
-    whose longest fitting extension reaches ``x`` (a heap of such arcs by device count).
+    bisection over the times of the stages that fit in memory. Each test is a fewest-devices
+    shortest path in O(L * |tp| * log L): a stage that fits may be shortened and still fit,
+    so boundary ``x`` is reached by any arc starting before ``x`` whose longest fitting
+    extension reaches ``x`` (a heap of such arcs by device count).
     """
     L, s_max = combo.num_layers, combo.s_max
     if not all(combo.ticks):

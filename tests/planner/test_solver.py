@@ -153,9 +153,11 @@ def test_infeasible_error_states_the_computed_smallest_changes():
     work = Workload(batch_size=2, memory_headroom=0.0)
     with pytest.raises(InfeasiblePlanError) as err:
         solve(build, cluster, work)
-    # 2 devices hold 2 layers each at best: 100 GiB; 2 nodes of 2 devices fit.
+    # 2 devices hold 2 layers each at best: 100 GiB; a node of 4 devices (grown inside the
+    # node first) or 2 nodes of 2 devices fit.
     assert err.value.suggestions == (
         "per-device memory >= 100.00 GiB (peak 100.00 GiB + 0 headroom)",
+        ">= 4 devices (1 node(s) × 4)",
         ">= 4 devices (2 node(s) × 2)",
     )
     assert "no plan fits: every placement needs more than 64.00 GiB per device" in str(err.value)
