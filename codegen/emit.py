@@ -3,7 +3,7 @@
 For every stage, the tp-rank-0 module is generated (the code is the same on every rank of a
 stage; only the weight slices differ) and written as ``stage<i>.py``: the GraphModule's
 ``print_readable`` source with the all-reduces as ``_c10d_functional.all_reduce`` /
-``wait_tensor`` lines, preceded by a header naming the stage's layers, devices, the tensors
+``wait_tensor`` lines (reduce-scatter / all-gather under sequence parallelism), preceded by a header naming the stage's layers, devices, the tensors
 it receives from / sends to which stage (the pipeline's send/recv), and each sharded weight
 with its global and local shape. ``README.txt`` lists the files.
 """
@@ -38,9 +38,13 @@ def compile_plan(traced, plan, out_dir: str | Path) -> list[Path]:
     paths, index = [], []
     for stage, stage_layout in zip(stages, layout.stages, strict=True):
         group = f"tp_stage{stage.index}"
-        report = shard_stage(stage.module, stage_layout.tp, 0, group, traced.arch)
+        report = shard_stage(stage.module, stage_layout.tp, 0, group, traced.arch,
+                             sequence_parallel=layout.sequence_parallel)
         path = out / f"stage{stage.index}.py"
-        path.write_text(stage_source(stage, stage_layout, report, len(stages), traced))
+        source = stage_source(stage, stage_layout, report, len(stages), traced)
+        if not layout.uniform_tp:  # the project's own boundary transfer, not PipelineStage
+            source = _boundary_note(layout, stage.index) + source
+        path.write_text(source)
         paths.append(path)
         counts = count_collectives(stage.module)
         index.append(f"{path.name}: layers {list(stage.layers)}, tp {stage_layout.tp}, "
@@ -49,6 +53,17 @@ def compile_plan(traced, plan, out_dir: str | Path) -> list[Path]:
     readme.write_text(f"{traced.name}: dp {layout.dp}, pp {layout.pp}, microbatches "
                       f"{layout.microbatches}\n" + "\n".join(index) + "\n")
     return paths + [readme]
+
+
+def _boundary_note(layout: ParallelLayout, index: int) -> str:
+    """Which rank sends to / receives from which, for stages whose tp differ."""
+    lines = []
+    for group in layout.stages[index].devices:
+        for rank in group:
+            src, dst = layout.boundary_peers(rank)
+            lines.append(f"# rank {rank}: recv from {src if src is not None else '-'}, "
+                         f"send to {list(dst) or '-'}")
+    return "\n".join(lines) + "\n"
 
 
 def stage_source(stage, stage_layout, report, num_stages: int, traced) -> str:
@@ -76,7 +91,7 @@ def stage_source(stage, stage_layout, report, num_stages: int, traced) -> str:
         lines.append(f"# sharded weights (rank 0 of {stage_layout.tp}): global -> local shape")
         lines += [f"#   {name}: {list(g)} -> {list(loc)}"
                   for name, (g, loc) in report.sharded.items()]
-    lines.append(f"# all-reduces: {report.all_reduces}")
+    lines.append(f"# collectives: {count_collectives(stage.module) or 'none'}")
     body = stage.module.print_readable(print_output=False, include_stride=False,
                                        include_device=False)
     return "\n".join(lines) + "\n\n" + body

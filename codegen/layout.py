@@ -47,7 +47,8 @@ class ParallelLayout:
         dp: data-parallel replicas.
         stages: per stage, layers, tp and devices (``devices[replica]`` has ``tp`` ids).
         microbatches: microbatches per replica per step.
-        sequence_parallel: asked by the plan; not implemented by codegen (refused).
+        sequence_parallel: reduce-scatter + all-gather around the norms instead of the
+            row-parallel all-reduce (stages with tp > 1).
     """
 
     dp: int
@@ -64,8 +65,8 @@ class ParallelLayout:
         return cls(par.dp, stages, par.microbatches, par.sequence_parallel)
 
     @classmethod
-    def simple(cls, dp: int, stages: list[tuple[int, int, int]], microbatches: int = 1
-               ) -> ParallelLayout:
+    def simple(cls, dp: int, stages: list[tuple[int, int, int]], microbatches: int = 1, *,
+               sequence_parallel: bool = False) -> ParallelLayout:
         """Number devices replica-major, then stage, then tp rank: ``stages`` is
         ``[(first, last, tp), ...]``."""
         per_replica = sum(tp for _, _, tp in stages)
@@ -74,11 +75,37 @@ class ParallelLayout:
             devices = tuple(tuple(r * per_replica + base + k for k in range(tp)) for r in range(dp))
             out.append(StageLayout((first, last), tp, devices))
             base += tp
-        return cls(dp, tuple(out), microbatches)
+        return cls(dp, tuple(out), microbatches, sequence_parallel)
 
     @property
     def pp(self) -> int:
         return len(self.stages)
+
+    @property
+    def uniform_tp(self) -> bool:
+        """Every stage has the same tp (the pipeline can pair tp rank k with tp rank k)."""
+        return len({s.tp for s in self.stages}) <= 1
+
+    def boundary_peers(self, rank: int) -> tuple[int | None, tuple[int, ...]]:
+        """The rank that sends this rank its stage inputs (``None`` on stage 0) and the ranks
+        it sends its stage outputs to (empty on the last stage).
+
+        Stage outputs are replicated across the stage's tp group (after the row-parallel
+        all-reduce), so rank ``j`` of the next stage receives them from rank
+        ``j % tp_prev`` of this stage: with tp 2 -> 1, tp rank 0 sends and tp rank 1 only
+        computes; with tp 1 -> 2, the single rank sends to both.
+        """
+        me = self.coords(rank)
+        stage = self.stages[me.stage]
+        recv_from = None
+        if me.stage > 0:
+            prev = self.stages[me.stage - 1]
+            recv_from = prev.devices[me.replica][me.tp_rank % prev.tp]
+        send_to: tuple[int, ...] = ()
+        if me.stage + 1 < self.pp:
+            nxt = self.stages[me.stage + 1].devices[me.replica]
+            send_to = tuple(d for j, d in enumerate(nxt) if j % stage.tp == me.tp_rank)
+        return recv_from, send_to
 
     @property
     def world_size(self) -> int:
@@ -108,25 +135,21 @@ class ParallelLayout:
             LayoutError: naming every factor (``dp 2 × Σtp 4 = 8 ≠ world size 4``).
         """
         errors = []
-        if self.sequence_parallel:
-            errors.append("sequence_parallel is true but codegen does not implement sequence "
-                          "parallelism yet; re-plan with sequence parallelism off")
         for i, s in enumerate(self.stages):
             if len(s.devices) != self.dp:
                 errors.append(f"stage {i} lists {len(s.devices)} replicas for dp {self.dp}")
             if any(len(g) != s.tp for g in s.devices):
                 errors.append(f"stage {i} has a replica whose device count is not tp {s.tp}")
-        if self.pp > 1 and len({s.tp for s in self.stages}) > 1:
-            errors.append(f"stage tp degrees {[s.tp for s in self.stages]} differ; the pipeline "
-                          "runtime pairs rank k of one stage with rank k of the next, so every "
-                          "stage needs the same tp")
-        for r in range(self.dp):
+        for r in range(self.dp if self.uniform_tp else 0):
             for k in range(self.stages[0].tp if self.stages else 0):
                 chain = [s.devices[r][k] for s in self.stages if r < len(s.devices)
                          and k < len(s.devices[r])]
                 if chain != sorted(chain):
                     errors.append(f"replica {r}, tp rank {k}: stage devices {chain} must increase "
                                   "with the stage index")
+        ranks = [d for s in self.stages for g in s.devices for d in g]
+        if len(ranks) != len(set(ranks)):
+            errors.append(f"a device runs more than one stage or replica: {sorted(ranks)}")
         if world_size is not None and world_size != self.world_size:
             tps = " + ".join(str(s.tp) for s in self.stages)
             errors.append(f"dp {self.dp} × (tp per stage {tps}) = {self.world_size} ≠ world size "

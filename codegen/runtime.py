@@ -8,9 +8,13 @@ Inside a rank (``torch.distributed`` initialised, e.g. by ``torchrun``)::
 
 Data-parallel replicas split the batch; each replica's pipeline runs its share in
 ``plan.parallelism.microbatches`` microbatches with ``torch.distributed.pipelining``
-(``PipelineStage`` + ``ScheduleGPipe``) over the project's own stage modules. Stage
-modules are traced at the microbatch size (export bakes sizes into ``view`` shapes).
-Every process group gets ``timeout``, so a dead rank ends the job with an error.
+(``PipelineStage`` + ``ScheduleGPipe``) over the project's own stage modules when every
+stage has the same tp; when stage tp degrees differ, with the project's own GPipe forward
+and stage-boundary ``isend``/``irecv`` (rank ``j`` of the next stage receives from rank
+``j % tp`` of this one, see ``ParallelLayout.boundary_peers``). Stage modules are traced at
+the microbatch size (export bakes sizes into ``view`` shapes). Every process group gets
+``timeout`` and every own send/recv waits at most ``timeout``, so a dead rank ends the job
+with an error.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def build_process_groups(layout: ParallelLayout, rank: int,
             group = dist.new_group(list(ranks), timeout=timeout)
             if (i, r) == (me.stage, me.replica):
                 tp_group = group
-    if layout.pp > 1:
+    if layout.pp > 1 and layout.uniform_tp:  # mixed tp uses point-to-point on the world group
         for r in range(layout.dp):
             for k in range(layout.stages[0].tp):
                 ranks = [s.devices[r][k] for s in layout.stages]
@@ -93,11 +97,13 @@ class LocalModule(nn.Module):
     """
 
     def __init__(self, stage: StageGraph, layout: ParallelLayout, coords: RankCoords,
-                 groups: ProcessGroups, tp_report: TPReport, device: torch.device) -> None:
+                 groups: ProcessGroups, tp_report: TPReport, device: torch.device,
+                 timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> None:
         super().__init__()
         self.stage, self.layout, self.coords = stage, layout, coords
         self.module = stage.module
         self.groups, self.tp_report, self.device = groups, tp_report, device
+        self.timeout = timeout
         self._schedule = None
 
     @property
@@ -127,6 +133,8 @@ class LocalModule(nn.Module):
         return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
 
     def _run_pipeline(self, inputs):
+        if not self.layout.uniform_tp:
+            return self._run_boundary_pipeline(inputs)
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
         if self._schedule is None:
@@ -137,6 +145,57 @@ class LocalModule(nn.Module):
         if not self.is_last:
             return None
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+    def _run_boundary_pipeline(self, inputs):
+        """GPipe forward with the project's own stage-boundary send/recv (stages whose tp
+        differ, which ``PipelineStage``'s one-peer-per-stage pairing cannot express).
+
+        Stage outputs are replicated over the stage's tp group, so rank ``j`` of the next
+        stage receives them from rank ``j % tp`` of this stage (``boundary_peers``); every
+        rank of a stage computes every microbatch (its all-reduces need the whole group).
+        Each send and receive waits at most ``self.timeout``.
+        """
+        rank = dist.get_rank()
+        recv_from, send_to = self.layout.boundary_peers(rank)
+        micro = self.layout.microbatches
+        if self.is_first:
+            chunks = list(zip(*(t.tensor_split(micro) for t in inputs), strict=True))
+        specs = [(tuple(int(d) for d in n.meta["val"].shape), n.meta["val"].dtype)
+                 for n in self.module.graph.nodes if n.op == "placeholder"]
+        sends, outs = [], []
+        for m in range(micro):
+            if self.is_first:
+                args = chunks[m]
+            else:
+                args = [torch.empty(shape, dtype=dtype, device=self.device)
+                        for shape, dtype in specs]
+                works = [dist.irecv(t, src=recv_from, tag=m * len(args) + i)
+                         for i, t in enumerate(args)]
+                for w in works:
+                    _wait(w, self.timeout, f"rank {rank} (stage {self.coords.stage}) waiting "
+                          f"for microbatch {m} from rank {recv_from}")
+            out = self.module(*args)
+            if self.is_last:
+                outs.append(out)
+                continue
+            for dst in send_to:
+                for i, t in enumerate(out):
+                    t = t.contiguous()
+                    sends.append((dist.isend(t, dst=dst, tag=m * len(out) + i), t, dst, m))
+        for w, _, dst, m in sends:
+            _wait(w, self.timeout, f"rank {rank} (stage {self.coords.stage}) sending "
+                  f"microbatch {m} to rank {dst}")
+        if not self.is_last:
+            return None
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+
+
+def _wait(work, timeout: datetime.timedelta, what: str) -> None:
+    try:
+        work.wait(timeout)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{what}: {exc} (timeout {timeout.total_seconds():.0f} s)") from exc
 
 
 def parallelize(model: nn.Module, plan, args: tuple = (), kwargs: dict | None = None, *,
@@ -189,9 +248,11 @@ def parallelize(model: nn.Module, plan, args: tuple = (), kwargs: dict | None = 
     stage = split_stages(traced, layout.stage_layers)[coords.stage]
     stage_layout = layout.stages[coords.stage]
     group_name = groups.tp.group_name if stage_layout.tp > 1 else ""
-    report = shard_stage(stage.module, stage_layout.tp, coords.tp_rank, group_name, traced.arch)
+    report = shard_stage(stage.module, stage_layout.tp, coords.tp_rank, group_name, traced.arch,
+                         sequence_parallel=layout.sequence_parallel)
     if device is None:
         device = (torch.device("cuda", torch.cuda.current_device())
                   if dist.get_backend() == "nccl" else torch.device("cpu"))
     stage.module.to(device)
-    return LocalModule(stage, layout, coords, groups, report, torch.device(device))
+    return LocalModule(stage, layout, coords, groups, report, torch.device(device),
+                       timeout)

@@ -16,6 +16,9 @@ The pass works on one stage's ATen graph (from ``codegen.stage_split``):
 3. A row-parallel matmul yields a partial sum; an all-reduce (functional collective:
    ``_c10d_functional.all_reduce`` + ``wait_tensor``, visible graph nodes) follows it, then
    the bias, which every rank holds whole.
+4. With ``sequence_parallel=True`` that all-reduce becomes a reduce-scatter along the
+   sequence; residual adds, dropout and norms run on the local sequence shard, and the
+   sequence is all-gathered before the next op that needs it whole (``_SeqParallel``).
 
 GQA: KV heads are sharded when ``num_kv_heads % tp == 0``. When ``tp % num_kv_heads == 0``
 (fewer KV heads than ranks) each rank holds the one KV head its query heads use; the
@@ -100,12 +103,15 @@ class Placement:
             into exactly these parts may consume it.
         repeated: inner sharded dims hold broadcast copies (after paying ``owed``), so a
             view may merge several sharded dims.
+        seq: the sharded dim is the sequence (sequence parallelism: between a
+            reduce-scatter and the next all-gather).
     """
 
     divisors: tuple[int, ...]
     owed: int = 1
     fused: int = 1
     repeated: bool = False
+    seq: bool = False
 
     @classmethod
     def replicate(cls, ndim: int) -> Placement:
@@ -119,7 +125,8 @@ class Placement:
         dims = [i for i, d in enumerate(self.divisors) if d > 1]
         if not dims:
             return "Replicate" if self.owed == 1 else f"Replicate(owed {self.owed})"
-        return "Shard(" + ", ".join(f"{i}/{self.divisors[i]}" for i in dims) + ")"
+        kind = "ShardSeq(" if self.seq else "Shard("
+        return kind + ", ".join(f"{i}/{self.divisors[i]}" for i in dims) + ")"
 
 
 @dataclass
@@ -140,7 +147,7 @@ class TPReport:
 
 
 def shard_stage(module: fx.GraphModule, tp: int, tp_rank: int, group_name: str,
-                arch=None) -> TPReport:
+                arch=None, *, sequence_parallel: bool = False) -> TPReport:
     """Shard one stage's graph for rank ``tp_rank`` of a tensor-parallel group, in place.
 
     Args:
@@ -150,6 +157,10 @@ def shard_stage(module: fx.GraphModule, tp: int, tp_rank: int, group_name: str,
         group_name: the tp process group's name (``ProcessGroup.group_name``), written into
             the all-reduce nodes.
         arch: ``planner.ModelArch``; needed for KV-head replication (``num_kv_heads < tp``).
+        sequence_parallel: replace each row-parallel all-reduce by a reduce-scatter along
+            the sequence dim, run residual adds, dropout and norms on the local sequence
+            shard, and all-gather the sequence before the next op that needs it whole (the
+            next column-parallel matmul, a view, the stage output).
 
     Returns:
         A ``TPReport``.
@@ -164,7 +175,8 @@ def shard_stage(module: fx.GraphModule, tp: int, tp_rank: int, group_name: str,
     if not 0 <= tp_rank < tp:
         raise ShardingError(f"tp_rank {tp_rank} is outside 0..{tp - 1}")
     weights = _shard_weights(module, tp, tp_rank, arch, report)
-    _propagate(module, tp, group_name, weights, report)
+    sp = _SeqParallel(tp, tp_rank, group_name) if sequence_parallel else None
+    _propagate(module, tp, group_name, weights, report, sp)
     module.graph.lint()
     module.recompile()
     return report
@@ -286,7 +298,7 @@ def _shape(node) -> tuple[int, ...]:
     return tuple(int(s) for s in _val(node).shape)
 
 
-def _propagate(module, tp, group_name, weights, report) -> None:
+def _propagate(module, tp, group_name, weights, report, sp=None) -> None:
     graph = module.graph
     places: dict[fx.Node, object] = {}
 
@@ -296,7 +308,11 @@ def _propagate(module, tp, group_name, weights, report) -> None:
         return places.get(arg)
 
     for node in list(graph.nodes):
+        if getattr(node, "_erased", False):
+            continue  # a Conv1D view folded into a reduce-scatter
         if node.op == "output":
+            if sp is not None:
+                sp.gather_inputs(node, places)
             for arg in _nodes_in(node.args):
                 p = place(arg)
                 if isinstance(p, Placement) and not p.is_replicate:
@@ -309,7 +325,7 @@ def _propagate(module, tp, group_name, weights, report) -> None:
         if node.op in ("placeholder", "get_attr"):
             places[node] = _replicated(_val(node))
             continue
-        places[node] = _rule(node, place, tp, group_name, places, report)
+        places[node] = _rule(node, place, tp, group_name, places, report, sp)
         if isinstance(places[node], Placement):
             report.placements[node.name] = str(places[node])
     for node, p in places.items():  # shapes in meta (and printed annotations) become local
@@ -345,18 +361,37 @@ def _error(node: fx.Node, why: str, inputs: Sequence) -> ShardingError:
     return ShardingError(f"cannot shard {node.name} ({node.target}): {why} [{shown}]")
 
 
-def _rule(node, place, tp, group_name, places, report):
+def _rule(node, place, tp, group_name, places, report, sp=None):
     target = node.target
+    if sp is not None:
+        if target in _SEQ_LOCAL:
+            sp.slice_replicated(node, places)
+        else:
+            sp.gather_inputs(node, places)
     inputs = [(a, place(a)) for a in _nodes_in(node.args) + _nodes_in(node.kwargs)]
     sharded = [(a, p) for a, p in inputs if isinstance(p, Placement) and not p.is_replicate]
     if target in _MATMULS:
-        return _matmul(node, place, group_name, places, report)
+        return _matmul(node, place, group_name, places, report, sp)
     if not sharded:
         if target is operator.getitem and isinstance(place(node.args[0]), list):
             return place(node.args[0])[node.args[1]]
         return _replicated(_val(node))
     if target in _ELEMENTWISE:
         return _elementwise(node, inputs)
+    if target is aten.layer_norm.default:
+        p = place(node.args[0])
+        if any(d > 1 for d in p.divisors[len(p.divisors) - len(node.args[1]):]):
+            raise _error(node, "layer_norm over a sharded dim", sharded)
+        return p
+    if target is aten.mean.dim:
+        p = place(node.args[0])
+        dims = {d % len(p.divisors) for d in node.args[1]}
+        if any(p.divisors[d] > 1 for d in dims):
+            raise _error(node, "reducing over a sharded dim", sharded)
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        divs = tuple(1 if i in dims else d for i, d in enumerate(p.divisors)) if keep else \
+            tuple(d for i, d in enumerate(p.divisors) if i not in dims)
+        return replace(p, divisors=divs)
     if target in _VIEWS:
         return _view(node, place(node.args[0]))
     if target is aten.expand.default:
@@ -415,6 +450,7 @@ def _elementwise(node, inputs) -> Placement:
     divs = [1] * n
     owed, fused, repeated = 1, 1, False
     tensors = [(a, p) for a, p in inputs if isinstance(p, Placement)]
+    seq = any(p.seq for _, p in tensors)
     for _, p in tensors:
         offset = n - len(p.divisors)
         for i, d in enumerate(p.divisors):
@@ -430,7 +466,7 @@ def _elementwise(node, inputs) -> Placement:
             if size != 1 and p.divisors[i] != divs[offset + i]:
                 raise _error(node, f"a replicated input meets a sharded one on dim {offset + i}",
                              tensors)
-    return Placement(tuple(divs), owed, fused, repeated)
+    return Placement(tuple(divs), owed, fused, repeated, seq)
 
 
 def _view_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]]:
@@ -511,7 +547,7 @@ def _split(node, p: Placement, sharded) -> list[Placement]:
     return [replace(p, fused=1)] * pieces
 
 
-def _matmul(node, place, group_name, places, report) -> Placement:
+def _matmul(node, place, group_name, places, report, sp=None) -> Placement:
     x_arg, w_arg, b_arg, out_dim = _MATMULS[node.target]
     x, w = node.args[x_arg], node.args[w_arg]
     bias = node.args[b_arg] if len(node.args) > b_arg else None
@@ -521,6 +557,8 @@ def _matmul(node, place, group_name, places, report) -> Placement:
     if x_in == 1 and w_in == 1:
         return Placement(px.divisors[:-1] + (w_out,), max(px.owed, pw.owed), pw.fused)
     if x_in == w_in and w_out == 1 and px.owed == 1:
+        if sp is not None:
+            return sp.reduce_scatter(node, x, w, bias, places, report)
         _insert_all_reduce(node, x, w, bias, group_name, places)
         report.all_reduces += 1
         return Placement.replicate(len(px.divisors))
@@ -555,3 +593,163 @@ def _insert_all_reduce(node, x, w, bias, group_name, places) -> None:
         user.replace_input_with(node, out)
     if partial is not node:
         graph.erase_node(node)
+
+
+# --------------------------------------------------------------------------- sequence parallel
+
+# Ops that run on a sequence shard as they are (rows of the sequence are independent).
+_SEQ_LOCAL = _ELEMENTWISE | {aten.layer_norm.default, aten.mean.dim} | _METADATA_ONLY
+
+
+class _SeqParallel:
+    """Sequence parallelism (Megatron-style) over ``[B, T, C]`` activations.
+
+    A row-parallel matmul's partial sum is reduce-scattered along T (``ShardSeq(1)``),
+    ops in ``_SEQ_LOCAL`` (residual add, dropout, norms) run on the local T / tp rows, a
+    replicated operand of such an op is sliced to this rank's rows, and any other op (the
+    next matmul, a view, the stage output) gets the sequence all-gathered first. The
+    functional collectives work on dim 0, so T is moved to the front around them.
+    """
+
+    def __init__(self, tp: int, rank: int, group_name: str) -> None:
+        self.tp, self.rank, self.group_name = tp, rank, group_name
+        self.gathered: dict[fx.Node, fx.Node] = {}
+        self.sliced: dict[fx.Node, fx.Node] = {}
+        self.reduce_scatters = self.all_gathers = 0
+
+    def _call(self, graph, target, args, val, places, placement, kwargs=None):
+        node = graph.call_function(target, args, kwargs or {})
+        node.meta["val"] = val
+        places[node] = placement
+        for arg in _nodes_in(args):  # keep the module path of what it works on
+            if "nn_module_stack" in arg.meta:
+                node.meta.setdefault("nn_module_stack", arg.meta["nn_module_stack"])
+        return node
+
+    def gather_inputs(self, node: fx.Node, places) -> None:
+        """All-gather every sequence-sharded input of ``node`` (once per value)."""
+        for arg in _nodes_in(node.args) + _nodes_in(node.kwargs):
+            p = places.get(arg)
+            if not (isinstance(p, Placement) and p.seq):
+                continue
+            if arg not in self.gathered:
+                self.gathered[arg] = self._gather(arg, p, places)
+            node.replace_input_with(arg, self.gathered[arg])
+
+    def _gather(self, x: fx.Node, p: Placement, places) -> fx.Node:
+        graph, val = x.graph, x.meta["val"]
+        dim = p.divisors.index(self.tp)
+        rep = Placement.replicate(val.dim())
+        front = [dim] + [d for d in range(val.dim()) if d != dim]
+        back = [front.index(d) for d in range(val.dim())]
+        moved_val = val.permute(front)
+        with graph.inserting_after(x):
+            moved = self._call(graph, aten.permute.default, (x, front), moved_val, places,
+                               replace(p, divisors=tuple(p.divisors[d] for d in front)))
+        with graph.inserting_after(moved):
+            packed = self._call(graph, aten.clone.default, (moved,), moved_val, places,
+                                places[moved], {"memory_format": torch.contiguous_format})
+        with graph.inserting_after(packed):
+            gathered = self._call(graph, _c10d.all_gather_into_tensor.default,
+                                  (packed, self.tp, self.group_name), moved_val, places, rep)
+        with graph.inserting_after(gathered):
+            waited = self._call(graph, _c10d.wait_tensor.default, (gathered,), moved_val,
+                                places, rep)
+        with graph.inserting_after(waited):
+            restored = self._call(graph, aten.permute.default, (waited, back), val, places, rep)
+        with graph.inserting_after(restored):
+            out = self._call(graph, aten.clone.default, (restored,), val, places, rep,
+                             {"memory_format": torch.contiguous_format})
+        self.all_gathers += 1
+        return out
+
+    def slice_replicated(self, node: fx.Node, places) -> None:
+        """For an op mixing sequence shards and replicated values: slice the replicated
+        operands (with the full T on the sequence dim) to this rank's rows."""
+        args = _nodes_in(node.args) + _nodes_in(node.kwargs)
+        shards = [places[a] for a in args if isinstance(places.get(a), Placement)
+                  and places[a].seq]
+        if not shards or not isinstance(_val(node), torch.Tensor):
+            return
+        out = _shape(node)
+        seq_dim = len(out) - len(shards[0].divisors) + shards[0].divisors.index(self.tp)
+        for arg in args:
+            p = places.get(arg)
+            if not isinstance(p, Placement) or p.seq or not p.is_replicate:
+                continue
+            shape = _shape(arg)
+            dim = seq_dim - (len(out) - len(shape))
+            if dim < 0 or shape[dim] == 1:
+                continue  # broadcast over the sequence: nothing to slice
+            if arg not in self.sliced:
+                size = shape[dim] // self.tp
+                divs = [1] * len(shape)
+                divs[dim] = self.tp
+                with node.graph.inserting_before(node):
+                    self.sliced[arg] = self._call(
+                        node.graph, aten.slice.Tensor,
+                        (arg, dim, self.rank * size, (self.rank + 1) * size),
+                        arg.meta["val"], places, Placement(tuple(divs), seq=True))
+            node.replace_input_with(arg, self.sliced[arg])
+
+    def reduce_scatter(self, node, x, w, bias, places, report) -> Placement:
+        """``y = x @ w + b`` with x, w sharded on the contracted dim: reduce-scatter the
+        partial sum along the sequence, then add the bias to the local rows."""
+        graph, users = node.graph, list(node.users)
+        val = node.meta["val"]
+        target3d = None
+        if node.target is aten.addmm.default:  # HF Conv1D: (B*T, C), viewed to (B, T, C)
+            views = [u for u in users if u.target in _VIEWS and len(_shape(u)) == 3]
+            if len(users) != 1 or not views:
+                raise ShardingError(f"sequence parallelism: {node.name} (addmm) must be "
+                                    "followed by one view to (B, T, C)")
+            target3d = views[0]
+            shape3 = list(_shape(target3d))
+        elif val.dim() != 3:
+            raise ShardingError(f"sequence parallelism needs (B, T, C) activations; {node.name} "
+                                f"gives {list(val.shape)}")
+        else:
+            shape3 = list(val.shape)
+        if shape3[1] % self.tp:
+            raise ShardingError(f"sequence parallelism: sequence length {shape3[1]} is not "
+                                f"divisible by tp {self.tp}")
+        val3 = torch.empty(shape3, dtype=val.dtype, device="meta")
+        moved_val = val3.transpose(0, 1)
+        seq = Placement((1, self.tp, 1), seq=True)
+        seq_front = Placement((self.tp, 1, 1), seq=True)
+        rep = Placement.replicate(3)
+        with graph.inserting_after(node):
+            if node.target is aten.addmm.default:
+                mm = self._call(graph, aten.mm.default, (x, w), val, places,
+                                Placement.replicate(2))
+            else:
+                node.args = (x, w)
+                mm = node
+        cur = mm
+        steps = []
+        if node.target is aten.addmm.default:
+            steps.append((aten.view.default, lambda c: (c, shape3), val3, rep, None))
+        steps += [
+            (aten.transpose.int, lambda c: (c, 0, 1), moved_val, rep, None),
+            (aten.clone.default, lambda c: (c,), moved_val, rep,
+             {"memory_format": torch.contiguous_format}),
+            (_c10d.reduce_scatter_tensor.default,
+             lambda c: (c, "sum", self.tp, self.group_name), moved_val, seq_front, None),
+            (_c10d.wait_tensor.default, lambda c: (c,), moved_val, seq_front, None),
+            (aten.transpose.int, lambda c: (c, 0, 1), val3, seq, None),
+        ]
+        for target, make, v, placement, kwargs in steps:
+            with graph.inserting_after(cur):
+                cur = self._call(graph, target, make(cur), v, places, placement, kwargs)
+        if bias is not None:
+            with graph.inserting_after(cur):
+                cur = self._call(graph, aten.add.Tensor, (cur, bias), val3, places, seq)
+        if target3d is not None:  # the Conv1D's own view becomes the identity on (B, T/tp, C)
+            target3d.replace_all_uses_with(cur)
+            graph.erase_node(target3d)
+            graph.erase_node(node)
+        else:
+            for user in users:
+                user.replace_input_with(node, cur)
+        self.reduce_scatters += 1
+        return Placement.replicate(val.dim())  # of ``node``: the partial sum (or erased)

@@ -35,7 +35,7 @@ def pinned_plan(traced, layout: ParallelLayout, batch: int, seq: int) -> Plan:
         "workload": {"batch_size": batch, "seq_len": seq, "dtype": "float32",
                      "phase": "prefill", "objective": "latency"},
         "parallelism": {"dp": layout.dp, "pp": layout.pp, "microbatches": layout.microbatches,
-                        "sequence_parallel": False},
+                        "sequence_parallel": layout.sequence_parallel},
         "stages": [{"layers": list(s.layers), "tp": s.tp,
                     "devices": [list(g) for g in s.devices], "predicted": _ZERO}
                    for s in layout.stages],

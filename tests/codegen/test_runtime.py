@@ -6,12 +6,14 @@ Each multi-process job runs several (model, plan) cases to keep process start-up
 from __future__ import annotations
 
 import datetime
+import re
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from codegen.check import run_check
+from codegen.check import FAIL_RANK_ENV, run_check
 from codegen.layout import LayoutError, ParallelLayout
 from codegen.runtime import FingerprintMismatch, parallelize
 from planner.models import load_model
@@ -40,7 +42,12 @@ def _check(cases, results, tp_of):
             first, lastl = stage.layers
             blocks = sum(1 for j in range(first, lastl + 1) if 0 < j < len(case["plan"]["layers"]) - 1)
             tp = stage.tp
-            assert r["all_reduces"] == (2 * blocks if tp > 1 and tp_of(case) else 0), case["name"]
+            sharded = tp > 1 and tp_of(case)
+            if layout.sequence_parallel and sharded:  # reduce-scatter + all-gather per sublayer
+                assert r["collectives"] == {"reduce_scatter_tensor": 2 * blocks,
+                                            "all_gather_into_tensor": 2 * blocks}, case["name"]
+            else:
+                assert r["all_reduces"] == (2 * blocks if sharded else 0), case["name"]
             for name, (global_numel, local_numel, _, _) in r["sharded"].items():
                 kv = (case["overrides"] or {}).get("num_key_value_heads")
                 divisor = kv if kv and kv < tp and ("k_proj" in name or "v_proj" in name) else tp
@@ -64,6 +71,10 @@ def test_two_ranks_tp_pp_dp_equal_eager(tmp_path):
         _case("mlp", {}, simple(1, [(0, 1, 1), (2, 5, 1)], microbatches=2)),
         _case("cnn", {}, simple(2, [(0, 5, 1)], microbatches=2)),
         _case("gpt2-tiny", {}, simple(1, [(0, 3, 1), (4, 5, 1)], microbatches=4)),
+        # Sequence parallelism: fused qkv, and GQA with 1 KV head < tp 2.
+        _case("gpt-tiny", {}, simple(1, [(0, 5, 2)], sequence_parallel=True)),
+        _case("llama-tiny", {"num_key_value_heads": 1},
+              simple(1, [(0, 5, 2)], microbatches=2, sequence_parallel=True)),
     ]
     results = run_cases(cases, 2, tmp_path)
     _check(cases, results, _transformer)
@@ -79,8 +90,26 @@ def test_four_ranks_tp_x_pp_dp_x_pp_dp_x_tp_equal_eager(tmp_path):
         _case("gpt2-tiny", {}, simple(2, [(0, 5, 2)])),
         _case("cnn", {}, simple(1, [(0, 0, 1), (1, 2, 1), (3, 4, 1), (5, 5, 1)],
                                 microbatches=4)),
+        # Sequence parallelism with tp × pp on HF GPT-2 (Conv1D, fused c_attn).
+        _case("gpt2-tiny", {}, simple(1, [(0, 2, 2), (3, 5, 2)], microbatches=2,
+                                      sequence_parallel=True)),
+        # tp 1 -> 2 -> 1: the project's own boundary send/recv in both directions.
+        _case("llama-tiny", {}, simple(1, [(0, 1, 1), (2, 3, 2), (4, 5, 1)], microbatches=2)),
     ]
     results = run_cases(cases, 4, tmp_path)
+    _check(cases, results, _transformer)
+
+
+@pytest.mark.slow
+def test_three_ranks_stages_with_different_tp_equal_eager(tmp_path):
+    simple = ParallelLayout.simple
+    cases = [
+        _case("gpt-tiny", {}, simple(1, [(0, 2, 2), (3, 5, 1)], microbatches=2)),  # 2 -> 1
+        # 1 -> 2, with KV heads replicated on the tp-2 stage (1 KV head < tp 2).
+        _case("llama-tiny", {"num_key_value_heads": 1}, simple(1, [(0, 2, 1), (3, 5, 2)],
+                                                               microbatches=2)),
+    ]
+    results = run_cases(cases, 3, tmp_path)
     _check(cases, results, _transformer)
 
 
@@ -118,3 +147,26 @@ def test_single_rank_plan_runs_and_wrong_fingerprint_is_refused(single_rank_grou
         parallelize(other.model, plan, other.args)
     with pytest.raises(LayoutError, match="world size 1"):
         parallelize(lm.model, ParallelLayout.simple(2, [(0, 5, 1)]), lm.args)
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_run_check_with_a_message_naming_it(tmp_path, capfd, monkeypatch):
+    # tp 1 -> 2 on 3 ranks: rank 1 (stage 1) dies while rank 0 sends to it and rank 2 waits in
+    # the tp group's all-reduce with it.
+    layout = ParallelLayout.simple(1, [(0, 2, 1), (3, 5, 2)], microbatches=2)
+    plan = pinned_plan(traced_for("gpt-tiny", None, BATCH, SEQ), layout, BATCH, SEQ)
+    plan.save(tmp_path / "plan.json")
+    monkeypatch.setenv(FAIL_RANK_ENV, "1")
+    collective_timeout, margin = 20, 90  # margin: 3 ranks start and trace on a shared 2-core box
+    start = time.monotonic()
+    rc = run_check(tmp_path / "plan.json", "gpt-tiny", timeout_s=collective_timeout + margin,
+                   collective_timeout_s=collective_timeout)
+    elapsed = time.monotonic() - start
+    err = capfd.readouterr().err
+    message = err.strip().splitlines()[-1]
+    assert rc not in (0, 124), err[-3000:]
+    assert elapsed < collective_timeout + margin
+    assert message.startswith("plan run failed: rank 1 (stage 1, replica 0, tp rank 0) died "
+                              "with signal 9 (SIGKILL) during forward"), message
+    detected = float(re.search(r"([\d.]+) s after rank 1's last record", message).group(1))
+    assert detected < collective_timeout, message

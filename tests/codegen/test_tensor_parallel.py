@@ -86,3 +86,39 @@ def test_compile_plan_writes_readable_stages_with_collectives_and_p2p(tmp_path):
     assert "# send to stage 1:" in first and "# recv from stage 0:" in second
     assert "(rotary)" in second and "(mask)" in second
     compile(first.split("\n\n", 1)[1], "stage0.py", "exec")  # the body is valid Python
+
+
+@pytest.mark.parametrize("model", ["gpt-tiny", "gpt2-tiny", "llama-tiny"])
+def test_sequence_parallel_swaps_all_reduce_for_reduce_scatter_and_all_gather(model):
+    traced, stages = _stage(model, split=((0, 2), (3, 5)))
+    for stage in stages:
+        report = shard_stage(stage.module, tp=2, tp_rank=1, group_name="g", arch=traced.arch,
+                             sequence_parallel=True)
+        blocks = sum(traced.layers[j].kind == "block" for j in range(stage.layers[0],
+                                                                     stage.layers[1] + 1))
+        assert count_collectives(stage.module) == {"reduce_scatter_tensor": 2 * blocks,
+                                                   "all_gather_into_tensor": 2 * blocks}
+        assert report.all_reduces == 0
+        # Norms run on this rank's half of the sequence (T = 8 -> 4).
+        norms = [n for n in stage.module.graph.nodes
+                 if n.target in (torch.ops.aten.layer_norm.default, torch.ops.aten.mean.dim)]
+        assert norms and all(n.meta["val"].shape[1] == 4 for n in norms[1:])
+        stage.module.recompile()
+
+
+def test_sequence_parallel_refuses_a_sequence_tp_does_not_divide():
+    traced = traced_for("gpt-tiny", None, 2, 7)
+    (stage,) = split_stages(traced, [(0, 5)])
+    with pytest.raises(ShardingError, match="sequence length 7 is not divisible by tp 2"):
+        shard_stage(stage.module, tp=2, tp_rank=0, group_name="g", arch=traced.arch,
+                    sequence_parallel=True)
+
+
+def test_compile_plan_with_different_tp_per_stage_names_the_boundary_ranks(tmp_path):
+    traced = traced_for("llama-tiny", None, 2, 8)
+    paths = compile_plan(traced, ParallelLayout.simple(1, [(0, 2, 1), (3, 5, 2)]), tmp_path)
+    first, second = (p.read_text() for p in paths[:2])
+    assert "# rank 0: recv from -, send to [1, 2]" in first
+    assert "# rank 2: recv from 0, send to -" in second
+    assert second.count("_c10d_functional.all_reduce.default(") == 4  # 2 blocks at tp 2
+    assert "all_reduce" not in first.split("\n\n", 1)[1]

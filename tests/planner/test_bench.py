@@ -1,0 +1,69 @@
+"""plan bench: the suite's coverage, and that a worse cost model fails it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from planner.bench import DEFAULT_SUITE, CaseResult, compare, golden_diff, load_cases, run_case
+from planner.cluster import Cluster
+from planner.cost_table import CostTable, LayerCost
+
+CASES = load_cases(DEFAULT_SUITE)
+GOLDEN = json.loads((DEFAULT_SUITE / "golden.json").read_text())
+
+
+def test_suite_covers_models_clusters_phases_and_objectives():
+    assert len(CASES) >= 12
+    assert {c.phase for c in CASES} == {"prefill", "decode"}
+    assert {c.objective for c in CASES} == {"latency", "throughput"}
+    sizes = {Cluster.parse(c.cluster).num_devices for c in CASES}
+    assert min(sizes) <= 8 and max(sizes) >= 1024
+    assert any(Cluster.parse(c.cluster).nodes > 1 for c in CASES)
+    assert {"gpt2", "llama-3.1-405b"} <= {c.model for c in CASES}
+    assert set(GOLDEN) == {c.name for c in CASES}
+    assert all(GOLDEN[c.name]["status"] == "OPTIMAL" for c in CASES)
+
+
+def _slower_compute(factor):
+    def adjust(table: CostTable) -> CostTable:
+        costs = tuple({tp: LayerCost(c.compute_s * factor, c.comm_s, c.memory_bytes)
+                       for tp, c in row.items()} for row in table.costs)
+        return CostTable(costs, table.boundary_bytes, table.intra_node, table.inter_node,
+                         table.microbatch_size, table.microbatches, table.stage_workspace_bytes,
+                         table.kv_heads_replicated, table.layer_names, table.param_bytes,
+                         table.sequence_parallel)
+    return adjust
+
+
+@pytest.mark.parametrize("name", ["llama-3-8b-1x8-prefill-latency", "llama-3-70b-4xh100-tight-prefill"])
+def test_unchanged_cost_model_matches_golden_and_a_worse_one_fails(name):
+    case = next(c for c in CASES if c.name == name)
+    same = run_case(case)
+    assert compare([same], GOLDEN, CASES)[0]["ok"]
+    assert same.objective == pytest.approx(GOLDEN[name]["objective"], rel=1e-12)
+    worse = run_case(case, perturb=_slower_compute(1.02))
+    row = compare([worse], GOLDEN, CASES)[0]
+    assert not row["ok"]
+    assert row["change"] > 0.005
+    assert "worse" in row["problems"][0]
+    assert any(line.startswith(f"~ {name}: objective") for line in golden_diff([worse], GOLDEN))
+
+
+def _result(name, objective, status="OPTIMAL", wall_s=0.1):
+    return CaseResult(name, status, objective, wall_s, 1, 1, [8], 1, {})
+
+
+def test_compare_flags_lost_optimality_and_time_budget_but_not_small_noise():
+    case = CASES[0]
+    g = GOLDEN[case.name]["objective"]
+    assert compare([_result(case.name, g * 1.004)], GOLDEN, CASES)[0]["ok"]
+    assert compare([_result(case.name, g * 0.9)], GOLDEN, CASES)[0]["ok"]
+    lost = compare([_result(case.name, g, status="FEASIBLE")], GOLDEN, CASES)[0]
+    assert not lost["ok"] and "status FEASIBLE" in lost["problems"][0]
+    slow = compare([_result(case.name, g, wall_s=case.time_budget_s + 1)], GOLDEN, CASES)[0]
+    assert not slow["ok"] and "budget" in slow["problems"][0]
+    missing = compare([_result("new-case", 1.0)], GOLDEN, CASES + [
+        type(case)("new-case", "gpt2", "8xH100", 1, 128, "prefill", "latency", 10)])[0]
+    assert not missing["ok"] and "golden" in missing["problems"][0]
