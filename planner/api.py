@@ -23,7 +23,7 @@ from planner.cost_builder import CostBuilder
 from planner.cost_table import CostTable
 from planner.plan import Plan
 from planner.reference_solver import solve_reference
-from planner.solver import Solution, best_per_family, solve
+from planner.solver import InfeasiblePlanError, Solution, best_per_family, solve
 from planner.tracing import TracedModel, trace
 
 __all__ = ["plan", "plan_traced", "SOLVERS"]
@@ -45,6 +45,7 @@ def plan(
     time_limit_s: float = 60.0,
     num_workers: int = 2,
     name: str | None = None,
+    sequence_parallel: bool | None = None,
 ) -> Plan:
     """Plan ``model_or_traced`` on ``cluster`` for ``workload``.
 
@@ -61,6 +62,7 @@ def plan(
         time_limit_s: CP-SAT wall-clock budget.
         num_workers: CP-SAT search workers.
         name: model name recorded in the plan.
+        sequence_parallel: ``None`` (default) searches with and without it; a bool forces it.
 
     Raises:
         planner.solver.PlanError: contradictory pins (message lists every factor).
@@ -74,14 +76,19 @@ def plan(
         traced = trace(model_or_traced, args, kwargs, name=name)
     return plan_traced(traced, cluster, workload, pins=pins, solver=solver, profile=profile,
                        alternatives=alternatives, time_limit_s=time_limit_s,
-                       num_workers=num_workers, name=name)
+                       num_workers=num_workers, name=name, sequence_parallel=sequence_parallel)
 
 
 def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pins=None,
                 solver="cp-sat", profile=None, alternatives=6, time_limit_s=60.0, num_workers=2,
                 name=None, source: dict | None = None,
-                adjust_costs: Callable[[CostTable], CostTable] | None = None) -> Plan:
+                adjust_costs: Callable[[CostTable], CostTable] | None = None,
+                sequence_parallel: bool | None = None) -> Plan:
     """``plan`` for an already traced model.
+
+    ``sequence_parallel``: ``None`` solves with and without it (where it applies: prefill of a
+    transformer whose sequence every TP degree divides) and keeps the better plan; ``True`` /
+    ``False`` force it. Baselines are always priced without it.
 
     ``source`` records how to rebuild the model (the CLI's MODEL and ``--set``);
     ``adjust_costs`` transforms every cost table before the solver sees it (what-if
@@ -89,21 +96,39 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, not {solver!r}")
-    builder = CostBuilder(traced, cluster, workload, profile=profile)
-    if adjust_costs is not None:
-        builder = _AdjustedBuilder(builder, adjust_costs)
-    if solver == "reference":
-        solution = solve_reference(builder, cluster, workload, pins=pins)
-    else:
-        def rebuild(w: Workload) -> CostBuilder:
-            return CostBuilder(traced, cluster, w, profile=profile)
 
-        solution = solve(builder, cluster, workload, pins=pins, num_workers=num_workers,
-                         time_limit_s=time_limit_s, rebuild=rebuild)
+    def make_builder(w: Workload, sp: bool):
+        b = CostBuilder(traced, cluster, w, sequence_parallel=sp, profile=profile)
+        return _AdjustedBuilder(b, adjust_costs) if adjust_costs is not None else b
+
+    if sequence_parallel is None:
+        options = [False, True] if sequence_parallel_applies(traced, cluster, workload) else [False]
+    else:
+        options = [sequence_parallel]
+    best, failure = None, None
+    for sp in options:
+        builder = make_builder(workload, sp)
+        try:
+            if solver == "reference":
+                solution = solve_reference(builder, cluster, workload, pins=pins)
+            else:
+                solution = solve(builder, cluster, workload, pins=pins, num_workers=num_workers,
+                                 time_limit_s=time_limit_s,
+                                 rebuild=lambda w, sp=sp: make_builder(w, sp))
+        except InfeasiblePlanError as e:
+            failure = failure or e
+            continue
+        if best is None or solution.solver.objective < best[1].solver.objective:
+            best = (builder, solution)
+    if best is None:
+        raise failure
+    builder, solution = best
+    baseline_builder = builder if not solution.sequence_parallel else make_builder(workload, False)
     table = builder(solution.microbatch_size, solution.microbatches)
     result = Plan.from_solution(
         solution, table, cluster, workload, model_name=name or traced.name,
-        fingerprint=traced.fingerprint, baselines=compute_baselines(builder, cluster, workload),
+        fingerprint=traced.fingerprint,
+        baselines=compute_baselines(baseline_builder, cluster, workload),
     )
     sources = builder.sources(solution.microbatch_size, solution.microbatches)
     result = replace(result, layers=tuple(replace(layer, source=src)
@@ -131,6 +156,17 @@ class _AdjustedBuilder:
 
     def sources(self, microbatch_size: int, microbatches: int) -> list[str]:
         return self.inner.sources(microbatch_size, microbatches)
+
+
+def sequence_parallel_applies(traced: TracedModel, cluster: Cluster, workload: Workload) -> bool:
+    """Sequence parallelism is searched for prefill of transformers whose sequence length every
+    allowed TP degree divides (codegen shards the sequence evenly)."""
+    from planner.cost_builder import allowed_tp_degrees
+
+    tps = [t for t in allowed_tp_degrees(traced, cluster) if t > 1]
+    return (workload.phase == "prefill" and traced.arch is not None
+            and traced.arch.is_transformer and bool(tps)
+            and all(workload.seq_len % t == 0 for t in tps))
 
 
 def _alternatives(builder, cluster, workload, best: Solution, limit: int, num_workers: int) -> list[dict]:

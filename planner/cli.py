@@ -64,6 +64,8 @@ def _model_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=None, help="pin the number of pipeline stages")
     p.add_argument("--dp", type=int, default=None, help="pin the number of data-parallel replicas")
     p.add_argument("--microbatches", type=int, default=None, help="pin the microbatch count")
+    p.add_argument("--sp", default="auto", choices=["auto", "on", "off"],
+                   help="sequence parallelism: auto searches both (prefill), on/off forces it")
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of device memory kept free")
     p.add_argument("--solver", default="cp-sat", choices=["cp-sat", "reference"],
                    help="cp-sat (default) or the exact dynamic-programming reference")
@@ -163,7 +165,8 @@ def _plan_model(args: argparse.Namespace) -> int:
     with _status(args, "solving"):
         plan = plan_traced(traced, cluster, workload, pins=pins, solver=args.solver,
                            profile=profile, alternatives=args.alternatives,
-                           time_limit_s=args.time_limit, source=source)
+                           time_limit_s=args.time_limit, source=source,
+                           sequence_parallel={"auto": None, "on": True, "off": False}[args.sp])
     if args.out:
         plan.save(args.out)
     if args.json:
@@ -290,15 +293,16 @@ def _run(argv: list[str]) -> int:
                    "one recorded in the plan file)")
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE")
     p.add_argument("--timeout", type=float, default=600, help="wall-clock limit for the job, s")
+    p.add_argument("--collective-timeout", type=float, default=60,
+                   help="seconds a collective may wait before the job fails")
     args = p.parse_args(argv)
     plan = Plan.load(args.plan_file)
     model, overrides = _planned_model(args, plan)
     _check_runnable_here(plan)
     status = run_check(args.plan_file, model, overrides,
-                       tol=args.tol if args.check else math.inf, timeout_s=args.timeout)
-    if status != 0:
-        Console(stderr=True).print(f"[bold red]error:[/] plan run failed (exit status {status})")
-    return status
+                       tol=args.tol if args.check else math.inf, timeout_s=args.timeout,
+                       collective_timeout_s=args.collective_timeout)
+    return status  # on failure run_check has printed which rank failed and why
 
 
 def _planned_model(args, plan) -> tuple[str, dict]:

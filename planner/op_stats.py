@@ -198,13 +198,23 @@ def _higher_order_body(node: fx.Node) -> fx.GraphModule | None:
 
 
 def _body_work(name: str, body: fx.GraphModule) -> NodeWork:
-    """A higher-order op costs what its body's ops cost (every intermediate is written)."""
-    works = [node_work(n) for n in body.graph.nodes]
-    flops = sum(w.flops for w in works)
+    """A higher-order op costs what its body's ops cost; what it holds in memory at once
+    (its ``bytes_written``) is the body's peak of live intermediates, not their sum."""
+    nodes = list(body.graph.nodes)
+    works = [node_work(n) for n in nodes]
+    last_use = {src.name: i for i, n in enumerate(nodes) for src in n.all_input_nodes}
+    live: dict[str, int] = {}
+    peak = 0
+    for i, (n, w) in enumerate(zip(nodes, works)):
+        if w.bytes_written:
+            live[n.name] = w.bytes_written
+        peak = max(peak, sum(live.values()))
+        for gone in [k for k in live if last_use.get(k, i) <= i and k != n.name]:
+            del live[gone]
     classes = [w for w in works if w.op_class not in ("view", "other")]
     op_class = max(classes, key=lambda w: w.bytes_written).op_class if classes else "other"
-    return NodeWork(name, op_class, flops, sum(w.bytes_read for w in works),
-                    sum(w.bytes_written for w in works),
+    return NodeWork(name, op_class, sum(w.flops for w in works),
+                    sum(w.bytes_read for w in works), peak,
                     count=sum(w.count for w in works if w.op_class != "view"))
 
 
