@@ -2,7 +2,7 @@
 
 Usage (what ``run_check`` launches; torchrun is the launcher, nothing home-made)::
 
-    python -m torch.distributed.run --standalone --nproc-per-node 4 -m codegen.check \\
+    python -m torch.distributed.run --standalone --nproc-per-node 4 -m codegen.rank \\
         --plan plan.json --model llama-tiny --set num_hidden_layers=4 --tol 1e-4
 
 Every rank builds the model from the same spec and seed, runs the eager model and its own
@@ -47,9 +47,9 @@ _STATUS: dict = {}
 
 
 def torchrun_command(nproc: int, worker_args: list[str]) -> list[str]:
-    """The ``python -m torch.distributed.run`` command line for ``codegen.check``."""
+    """The ``python -m torch.distributed.run`` command line for ``codegen.rank`` (which runs ``codegen.check.main``)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "codegen.check",
+            f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "codegen.rank",
             *worker_args]
 
 
@@ -271,7 +271,7 @@ def _init(timeout: datetime.timedelta) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one torchrun rank."""
-    p = argparse.ArgumentParser(prog="python -m codegen.check")
+    p = argparse.ArgumentParser(prog="python -m codegen.rank")
     p.add_argument("--plan")
     p.add_argument("--model")
     p.add_argument("--set", action="append", default=[])

@@ -18,6 +18,7 @@ held by each stage that uses it).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -150,7 +151,7 @@ def _build_stage(gm: fx.GraphModule, s: int, inputs, outputs, constants, stage_o
         if n.name in env:
             return env[n.name]
         if n.op == "get_attr":
-            attrs[n.target] = _fetch(gm, n.target)
+            attrs[n.target] = operator.attrgetter(n.target)(gm)
             env[n.name] = graph.get_attr(n.target)
             env[n.name].meta = dict(n.meta)
             return env[n.name]
@@ -167,7 +168,7 @@ def _build_stage(gm: fx.GraphModule, s: int, inputs, outputs, constants, stage_o
         if node.op == "call_module" and node.target in _DROPPED_MODULES:
             continue
         if node.op == "call_module":
-            attrs[node.target] = _fetch(gm, node.target)
+            attrs[node.target] = operator.attrgetter(node.target)(gm)
         env[node.name] = graph.node_copy(node, lookup)
     missing = [name for name in outputs if name not in env]
     if missing:
@@ -180,13 +181,6 @@ def _build_stage(gm: fx.GraphModule, s: int, inputs, outputs, constants, stage_o
     module = fx.GraphModule(root, graph, class_name=f"Stage{s}")
     module.graph.lint()
     return module
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _install(root: nn.Module, target: str, obj) -> None:

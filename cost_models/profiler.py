@@ -23,6 +23,7 @@ model, torch version and thread count. A second run is a pure cache read.
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 import warnings
@@ -177,20 +178,13 @@ def layer_signatures(traced: TracedModel) -> list[str]:
         desc = []
         for n in nodes:
             if n.op == "get_attr":
-                desc.append(["param", _meta_desc(_fetch_attr(gm, n.target))])
+                desc.append(["param", _meta_desc(operator.attrgetter(n.target)(gm))])
                 continue
             target = n.target if n.op != "call_module" else type(gm.get_submodule(n.target)).__name__
             desc.append([n.op, str(target), _meta_desc(n.meta.get("val")),
                          _arg_desc(n.args, local), _arg_desc(n.kwargs, local)])  # fmt: skip
         out.append(fingerprint_key(desc))
     return out
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # --------------------------------------------------------------------------- running

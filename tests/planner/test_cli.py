@@ -163,7 +163,7 @@ def test_devices_lists_the_catalogue():
 def test_run_check_compile_and_refusals(tmp_path):
     plan_file = tmp_path / "plan.json"
     made = run("llama-tiny", "--cluster", "4xcpu", "--batch", "4", "--seq", "32", "--tp", "2",
-               "--alternatives", "0", "--out", str(plan_file))
+               "--sp", "off", "--alternatives", "0", "--out", str(plan_file))
     assert made.returncode == 0, made.stderr
     checked = run("run", str(plan_file), "--check")
     assert checked.returncode == 0, checked.stderr
@@ -175,6 +175,14 @@ def test_run_check_compile_and_refusals(tmp_path):
     assert compiled.returncode == 0, compiled.stderr
     stage0 = (tmp_path / "build" / "stage0.py").read_text()
     assert stage0.count("all_reduce") >= 2 * 4  # two per block, four blocks
+
+    sp_file = tmp_path / "sp.json"
+    assert run("llama-tiny", "--cluster", "4xcpu", "--batch", "4", "--seq", "32", "--tp", "2",
+               "--sp", "on", "--alternatives", "0", "--out", str(sp_file)).returncode == 0
+    assert json.loads(sp_file.read_text())["parallelism"]["sequence_parallel"] is True
+    sp_checked = run("run", str(sp_file), "--check")
+    assert sp_checked.returncode == 0, sp_checked.stderr
+    assert "RuntimeWarning" not in sp_checked.stderr
 
     other_model = run("run", str(plan_file), "--check", "--set", "num_hidden_layers=3")
     assert other_model.returncode != 0
