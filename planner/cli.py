@@ -342,6 +342,7 @@ def _check_runnable_here(plan) -> None:
 @_subcommand("compile")
 def _compile(argv: list[str]) -> int:
     from codegen.emit import compile_plan
+    from planner.cluster import DTYPES
     from planner.models.loader import load_model
     from planner.plan import Plan, check_fingerprint
     from planner.tracing import trace
@@ -356,15 +357,12 @@ def _compile(argv: list[str]) -> int:
     plan = Plan.load(args.plan_file)
     model, overrides = _planned_model(args, plan)
     w = plan.workload
-    dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[w.dtype]
-    import torch
-
     full = load_model(model, overrides, batch_size=w.batch_size, seq_len=w.seq_len,
-                      dtype=getattr(torch, dtype), device="meta")
+                      dtype=DTYPES[w.dtype], device="meta")
     check_fingerprint(plan, trace(full.model, full.args, full.kwargs, name=full.name,
                                   fold_blocks=False))
     micro = load_model(model, overrides, batch_size=plan.parallelism.microbatch_size,
-                       seq_len=w.seq_len, dtype=getattr(torch, dtype), device="meta")
+                       seq_len=w.seq_len, dtype=DTYPES[w.dtype], device="meta")
     traced = trace(micro.model, micro.args, micro.kwargs, name=micro.name, fold_blocks=False)
     paths = compile_plan(traced, plan, args.out)
     for path in paths:
