@@ -51,6 +51,7 @@ __all__ = [
     "p2p_time",
     "boundary_time",
     "calibrate",
+    "fit_calibration",
     "measure_collectives",
     "fit_alpha_beta",
     "load_calibration",
@@ -332,22 +333,25 @@ def _calibration_worker(
     )
     results: dict[str, dict[str, list[float]]] = {}
     try:
-        for kind in kinds:
-            results[kind] = {}
-            for nbytes in sizes:
-                op = _run_kind(dist, kind, nbytes, rank, world)
-                times = []
-                for i in range(warmup + reps):
-                    dist.barrier()
-                    t0 = time.perf_counter()
-                    op()
-                    elapsed = time.perf_counter() - t0
-                    if i >= warmup:
-                        times.append(elapsed / 2 if kind == "send_recv" else elapsed)
-                # A collective ends when its slowest rank ends.
-                t = torch.tensor(times, dtype=torch.float64)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                results[kind][str(nbytes)] = t.tolist()
+        # Every (kind, size) runs once per round, rounds repeated: a slow spell of a shared
+        # host (seconds long) then hits every size alike instead of whichever size happened
+        # to be running, and the low percentile of each size sees the same machine.
+        ops = [(kind, nbytes, _run_kind(dist, kind, nbytes, rank, world))
+               for kind in kinds for nbytes in sizes]  # fmt: skip
+        times: dict[tuple[str, int], list[float]] = {(k, n): [] for k, n, _ in ops}
+        for i in range(warmup + reps):
+            for kind, nbytes, op in ops:
+                dist.barrier()
+                t0 = time.perf_counter()
+                op()
+                elapsed = time.perf_counter() - t0
+                if i >= warmup:
+                    times[kind, nbytes].append(elapsed / 2 if kind == "send_recv" else elapsed)
+        for kind, nbytes, _ in ops:
+            # A collective ends when its slowest rank ends.
+            t = torch.tensor(times[kind, nbytes], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            results.setdefault(kind, {})[str(nbytes)] = t.tolist()
         if rank == 0:
             Path(out_path).write_text(json.dumps(results))
     finally:
@@ -414,12 +418,30 @@ def _calibration_path(backend: str, cache: str | os.PathLike | None) -> Path:
     return cache_dir(cache) / f"collectives-{backend}.json"
 
 
+def fit_calibration(
+    raw: dict[str, dict[int, list[float]]],
+    world_size: int,
+    backend: str = "gloo",
+    percentile: float = 10.0,
+) -> CollectiveCalibration:
+    """Fit alpha/beta per collective to ``measure_collectives`` timings (every size in
+    ``raw``), using each size's ``percentile``-th timing."""
+    fits = []
+    for kind, by_size in raw.items():
+        ns = sorted(by_size)
+        ts = [float(np.percentile(by_size[n], percentile)) for n in ns]
+        alpha, beta = fit_alpha_beta(ns, ts, bus_factor(kind, world_size))
+        fits.append(CollectiveFit(kind, world_size, "intra", alpha, beta, tuple(ns), tuple(ts)))
+    return CollectiveCalibration(backend, tuple(fits), percentile,
+                                 device_fingerprint("cpu", threads=1))  # fmt: skip
+
+
 def calibrate(
     world_size: int,
     backend: str = "gloo",
     *,
     sizes: Sequence[int] = DEFAULT_SIZES,
-    reps: int = 40,
+    reps: int = 100,
     kinds: Sequence[str] = COLLECTIVES,
     percentile: float = 10.0,
     timeout_s: float = 60.0,
@@ -436,7 +458,7 @@ def calibrate(
         world_size: ranks (2 or more).
         backend: ``gloo`` (CPU).
         sizes: message sizes ``N`` in bytes used for the fit.
-        reps: timed repetitions per size (after 5 warm-up calls).
+        reps: timed repetitions per size (after 5 warm-up calls), sizes interleaved.
         kinds: the collectives to measure.
         percentile: the percentile of each size's timings that is fitted.
         timeout_s: per-collective timeout; the run is killed after this plus start-up.
@@ -451,14 +473,8 @@ def calibrate(
     raw = measure_collectives(
         world_size, backend=backend, kinds=kinds, sizes=sizes, reps=reps, timeout_s=timeout_s
     )
-    fits = []
-    for kind, by_size in raw.items():
-        ns = sorted(by_size)
-        ts = [float(np.percentile(by_size[n], percentile)) for n in ns]
-        alpha, beta = fit_alpha_beta(ns, ts, bus_factor(kind, world_size))
-        fits.append(CollectiveFit(kind, world_size, "intra", alpha, beta, tuple(ns), tuple(ts)))
-    fingerprint = device_fingerprint("cpu", threads=1)
-    result = CollectiveCalibration(backend, tuple(fits), percentile, fingerprint)
+    result = fit_calibration(raw, world_size, backend, percentile)
+    fits, fingerprint = result.fits, result.fingerprint
     if save:
         stored = load_calibration(backend, cache=cache)
         keep = [] if stored is None else [

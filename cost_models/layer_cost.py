@@ -176,7 +176,7 @@ def layer_cost(
     )
     if measured is not None and same_shape:
         one = compute_time(layer, arch, 1, workload, eff, microbatch_size, traced, **kw)
-        compute = measured.median_s * (compute / one if one > 0 else 1.0)
+        compute = measured.time_s * (compute / one if one > 0 else 1.0)
         source = "measured"
     comm = sum(
         collective_time(kind, nbytes, tp, device=spec, link=link, calibration=calibration)

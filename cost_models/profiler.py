@@ -3,9 +3,15 @@
 ``profile_model`` cuts the traced graph into one small GraphModule per layer (the layer's
 nodes; values from other layers become placeholders, parameters stay attributes), feeds
 each the tensors a full run produced, and times it: ``warmup`` calls, then ``repeats``
-timed calls with a fixed intra-op thread count; the median is the layer's time and the
-10th-90th percentile range its spread. For the breakdown (and the roofline calibration)
-an ``fx.Interpreter`` subclass times every node of the full graph, around the op call only.
+timed calls with a fixed intra-op thread count, taken as rounds of ``ROUND_CALLS``
+consecutive calls. The layer's time (``LayerProfile.time_s``) is the lowest round
+median: on a shared host (a VM whose vCPU is descheduled for tens of milliseconds at a
+time) a whole round runs slow, so the median of all calls moves by tens of percent between
+runs while the best round stays within a few percent; noise only ever adds time. The
+median and the 10th-90th percentile range of all calls are kept as the spread. For the
+breakdown (and the roofline calibration) an ``fx.Interpreter`` subclass times every node
+of the full graph, around the op call only, ``node_repeats`` times; a node's time is its
+fastest call.
 
 Peak memory is *measured*, not derived from shapes: one call of each layer runs under
 ``torch.profiler`` with ``profile_memory=True``, which records every allocation and free
@@ -28,7 +34,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,11 +60,17 @@ __all__ = [
     "ModelProfile",
     "ProgressHook",
     "profile_model",
+    "profile_models",
     "layer_signatures",
     "measure_peak_bytes",
+    "best_round",
+    "ROUND_CALLS",
 ]
 
-_SCHEMA = "fx-planner/profile/v1"
+_SCHEMA = "fx-planner/profile/v2"
+
+# Consecutive calls per timing round; the layer's time is the lowest round median.
+ROUND_CALLS = 5
 
 # progress(done, total, layer_name, from_cache)
 ProgressHook = Callable[[int, int, str, bool], None]
@@ -66,7 +78,12 @@ ProgressHook = Callable[[int, int, str, bool], None]
 
 @dataclass(frozen=True)
 class NodeTiming:
-    """One node's median time inside a full run, with the work ``planner.op_stats`` gives it."""
+    """One node's time inside a full run, with the work ``planner.op_stats`` gives it.
+
+    Attributes:
+        median_s: median over the interpreter runs.
+        best_s: fastest of them (the undisturbed time the roofline is fitted to).
+    """
 
     name: str
     op: str
@@ -74,6 +91,7 @@ class NodeTiming:
     flops: float
     bytes: float
     median_s: float
+    best_s: float
 
 
 @dataclass(frozen=True)
@@ -83,8 +101,9 @@ class LayerProfile:
     Attributes:
         index, name: the layer.
         signature: hash of its ops, shapes and wiring (the cache key with the device).
-        median_s: median time of one call.
+        median_s: median time of one call over all timed calls.
         p10_s, p90_s: 10th and 90th percentile of the timed calls.
+        best_s: lowest median of ``ROUND_CALLS`` consecutive calls (``time_s``).
         repeats: timed calls.
         peak_alloc_bytes: largest total of bytes allocated during one call above what
             existed before it (temporaries and outputs).
@@ -100,10 +119,16 @@ class LayerProfile:
     p10_s: float
     p90_s: float
     repeats: int
+    best_s: float
     peak_alloc_bytes: int
     input_bytes: int
     nodes: tuple[NodeTiming, ...] = ()
     cached: bool = False
+
+    @property
+    def time_s(self) -> float:
+        """The layer's time for the cost model: its undisturbed (best-round) time."""
+        return self.best_s
 
     @property
     def spread(self) -> float:
@@ -121,7 +146,7 @@ class ModelProfile:
 
     @property
     def total_s(self) -> float:
-        return sum(layer.median_s for layer in self.layers)
+        return sum(layer.time_s for layer in self.layers)
 
     @property
     def cache_hits(self) -> int:
@@ -130,10 +155,10 @@ class ModelProfile:
     def op_samples(self) -> list[OpSample]:
         """Every timed node as a roofline calibration sample (``calibrate_device``)."""
         return [
-            OpSample(n.op_class, n.flops, n.bytes, n.median_s)
+            OpSample(n.op_class, n.flops, n.bytes, n.best_s)
             for layer in self.layers
             for n in layer.nodes
-            if n.median_s > 0
+            if n.best_s > 0
         ]
 
 
@@ -320,17 +345,12 @@ def measure_peak_bytes(fn: Callable[[], Any], device: str = "cpu") -> int:
     return int(peak)
 
 
-def _time_calls(fn: Callable[[], Any], warmup: int, repeats: int, sync) -> np.ndarray:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = np.empty(repeats)
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times[i] = time.perf_counter() - t0
-    return times
+def best_round(times: np.ndarray, round_calls: int = ROUND_CALLS) -> float:
+    """Lowest median of ``round_calls`` consecutive timings (all of them if fewer)."""
+    rounds = max(len(times) // round_calls, 1)
+    if len(times) < round_calls:
+        return float(np.median(times))
+    return float(min(np.median(times[i * round_calls:(i + 1) * round_calls]) for i in range(rounds)))
 
 
 # --------------------------------------------------------------------------- cache
@@ -359,128 +379,218 @@ def profile_model(
     traced: TracedModel,
     args: tuple = (),
     kwargs: dict | None = None,
-    *,
-    device: str = "cpu",
-    warmup: int = 3,
-    repeats: int = 20,
-    node_repeats: int = 5,
-    threads: int | None = None,
-    cache: str | os.PathLike | None = None,
-    use_cache: bool = True,
-    progress: ProgressHook | None = None,
+    **options,
 ) -> ModelProfile:
     """Measure every layer of ``traced`` on ``device`` (cached on disk).
 
     Args:
         traced: from ``planner.trace`` (its graph module must hold real weights, not meta).
         args, kwargs: the example inputs the model was traced with.
-        device: ``"cpu"`` or ``"cuda"``; model and inputs must already live there.
+        **options: those of ``profile_models``.
+
+    Returns:
+        The model's profile, layers in order.
+    """
+    return profile_models([(traced, args, kwargs)], **options)[0]
+
+
+def profile_models(
+    items: Sequence[tuple[TracedModel, tuple, dict | None]],
+    *,
+    device: str = "cpu",
+    warmup: int = 3,
+    repeats: int = 50,
+    node_repeats: int = 5,
+    min_time_s: float | None = None,
+    threads: int | None = None,
+    cache: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    progress: ProgressHook | None = None,
+) -> list[ModelProfile]:
+    """Measure every layer of several traced models, their timing rounds interleaved.
+
+    Each round times ``ROUND_CALLS`` calls of every layer not yet measured, in turn, and
+    (for the first ``node_repeats`` rounds) one interpreter run of each model for the
+    per-node breakdown. Interleaving spreads every layer's rounds over the whole
+    measurement, so a slow spell of the host (seconds long on a shared VM) hits all
+    layers alike and each still gets undisturbed rounds.
+
+    Args:
+        items: ``(traced, args, kwargs)`` per model; each graph module must hold real
+            weights (not meta) and the example inputs it was traced with.
+        device: ``"cpu"`` or ``"cuda"``; models and inputs must already live there.
         warmup: untimed calls per layer before timing.
-        repeats: timed calls per layer.
-        node_repeats: full interpreter runs for the per-node breakdown (median per node).
+        repeats: timed calls per layer, in rounds of ``ROUND_CALLS``.
+        node_repeats: interpreter runs per model for the per-node breakdown.
+        min_time_s: keep adding rounds until the measurement has lasted this long.
+            Default: 2 s on CPU (longer than the slow spells seen on a shared VM), 0 on
+            CUDA.
         threads: intra-op threads, set for the run and part of the cache key. Default on
             CPU: 1 (each rank of a ``Nxcpu`` cluster runs one thread, and on a shared host
             a multi-threaded op stalls whenever one of its threads is descheduled);
             elsewhere ``torch.get_num_threads()``.
         cache: cache directory (default ``$FX_PLANNER_CACHE`` or ``./.fx-planner-cache``).
         use_cache: read cached layers (measurements are written either way).
-        progress: called as ``progress(done, total, layer_name, from_cache)`` after each layer.
+        progress: called as ``progress(done, total, layer_name, from_cache)``; ``done``
+            counts layers (measured layers advance with the rounds).
 
     Returns:
-        The model's profile, layers in order.
+        One profile per item, layers in order.
     """
-    kwargs = dict(kwargs or {})
-    if getattr(traced, "folded", False):
-        raise ValueError(
-            f"{traced.name} was traced folded (a few blocks copied); profile a model traced "
-            "with real weights and fold_blocks=False"
-        )
+    if min_time_s is None:
+        min_time_s = 2.0 if device == "cpu" else 0.0
     threads = threads or (1 if device == "cpu" else torch.get_num_threads())
     fingerprint = device_fingerprint(device, threads)
-    settings = {"warmup": warmup, "repeats": repeats, "schema": _SCHEMA}
+    settings = {"warmup": warmup, "repeats": repeats, "min_time_s": min_time_s,
+                "schema": _SCHEMA}  # fmt: skip
     root = cache_dir(cache)
-    signatures = layer_signatures(traced)
-    total = len(traced.layers)
-    results: dict[int, LayerProfile] = {}
-    if use_cache:
-        for j, layer in enumerate(traced.layers):
-            data = read_record(_record_path(root, fingerprint, signatures[j], settings), _SCHEMA,
-                               fingerprint)  # fmt: skip
-            if data is not None:
-                try:
-                    results[j] = _from_record(data, j, layer.name)
-                except (TypeError, KeyError) as e:
-                    warnings.warn(f"ignoring malformed cached profile of {layer.name}: {e}",
-                                  stacklevel=2)  # fmt: skip
+    models = []
+    for traced, args, kwargs in items:
+        if getattr(traced, "folded", False):
+            raise ValueError(
+                f"{traced.name} was traced folded (a few blocks copied); profile a model traced "
+                "with real weights and fold_blocks=False"
+            )
+        models.append(_ModelRun(traced, tuple(args), dict(kwargs or {}), layer_signatures(traced)))
+    total = sum(len(m.traced.layers) for m in models)
     done = 0
-    for j in sorted(results):
-        done += 1
-        if progress:
-            progress(done, total, traced.layers[j].name, True)
-    if len(results) == total:
-        return ModelProfile(device, fingerprint, tuple(results[j] for j in range(total)))
-
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        measured = _measure(traced, args, kwargs, device, warmup, repeats, node_repeats,
-                            signatures, set(results), progress, done, total)  # fmt: skip
-    finally:
-        torch.set_num_threads(prev_threads)
-    for j, p in measured.items():
-        write_record(_record_path(root, fingerprint, p.signature, settings), _SCHEMA,
-                     _to_record(p), fingerprint)  # fmt: skip
-        results[j] = p
-    return ModelProfile(device, fingerprint, tuple(results[j] for j in range(total)))
-
-
-def _measure(traced, args, kwargs, device, warmup, repeats, node_repeats, signatures, skip,
-             progress, done, total) -> dict[int, LayerProfile]:  # fmt: skip
-    gm = traced.graph_module
-    sync = _sync_for(device)
-    per_layer = _layer_nodes(traced)
-    modules = {j: _layer_module(gm, per_layer[j]) for j in range(total) if j not in skip}
-    keep = {name for _, inputs in modules.values() for name in inputs}
-    flat = _flat_inputs(gm, args, kwargs)
-    ir = getattr(traced, "graph", None)
-
-    runs: list[dict[str, float]] = []
-    with torch.no_grad():
-        for _ in range(max(node_repeats, 1)):
-            timer = _NodeTimer(gm, keep, sync)
-            timer.run(*flat, enable_io_processing=False)
-            runs.append(timer.times)
-        kept = timer.kept
-
-        measured: dict[int, LayerProfile] = {}
-        by_signature: dict[str, LayerProfile] = {}
-        for j, (module, inputs) in modules.items():
-            layer = traced.layers[j]
-            values = [kept[name] for name in inputs]
-            if signatures[j] in by_signature:  # an identical block measured in this run
-                p = by_signature[signatures[j]]
-                measured[j] = LayerProfile(**{**asdict(p), "index": j, "name": layer.name,
-                                              "nodes": p.nodes, "cached": True})  # fmt: skip
-            else:
-                times = _time_calls(lambda m=module, v=values: m(*v), warmup, repeats, sync)
-                peak = measure_peak_bytes(lambda m=module, v=values: m(*v), device)
-                nodes = tuple(
-                    _node_timing(n, ir, [r[n.name] for r in runs if n.name in r])
-                    for n in per_layer[j]
-                    if n.op.startswith("call_")
-                )
-                p = LayerProfile(
-                    index=j, name=layer.name, signature=signatures[j],
-                    median_s=float(np.median(times)), p10_s=float(np.percentile(times, 10)),
-                    p90_s=float(np.percentile(times, 90)), repeats=repeats,
-                    peak_alloc_bytes=peak, input_bytes=_tensor_bytes(values), nodes=nodes,
-                )  # fmt: skip
-                by_signature[signatures[j]] = p
-                measured[j] = p
+    for m in models:
+        if not use_cache:
+            continue
+        for j, layer in enumerate(m.traced.layers):
+            data = read_record(_record_path(root, fingerprint, m.signatures[j], settings), _SCHEMA,
+                               fingerprint)  # fmt: skip
+            if data is None:
+                continue
+            try:
+                m.results[j] = _from_record(data, j, layer.name)
+            except (TypeError, KeyError) as e:
+                warnings.warn(f"ignoring malformed cached profile of {layer.name}: {e}",
+                              stacklevel=2)  # fmt: skip
+                continue
             done += 1
             if progress:
-                progress(done, total, layer.name, measured[j].cached)
-    return measured
+                progress(done, total, layer.name, True)
+    pending = [m for m in models if len(m.results) < len(m.traced.layers)]
+    if pending:
+        prev_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            fresh = _measure(pending, device, warmup, repeats, node_repeats, min_time_s,
+                             progress, done, total)  # fmt: skip
+        finally:
+            torch.set_num_threads(prev_threads)
+        for p in fresh:
+            write_record(_record_path(root, fingerprint, p.signature, settings), _SCHEMA,
+                         _to_record(p), fingerprint)  # fmt: skip
+    return [
+        ModelProfile(device, fingerprint, tuple(m.results[j] for j in range(len(m.traced.layers))))
+        for m in models
+    ]
+
+
+@dataclass
+class _ModelRun:
+    traced: TracedModel
+    args: tuple
+    kwargs: dict
+    signatures: list[str]
+    results: dict[int, LayerProfile] = field(default_factory=dict)
+    node_runs: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Job:
+    """One layer (the first of its signature in its model) being timed."""
+
+    run: _ModelRun
+    index: int
+    module: fx.GraphModule
+    values: list
+    times: list[float] = field(default_factory=list)
+
+
+def _measure(models: list[_ModelRun], device, warmup, repeats, node_repeats, min_time_s,
+             progress, done, total) -> list[LayerProfile]:  # fmt: skip
+    """Time the uncached layers of ``models``; returns the fresh measurements (one per
+    signature per model) after filling each model's ``results``."""
+    sync = _sync_for(device)
+    jobs: list[_Job] = []
+    timers: list[tuple[_ModelRun, fx.GraphModule, list, set[str]]] = []
+    with torch.no_grad():
+        for m in models:
+            gm = m.traced.graph_module
+            per_layer = _layer_nodes(m.traced)
+            todo = [j for j in range(len(m.traced.layers)) if j not in m.results]
+            modules = {j: _layer_module(gm, per_layer[j]) for j in todo}
+            keep = {name for _, inputs in modules.values() for name in inputs}
+            flat = _flat_inputs(gm, m.args, m.kwargs)
+            timer = _NodeTimer(gm, keep, sync)
+            timer.run(*flat, enable_io_processing=False)  # the values crossing layers
+            timers.append((m, gm, flat, keep))
+            seen: set[str] = set()
+            for j in todo:
+                if m.signatures[j] in seen:
+                    continue
+                seen.add(m.signatures[j])
+                module, inputs = modules[j]
+                jobs.append(_Job(m, j, module, [timer.kept[name] for name in inputs]))
+        for job in jobs:
+            for _ in range(warmup):
+                job.module(*job.values)
+        sync()
+        rounds = max(-(-repeats // ROUND_CALLS), node_repeats, 1)
+        start = time.perf_counter()
+        r = 0
+        while r < rounds or time.perf_counter() - start < min_time_s:
+            if r < max(node_repeats, 1):
+                for m, gm, flat, _keep in timers:
+                    timer = _NodeTimer(gm, set(), sync)
+                    timer.run(*flat, enable_io_processing=False)
+                    m.node_runs.append(timer.times)
+            for job in jobs:
+                fn, vals = job.module, job.values
+                for _ in range(ROUND_CALLS):
+                    t0 = time.perf_counter()
+                    fn(*vals)
+                    sync()
+                    job.times.append(time.perf_counter() - t0)
+            r += 1
+            if progress and r <= rounds:
+                last = jobs[-1] if jobs else None
+                name = last.run.traced.layers[last.index].name if last else ""
+                progress(done + (total - done) * r // rounds, total, name, False)
+
+        fresh: list[LayerProfile] = []
+        by_key: dict[tuple[int, str], LayerProfile] = {}
+        for job in jobs:
+            m, j = job.run, job.index
+            times = np.asarray(job.times)
+            nodes = _layer_nodes(m.traced)[j]
+            ir = getattr(m.traced, "graph", None)
+            p = LayerProfile(
+                index=j, name=m.traced.layers[j].name, signature=m.signatures[j],
+                median_s=float(np.median(times)), p10_s=float(np.percentile(times, 10)),
+                p90_s=float(np.percentile(times, 90)), repeats=len(times),
+                best_s=best_round(times),
+                peak_alloc_bytes=measure_peak_bytes(lambda f=job.module, v=job.values: f(*v), device),
+                input_bytes=_tensor_bytes(job.values),
+                nodes=tuple(
+                    _node_timing(n, ir, [run[n.name] for run in m.node_runs if n.name in run])
+                    for n in nodes
+                    if n.op.startswith("call_")
+                ),
+            )  # fmt: skip
+            fresh.append(p)
+            by_key[(id(m), m.signatures[j])] = p
+        for m in models:
+            for j, layer in enumerate(m.traced.layers):
+                if j in m.results:
+                    continue
+                p = by_key[(id(m), m.signatures[j])]
+                m.results[j] = p if p.index == j else replace(
+                    p, index=j, name=layer.name, cached=True)  # an identical block, timed once
+    return fresh
 
 
 def _node_timing(node: fx.Node, ir, times: list[float]) -> NodeTiming:
@@ -492,6 +602,7 @@ def _node_timing(node: fx.Node, ir, times: list[float]) -> NodeTiming:
         flops=float(attrs.get("flops", 0)),
         bytes=float(attrs.get("bytes_read", 0) + attrs.get("bytes_written", 0)),
         median_s=float(np.median(times)) if times else 0.0,
+        best_s=float(min(times)) if times else 0.0,
     )
 
 

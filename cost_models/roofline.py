@@ -38,7 +38,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -75,6 +75,7 @@ __all__ = [
     "layer_work",
     "measure_peaks",
     "fit_efficiencies",
+    "fit_class_scales",
     "calibrate_device",
     "save_efficiencies",
     "load_efficiencies",
@@ -208,7 +209,10 @@ class Efficiencies:
         layer_scale: measured / predicted layer time, median over the calibration layers.
             Node timings come from an interpreter that runs each op cold and alone; a
             layer runs its ops back to back with warm caches and a reused allocator.
-            The per-node fit sets the shape, this one factor the level (1 for defaults).
+            The per-node fit sets the shape, this factor the level (1 for defaults).
+        class_scales: per op class refinement of ``layer_scale`` (``fit_class_scales``):
+            how much slower or faster a class runs inside a layer than alone. Classes
+            missing here use ``layer_scale``.
     """
 
     device: str
@@ -218,9 +222,13 @@ class Efficiencies:
     source: str
     samples: int = 0
     layer_scale: float = 1.0
+    class_scales: Mapping[str, float] = field(default_factory=dict)
 
     def for_class(self, op_class: str) -> ClassEfficiency:
         return self.classes.get(op_class) or self.classes["other"]
+
+    def scale_for(self, op_class: str) -> float:
+        return self.class_scales.get(op_class, self.layer_scale)
 
     def to_dict(self) -> dict:
         return {
@@ -231,6 +239,7 @@ class Efficiencies:
             "source": self.source,
             "samples": self.samples,
             "layer_scale": self.layer_scale,
+            "class_scales": dict(self.class_scales),
         }
 
     @classmethod
@@ -243,6 +252,7 @@ class Efficiencies:
             d["source"],
             d.get("samples", 0),
             d.get("layer_scale", 1.0),
+            dict(d.get("class_scales", {})),
         )
 
 
@@ -256,8 +266,9 @@ def op_time(work: OpWork, eff: ClassEfficiency, peak_flops: float, bandwidth: fl
 def work_time(work: Mapping[str, OpWork], efficiencies: Efficiencies, dtype: str) -> float:
     """Seconds for a layer's per-class work on the device ``efficiencies`` describes."""
     peak = efficiencies.peak_flops.get(dtype) or efficiencies.peak_flops["float32"]
-    return efficiencies.layer_scale * sum(
-        op_time(w, efficiencies.for_class(c), peak, efficiencies.memory_bandwidth)
+    return sum(
+        efficiencies.scale_for(c)
+        * op_time(w, efficiencies.for_class(c), peak, efficiencies.memory_bandwidth)
         for c, w in work.items()
     )
 
@@ -477,6 +488,44 @@ def fit_efficiencies(
     )
 
 
+# Ridge weight pulling each class scale toward the global layer scale (units: squared
+# relative error of one calibration layer). Chosen on leave-one-model-out error of the
+# calibration set (docs/cost-model.md): 0.3 halved the held-out error of one global scale
+# while keeping every class scale within a factor of two of it.
+CLASS_SCALE_SHRINK = 0.3
+
+
+def fit_class_scales(
+    layers: Sequence[tuple[Mapping[str, OpWork], float]],
+    efficiencies: Efficiencies,
+    dtype: str = "float32",
+    shrink: float = CLASS_SCALE_SHRINK,
+) -> dict[str, float]:
+    """Per-class multipliers so that summed op times match measured whole layers.
+
+    Solves ``min Σ_layers (Σ_c k_c·t_c / t − 1)² + shrink·Σ_c (k_c − k₀)²`` with ``t_c`` the
+    node-fitted time of class ``c`` in a layer, ``t`` the layer's measured time and ``k₀``
+    the global ``layer_scale``: a class that runs slower inside a layer than alone (the
+    interpreter times each op with cold caches and its own dispatch) gets a larger factor,
+    and a class the data says little about stays at ``k₀``. Results are clipped to
+    ``[k₀/4, 4·k₀]``.
+    """
+    k0 = efficiencies.layer_scale
+    classes = sorted({c for work, _ in layers for c in work})
+    if not layers or not classes:
+        return {}
+    peak = efficiencies.peak_flops.get(dtype) or efficiencies.peak_flops["float32"]
+    x = np.array([
+        [op_time(work[c], efficiencies.for_class(c), peak, efficiencies.memory_bandwidth) / t
+         if c in work else 0.0 for c in classes]
+        for work, t in layers
+    ])  # fmt: skip
+    a = x.T @ x + shrink * np.eye(len(classes))
+    b = x.T @ np.ones(len(layers)) + shrink * k0
+    k = np.clip(np.linalg.solve(a, b), k0 / 4, 4 * k0)
+    return {c: float(v) for c, v in zip(classes, k)}
+
+
 def _path(device: str, cache) -> os.PathLike:
     return cache_dir(cache) / f"roofline-{device}.json"
 
@@ -510,7 +559,8 @@ def calibrate_device(
     Args:
         samples: node timings, e.g. ``ModelProfile.op_samples()`` of profiled models.
         layers: ``(work, measured_s)`` of whole layers at the calibration shapes
-            (``layer_work`` at tp 1, ``LayerProfile.median_s``): fits ``layer_scale``.
+            (``layer_work`` at tp 1, ``LayerProfile.time_s``): fits ``layer_scale`` and
+            ``class_scales``.
         device: ``"cpu"`` (``cuda`` calibration uses the same fit on CUDA timings).
         threads: intra-op threads the samples were measured with.
         cache: cache directory.
@@ -520,9 +570,11 @@ def calibrate_device(
     eff = fit_efficiencies(samples, peak, bw, device=device)
     # The fit is per float32 FLOP; other dtypes on CPU run at the same order of speed.
     eff = replace(eff, peak_flops={"float32": peak, "bfloat16": peak, "float16": peak})
+    layers = list(layers)
     ratios = [t / work_time(w, eff, "float32") for w, t in layers]
     if ratios:
         eff = replace(eff, layer_scale=float(np.median(ratios)))
+        eff = replace(eff, class_scales=fit_class_scales(layers, eff))
     if save:
         save_efficiencies(eff, device_fingerprint(device, threads), cache)
     return eff

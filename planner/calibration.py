@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 __all__ = ["CALIBRATION_SHAPES", "CALIBRATION_VOCAB", "calibration_models", "calibration_inputs",
-           "calibrate_this_device"]
+           "profile_calibration_set", "fit_this_device", "calibrate_this_device"]
 
 CALIBRATION_SHAPES = [(1, 16), (2, 48), (8, 96)]
 CALIBRATION_VOCAB = 512
@@ -43,31 +43,55 @@ def calibration_inputs(name: str, batch: int, seq: int) -> tuple[tuple, dict]:
     return (), {"input_ids": ids, "use_cache": False}
 
 
-def calibrate_this_device(*, repeats: int = 30, cache=None, models=None,
+def profile_calibration_set(shapes=None, *, models=None, repeats: int = 150, cache=None,
+                            progress: Callable[[int, int, str], None] | None = None):
+    """Trace and profile every (model, shape) in one interleaved measurement.
+
+    Returns:
+        ``[(name, batch, seq, traced, profile), ...]`` in the order of models, then shapes.
+    """
+    from cost_models.profiler import profile_models
+    from planner.tracing import trace
+
+    models = models or calibration_models()
+    shapes = shapes or CALIBRATION_SHAPES
+    traced = []
+    for name, model in models:
+        for batch, seq in shapes:
+            args, kwargs = calibration_inputs(name, batch, seq)
+            traced.append((name, batch, seq, trace(model, args=args, kwargs=kwargs, name=name),
+                           args, kwargs))  # fmt: skip
+
+    def hook(done, total, layer, _cached):
+        if progress:
+            progress(done, total, layer)
+
+    profiles = profile_models([(t, a, k) for _, _, _, t, a, k in traced], repeats=repeats,
+                              node_repeats=15, cache=cache, progress=hook)  # fmt: skip
+    return [(n, b, s, t, p) for (n, b, s, t, _, _), p in zip(traced, profiles)]
+
+
+def fit_this_device(profiled, *, cache=None, save: bool = True):
+    """Fit the roofline of this CPU to ``profile_calibration_set`` results (and store it)."""
+    from cost_models.roofline import calibrate_device, layer_work
+    from planner.cluster import Workload
+
+    samples, layer_pairs = [], []
+    for _name, batch, seq, traced, prof in profiled:
+        samples += prof.op_samples()
+        work = Workload(batch_size=batch, seq_len=seq, dtype="float32", phase="prefill")
+        layer_pairs += [(layer_work(layer, traced.arch, 1, work, batch), lp.time_s)
+                        for layer, lp in zip(traced.layers, prof.layers)]  # fmt: skip
+    return calibrate_device(samples, layer_pairs, cache=cache, save=save)
+
+
+def calibrate_this_device(*, repeats: int = 150, cache=None, models=None,
                           progress: Callable[[int, int, str], None] | None = None):
     """Profile the calibration set on the CPU here and store fitted roofline efficiencies.
 
     Returns:
         ``cost_models.roofline.Efficiencies`` (also written to the cache).
     """
-    from cost_models.profiler import profile_model
-    from cost_models.roofline import calibrate_device, layer_work
-    from planner.cluster import Workload
-    from planner.tracing import trace
-
-    models = models or calibration_models()
-    samples, layer_pairs = [], []
-    steps = [(name, model, b, s) for name, model in models for b, s in CALIBRATION_SHAPES]
-    for i, (name, model, batch, seq) in enumerate(steps):
-        if progress:
-            progress(i, len(steps), f"{name} {batch}x{seq}")
-        args, kwargs = calibration_inputs(name, batch, seq)
-        traced = trace(model, args=args, kwargs=kwargs, name=name)
-        prof = profile_model(traced, args, kwargs, repeats=repeats, node_repeats=5, cache=cache)
-        samples += prof.op_samples()
-        work = Workload(batch_size=batch, seq_len=seq, dtype="float32", phase="prefill")
-        layer_pairs += [(layer_work(layer, traced.arch, 1, work, batch), lp.median_s)
-                        for layer, lp in zip(traced.layers, prof.layers)]
-    if progress:
-        progress(len(steps), len(steps), "fitting")
-    return calibrate_device(samples, layer_pairs, cache=cache)
+    profiled = profile_calibration_set(models=models, repeats=repeats, cache=cache,
+                                       progress=progress)  # fmt: skip
+    return fit_this_device(profiled, cache=cache)

@@ -435,7 +435,8 @@ def _profile(argv: list[str]) -> int:
     for layer, measured in zip(traced.layers, profile.layers):
         predicted = layer_cost(layer, traced.arch, 1, workload, spec, args.batch, traced=shape)
         rows.append({
-            "layer": layer.name, "median_s": measured.median_s, "p10_s": measured.p10_s,
+            "layer": layer.name, "time_s": measured.time_s, "median_s": measured.median_s,
+            "p10_s": measured.p10_s,
             "p90_s": measured.p90_s, "peak_alloc_bytes": measured.peak_alloc_bytes,
             "predicted_s": predicted.compute_s, "cached": measured.cached,
         })
@@ -445,11 +446,13 @@ def _profile(argv: list[str]) -> int:
         return 0
     table = Table(title=f"{traced.name} on {profile.device}: {profile.cache_hits}/{len(rows)} "
                         "layers from the cache")
-    for col in ("layer", "median", "p10", "p90", "peak alloc", "predicted", "error", "cached"):
+    for col in ("layer", "time", "median", "p10", "p90", "peak alloc", "predicted", "error",
+                "cached"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for r in rows:
-        error = (r["predicted_s"] - r["median_s"]) / r["median_s"] if r["median_s"] else 0.0
-        table.add_row(r["layer"], fmt_seconds(r["median_s"]), fmt_seconds(r["p10_s"]),
+        error = (r["predicted_s"] - r["time_s"]) / r["time_s"] if r["time_s"] else 0.0
+        table.add_row(r["layer"], fmt_seconds(r["time_s"]), fmt_seconds(r["median_s"]),
+                      fmt_seconds(r["p10_s"]),
                       fmt_seconds(r["p90_s"]), fmt_bytes(r["peak_alloc_bytes"]),
                       fmt_seconds(r["predicted_s"]), f"{error:+.0%}", "yes" if r["cached"] else "")
     _console().print(table)
@@ -465,8 +468,8 @@ def _calibrate(argv: list[str]) -> int:
                 description="Measure all-reduce, all-gather, reduce-scatter and send/recv on the "
                             "live backend of this machine and store alpha/beta fits.")
     p.add_argument("--cluster", required=True, help="Nxcpu: N gloo ranks on this machine")
-    p.add_argument("--reps", type=int, default=40, help="timed repetitions per message size")
-    p.add_argument("--repeats", type=int, default=30, help="timed repetitions per profiled layer")
+    p.add_argument("--reps", type=int, default=100, help="timed repetitions per message size")
+    p.add_argument("--repeats", type=int, default=150, help="timed calls per calibration layer")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     cluster = Cluster.parse(args.cluster)

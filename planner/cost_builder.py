@@ -92,7 +92,7 @@ class CostBuilder:
         costs, sources, seen = [], [], {}
         for j, layer in enumerate(layers):
             # Identical blocks (same work, same parameters) cost the same: price each once.
-            key = (_layer_key(layer), measured[j].median_s if measured[j] else None)
+            key = (_layer_key(layer), measured[j].time_s if measured[j] else None)
             if key not in seen:
                 row = {}
                 for tp in self.tp_degrees:

@@ -10,7 +10,8 @@ from cost_models.profiler import layer_signatures, profile_model
 
 
 def _profile(traced, ids, cache, **kw):
-    return profile_model(traced, args=(ids,), cache=cache, warmup=1, repeats=3, node_repeats=1, **kw)
+    return profile_model(traced, args=(ids,), cache=cache, warmup=1, repeats=3, node_repeats=1,
+                         min_time_s=0, **kw)
 
 
 def test_profile_measures_every_layer_and_reports_progress(tiny_gpt, tmp_path):
@@ -19,7 +20,11 @@ def test_profile_measures_every_layer_and_reports_progress(tiny_gpt, tmp_path):
     prof = _profile(traced, ids, tmp_path, progress=lambda *a: calls.append(a))
     assert [p.name for p in prof.layers] == [layer.name for layer in traced.layers]
     assert all(p.median_s > 0 and p.p10_s <= p.median_s <= p.p90_s for p in prof.layers)
-    assert [c[0] for c in calls] == list(range(1, len(traced.layers) + 1))
+    done = [c[0] for c in calls]
+    assert done == sorted(done) and done[-1] == len(traced.layers)
+    assert {c[1] for c in calls} == {len(traced.layers)}
+    # Layer time is the best round: never above the median of all calls.
+    assert all(0 < p.best_s <= p.median_s and p.time_s == p.best_s for p in prof.layers)
     # The two identical blocks share one signature and one measurement.
     sigs = layer_signatures(traced)
     assert sigs[1] == sigs[2] and sigs[0] != sigs[1]
@@ -65,4 +70,4 @@ def test_corrupted_cache_file_is_ignored_with_a_warning_and_rebuilt(tiny_gpt, tm
     with pytest.warns(UserWarning, match="corrupt cache file"):
         prof = _profile(traced, ids, tmp_path)
     assert prof.cache_hits == len(traced.layers) - 1
-    assert json.loads(files[0].read_text())["schema"] == "fx-planner/profile/v1"
+    assert json.loads(files[0].read_text())["schema"] == profiler._SCHEMA

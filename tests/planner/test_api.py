@@ -104,14 +104,14 @@ def test_plan_records_which_costs_were_measured_and_which_predicted():
 
     lm = load_model("gpt-tiny", batch_size=2, seq_len=64)
     traced = planner.trace(lm.model, lm.args, name="gpt-tiny")
-    profile = profile_model(traced, lm.args, {}, repeats=3, node_repeats=1)
+    profile = profile_model(traced, lm.args, {}, repeats=3, node_repeats=1, min_time_s=0)
     work = planner.Workload(batch_size=2, seq_len=64, dtype="float32")
     here = plan_traced(traced, planner.Cluster.parse("2xcpu"), work, profile=profile,
                        pins={"dp": 1, "microbatches": 1}, alternatives=0)
     assert here.provenance == "measured"
     assert [layer.source for layer in here.layers] == ["measured"] * len(traced.layers)
     tp1 = [layer.costs[1].compute_s for layer in here.layers]
-    assert tp1 == pytest.approx([lp.median_s for lp in profile.layers], rel=1e-12)
+    assert tp1 == pytest.approx([lp.time_s for lp in profile.layers], rel=1e-12)
     unprofiled = plan_traced(traced, planner.Cluster.parse("2xcpu"), work, alternatives=0,
                              pins={"dp": 1, "microbatches": 1})
     assert unprofiled.provenance == "predicted"
