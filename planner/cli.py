@@ -215,7 +215,7 @@ def _profile_here(args, overrides, workload):
     return _run_profile(traced, loaded)
 
 
-def _run_profile(traced, loaded):
+def _run_profile(traced, loaded, min_time_s: float | None = None):
     from rich.progress import Progress
 
     from cost_models.profiler import profile_model
@@ -226,7 +226,8 @@ def _run_profile(traced, loaded):
         def progress(done, total, name, cached):
             bar.update(task, completed=done, description=f"profiling {name}{' (cached)' if cached else ''}")
 
-        return profile_model(traced, loaded.args, loaded.kwargs, progress=progress)
+        return profile_model(traced, loaded.args, loaded.kwargs, progress=progress,
+                             min_time_s=min_time_s)  # fmt: skip
 
 
 def _print_layer_table(traced, cluster) -> None:
@@ -422,13 +423,18 @@ def _profile(argv: list[str]) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--min-time", type=float, default=None, metavar="SECONDS",
+                   help="keep timing rounds for at least this long (default 2 s on cpu: a "
+                        "shared VM has slow spells of seconds)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.min_time is not None and args.min_time < 0:
+        raise _UsageError(f"--min-time must be >= 0 seconds, got {args.min_time}")
     workload = Workload(batch_size=args.batch, seq_len=args.seq, dtype=args.dtype)
     loaded = load_model(args.model, parse_set(args.set), batch_size=args.batch, seq_len=args.seq,
                         dtype=workload.torch_dtype, device="cpu")
     traced = trace(loaded.model, loaded.args, loaded.kwargs, name=loaded.name, arch=loaded.arch)
-    profile = _run_profile(traced, loaded)
+    profile = _run_profile(traced, loaded, args.min_time)
     spec = lookup("cpu")
     shape = TracedShape(args.batch, _example_seq_len(loaded, args.seq), workload.dtype_bytes)
     rows = []

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,3 +72,49 @@ def test_corrupted_cache_file_is_ignored_with_a_warning_and_rebuilt(tiny_gpt, tm
         prof = _profile(traced, ids, tmp_path)
     assert prof.cache_hits == len(traced.layers) - 1
     assert json.loads(files[0].read_text())["schema"] == profiler._SCHEMA
+
+
+def test_best_round_is_the_lowest_median_of_consecutive_calls():
+    times = np.array([5, 5, 9, 9, 9, 1, 9, 1, 9, 1, 3, 3, 3, 8, 8], dtype=float)
+    # rounds of 5: medians 9, 1, 3 -> 1 (a round with three fast calls), never a lone fast call
+    assert profiler.best_round(times) == 1.0
+    assert profiler.best_round(np.array([4.0, 2.0, 6.0])) == 4.0  # fewer than one round
+
+
+def test_models_profiled_together_interleave_their_rounds(tiny_gpt, tmp_path, monkeypatch):
+    model, traced, ids = tiny_gpt
+    from planner.tracing import trace
+
+    longer = torch.randint(0, 64, (2, 12))
+    other = trace(model, args=(longer,))
+    order = []
+    real = profiler._layer_module
+
+    def tagged(gm, nodes):  # record which model's layer each timed call belongs to
+        module, inputs = real(gm, nodes)
+        tag = "short" if gm is traced.graph_module else "long"
+        forward = module.forward
+        module.forward = lambda *a: (order.append(tag), forward(*a))[1]
+        return module, inputs
+
+    monkeypatch.setattr(profiler, "_layer_module", tagged)
+    short, long_ = profiler.profile_models([(traced, (ids,), {}), (other, (longer,), {})],
+                                           cache=tmp_path, warmup=0, repeats=15, node_repeats=1,
+                                           min_time_s=0)  # fmt: skip
+    assert [len(p.layers) for p in (short, long_)] == [len(traced.layers), len(other.layers)]
+    assert all(p.repeats == 15 for p in short.layers + long_.layers)
+    switches = sum(a != b for a, b in zip(order, order[1:]))
+    # 3 rounds of short then long: 5 switches, then one peak-memory call per layer (short,
+    # long): 2 more. Timing one model after the other would switch 3 times in all.
+    assert switches == 7
+
+
+def test_min_time_adds_rounds_until_the_measurement_has_lasted_that_long(tiny_gpt, tmp_path):
+    _, traced, ids = tiny_gpt
+    quick = _profile(traced, ids, tmp_path / "a")
+    slow = profile_model(traced, args=(ids,), cache=tmp_path / "b", warmup=1, repeats=3,
+                         node_repeats=1, min_time_s=0.3)  # fmt: skip
+    assert all(p.repeats == profiler.ROUND_CALLS for p in quick.layers)
+    block = slow.layers[1]
+    assert block.repeats > profiler.ROUND_CALLS
+    assert block.repeats % profiler.ROUND_CALLS == 0

@@ -1,22 +1,27 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from cost_models.devices import lookup
 from cost_models.roofline import (
     ClassEfficiency,
+    Efficiencies,
     OpSample,
     OpWork,
     TracedShape,
     attention_work,
     efficiencies_for,
     elementwise_work,
+    fit_class_scales,
     fit_efficiencies,
     layer_work,
     matmul_work,
     norm_work,
     op_time,
+    work_time,
 )
 from planner.arch import ModelArch
 from planner.cluster import Workload
@@ -117,3 +122,38 @@ def test_uncalibrated_gpu_uses_catalogue_peaks_and_launch_overhead(tmp_path):
     assert eff.peak_flops["bfloat16"] == 989e12
     assert eff.for_class("matmul").overhead_s == lookup("H100").launch_overhead_s
     assert eff.for_class("view").overhead_s == 0.0
+
+
+def _two_class_efficiencies(layer_scale: float = 1.0):
+    classes = {c: ClassEfficiency(1.0, 1.0, 0.0) for c in ("matmul", "norm", "other")}
+    return Efficiencies("cpu", {"float32": 1e9}, 1e9, classes, "calibrated",
+                        layer_scale=layer_scale)
+
+
+def test_class_scales_recover_how_much_slower_a_class_runs_inside_a_layer():
+    eff = _two_class_efficiencies()
+    rng = np.random.default_rng(1)
+    layers = []
+    for _ in range(30):  # node-fitted times t_matmul, t_norm; inside a layer norm takes 2x
+        work = {"matmul": OpWork(1, float(rng.uniform(1e5, 1e6)), 0, 0),
+                "norm": OpWork(1, float(rng.uniform(1e5, 1e6)), 0, 0)}
+        t = work["matmul"].flops / 1e9 + 2.0 * work["norm"].flops / 1e9
+        layers.append((work, t))
+    k = fit_class_scales(layers, eff, shrink=1e-6)
+    assert k["matmul"] == pytest.approx(1.0, rel=1e-3)
+    assert k["norm"] == pytest.approx(2.0, rel=1e-3)
+    scaled = replace(eff, class_scales=k)
+    assert all(work_time(w, scaled, "float32") == pytest.approx(t, rel=1e-3) for w, t in layers)
+    # A class no calibration layer has keeps the global scale.
+    assert scaled.scale_for("other") == eff.layer_scale
+    # Strong shrinkage pulls every class back toward the global scale.
+    k_shrunk = fit_class_scales(layers, eff, shrink=1e6)
+    assert k_shrunk["norm"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_class_scales_round_trip_through_the_stored_record():
+    eff = replace(_two_class_efficiencies(0.9), class_scales={"matmul": 0.8, "norm": 1.3})
+    again = Efficiencies.from_dict(eff.to_dict())
+    assert again == eff
+    w = {"matmul": OpWork(1, 1e6, 0, 0), "norm": OpWork(1, 1e6, 0, 0), "other": OpWork(1, 1e6, 0, 0)}
+    assert work_time(w, again, "float32") == pytest.approx((0.8 + 1.3 + 0.9) * 1e6 / 1e9)

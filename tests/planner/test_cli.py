@@ -202,10 +202,13 @@ def test_profile_measures_then_reads_the_cache(tmp_path):
     rows = json.loads(first.stdout)["layers"]
     assert [r["layer"] for r in rows] == ["pre", "h.0", "h.1", "h.2", "h.3", "post"]
     assert all(r["median_s"] > 0 and r["p10_s"] <= r["median_s"] <= r["p90_s"] for r in rows)
+    assert all(0 < r["time_s"] <= r["median_s"] for r in rows)  # the best round
     # Identical blocks share one measurement, so only pre, h.0 and post are measured.
     assert [r["cached"] for r in rows] == [False, False, True, True, True, False]
     second = run_env(env_cache, "profile", "gpt-tiny", "--batch", "1", "--seq", "16", "--json")
     assert all(r["cached"] for r in json.loads(second.stdout)["layers"])
+    bad = run_env(env_cache, "profile", "gpt-tiny", "--min-time", "-1")
+    assert bad.returncode == 2 and "--min-time must be >= 0" in bad.stderr
 
 
 @pytest.mark.slow
