@@ -28,6 +28,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,7 +56,7 @@ def torchrun_command(nproc: int, worker_args: list[str]) -> list[str]:
 
 def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, *,
               tol: float = 1e-4, seed: int = 0, timeout_s: float = 600,
-              collective_timeout_s: float = 60) -> int:
+              collective_timeout_s: float = 60, repeats: int = 5) -> int:
     """Launch ``plan_path`` with torchrun on this machine and check it against the model.
 
     Args:
@@ -66,6 +67,8 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
         seed: weight and input seed (the same on every rank).
         timeout_s: wall-clock limit for the whole job; past it every rank is killed.
         collective_timeout_s: limit of every collective and stage-boundary send/recv.
+        repeats: timed forward passes after the first (checked) one; the report gives the
+            first call, the median and the best of them.
 
     Returns:
         0 when every output is within ``tol``; otherwise non-zero (torchrun's exit status,
@@ -78,7 +81,8 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
     nproc = plan.parallelism.dp * sum(s.tp for s in plan.stages)
     with tempfile.TemporaryDirectory(prefix="fx-planner-check-") as status_dir:
         args = ["--plan", str(plan_path), "--model", model, "--tol", str(tol), "--seed",
-                str(seed), "--timeout", str(collective_timeout_s), "--status-dir", status_dir]
+                str(seed), "--timeout", str(collective_timeout_s), "--status-dir", status_dir,
+                "--repeats", str(repeats)]
         for key, value in (overrides or {}).items():
             args += ["--set", f"{key}={json.dumps(value)}"]
         rc, stderr, seconds = _launch(torchrun_command(nproc, args), timeout_s)
@@ -207,13 +211,14 @@ def diagnose_failure(rc: int, stderr: str, status: dict[int, dict], nproc: int, 
 
 
 def check_case(model_spec: str, overrides: dict, plan, *, seed: int = 0,
-               timeout: datetime.timedelta = _TIMEOUT) -> dict:
+               timeout: datetime.timedelta = _TIMEOUT, repeats: int = 0) -> dict:
     """Run one plan on this rank and measure it against the eager model (inside torchrun).
 
     Returns:
         This rank's result: coordinates, ``max_abs_err`` (last-stage ranks, else ``None``),
         ``all_reduces`` in its graph, ``sharded`` weights ``{name: [global numel, local
-        numel, global shape, local shape]}``, and ``seconds`` for one step.
+        numel, global shape, local shape]}``, ``seconds`` for the first (checked) step and
+        ``repeat_seconds`` for ``repeats`` more, each started after a barrier.
     """
     from codegen.runtime import parallelize
     from codegen.tensor_parallel import count_collectives
@@ -236,6 +241,12 @@ def check_case(model_spec: str, overrides: dict, plan, *, seed: int = 0,
         start = time.perf_counter()
         out = local(*lm.args, **lm.kwargs)
         seconds = time.perf_counter() - start
+        repeat_seconds = []
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            local(*lm.args, **lm.kwargs)
+            repeat_seconds.append(time.perf_counter() - start)
     err = None
     if out is not None:
         lo, hi = local.rows(w.batch_size)
@@ -248,7 +259,7 @@ def check_case(model_spec: str, overrides: dict, plan, *, seed: int = 0,
             "replica": local.coords.replica, "tp_rank": local.coords.tp_rank,
             "max_abs_err": err, "all_reduces": count_collectives(module).get("all_reduce", 0),
             "collectives": count_collectives(module),
-            "sharded": sharded, "seconds": seconds}
+            "sharded": sharded, "seconds": seconds, "repeat_seconds": repeat_seconds}
 
 
 def _set_status(**fields) -> None:
@@ -282,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=_TIMEOUT.total_seconds(),
                    help="seconds any collective or send/recv may wait")
     p.add_argument("--status-dir", help="where each rank records its state (run_check)")
+    p.add_argument("--repeats", type=int, default=0,
+                   help="timed forward passes after the first (checked) one")
     a = p.parse_args(argv)
     timeout = datetime.timedelta(seconds=a.timeout)
     rank = int(os.environ.get("RANK", 0))
@@ -316,7 +329,8 @@ def _main(a, rank: int, timeout: datetime.timedelta) -> int:
             Path(a.out, f"rank{rank}.json").write_text(json.dumps(results))
             return 0
         plan = Plan.load(a.plan)
-        result = check_case(a.model, parse_set(a.set), plan, seed=a.seed, timeout=timeout)
+        result = check_case(a.model, parse_set(a.set), plan, seed=a.seed, timeout=timeout,
+                            repeats=a.repeats)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, result)
         if rank != 0:
@@ -327,17 +341,37 @@ def _main(a, rank: int, timeout: datetime.timedelta) -> int:
         dist.destroy_process_group()
 
 
+def _step_times(ranks: list[dict]) -> list[float]:
+    """Seconds of each repeated step over ``ranks``: a step ends when its slowest rank ends."""
+    n = min(len(r["repeat_seconds"]) for r in ranks)
+    return [max(r["repeat_seconds"][i] for r in ranks) for i in range(n)]
+
+
+def _fmt_steps(steps: list[float]) -> tuple[str, str]:
+    if not steps:
+        return f"{'-':>10}", f"{'-':>10}"
+    return f"{statistics.median(steps):10.4f}", f"{min(steps):10.4f}"
+
+
 def _report(plan, results: list[dict], tol: float) -> int:
     errs = [r["max_abs_err"] for r in results if r["max_abs_err"] is not None]
     worst = max(errs)
-    print(f"{'stage':>5} {'ranks':>10} {'measured s':>11} {'predicted compute s':>20}")
+    print(f"{'stage':>5} {'ranks':>10} {'first call s':>13} {'median s':>10} {'best s':>10} "
+          f"{'predicted compute s':>20}")  # fmt: skip
     for i, stage in enumerate(plan.stages):
         ranks = [r for r in results if r["stage"] == i]
-        measured = max(r["seconds"] for r in ranks)
-        print(f"{i:>5} {','.join(str(r['rank']) for r in ranks):>10} {measured:>11.4f} "
-              f"{stage.predicted.compute_s:>20.6f}")
-    end_to_end = max(r["seconds"] for r in results)
-    print(f"end to end: measured {end_to_end:.4f} s, plan predicts {plan.predicted.latency_s:.6f} s"
+        first = max(r["seconds"] for r in ranks)
+        median, best = _fmt_steps(_step_times(ranks))
+        print(f"{i:>5} {','.join(str(r['rank']) for r in ranks):>10} {first:>13.4f} {median} "
+              f"{best} {stage.predicted.compute_s:>20.6f}")  # fmt: skip
+    steps = _step_times(results)
+    first = max(r["seconds"] for r in results)
+    if steps:
+        measured = (f"best {min(steps):.4f} s, median {statistics.median(steps):.4f} s over "
+                    f"{len(steps)} steps after a first call of {first:.4f} s")  # fmt: skip
+    else:
+        measured = f"{first:.4f} s (one step)"
+    print(f"end to end: measured {measured}; plan predicts {plan.predicted.latency_s:.6f} s"
           f" (prediction is for {plan.cluster.device}; this run is on "
           f"{'cuda' if torch.cuda.is_available() else 'cpu'})")
     print(f"max abs error vs the unsharded model: {worst:.3e} (tolerance {tol:.0e})")

@@ -25,10 +25,17 @@ GQA: KV heads are sharded when ``num_kv_heads % tp == 0``. When ``tp % num_kv_he
 tensor is "owed" the remaining factor ``tp / num_kv_heads``, paid where GQA broadcasts
 the KV head over its query group (the ``expand`` before ``reshape``).
 
-Embeddings and the LM head stay replicated (first version: simple and exact; a
-vocab-parallel head would save ``(tp - 1) / tp`` of its memory). Ops that the table of
-rules does not know are fine on replicated values and refused on sharded ones, so a
-wrongly sharded graph fails at compile time instead of computing nonsense.
+5. Vocab parallelism (``_vocab_parallel``): the token embedding and the LM head (weights
+   with ``arch.vocab_size`` rows; tied or not) are split by vocabulary rows, rank ``r``
+   holding rows ``[r·c, (r+1)·c)`` with ``c = ceil(V / tp)`` (the last shard zero-padded).
+   The embedding looks up the ids in its range, zeroes the others and all-reduces (1
+   all-reduce); the head computes its ``c`` logits and all-gathers them (1 all-gather),
+   dropping the padding. This is what the cost model charges (``layer_cost``) and what
+   the memory model assumes (embedding and head weights ``/ tp``).
+
+Ops that the table of rules does not know are fine on replicated values and refused on
+sharded ones, so a wrongly sharded graph fails at compile time instead of computing
+nonsense.
 
 >>> import torch, planner
 >>> from planner.models import load_model
@@ -37,11 +44,14 @@ wrongly sharded graph fails at compile time instead of computing nonsense.
 >>> stage = split_stages(planner.trace(lm.model, lm.args, lm.kwargs), [(0, 5)])[0]
 >>> report = shard_stage(stage.module, tp=2, tp_rank=0, group_name="tp0", arch=lm.arch)
 >>> report.all_reduces, report.sharded["model.layers.0.self_attn.q_proj.weight"]
-(8, ((64, 64), (32, 64)))
+(9, ((64, 64), (32, 64)))
+>>> report.vocab_parallel
+['model.embed_tokens.weight', 'lm_head.weight']
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -135,8 +145,10 @@ class TPReport:
 
     Attributes:
         tp: the degree.
-        sharded: parameter target -> (global shape, local shape).
-        all_reduces: number of all-reduce nodes inserted.
+        sharded: parameter target -> (global shape, local shape); vocab-parallel shards
+            are ``ceil(V / tp)`` rows (zero-padded on the last rank).
+        all_reduces: number of all-reduce nodes inserted (embedding included).
+        vocab_parallel: parameter targets split by vocabulary rows.
         placements: fx node name -> placement (as text) of every tensor value.
     """
 
@@ -144,6 +156,7 @@ class TPReport:
     sharded: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     all_reduces: int = 0
     placements: dict[str, str] = field(default_factory=dict)
+    vocab_parallel: list[str] = field(default_factory=list)
 
 
 def shard_stage(module: fx.GraphModule, tp: int, tp_rank: int, group_name: str,
@@ -175,6 +188,7 @@ def shard_stage(module: fx.GraphModule, tp: int, tp_rank: int, group_name: str,
     if not 0 <= tp_rank < tp:
         raise ShardingError(f"tp_rank {tp_rank} is outside 0..{tp - 1}")
     weights = _shard_weights(module, tp, tp_rank, arch, report)
+    _vocab_parallel(module, tp, tp_rank, group_name, arch, report)
     sp = _SeqParallel(tp, tp_rank, group_name) if sequence_parallel else None
     _propagate(module, tp, group_name, weights, report, sp)
     module.graph.lint()
@@ -285,6 +299,116 @@ def _replace_param(module: nn.Module, target: str, value: torch.Tensor) -> None:
     path, _, leaf = target.rpartition(".")
     owner = module.get_submodule(path) if path else module
     owner.register_parameter(leaf, nn.Parameter(value.contiguous(), requires_grad=False))
+
+
+# --------------------------------------------------------------------------- vocab parallel
+
+
+def _vocab_parallel(module, tp, rank, group_name, arch, report) -> None:
+    """Split the token embedding and the LM head by vocabulary rows (module docstring, 5)."""
+    vocab = getattr(arch, "vocab_size", None)
+    if not vocab:
+        return
+    rows = -(-vocab // tp)  # c = ceil(V / tp)
+    local: dict[str, torch.Tensor] = {}
+
+    def shard(weight: fx.Node) -> bool:
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+            return False
+        w = module.get_parameter(weight.target)
+        if weight.target not in local:  # a tied table is split once, by the embedding
+            if w.dim() not in (1, 2) or w.shape[0] != vocab or _style_of(weight.target):
+                return False
+            full = w.detach()
+            part = full.new_zeros((rows, *full.shape[1:]))
+            lo, hi = rank * rows, min((rank + 1) * rows, vocab)
+            if hi > lo:
+                part[: hi - lo] = full[lo:hi]
+            local[weight.target] = part
+            _replace_param(module, weight.target, part)
+            report.sharded[weight.target] = (tuple(full.shape), tuple(part.shape))
+            report.vocab_parallel.append(weight.target)
+        weight.meta["val"] = torch.empty(local[weight.target].shape, dtype=w.dtype, device="meta")
+        return True
+
+    for node in list(module.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.embedding.default and shard(node.args[0]):
+            _embedding(node, rank * rows, rows, group_name, report)
+        elif node.target is aten.linear.default and len(node.args) > 1 and shard(node.args[1]):
+            bias = node.args[2] if len(node.args) > 2 else None
+            if bias is not None and not shard(bias):
+                raise ShardingError(f"LM head {node.name}: its bias must have {vocab} rows too")
+            _head(node, tp, rows, vocab, group_name)
+
+
+def _new(graph, target, args, val, like: fx.Node, kwargs=None) -> fx.Node:
+    node = graph.call_function(target, args, kwargs or {})
+    node.meta["val"] = val
+    if "nn_module_stack" in like.meta:
+        node.meta["nn_module_stack"] = like.meta["nn_module_stack"]
+    return node
+
+
+def _embedding(node, lo: int, rows: int, group_name: str, report) -> None:
+    """``E[ids]`` with E split by rows: look up the ids in ``[lo, lo + rows)``, zero the
+    others, all-reduce."""
+    graph, weight, ids = node.graph, node.args[0], node.args[1]
+    ids_val, out_val = ids.meta["val"], node.meta["val"]
+    meta = functools.partial(torch.empty, device="meta")
+    with graph.inserting_before(node):
+        shifted = _new(graph, aten.sub.Tensor, (ids, lo), ids_val, node)
+        below = _new(graph, aten.lt.Scalar, (shifted, 0), meta(ids_val.shape, dtype=torch.bool),
+                     node)
+        above = _new(graph, aten.ge.Scalar, (shifted, rows), below.meta["val"], node)
+        outside = _new(graph, aten.bitwise_or.Tensor, (below, above), below.meta["val"], node)
+        safe = _new(graph, aten.masked_fill.Scalar, (shifted, outside, 0), ids_val, node)
+    node.args = (weight, safe)  # padding_idx only matters for gradients
+    users = list(node.users)
+    with graph.inserting_after(node):
+        mask = _new(graph, aten.unsqueeze.default, (outside, -1),
+                    meta((*ids_val.shape, 1), dtype=torch.bool), node)
+    with graph.inserting_after(mask):
+        zeroed = _new(graph, aten.masked_fill.Scalar, (node, mask, 0.0), out_val, node)
+    with graph.inserting_after(zeroed):
+        reduced = _new(graph, _c10d.all_reduce.default, (zeroed, "sum", group_name), out_val, node)
+    with graph.inserting_after(reduced):
+        waited = _new(graph, _c10d.wait_tensor.default, (reduced,), out_val, node)
+    for user in users:
+        user.replace_input_with(node, waited)
+    report.all_reduces += 1
+
+
+def _head(node, tp: int, rows: int, vocab: int, group_name: str) -> None:
+    """``x @ Wᵀ`` with W split by rows: local logits ``(..., c)``, all-gathered along a new
+    leading dim, moved back to the last dim, padding dropped."""
+    graph, out_val = node.graph, node.meta["val"]
+    lead = tuple(out_val.shape[:-1])
+    meta = functools.partial(torch.empty, dtype=out_val.dtype, device="meta")
+    node.meta["val"] = meta((*lead, rows))
+    users = list(node.users)
+    n = len(lead)
+    steps = [
+        (aten.clone.default, lambda c: (c,), (*lead, rows),
+         {"memory_format": torch.contiguous_format}),
+        (_c10d.all_gather_into_tensor.default, lambda c: (c, tp, group_name),
+         (tp * lead[0], *lead[1:], rows), None),
+        (_c10d.wait_tensor.default, lambda c: (c,), (tp * lead[0], *lead[1:], rows), None),
+        (aten.view.default, lambda c: (c, [tp, *lead, rows]), (tp, *lead, rows), None),
+        (aten.permute.default, lambda c: (c, [*range(1, n + 1), 0, n + 1]), (*lead, tp, rows),
+         None),
+        (aten.reshape.default, lambda c: (c, [*lead, tp * rows]), (*lead, tp * rows), None),
+        (aten.slice.Tensor, lambda c: (c, -1, 0, vocab), (*lead, vocab), None),
+        (aten.clone.default, lambda c: (c,), (*lead, vocab),
+         {"memory_format": torch.contiguous_format}),
+    ]
+    cur = node
+    for target, make, shape, kwargs in steps:
+        with graph.inserting_after(cur):
+            cur = _new(graph, target, make(cur), meta(shape), node, kwargs)
+    for user in users:
+        user.replace_input_with(node, cur)
 
 
 # --------------------------------------------------------------------------- propagation

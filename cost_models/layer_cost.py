@@ -76,8 +76,12 @@ def tp_collectives(
 
     transformer block: 2 all-reduces of the hidden state (after attention and after the
     MLP); with sequence parallelism each becomes an all-gather + a reduce-scatter of the
-    same size. Embedding (vocab-parallel): 1 all-reduce (reduce-scatter under sequence
-    parallelism). Head (vocab-parallel): 1 all-gather of the logits. Other layers with a
+    same size. Embedding (vocab-parallel): 1 all-reduce (also under sequence parallelism:
+    the generated code all-reduces, then each rank keeps its rows). Head (vocab-parallel):
+    1 all-gather of the logits. ``codegen.tensor_parallel`` inserts exactly these, stage by
+    stage (``tests/codegen/test_tensor_parallel.py`` checks the counts); under sequence
+    parallelism a stage's first block needs no all-gather (its input arrives whole) and the
+    stage instead all-gathers the sequence at its end, before its output or the head. Other layers with a
     matmul (column- then row-parallel pair): 1 all-reduce of the layer output.
 
     Returns:
@@ -95,10 +99,9 @@ def tp_collectives(
                 return [("all_gather", hidden), ("reduce_scatter", hidden)] * 2
             return [("all_reduce", hidden)] * 2
         if layer.kind == "pre" and "embedding" in layer.op_stats:
-            return [("reduce_scatter" if sequence_parallel else "all_reduce", hidden)]
+            return [("all_reduce", hidden)]
         if layer.kind == "post" and "matmul" in layer.op_stats and arch.vocab_size:
-            gather = [("all_gather", hidden)] if sequence_parallel else []
-            return gather + [("all_gather", tokens * arch.vocab_size * b)]
+            return [("all_gather", tokens * arch.vocab_size * b)]
         return []
     if "matmul" not in layer.op_stats:
         return []

@@ -296,13 +296,17 @@ def _run(argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=600, help="wall-clock limit for the job, s")
     p.add_argument("--collective-timeout", type=float, default=60,
                    help="seconds a collective may wait before the job fails")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed steps after the first (checked) one: median and best reported")
     args = p.parse_args(argv)
+    if args.repeats < 0:
+        raise _UsageError(f"--repeats must be >= 0, got {args.repeats}")
     plan = Plan.load(args.plan_file)
     model, overrides = _planned_model(args, plan)
     _check_runnable_here(plan)
     status = run_check(args.plan_file, model, overrides,
                        tol=args.tol if args.check else math.inf, timeout_s=args.timeout,
-                       collective_timeout_s=args.collective_timeout)
+                       collective_timeout_s=args.collective_timeout, repeats=args.repeats)
     return status  # on failure run_check has printed which rank failed and why
 
 

@@ -166,7 +166,8 @@ def trace(
         model: the module (on ``cpu``, ``cuda`` or ``meta``). Put it in eval mode first.
         args, kwargs: example inputs (e.g. ``kwargs={"input_ids": ids, "use_cache": False}``).
         name: display name (defaults to the class name).
-        arch: hyper-parameters; read from ``model.config`` when it is a transformers config.
+        arch: hyper-parameters; read from ``model.config`` when it is a transformers config
+            or has ``to_arch()`` (``planner.models.GPT``).
         fold_blocks: trace a few identical blocks and copy the rest. Default: when the model
             is on ``meta`` and has at least 6 blocks.
         leaf_modules: module classes the ``symbolic_trace`` fallback must not trace into.
@@ -177,8 +178,11 @@ def trace(
     """
     kwargs = dict(kwargs or {})
     name = name or type(model).__name__
-    if arch is None and hasattr(getattr(model, "config", None), "model_type"):
-        arch = ModelArch.from_hf_config(model.config)
+    config = getattr(model, "config", None)
+    if arch is None and hasattr(config, "to_arch"):  # planner.models.GPT
+        arch = config.to_arch()
+    elif arch is None and hasattr(config, "model_type"):
+        arch = ModelArch.from_hf_config(config)
     found = find_block_container(model)
     container, num_blocks = found if found else (None, 0)
     on_meta = any(p.is_meta for p in model.parameters())

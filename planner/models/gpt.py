@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from planner.arch import ModelArch
+
 __all__ = ["GPTConfig", "GPT"]
 
 
@@ -25,6 +27,12 @@ class GPTConfig:
     n_embd: int = 768
     bias: bool = True
     tie_embeddings: bool = True
+
+    def to_arch(self) -> ModelArch:
+        """The hyper-parameters the planner and codegen read (``planner.trace`` calls this)."""
+        return ModelArch("gpt", self.n_embd, self.n_layer, self.n_head, self.n_head,
+                         self.n_embd // self.n_head, 4 * self.n_embd, self.vocab_size,
+                         self.tie_embeddings)  # fmt: skip
 
 
 class CausalSelfAttention(nn.Module):

@@ -133,8 +133,7 @@ def _from_preset(preset, overrides, batch_size, seq_len, dtype, device) -> Loade
     if preset.kind == "gpt":
         seq = _seq(preset.name, seq_len, cfg.block_size)
         args = (torch.randint(0, cfg.vocab_size, (batch_size, seq), device=device),)
-        arch = ModelArch("gpt", cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.n_head, cfg.n_embd // cfg.n_head,
-                         4 * cfg.n_embd, cfg.vocab_size, cfg.tie_embeddings)
+        arch = cfg.to_arch()
     elif preset.kind == "mlp":
         args = (torch.randn(batch_size, cfg.in_features, device=device, dtype=dtype),)
         arch = ModelArch("mlp", cfg.hidden, cfg.num_blocks, ffn_hidden_size=cfg.expansion * cfg.hidden)
@@ -276,6 +275,8 @@ def _unpack_factory_result(spec: str, made: Any) -> tuple[nn.Module, tuple, dict
 
 def _arch_of(model: nn.Module) -> ModelArch | None:
     config = getattr(model, "config", None)
+    if hasattr(config, "to_arch"):
+        return config.to_arch()
     if config is not None and hasattr(config, "model_type"):
         try:
             return ModelArch.from_hf_config(config)

@@ -43,14 +43,24 @@ def _check(cases, results, tp_of):
             blocks = sum(1 for j in range(first, lastl + 1) if 0 < j < len(case["plan"]["layers"]) - 1)
             tp = stage.tp
             sharded = tp > 1 and tp_of(case)
+            # Vocab-parallel embedding (1 all-reduce) and head (1 all-gather of the logits).
+            emb, head = sharded and first == 0, sharded and lastl == len(case["plan"]["layers"]) - 1
             if layout.sequence_parallel and sharded:  # reduce-scatter + all-gather per sublayer
                 assert r["collectives"] == {"reduce_scatter_tensor": 2 * blocks,
-                                            "all_gather_into_tensor": 2 * blocks}, case["name"]
+                                            "all_gather_into_tensor": 2 * blocks + head,
+                                            **({"all_reduce": 1} if emb else {})}, case["name"]
             else:
-                assert r["all_reduces"] == (2 * blocks if sharded else 0), case["name"]
-            for name, (global_numel, local_numel, _, _) in r["sharded"].items():
+                assert r["all_reduces"] == (2 * blocks + emb if sharded else 0), case["name"]
+                assert r["collectives"].get("all_gather_into_tensor", 0) == head, case["name"]
+            vocab = (case["overrides"] or {}).get("vocab_size", 256)
+            for name, (global_numel, local_numel, global_shape, _) in r["sharded"].items():
                 kv = (case["overrides"] or {}).get("num_key_value_heads")
                 divisor = kv if kv and kv < tp and ("k_proj" in name or "v_proj" in name) else tp
+                if global_shape[0] == vocab and name.endswith(("wte.weight", "embed_tokens.weight",
+                                                               "lm_head.weight")):
+                    rows = -(-vocab // tp)  # vocab-parallel: ceil(V / tp) rows, zero-padded
+                    assert local_numel == rows * global_numel // vocab, (case["name"], name)
+                    continue
                 assert local_numel * divisor == global_numel, (case["name"], name)
             if tp > 1 and tp_of(case):
                 assert r["sharded"], case["name"]
@@ -93,6 +103,8 @@ def test_four_ranks_tp_x_pp_dp_x_pp_dp_x_tp_equal_eager(tmp_path):
         # Sequence parallelism with tp × pp on HF GPT-2 (Conv1D, fused c_attn).
         _case("gpt2-tiny", {}, simple(1, [(0, 2, 2), (3, 5, 2)], microbatches=2,
                                       sequence_parallel=True)),
+        # A vocabulary tp 4 does not divide: the last rank's shard is zero-padded.
+        _case("gpt-tiny", {"vocab_size": 250}, simple(1, [(0, 5, 4)])),
         # tp 1 -> 2 -> 1: the project's own boundary send/recv in both directions.
         _case("llama-tiny", {}, simple(1, [(0, 1, 1), (2, 3, 2), (4, 5, 1)], microbatches=2)),
     ]

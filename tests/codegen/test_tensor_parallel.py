@@ -32,14 +32,58 @@ def test_fused_qkv_is_split_sharded_and_rejoined(model, prefix):
     assert report.sharded[name] == (tuple(full.shape), tuple(local.shape))
 
 
+def _charged(traced, stage, tp, sequence_parallel=False) -> dict[str, int]:
+    """The collectives the cost model charges for the stage's layers (``tp_collectives``),
+    counted by the functional op that implements each."""
+    from cost_models.layer_cost import tp_collectives
+    from planner.cluster import Workload
+
+    ops = {"all_reduce": "all_reduce", "all_gather": "all_gather_into_tensor",
+           "reduce_scatter": "reduce_scatter_tensor"}
+    work = Workload(batch_size=2, seq_len=8, dtype="float32")
+    counts: dict[str, int] = {}
+    for j in range(stage.layers[0], stage.layers[1] + 1):
+        for kind, _ in tp_collectives(traced.layers[j], traced.arch, tp, work, 2,
+                                      sequence_parallel=sequence_parallel):
+            counts[ops[kind]] = counts.get(ops[kind], 0) + 1
+    return counts
+
+
 @pytest.mark.parametrize("model", ["gpt-tiny", "gpt2-tiny", "llama-tiny"])
-def test_two_all_reduces_per_block_and_none_elsewhere(model):
-    traced, stages = _stage(model, split=((0, 2), (3, 5)))
+@pytest.mark.parametrize("sp", [False, True])
+@pytest.mark.parametrize("split", [((0, 2), (3, 5)), ((0, 5),)])  # tied tables in one stage
+def test_generated_collectives_are_the_ones_the_cost_model_charges(model, sp, split):
+    traced, stages = _stage(model, split=split)
     for stage in stages:
-        shard_stage(stage.module, tp=2, tp_rank=0, group_name="g", arch=traced.arch)
+        shard_stage(stage.module, tp=2, tp_rank=0, group_name="g", arch=traced.arch,
+                    sequence_parallel=sp)
         blocks = sum(traced.layers[j].kind == "block" for j in range(stage.layers[0],
                                                                      stage.layers[1] + 1))
-        assert count_collectives(stage.module) == {"all_reduce": 2 * blocks}
+        expected = _charged(traced, stage, 2, sp)
+        assert count_collectives(stage.module) == expected
+        # Megatron: 2 per block, 1 all-reduce for the embedding, 1 all-gather for the head.
+        first, last = stage.layers[0] == 0, stage.layers[1] == len(traced.layers) - 1
+        if not sp:
+            assert expected == {"all_reduce": 2 * blocks + first,
+                                **({"all_gather_into_tensor": 1} if last else {})}
+
+
+@pytest.mark.parametrize("model, tables", [("gpt-tiny", 1), ("llama-tiny", 2)])  # GPT: tied
+@pytest.mark.parametrize("vocab, tp", [(256, 2), (250, 4)])
+def test_embedding_and_head_are_split_by_vocabulary_rows(model, tables, vocab, tp):
+    traced, (stage,) = _stage(model, {"vocab_size": vocab})
+    tables_named = ("wte.weight", "embed_tokens.weight", "lm_head.weight")
+    full = {n: p.detach().clone() for n, p in stage.module.named_parameters()
+            if n.endswith(tables_named)}
+    report = shard_stage(stage.module, tp=tp, tp_rank=tp - 1, group_name="g", arch=traced.arch)
+    assert len(full) == tables and sorted(report.vocab_parallel) == sorted(full)
+    rows = -(-vocab // tp)  # 63 rows at 250 / 4: the last shard holds 61 and 2 zero rows
+    kept = vocab - (tp - 1) * rows
+    for n, w in full.items():
+        local = stage.module.get_parameter(n)
+        assert report.sharded[n] == (tuple(w.shape), (rows, w.shape[1]))
+        assert torch.equal(local[:kept], w[(tp - 1) * rows:])
+        assert not local[kept:].any()
 
 
 @pytest.mark.parametrize("kv, tp, rank, head", [(1, 2, 1, 0), (2, 4, 3, 1), (2, 4, 1, 0)])
@@ -81,8 +125,9 @@ def test_compile_plan_writes_readable_stages_with_collectives_and_p2p(tmp_path):
     traced = traced_for("llama-tiny", None, 2, 8)
     paths = compile_plan(traced, ParallelLayout.simple(1, [(0, 2, 2), (3, 5, 2)]), tmp_path)
     first, second = (p.read_text() for p in paths[:2])
-    assert first.count("_c10d_functional.all_reduce.default(") == 4
-    assert second.count("_c10d_functional.wait_tensor.default(") == 4
+    assert first.count("_c10d_functional.all_reduce.default(") == 2 * 2 + 1  # + embedding
+    assert second.count("_c10d_functional.all_gather_into_tensor.default(") == 1  # logits
+    assert second.count("_c10d_functional.wait_tensor.default(") == 2 * 2 + 1
     assert "# send to stage 1:" in first and "# recv from stage 0:" in second
     assert "(rotary)" in second and "(mask)" in second
     compile(first.split("\n\n", 1)[1], "stage0.py", "exec")  # the body is valid Python
@@ -96,9 +141,12 @@ def test_sequence_parallel_swaps_all_reduce_for_reduce_scatter_and_all_gather(mo
                              sequence_parallel=True)
         blocks = sum(traced.layers[j].kind == "block" for j in range(stage.layers[0],
                                                                      stage.layers[1] + 1))
-        assert count_collectives(stage.module) == {"reduce_scatter_tensor": 2 * blocks,
-                                                   "all_gather_into_tensor": 2 * blocks}
-        assert report.all_reduces == 0
+        first, last = stage.layers[0] == 0, stage.layers[1] == len(traced.layers) - 1
+        vocab = {**({"all_reduce": 1} if first else {})}  # the vocab-parallel embedding
+        assert count_collectives(stage.module) == {
+            "reduce_scatter_tensor": 2 * blocks, "all_gather_into_tensor": 2 * blocks + last,
+            **vocab}
+        assert report.all_reduces == first
         # Norms run on this rank's half of the sequence (T = 8 -> 4).
         norms = [n for n in stage.module.graph.nodes
                  if n.target in (torch.ops.aten.layer_norm.default, torch.ops.aten.mean.dim)]

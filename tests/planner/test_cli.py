@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -168,6 +169,8 @@ def test_run_check_compile_and_refusals(tmp_path):
     checked = run("run", str(plan_file), "--check")
     assert checked.returncode == 0, checked.stderr
     assert "max abs error vs the unsharded model" in checked.stdout
+    steps = re.search(r"best ([\d.]+) s, median ([\d.]+) s over 5 steps", checked.stdout)
+    assert steps and 0 < float(steps[1]) <= float(steps[2])
     err = float(checked.stdout.split("max abs error vs the unsharded model: ")[1].split()[0])
     assert err <= 1e-4
 
