@@ -11,8 +11,10 @@ over 2 ranks (gloo on CPU, nccl on GPUs), forward only under ``torch.no_grad()``
   graph with its functional all-reduces);
 - ``parallelize_module``: ``torch.distributed.tensor.parallel`` with ``ColwiseParallel`` on
   q/k/v/gate/up and ``RowwiseParallel`` on o/down of every decoder layer (HF's attention
-  reshapes with ``-1`` heads, so the local head counts need no patching), embedding, norms
-  and head replicated, as in the generated module.
+  reshapes with ``-1`` heads, so the local head counts need no patching), and, as in the
+  generated module, a vocab-parallel embedding (``RowwiseParallel`` on ``embed_tokens``,
+  output all-reduced) and LM head (``ColwiseParallel`` on ``lm_head``, logits all-gathered),
+  the torchtitan recipe; norms replicated.
 
 The two alternate: each run times ``--iters`` forwards of one, then of the other (order
 swapped every run), after a barrier; the per-forward time of a run is its mean. Rank 0
@@ -42,6 +44,7 @@ CONFIG = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
 
 
 def _dtensor_model(model, mesh):
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
@@ -53,6 +56,11 @@ def _dtensor_model(model, mesh):
              "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
     for layer in model.model.layers:
         parallelize_module(layer, mesh, plan)
+    parallelize_module(model, mesh, {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(),
+                                              output_layouts=Replicate()),
+        "lm_head": ColwiseParallel(output_layouts=Replicate()),
+    })
     return model
 
 
