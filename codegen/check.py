@@ -17,7 +17,10 @@ Failures: every process group (and every stage-boundary send/recv) waits at most
 ``--status-dir`` (running / error / ok, with the phase it was in), so ``run_check`` can
 name the rank that died first (no Python error: killed, crashed) or raised first, instead
 of the ranks that merely lost their peer. ``FX_PLANNER_FAIL_RANK=<r>`` (read here only,
-for tests) makes rank ``r`` kill itself with SIGKILL when its forward pass begins.
+for tests) makes rank ``r`` kill itself with SIGKILL when its forward pass begins;
+``FX_PLANNER_HANG_RANK=<r>`` makes it sleep instead (alive, no progress): its peers' waits
+time out, they raise, and torchrun stops it with SIGTERM; the message names the rank that
+raised first and the ranks that were still running without an error.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ __all__ = ["run_check", "torchrun_command", "check_case", "main", "diagnose_fail
 
 _TIMEOUT = datetime.timedelta(seconds=60)
 FAIL_RANK_ENV = "FX_PLANNER_FAIL_RANK"
+HANG_RANK_ENV = "FX_PLANNER_HANG_RANK"
 _STATUS: dict = {}
 
 
@@ -175,10 +179,14 @@ def diagnose_failure(rc: int, stderr: str, status: dict[int, dict], nproc: int, 
             at += f" (stage {coords[0]}, replica {coords[1]}, tp rank {coords[2]})"
         return at
 
-    # SIGTERM is how torchrun stops the survivors once one rank failed: list those last.
-    died = sorted((r for r in codes if status.get(r, {}).get("state") != "error"),
-                  key=lambda r: (codes[r] == -signal.SIGTERM, r))
+    # SIGTERM is how torchrun stops the survivors once one rank failed: those did not die on
+    # their own. A rank that died otherwise without a Python error is the cause.
+    quiet = [r for r in codes if status.get(r, {}).get("state") != "error"]
+    stopped = sorted(r for r in quiet if codes[r] == -signal.SIGTERM)
+    died = sorted(r for r in quiet if codes[r] != -signal.SIGTERM)
     raised = sorted((st["t"], r) for r, st in status.items() if st.get("state") == "error")
+    if not died and not raised:
+        died = stopped  # nothing else to blame
     if rc == 124:
         stuck = [r for r, st in status.items() if st.get("state") != "ok"]
         head = (f"plan run failed: the job exceeded its wall time of {timeout_s:.0f} s and was "
@@ -194,6 +202,12 @@ def diagnose_failure(rc: int, stderr: str, status: dict[int, dict], nproc: int, 
         r = raised[0][1]
         head = (f"plan run failed: {where(r)} raised first, during {status[r].get('phase')}: "
                 f"{status[r]['error']}")
+        if stopped:
+            head += (f"; {', '.join(where(q) for q in stopped)} had raised nothing and "
+                     f"{'was' if len(stopped) == 1 else 'were'} still running (phase "
+                     f"{', '.join(status.get(q, {}).get('phase', '?') for q in stopped)}) "
+                     f"until torchrun stopped {'it' if len(stopped) == 1 else 'them'}: a rank "
+                     "that hangs shows up this way")
     elif codes:
         r = min(codes)
         head = f"plan run failed: {where(r)} exited with {_exit_text(codes[r])}"
@@ -237,6 +251,8 @@ def check_case(model_spec: str, overrides: dict, plan, *, seed: int = 0,
     _set_status(phase="forward")
     if os.environ.get(FAIL_RANK_ENV) == str(dist.get_rank()):
         os.kill(os.getpid(), signal.SIGKILL)  # test hook: die mid-run, as `kill -9` would
+    if os.environ.get(HANG_RANK_ENV) == str(dist.get_rank()):
+        time.sleep(24 * 3600)  # test hook: alive but making no progress (a deadlock, a hang)
     with torch.no_grad():
         start = time.perf_counter()
         out = local(*lm.args, **lm.kwargs)

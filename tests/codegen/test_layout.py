@@ -50,3 +50,21 @@ def test_failure_diagnosis_names_the_rank_that_died_not_the_ones_stopped_after()
     hung = diagnose_failure(124, "", {0: {"state": "ok"}, 1: status[1]}, 2, seconds=61.0,
                             timeout_s=60, collective_timeout_s=20)
     assert "exceeded its wall time of 60 s" in hung and "rank 1 in forward" in hung
+
+
+def test_failure_diagnosis_of_a_hang_names_who_timed_out_and_who_was_still_running():
+    from codegen.check import diagnose_failure
+
+    # Rank 1 hangs: ranks 0 and 2 time out waiting for it and raise; torchrun then stops it.
+    stderr = "".join(f"  rank      : {r} (local_rank: {r})\n  exitcode  : {c} (pid: 1)\n"
+                     for r, c in [(0, 1), (1, -15), (2, 1)])
+    timeout = "DistBackendError: [../gloo/transport/tcp/pair.cc] Timed out waiting 20000ms"
+    status = {0: {"state": "error", "phase": "forward", "t": 25.0, "error": timeout},
+              1: {"state": "running", "phase": "forward", "t": 4.0, "coords": [1, 0, 0]},
+              2: {"state": "error", "phase": "forward", "t": 25.5, "error": timeout}}
+    msg = diagnose_failure(1, stderr, status, 3, seconds=27.0, timeout_s=120,
+                           collective_timeout_s=20, ended_at=26.0)
+    assert msg.startswith(f"plan run failed: rank 0 raised first, during forward: {timeout}; "
+                          "rank 1 (stage 1, replica 0, tp rank 0) had raised nothing and was "
+                          "still running (phase forward) until torchrun stopped it")
+    assert "died" not in msg

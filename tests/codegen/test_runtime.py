@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from codegen.check import FAIL_RANK_ENV, run_check
+from codegen.check import FAIL_RANK_ENV, HANG_RANK_ENV, run_check
 from codegen.layout import LayoutError, ParallelLayout
 from codegen.runtime import FingerprintMismatch, parallelize
 from planner.models import load_model
@@ -182,3 +182,26 @@ def test_a_rank_that_dies_ends_run_check_with_a_message_naming_it(tmp_path, capf
                               "with signal 9 (SIGKILL) during forward"), message
     detected = float(re.search(r"([\d.]+) s after rank 1's last record", message).group(1))
     assert detected < collective_timeout, message
+
+
+@pytest.mark.slow
+def test_a_rank_that_hangs_is_ended_by_the_collective_timeout_and_named(tmp_path, capfd,
+                                                                        monkeypatch):
+    # Same layout; rank 1 sleeps instead of dying: rank 0's send and rank 2's all-reduce wait
+    # for it until the collective timeout, raise, and torchrun stops rank 1.
+    layout = ParallelLayout.simple(1, [(0, 2, 1), (3, 5, 2)], microbatches=2)
+    plan = pinned_plan(traced_for("gpt-tiny", None, BATCH, SEQ), layout, BATCH, SEQ)
+    plan.save(tmp_path / "plan.json")
+    monkeypatch.setenv(HANG_RANK_ENV, "1")
+    collective_timeout, margin = 15, 90
+    start = time.monotonic()
+    rc = run_check(tmp_path / "plan.json", "gpt-tiny", timeout_s=collective_timeout + margin,
+                   collective_timeout_s=collective_timeout)
+    elapsed = time.monotonic() - start
+    err = capfd.readouterr().err
+    message = err.strip().splitlines()[-1]
+    assert rc not in (0, 124), err[-3000:]  # ended by the timeouts, not the wall limit
+    assert elapsed < collective_timeout + margin
+    assert re.match(r"plan run failed: rank [02] .* raised first, during forward", message), message
+    assert ("rank 1 (stage 1, replica 0, tp rank 0) had raised nothing and was still running "
+            "(phase forward)") in message, message
