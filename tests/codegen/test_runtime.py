@@ -161,47 +161,41 @@ def test_single_rank_plan_runs_and_wrong_fingerprint_is_refused(single_rank_grou
         parallelize(lm.model, ParallelLayout.simple(2, [(0, 5, 1)]), lm.args)
 
 
-@pytest.mark.slow
-def test_a_rank_that_dies_ends_run_check_with_a_message_naming_it(tmp_path, capfd, monkeypatch):
-    # tp 1 -> 2 on 3 ranks: rank 1 (stage 1) dies while rank 0 sends to it and rank 2 waits in
-    # the tp group's all-reduce with it.
+def _run_with_rank_1_failing(tmp_path, capfd, monkeypatch, hook_env: str,
+                             collective_timeout: float) -> str:
+    """tp 1 -> 2 on 3 ranks with rank 1 (stage 1) failing through ``hook_env`` while rank 0
+    sends to it and rank 2 waits in the tp group's all-reduce with it. Checks that the job
+    fails within the timeouts (not the wall limit); returns the one-paragraph diagnosis."""
     layout = ParallelLayout.simple(1, [(0, 2, 1), (3, 5, 2)], microbatches=2)
     plan = pinned_plan(traced_for("gpt-tiny", None, BATCH, SEQ), layout, BATCH, SEQ)
     plan.save(tmp_path / "plan.json")
-    monkeypatch.setenv(FAIL_RANK_ENV, "1")
-    collective_timeout, margin = 20, 90  # margin: 3 ranks start and trace on a shared 2-core box
+    monkeypatch.setenv(hook_env, "1")
+    margin = 90  # 3 ranks start and trace on a shared 2-core box
     start = time.monotonic()
     rc = run_check(tmp_path / "plan.json", "gpt-tiny", timeout_s=collective_timeout + margin,
                    collective_timeout_s=collective_timeout)
     elapsed = time.monotonic() - start
     err = capfd.readouterr().err
-    message = err.strip().splitlines()[-1]
     assert rc not in (0, 124), err[-3000:]
     assert elapsed < collective_timeout + margin
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_run_check_with_a_message_naming_it(tmp_path, capfd, monkeypatch):
+    message = _run_with_rank_1_failing(tmp_path, capfd, monkeypatch, FAIL_RANK_ENV, 20)
     assert message.startswith("plan run failed: rank 1 (stage 1, replica 0, tp rank 0) died "
                               "with signal 9 (SIGKILL) during forward"), message
     detected = float(re.search(r"([\d.]+) s after rank 1's last record", message).group(1))
-    assert detected < collective_timeout, message
+    assert detected < 20, message
 
 
 @pytest.mark.slow
 def test_a_rank_that_hangs_is_ended_by_the_collective_timeout_and_named(tmp_path, capfd,
                                                                         monkeypatch):
-    # Same layout; rank 1 sleeps instead of dying: rank 0's send and rank 2's all-reduce wait
-    # for it until the collective timeout, raise, and torchrun stops rank 1.
-    layout = ParallelLayout.simple(1, [(0, 2, 1), (3, 5, 2)], microbatches=2)
-    plan = pinned_plan(traced_for("gpt-tiny", None, BATCH, SEQ), layout, BATCH, SEQ)
-    plan.save(tmp_path / "plan.json")
-    monkeypatch.setenv(HANG_RANK_ENV, "1")
-    collective_timeout, margin = 15, 90
-    start = time.monotonic()
-    rc = run_check(tmp_path / "plan.json", "gpt-tiny", timeout_s=collective_timeout + margin,
-                   collective_timeout_s=collective_timeout)
-    elapsed = time.monotonic() - start
-    err = capfd.readouterr().err
-    message = err.strip().splitlines()[-1]
-    assert rc not in (0, 124), err[-3000:]  # ended by the timeouts, not the wall limit
-    assert elapsed < collective_timeout + margin
+    # Rank 1 sleeps instead of dying: rank 0's send and rank 2's all-reduce wait for it until
+    # the collective timeout, raise, and torchrun stops rank 1.
+    message = _run_with_rank_1_failing(tmp_path, capfd, monkeypatch, HANG_RANK_ENV, 15)
     assert re.match(r"plan run failed: rank [02] .* raised first, during forward", message), message
     assert ("rank 1 (stage 1, replica 0, tp rank 0) had raised nothing and was still running "
             "(phase forward)") in message, message
