@@ -55,17 +55,6 @@ EVALUATION_SHAPES = [(1, 64), (4, 32), (2, 128)]
 COLLECTIVE_HELDOUT = (16 * 1024, 256 * 1024, 2 * 1024 * 1024)
 
 
-def _inputs(name: str, batch: int, seq: int):
-    return calibration_inputs(name, batch, seq)
-
-
-def _trace(name, model, batch, seq):
-    from planner.tracing import trace
-
-    args, kwargs = _inputs(name, batch, seq)
-    return trace(model, args=args, kwargs=kwargs, name=name), args, kwargs
-
-
 def _rel(pred: float, meas: float) -> float:
     return (pred - meas) / meas
 
@@ -111,15 +100,15 @@ def run(quick: bool, with_collectives: bool, cache: str) -> int:
     time_err, median_err, global_err, mem_layer_err, mem_model_err = [], [], [], [], []
     model_rows = []
     for name, batch, seq, traced, prof in held_out:
-        args, kwargs = _inputs(name, batch, seq)
+        args, kwargs = calibration_inputs(name, batch, seq)
         work = Workload(batch_size=batch, seq_len=seq, dtype="float32", phase="prefill")
         for layer, lp in zip(traced.layers, prof.layers):
-            pred = work_time(layer_work(layer, traced.arch, 1, work, batch), eff, "float32")
+            layer_w = layer_work(layer, traced.arch, 1, work, batch)
+            pred = work_time(layer_w, eff, "float32")
             e = _rel(pred, lp.time_s)
             time_err.append(e)
             median_err.append(_rel(pred, lp.median_s))
-            global_err.append(_rel(work_time(layer_work(layer, traced.arch, 1, work, batch),
-                                             global_only, "float32"), lp.time_s))  # fmt: skip
+            global_err.append(_rel(work_time(layer_w, global_only, "float32"), lp.time_s))
             pmem = activation_peak_bytes(layer, 1, 1.0)
             me = _rel(pmem, lp.peak_alloc_bytes) if lp.peak_alloc_bytes else 0.0
             mem_layer_err.append(me)
@@ -144,7 +133,7 @@ def run(quick: bool, with_collectives: bool, cache: str) -> int:
     for name, shape, meas, pred, me in model_rows:
         print(f"{name:<9} {shape:<8} {meas:11d} {pred:12d} {me * 100:6.1f}%")
 
-    # --- 3. collectives at held-out sizes
+    # --- 4. collectives at held-out sizes
     coll_err = []
     if with_collectives:
         print("\ncollectives at sizes not used for calibration (gloo, low percentile)")

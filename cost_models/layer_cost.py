@@ -78,11 +78,13 @@ def tp_collectives(
     MLP); with sequence parallelism each becomes an all-gather + a reduce-scatter of the
     same size. Embedding (vocab-parallel): 1 all-reduce (also under sequence parallelism:
     the generated code all-reduces, then each rank keeps its rows). Head (vocab-parallel):
-    1 all-gather of the logits. ``codegen.tensor_parallel`` inserts exactly these, stage by
-    stage (``tests/codegen/test_tensor_parallel.py`` checks the counts); under sequence
+    1 all-gather of the logits. Other layers with a matmul (column- then row-parallel
+    pair): 1 all-reduce of the layer output.
+
+    ``codegen.tensor_parallel`` inserts exactly these, stage by stage
+    (``tests/codegen/test_tensor_parallel.py`` checks the counts): under sequence
     parallelism a stage's first block needs no all-gather (its input arrives whole) and the
-    stage instead all-gathers the sequence at its end, before its output or the head. Other layers with a
-    matmul (column- then row-parallel pair): 1 all-reduce of the layer output.
+    stage instead all-gathers the sequence at its end, before its output or the head.
 
     Returns:
         ``[(kind, nbytes), ...]`` (empty at tp 1).

@@ -347,9 +347,9 @@ def measure_peak_bytes(fn: Callable[[], Any], device: str = "cpu") -> int:
 
 def best_round(times: np.ndarray, round_calls: int = ROUND_CALLS) -> float:
     """Lowest median of ``round_calls`` consecutive timings (all of them if fewer)."""
-    rounds = max(len(times) // round_calls, 1)
     if len(times) < round_calls:
         return float(np.median(times))
+    rounds = len(times) // round_calls
     return float(min(np.median(times[i * round_calls:(i + 1) * round_calls]) for i in range(rounds)))
 
 
@@ -505,6 +505,7 @@ class _Job:
 
     run: _ModelRun
     index: int
+    nodes: list[fx.Node]  # the layer's nodes in the full graph (for the per-node breakdown)
     module: fx.GraphModule
     values: list
     times: list[float] = field(default_factory=list)
@@ -516,7 +517,7 @@ def _measure(models: list[_ModelRun], device, warmup, repeats, node_repeats, min
     signature per model) after filling each model's ``results``."""
     sync = _sync_for(device)
     jobs: list[_Job] = []
-    timers: list[tuple[_ModelRun, fx.GraphModule, list, set[str]]] = []
+    timers: list[tuple[_ModelRun, fx.GraphModule, list]] = []
     with torch.no_grad():
         for m in models:
             gm = m.traced.graph_module
@@ -527,14 +528,15 @@ def _measure(models: list[_ModelRun], device, warmup, repeats, node_repeats, min
             flat = _flat_inputs(gm, m.args, m.kwargs)
             timer = _NodeTimer(gm, keep, sync)
             timer.run(*flat, enable_io_processing=False)  # the values crossing layers
-            timers.append((m, gm, flat, keep))
+            timers.append((m, gm, flat))
             seen: set[str] = set()
             for j in todo:
                 if m.signatures[j] in seen:
                     continue
                 seen.add(m.signatures[j])
                 module, inputs = modules[j]
-                jobs.append(_Job(m, j, module, [timer.kept[name] for name in inputs]))
+                values = [timer.kept[name] for name in inputs]
+                jobs.append(_Job(m, j, per_layer[j], module, values))
         for job in jobs:
             for _ in range(warmup):
                 job.module(*job.values)
@@ -544,7 +546,7 @@ def _measure(models: list[_ModelRun], device, warmup, repeats, node_repeats, min
         r = 0
         while r < rounds or time.perf_counter() - start < min_time_s:
             if r < max(node_repeats, 1):
-                for m, gm, flat, _keep in timers:
+                for m, gm, flat in timers:
                     timer = _NodeTimer(gm, set(), sync)
                     timer.run(*flat, enable_io_processing=False)
                     m.node_runs.append(timer.times)
@@ -556,9 +558,8 @@ def _measure(models: list[_ModelRun], device, warmup, repeats, node_repeats, min
                     sync()
                     job.times.append(time.perf_counter() - t0)
             r += 1
-            if progress and r <= rounds:
-                last = jobs[-1] if jobs else None
-                name = last.run.traced.layers[last.index].name if last else ""
+            if progress and r <= rounds:  # jobs is not empty: every model here has a layer to time
+                name = jobs[-1].run.traced.layers[jobs[-1].index].name
                 progress(done + (total - done) * r // rounds, total, name, False)
 
         fresh: list[LayerProfile] = []
@@ -566,7 +567,6 @@ def _measure(models: list[_ModelRun], device, warmup, repeats, node_repeats, min
         for job in jobs:
             m, j = job.run, job.index
             times = np.asarray(job.times)
-            nodes = _layer_nodes(m.traced)[j]
             ir = getattr(m.traced, "graph", None)
             p = LayerProfile(
                 index=j, name=m.traced.layers[j].name, signature=m.signatures[j],
@@ -577,7 +577,7 @@ def _measure(models: list[_ModelRun], device, warmup, repeats, node_repeats, min
                 input_bytes=_tensor_bytes(job.values),
                 nodes=tuple(
                     _node_timing(n, ir, [run[n.name] for run in m.node_runs if n.name in run])
-                    for n in nodes
+                    for n in job.nodes
                     if n.op.startswith("call_")
                 ),
             )  # fmt: skip

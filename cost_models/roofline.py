@@ -71,6 +71,7 @@ __all__ = [
     "elementwise_work",
     "norm_work",
     "op_time",
+    "class_times",
     "work_time",
     "layer_work",
     "measure_peaks",
@@ -263,14 +264,19 @@ def op_time(work: OpWork, eff: ClassEfficiency, peak_flops: float, bandwidth: fl
     return work.count * eff.overhead_s + max(compute, memory)
 
 
+def class_times(
+    work: Mapping[str, OpWork], efficiencies: Efficiencies, dtype: str
+) -> dict[str, float]:
+    """Roofline seconds of each op class's work, before the in-layer scales."""
+    peak = efficiencies.peak_flops.get(dtype) or efficiencies.peak_flops["float32"]
+    return {c: op_time(w, efficiencies.for_class(c), peak, efficiencies.memory_bandwidth)
+            for c, w in work.items()}  # fmt: skip
+
+
 def work_time(work: Mapping[str, OpWork], efficiencies: Efficiencies, dtype: str) -> float:
     """Seconds for a layer's per-class work on the device ``efficiencies`` describes."""
-    peak = efficiencies.peak_flops.get(dtype) or efficiencies.peak_flops["float32"]
-    return sum(
-        efficiencies.scale_for(c)
-        * op_time(w, efficiencies.for_class(c), peak, efficiencies.memory_bandwidth)
-        for c, w in work.items()
-    )
+    return sum(efficiencies.scale_for(c) * t
+               for c, t in class_times(work, efficiencies, dtype).items())  # fmt: skip
 
 
 # ------------------------------------------------------------------ scaling a traced layer
@@ -515,12 +521,8 @@ def fit_class_scales(
     classes = sorted({c for work, _ in layers for c in work})
     if not layers or not classes:
         return {}
-    peak = efficiencies.peak_flops.get(dtype) or efficiencies.peak_flops["float32"]
-    x = np.array([
-        [op_time(work[c], efficiencies.for_class(c), peak, efficiencies.memory_bandwidth) / t
-         if c in work else 0.0 for c in classes]
-        for work, t in layers
-    ])  # fmt: skip
+    rows = [(class_times(work, efficiencies, dtype), t) for work, t in layers]
+    x = np.array([[times.get(c, 0.0) / t for c in classes] for times, t in rows])
     a = x.T @ x + shrink * np.eye(len(classes))
     b = x.T @ np.ones(len(layers)) + shrink * k0
     k = np.clip(np.linalg.solve(a, b), k0 / 4, 4 * k0)

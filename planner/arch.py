@@ -44,6 +44,17 @@ class ModelArch:
         return asdict(self)
 
     @classmethod
+    def of_module(cls, model) -> ModelArch | None:
+        """From ``model.config``: its ``to_arch()`` (``planner.models.GPTConfig``) or a
+        transformers config; ``None`` when the model has neither."""
+        config = getattr(model, "config", None)
+        if hasattr(config, "to_arch"):
+            return config.to_arch()
+        if hasattr(config, "model_type"):
+            return cls.from_hf_config(config)
+        return None
+
+    @classmethod
     def from_hf_config(cls, config) -> ModelArch:
         """Read a transformers ``PretrainedConfig`` (GPT-2 and Llama-style names)."""
         get = lambda *names, default=None: next(  # noqa: E731

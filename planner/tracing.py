@@ -178,11 +178,8 @@ def trace(
     """
     kwargs = dict(kwargs or {})
     name = name or type(model).__name__
-    config = getattr(model, "config", None)
-    if arch is None and hasattr(config, "to_arch"):  # planner.models.GPT
-        arch = config.to_arch()
-    elif arch is None and hasattr(config, "model_type"):
-        arch = ModelArch.from_hf_config(config)
+    if arch is None:
+        arch = ModelArch.of_module(model)
     found = find_block_container(model)
     container, num_blocks = found if found else (None, 0)
     on_meta = any(p.is_meta for p in model.parameters())

@@ -274,12 +274,7 @@ def _unpack_factory_result(spec: str, made: Any) -> tuple[nn.Module, tuple, dict
 
 
 def _arch_of(model: nn.Module) -> ModelArch | None:
-    config = getattr(model, "config", None)
-    if hasattr(config, "to_arch"):
-        return config.to_arch()
-    if config is not None and hasattr(config, "model_type"):
-        try:
-            return ModelArch.from_hf_config(config)
-        except Exception:
-            return None
-    return None
+    try:
+        return ModelArch.of_module(model)
+    except Exception:  # a user factory's config that from_hf_config cannot read
+        return None
