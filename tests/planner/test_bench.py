@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from planner.bench import DEFAULT_SUITE, CaseResult, compare, golden_diff, load_cases, run_case
+from planner.bench import (
+    DEFAULT_SUITE,
+    TOLERANCE,
+    CaseResult,
+    compare,
+    golden_diff,
+    load_cases,
+    run_case,
+)
 from planner.cluster import Cluster
 from planner.cost_table import CostTable, LayerCost
 
@@ -42,7 +50,9 @@ def test_unchanged_cost_model_matches_golden_and_a_worse_one_fails(name):
     case = next(c for c in CASES if c.name == name)
     same = run_case(case)
     assert compare([same], GOLDEN, CASES)[0]["ok"]
-    assert same.objective == pytest.approx(GOLDEN[name]["objective"], rel=1e-12)
+    # The suite's own tolerance: float noise from a dependency's graph (2e-6 relative was
+    # seen across transformers releases) is not a regression; a 0.5% worse plan is.
+    assert same.objective == pytest.approx(GOLDEN[name]["objective"], rel=TOLERANCE)
     worse = run_case(case, perturb=_slower_compute(1.02))
     row = compare([worse], GOLDEN, CASES)[0]
     assert not row["ok"]
