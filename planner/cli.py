@@ -280,7 +280,7 @@ def _devices(argv: list[str]) -> int:
 def _run(argv: list[str]) -> int:
     import math
 
-    from codegen.check import run_check
+    from codegen.check import RunInterrupted, run_check
     from planner.plan import Plan
 
     p = _Parser(prog="plan run", description="Launch a plan with torchrun on this machine "
@@ -301,13 +301,27 @@ def _run(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.repeats < 0:
         raise _UsageError(f"--repeats must be >= 0, got {args.repeats}")
-    plan = Plan.load(args.plan_file)
-    model, overrides = _planned_model(args, plan)
-    _check_runnable_here(plan)
-    status = run_check(args.plan_file, model, overrides,
-                       tol=args.tol if args.check else math.inf, timeout_s=args.timeout,
-                       collective_timeout_s=args.collective_timeout, repeats=args.repeats)
-    return status  # on failure run_check has printed which rank failed and why
+    if not args.tol >= 0:  # also refuses nan
+        raise _UsageError(f"--tol must be a max abs error >= 0, got {args.tol}")
+    for flag, value in (("--timeout", args.timeout), ("--collective-timeout", args.collective_timeout)):
+        if not 0 < value < math.inf:
+            raise _UsageError(f"{flag} must be a number of seconds > 0, got {value}")
+    try:
+        plan = Plan.load(args.plan_file)
+        model, overrides = _planned_model(args, plan)
+        _check_runnable_here(plan, model, overrides)
+        status = run_check(args.plan_file, model, overrides,
+                           tol=args.tol if args.check else math.inf, timeout_s=args.timeout,
+                           collective_timeout_s=args.collective_timeout, repeats=args.repeats,
+                           check_first=False, error_prefix="error: ")
+    except RunInterrupted as e:  # every rank process has been ended
+        print(f"error: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("error: interrupted before any rank started; nothing is left running",
+              file=sys.stderr)
+        return 130
+    return status  # on failure run_check has printed which rank failed and why, and the log
 
 
 def _planned_model(args, plan) -> tuple[str, dict]:
@@ -323,10 +337,15 @@ def _planned_model(args, plan) -> tuple[str, dict]:
     return model, overrides
 
 
-def _check_runnable_here(plan) -> None:
+def _check_runnable_here(plan, model: str, overrides: dict) -> None:
+    """Refuse, before any rank starts, a plan that cannot run here: the wrong device or
+    dtype, an invalid plan, a model that does not trace to its fingerprint, or a job larger
+    than this machine's available memory (``codegen.check.preflight``)."""
     import os
 
     import torch
+
+    from codegen.check import RunRefused, preflight
 
     ranks = plan.parallelism.dp * sum(s.tp for s in plan.stages)
     if plan.cluster.device != "cpu" and not torch.cuda.is_available():
@@ -340,8 +359,14 @@ def _check_runnable_here(plan) -> None:
             f"the plan is for {plan.workload.dtype}; the CPU check compares float32 outputs: "
             "re-plan with --dtype float32"
         )
-    if plan.cluster.device == "cpu" and ranks > 4 * (os.cpu_count() or 1):
-        raise _UsageError(f"the plan needs {ranks} ranks; this machine has {os.cpu_count()} cores")
+    try:
+        preflight(plan, model, overrides)
+    except RunRefused as e:
+        raise _UsageError(str(e)) from None
+    cores = os.cpu_count() or 1
+    if plan.cluster.device == "cpu" and ranks > cores:
+        print(f"note: {ranks} ranks share {cores} cores here, so the measured times are "
+              "slower than one core per rank would give", file=sys.stderr)
 
 
 @_subcommand("compile")
