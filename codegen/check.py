@@ -406,8 +406,9 @@ def _signal(pid: int, started: int, sig: int) -> None:
             pass
 
 
-def _stop_job(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> int:
-    """End torchrun and every process below it: SIGTERM, then SIGKILL after ``grace_s``.
+def _stop_job(proc: subprocess.Popen, grace_s: float | None = None) -> int:
+    """End torchrun and every process below it: SIGTERM, then SIGKILL after ``grace_s``
+    (default ``STOP_GRACE_S``).
 
     The ranks run in sessions of their own (torchrun starts them so), so a signal to the
     launcher's process group would miss them: they are found through /proc and signalled
@@ -422,7 +423,7 @@ def _stop_job(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> int:
         proc.send_signal(signal.SIGTERM)
     for pid, started in tree.items():
         _signal(pid, started, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
+    deadline = time.monotonic() + (STOP_GRACE_S if grace_s is None else grace_s)
     while time.monotonic() < deadline:
         if proc.poll() is None:  # torchrun may still start or track ranks: keep up with it
             for pid, started in _descendants(proc.pid).items():

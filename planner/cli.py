@@ -318,8 +318,8 @@ def _run(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("error: interrupted before any rank started; nothing is left running",
-              file=sys.stderr)
+        print("error: interrupted; no rank process was running (the job had not started or "
+              "had ended), none is left", file=sys.stderr)
         return 130
     return status  # on failure run_check has printed which rank failed and why, and the log
 

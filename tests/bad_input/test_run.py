@@ -223,3 +223,60 @@ def test_an_accuracy_failure_is_reported_as_one(tiny_plan, tmp_path):
     log = Path(err.rsplit("Full rank logs: ", 1)[1].strip())
     assert log.parent == tmp_path and "outputs differ beyond tolerance" in log.read_text()
     assert "max abs error vs the unsharded model" in r.stdout
+
+
+_CHILD = """import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL ends it
+time.sleep(600)
+"""
+_LAUNCHER = """import subprocess, sys, time
+from pathlib import Path
+here = Path(sys.argv[0]).parent
+# Like torchrun: each rank in a session of its own, so the launcher's group misses them.
+for _ in range(2):
+    subprocess.Popen([sys.executable, str(here / "child.py")], start_new_session=True)
+(here / "ready").write_text("")
+time.sleep(600)
+"""
+_DRIVER = """import sys
+from pathlib import Path
+import codegen.check as c
+c.STOP_GRACE_S = 1.0
+here = Path(sys.argv[0]).parent
+try:
+    c._launch([sys.executable, str(here / "launcher.py")], 120, here / "job.log")
+except c.RunInterrupted as e:
+    print(e)
+    sys.exit(130)
+sys.exit(1)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_ends_ranks_in_their_own_sessions_even_if_they_ignore_it(tmp_path):
+    # A stand-in for torchrun whose two "ranks" run in sessions of their own and ignore
+    # SIGTERM: the stop must find them through /proc and SIGKILL them after the grace period.
+    for name, text in (("child.py", _CHILD), ("launcher.py", _LAUNCHER), ("driver.py", _DRIVER)):
+        (tmp_path / name).write_text(text)
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py")], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(root)))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+                len(_job_processes(str(tmp_path / "child.py"))) < 2 and proc.poll() is None):
+            time.sleep(0.2)
+        assert len(_job_processes(str(tmp_path / "child.py"))) == 2, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err[-3000:]
+        assert out.startswith("interrupted by SIGTERM; stopped torchrun and 2 rank processes, "
+                              "none left running"), out
+        assert _job_processes(str(tmp_path)) == []
+    finally:
+        for pid in _job_processes(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
