@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -17,7 +18,10 @@ import torch
 
 from cost_models.devices import DeviceSpec, UnknownDeviceError, lookup
 
-__all__ = ["Cluster", "Workload", "SpecError", "DTYPES"]
+__all__ = ["Cluster", "Workload", "SpecError", "DTYPES", "DEFAULT_CLUSTER", "PHASES", "OBJECTIVES"]
+
+#: The cluster ``plan MODEL`` and ``planner.plan`` use when none is given.
+DEFAULT_CLUSTER = "8xH100"
 
 
 class SpecError(ValueError):
@@ -29,6 +33,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+PHASES = ("prefill", "decode")
+OBJECTIVES = ("latency", "throughput")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 _SPEC_RE = re.compile(r"^(?:(\d+)x)?(\d+)x([A-Za-z0-9][A-Za-z0-9._-]*)$")
@@ -56,10 +62,49 @@ class Cluster:
     inter_node_latency: float | None = None
 
     def __post_init__(self) -> None:
-        if self.nodes < 1 or self.devices_per_node < 1:
+        problems, limit = [], None
+        for key in ("nodes", "devices_per_node"):
+            value = getattr(self, key)
+            if not _is_int(value):
+                problems.append(f"{key} must be a whole number, got {_show(value)}")
+            elif value < 1:
+                problems.append(f"{key} must be >= 1, got {value}")
+        if not isinstance(self.device, str) or not self.device.strip():
+            problems.append(f"device must be a device name such as \"H100\" or \"cpu\" "
+                            f"(`plan devices` lists them), got {_show(self.device)}")
+        else:
+            try:
+                limit = lookup(self.device).max_devices_per_node
+            except UnknownDeviceError as e:
+                problems.append(str(e))
+                limit = None
+        if self.memory_bytes is not None:
+            value = self.memory_bytes
+            if isinstance(value, float) and math.isfinite(value) and value == int(value):
+                value = int(value)
+                object.__setattr__(self, "memory_bytes", value)
+            if not _is_int(value) or value < 1:
+                problems.append(f"memory_bytes must be a positive whole number of bytes per "
+                                f"device (e.g. 80000000000), got {_show(self.memory_bytes)}")
+        for key in ("intra_node_bandwidth", "inter_node_bandwidth"):
+            value = getattr(self, key)
+            if value is not None and not (_is_number(value) and value > 0):
+                problems.append(f"{key} must be a positive number of bytes/s (e.g. 4.5e11), "
+                                f"got {_show(value)}")
+        for key in ("intra_node_latency", "inter_node_latency"):
+            value = getattr(self, key)
+            if value is not None and not (_is_number(value) and value >= 0):
+                problems.append(f"{key} must be a number of seconds >= 0 (e.g. 3e-6), "
+                                f"got {_show(value)}")
+        if problems:
+            raise SpecError("invalid cluster: " + "; ".join(problems))
+        if limit is not None and self.devices_per_node > limit:
+            name = lookup(self.device).name
             raise SpecError(
-                f"a cluster needs at least 1 node and 1 device per node, got "
-                f"{self.nodes} node(s) x {self.devices_per_node} device(s)"
+                f"{self.devices_per_node} {name} devices in one node: the largest "
+                f"{name} node has {limit}. Write NODESxDEVICESxTYPE, e.g. "
+                f"{-(-self.devices_per_node // limit)}x{limit}x{name}, or set "
+                f"\"nodes\" and \"devices_per_node\" in the cluster file"
             )
 
     @property
@@ -101,7 +146,20 @@ class Cluster:
         The JSON form is ``{"nodes": 2, "devices_per_node": 8, "device": "H100",
         "memory_bytes": ..., "intra_node_bandwidth": ..., ...}``.
         """
+        if isinstance(spec, Cluster):
+            return spec
+        if not isinstance(spec, str):
+            raise SpecError(
+                f"a cluster is a Cluster or a spec string such as {DEFAULT_CLUSTER!r}, "
+                f"'4x8xA100-80GB', '4xcpu' or the path of a cluster JSON file; got "
+                f"{type(spec).__name__} {spec!r}"
+            )
         text = spec.strip()
+        if not text:
+            raise SpecError(f"the cluster spec is empty; write e.g. --cluster {DEFAULT_CLUSTER}")
+        if Path(text).is_dir():
+            raise SpecError(f"cluster spec {spec!r} is a directory; give a cluster JSON file "
+                            f"or a spec such as {DEFAULT_CLUSTER}")
         if text.endswith(".json") or Path(text).is_file():
             return cls._from_json(Path(text))
         m = _SPEC_RE.match(text)
@@ -117,9 +175,7 @@ class Cluster:
             device = lookup(m.group(3)).name
         except UnknownDeviceError as e:
             raise SpecError(f"cluster spec {spec!r}: {e}") from None
-        cluster = cls(nodes=nodes, devices_per_node=per_node, device=device)
-        cluster._check_node_size()
-        return cluster
+        return cls(nodes=nodes, devices_per_node=per_node, device=device)
 
     @classmethod
     def _from_json(cls, path: Path) -> Cluster:
@@ -127,32 +183,61 @@ class Cluster:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise SpecError(f"cluster file {path} does not exist") from None
-        except json.JSONDecodeError as e:
+        except IsADirectoryError:
+            raise SpecError(f"cluster file {path} is a directory; give a cluster JSON file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpecError(f"cannot read cluster file {path}: {e}") from None
+        except (json.JSONDecodeError, RecursionError) as e:
             raise SpecError(f"cluster file {path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(data)
+        except SpecError as e:
+            raise SpecError(f"cluster file {path}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, data) -> Cluster:
+        """A cluster from the JSON form: ``{"nodes": 2, "devices_per_node": 8, "device":
+        "H100", "memory_bytes": ..., "intra_node_bandwidth": ..., ...}`` (every key checked:
+        types, ranges, the node-size limit of the device).
+
+        Raises:
+            SpecError: naming the key and what to write instead.
+        """
+        example = '{"nodes": 1, "devices_per_node": 8, "device": "H100"}'
+        if not isinstance(data, dict):
+            raise SpecError(f"a cluster file holds one JSON object such as {example}, not "
+                            f"{type(data).__name__} {_show(data)}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known - {"num_devices"}
         if unknown:
-            raise SpecError(
-                f"cluster file {path}: unknown keys {sorted(unknown)}; allowed keys are {sorted(known)}"
-            )
+            raise SpecError(f"unknown keys {sorted(unknown)}; allowed keys are {sorted(known)}")
         missing = {"nodes", "devices_per_node", "device"} - set(data)
         if missing:
-            raise SpecError(f"cluster file {path}: missing keys {sorted(missing)}")
-        try:
-            data["device"] = lookup(data["device"]).name
-        except UnknownDeviceError as e:
-            raise SpecError(f"cluster file {path}: {e}") from None
-        data.pop("num_devices", None)
-        return cls(**data)
+            raise SpecError(f"missing keys {sorted(missing)}; e.g. {example}")
+        data = dict(data)
+        num_devices = data.pop("num_devices", None)
+        cluster = cls(**data)
+        if isinstance(cluster.device, str):
+            cluster = replace(cluster, device=lookup(cluster.device).name)
+        if num_devices is not None and num_devices != cluster.num_devices:
+            raise SpecError(f"num_devices is {_show(num_devices)} but nodes {cluster.nodes} x "
+                            f"devices_per_node {cluster.devices_per_node} = "
+                            f"{cluster.num_devices}; drop num_devices or make them agree")
+        return cluster
 
-    def _check_node_size(self) -> None:
-        limit = lookup(self.device).max_devices_per_node
-        if self.devices_per_node > limit:
-            raise SpecError(
-                f"{self.devices_per_node} {self.device} devices in one node: the largest "
-                f"{self.device} node has {limit}. Write NODESxDEVICESxTYPE, e.g. "
-                f"{-(-self.devices_per_node // limit)}x{limit}x{self.device}"
-            )
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _show(value) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -182,23 +267,32 @@ class Workload:
     latency_slo_s: float | None = None
 
     def __post_init__(self) -> None:
-        dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
+        dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
         object.__setattr__(self, "dtype", dtype)
         problems = []
-        if self.batch_size < 1:
-            problems.append(f"batch size must be >= 1 (got {self.batch_size})")
-        if self.seq_len < 1:
-            problems.append(f"sequence length must be >= 1 (got {self.seq_len})")
+        for key, what, flag in (("batch_size", "batch size", "--batch"),
+                                ("seq_len", "sequence length", "--seq"),
+                                ("context_len", "context length", "--context")):
+            value = getattr(self, key)
+            if value is None and key == "context_len":
+                continue
+            if not _is_int(value):
+                problems.append(f"{what} ({flag}) must be a whole number, got {_show(value)}")
+            elif value < 1:
+                problems.append(f"{what} must be >= 1 (got {value})")
         if dtype not in DTYPES:
-            problems.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.phase not in ("prefill", "decode"):
-            problems.append(f"phase {self.phase!r} must be 'prefill' or 'decode'")
-        if self.objective not in ("latency", "throughput"):
-            problems.append(f"objective {self.objective!r} must be 'latency' or 'throughput'")
-        if self.context_len is not None and self.context_len < 1:
-            problems.append(f"context length must be >= 1 (got {self.context_len})")
-        if not 0.0 <= self.memory_headroom < 1.0:
-            problems.append(f"memory headroom must be in [0, 1) (got {self.memory_headroom})")
+            problems.append(f"dtype {_show(self.dtype)} is not one of {', '.join(DTYPES)}")
+        if self.phase not in PHASES:
+            problems.append(f"phase {_show(self.phase)} must be 'prefill' or 'decode'")
+        if self.objective not in OBJECTIVES:
+            problems.append(f"objective {_show(self.objective)} must be 'latency' or 'throughput'")
+        if not _is_number(self.memory_headroom) or not 0.0 <= self.memory_headroom < 1.0:
+            problems.append(f"memory headroom (--headroom) must be in [0, 1) (got "
+                            f"{_show(self.memory_headroom)})")
+        if self.latency_slo_s is not None and not (_is_number(self.latency_slo_s)
+                                                   and self.latency_slo_s > 0):
+            problems.append(f"latency SLO must be a positive number of seconds (got "
+                            f"{_show(self.latency_slo_s)})")
         if problems:
             raise SpecError("invalid workload: " + "; ".join(problems))
 

@@ -7,12 +7,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from planner.cluster import DTYPES, OBJECTIVES, PHASES, SpecError, Workload
 from planner.cost_table import CostTable, LayerCost, Link
 
 __all__ = [
@@ -30,15 +36,13 @@ __all__ = [
     "BaselineFigures",
     "SolverInfo",
     "Plan",
+    "PLAN_SCHEMA",
+    "EXTRA_SCHEMA",
+    "is_plan_file",
+    "write_atomic",
 ]
 
 SCHEMA = "fx-planner/plan/v1"
-
-
-_KNOWN_KEYS = frozenset({
-    "schema", "model", "cluster", "workload", "parallelism", "stages", "layers", "boundaries",
-    "predicted", "baselines", "solver", "links", "stage_workspace_bytes", "provenance",
-})
 
 
 class PlanFormatError(ValueError):
@@ -249,9 +253,11 @@ class Plan:
         return d
 
     def save(self, path: str | Path) -> None:
-        """Validate, then write the plan as indented JSON."""
+        """Validate, then write the plan as indented JSON, atomically (a temporary file in
+        the same folder, then renamed over ``path``; missing parent folders are created), so
+        ``path`` holds either its old content or the whole new plan, never half of one."""
         self.validate()
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -265,80 +271,62 @@ class Plan:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise PlanFormatError(f"plan file {path} does not exist") from None
-        except json.JSONDecodeError as e:
+        except IsADirectoryError:
+            raise PlanFormatError(f"plan file {path} is a directory; give the plan's JSON file "
+                                  "(written by `plan MODEL --out plan.json`)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanFormatError(f"cannot read plan file {path}: {e}") from None
+        except (json.JSONDecodeError, RecursionError) as e:
             raise PlanFormatError(f"plan file {path} is not valid JSON: {e}") from None
-        plan = cls.from_dict(data)
-        plan.validate()
+        try:
+            plan = cls.from_dict(data)
+            plan.validate()
+        except PlanFormatError as e:
+            raise PlanFormatError(f"plan file {path}: {e}") from None
         return plan
 
     @classmethod
     def from_dict(cls, data) -> Plan:
-        """Build a plan from parsed JSON, checking every key of the schema and its type."""
+        """Build a plan from parsed JSON, checking every key of the schema (``PLAN_SCHEMA``):
+        presence, type, range, allowed values; and the further keys ``plan MODEL`` writes
+        (``EXTRA_SCHEMA``), which are kept verbatim in ``extra``.
+
+        Raises:
+            PlanFormatError: naming the first key that is wrong and what it must be.
+        """
         if not isinstance(data, dict):
-            raise PlanFormatError("a plan file holds one JSON object")
+            raise PlanFormatError(f"a plan file holds one JSON object, not {type(data).__name__} "
+                                  f"{_show(data)}")
         schema = data.get("schema")
         if schema != SCHEMA:
-            raise PlanFormatError(f"schema is {schema!r}; this planner reads {SCHEMA!r} "
+            raise PlanFormatError(f"schema is {_show(schema) if not isinstance(schema, str) else repr(schema)}; "
+                                  f"this planner reads {SCHEMA!r} "
                                   f"(re-create the plan with `plan MODEL --out`)")
-        r = _Reader(data)
-        stages = tuple(
-            PlanStage(
-                layers=_pair(r.get(f"stages[{i}].layers", list), f"stages[{i}].layers"),
-                tp=r.get(f"stages[{i}].tp", int),
-                devices=tuple(tuple(_ints(g, f"stages[{i}].devices"))
-                              for g in r.get(f"stages[{i}].devices", list)),
-                predicted=_costs(r, f"stages[{i}].predicted"),
-                kv_heads_replicated=r.get(f"stages[{i}].kv_heads_replicated", int, default=1),
-            ) for i in range(len(r.get("stages", list))))
-        layers = []
-        for j in range(len(r.get("layers", list))):
-            raw = r.get(f"layers[{j}].costs", dict)
-            costs = {}
-            for key in raw:
-                if not key.isdigit():
-                    raise PlanFormatError(f"layers[{j}].costs has key {key!r}; keys are tp "
-                                          f"degrees written as strings, e.g. \"4\"")
-                costs[int(key)] = _costs(r, f"layers[{j}].costs.{key}")
-            layers.append(PlanLayer(r.get(f"layers[{j}].name", str),
-                                    r.get(f"layers[{j}].param_bytes", int), costs,
-                                    r.get(f"layers[{j}].source", str, default="predicted")))
-        links = {k: Link(r.get(f"links.{k}.latency_s", float),
-                         r.get(f"links.{k}.bandwidth_bytes_per_s", float))
-                 for k in r.get("links", dict, default={})}
+        d = _check(PLAN_SCHEMA, data, "")
+        extra = {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
+        _check_extra(extra)
         return cls(
-            model=PlanModel(r.get("model.name", str), r.get("model.num_layers", int),
-                            r.get("model.fingerprint", str)),
-            cluster=PlanCluster(r.get("cluster.num_devices", int), r.get("cluster.nodes", int),
-                                r.get("cluster.devices_per_node", int),
-                                r.get("cluster.device", str)),
-            workload=PlanWorkload(r.get("workload.batch_size", int),
-                                  r.get("workload.seq_len", int), r.get("workload.dtype", str),
-                                  r.get("workload.phase", str), r.get("workload.objective", str)),
-            parallelism=Parallelism(r.get("parallelism.dp", int), r.get("parallelism.pp", int),
-                                    r.get("parallelism.microbatches", int),
-                                    r.get("parallelism.sequence_parallel", bool),
-                                    r.get("parallelism.microbatch_size", int, default=1)),
-            stages=stages,
-            layers=tuple(layers),
-            boundaries=tuple(_ints(r.get("boundaries", list), "boundaries")),
-            predicted=Predicted(r.get("predicted.latency_s", float),
-                                r.get("predicted.throughput_samples_per_s", float),
-                                r.get("predicted.peak_memory_bytes", int)),
-            baselines={k: BaselineFigures(
-                r.get(f"baselines.{k}.latency_s", float, optional=True),
-                r.get(f"baselines.{k}.throughput_samples_per_s", float, optional=True),
-                r.get(f"baselines.{k}.feasible", bool),
-                r.get(f"baselines.{k}.needs_memory_bytes", int, optional=True, default=None))
-                for k in r.get("baselines", dict)},
-            solver=SolverInfo(r.get("solver.status", str), r.get("solver.objective", float),
-                              r.get("solver.bound", float), r.get("solver.wall_s", float),
-                              r.get("solver.gap", float, default=0.0),
-                              r.get("solver.name", str, default="cp-sat")),
-            links=links,
-            stage_workspace_bytes={int(k): v for k, v in
-                                   r.get("stage_workspace_bytes", dict, default={}).items()},
-            provenance=r.get("provenance", str, default="predicted"),
-            extra={k: v for k, v in data.items() if k not in _KNOWN_KEYS},
+            model=PlanModel(**d["model"]),
+            cluster=PlanCluster(**d["cluster"]),
+            workload=PlanWorkload(**d["workload"]),
+            parallelism=Parallelism(**d["parallelism"]),
+            stages=tuple(PlanStage(layers=(s["layers"][0], s["layers"][1]), tp=s["tp"],
+                                   devices=tuple(tuple(g) for g in s["devices"]),
+                                   predicted=StageCosts(**s["predicted"]),
+                                   kv_heads_replicated=s["kv_heads_replicated"])
+                         for s in d["stages"]),
+            layers=tuple(PlanLayer(layer["name"], layer["param_bytes"],
+                                   {t: StageCosts(**c) for t, c in layer["costs"].items()},
+                                   layer["source"]) for layer in d["layers"]),
+            boundaries=tuple(d["boundaries"]),
+            predicted=Predicted(**d["predicted"]),
+            baselines={k: BaselineFigures(**v) for k, v in d["baselines"].items()},
+            solver=SolverInfo(**d["solver"]),
+            links={k: Link(v["latency_s"], v["bandwidth_bytes_per_s"])
+                   for k, v in d["links"].items()},
+            stage_workspace_bytes=dict(d["stage_workspace_bytes"]),
+            provenance=d["provenance"],
+            extra=extra,
         )
 
     def validate(self) -> None:
@@ -347,6 +335,14 @@ class Plan:
         Raises:
             PlanFormatError: naming the key and what to change.
         """
+        try:
+            data = self.to_dict()
+        except (TypeError, ValueError, AttributeError) as e:
+            raise PlanFormatError(f"invalid plan: cannot write it as JSON ({e})") from None
+        if data.get("schema") != SCHEMA:
+            raise PlanFormatError(f"schema is {data.get('schema')!r}; this planner writes {SCHEMA!r}")
+        _check(PLAN_SCHEMA, data, "")
+        _check_extra(dict(self.extra))
         L, par = len(self.layers), self.parallelism
         errors = []
         if self.model.num_layers != L:
@@ -365,6 +361,11 @@ class Plan:
                 (self.workload.batch_size // par.dp) % par.microbatches:
             errors.append(f"parallelism: dp {par.dp} × microbatches {par.microbatches} must "
                           f"divide workload.batch_size {self.workload.batch_size}")
+        elif par.microbatch_size * par.dp * par.microbatches != self.workload.batch_size:
+            errors.append(f"parallelism.microbatch_size is {par.microbatch_size}; batch_size "
+                          f"{self.workload.batch_size} / (dp {par.dp} × microbatches "
+                          f"{par.microbatches}) is "
+                          f"{self.workload.batch_size // (par.dp * par.microbatches)}")
         expected, used = 0, set()
         for i, s in enumerate(self.stages):
             first, last = s.layers
@@ -395,40 +396,290 @@ class Plan:
                           f"last stage should end at {L - 1}")
         if not self.stages:
             errors.append("stages is empty; a plan has at least one stage")
+        for name, b in self.baselines.items():
+            if b.feasible and (b.latency_s is None or b.throughput_samples_per_s is None):
+                errors.append(f"baselines.{name} is feasible but has no latency_s or "
+                              f"throughput_samples_per_s")
+        if self.links and set(self.links) != {"intra_node", "inter_node"}:
+            errors.append(f"links has {sorted(self.links)}; it holds intra_node and inter_node")
         if errors:
             raise PlanFormatError("invalid plan: " + "; ".join(errors))
 
 
-# ---------------------------------------------------------------------- reading helpers
+# ---------------------------------------------------------------------- the schema
 
 _MISSING = object()
 
 
-class _Reader:
-    """Typed access to nested keys (``"stages[1].tp"``) with errors that name the key."""
+@dataclass(frozen=True)
+class _Value:
+    """One leaf of the schema: a JSON scalar of ``kind`` with its allowed range or values.
 
-    def __init__(self, data: dict) -> None:
-        self.data = data
+    ``minimum`` is inclusive unless ``strict``; ``choices`` lists the allowed strings;
+    ``nullable`` allows ``null``; ``default`` (when given) makes the key optional.
+    """
 
-    def get(self, key: str, kind: type, default=_MISSING, optional: bool = False):
-        node = self.data
-        for part in key.replace("[", ".[").split("."):
-            if part.startswith("["):
-                node = node[int(part[1:-1])]
-            elif isinstance(node, dict) and part in node:
-                node = node[part]
-            elif default is not _MISSING:
-                return default
-            else:
-                raise PlanFormatError(f"missing key {key!r} (see docs/plan-format.md)")
-        if node is None and optional:
+    kind: type
+    minimum: float | None = None
+    strict: bool = False
+    choices: tuple | Callable | None = None
+    nullable: bool = False
+    default: Any = _MISSING
+    doc: str = ""
+
+    def describe(self) -> str:
+        if self.kind is str and isinstance(self.choices, tuple):
+            return " or ".join(repr(c) for c in self.choices)
+        name = {int: "int", float: "number", str: "string", bool: "bool"}[self.kind]
+        if self.minimum is not None:
+            name += f" {'>' if self.strict else '>='} {self.minimum:g}"
+        return name + (" or null" if self.nullable else "")
+
+
+@dataclass(frozen=True)
+class _Object:
+    """A JSON object with these keys (others are refused inside the schema, except where
+    ``open``: the top level keeps unknown keys as ``Plan.extra``)."""
+
+    keys: Mapping[str, Any]
+    default: Any = _MISSING
+    nullable: bool = False
+
+
+@dataclass(frozen=True)
+class _List:
+    item: Any
+    length: int | None = None  # exact length (``[first, last]``)
+    min_length: int = 0
+    default: Any = _MISSING
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class _Map:
+    """A JSON object whose keys are free: tp degrees (``"4"``) when ``int_keys``, else names."""
+
+    value: Any
+    int_keys: bool = False
+    default: Any = _MISSING
+
+
+def _known_device(name: str) -> str | None:
+    from cost_models.devices import UnknownDeviceError, lookup
+
+    try:
+        lookup(name)
+    except UnknownDeviceError as e:
+        return str(e)
+    return None
+
+
+_POS = _Value(int, 1)
+_RATE = _Value(float, 0, strict=True)
+_COUNT = _Value(int, 0)
+_SECONDS = _Value(float, 0)
+_COSTS = _Object({"compute_s": _SECONDS, "comm_s": _SECONDS, "memory_bytes": _COUNT})
+_LINK = _Object({"latency_s": _SECONDS, "bandwidth_bytes_per_s": _Value(float, 0, strict=True)})
+
+#: The one description of ``fx-planner/plan/v1``: ``Plan.from_dict`` (load) reads through it
+#: and ``Plan.validate`` (save, and plans built in code) checks through it; the table in
+#: docs/plan-format.md documents the same keys (a test keeps them in step).
+PLAN_SCHEMA = _Object({
+    "schema": _Value(str, choices=(SCHEMA,)),
+    "model": _Object({"name": _Value(str), "num_layers": _POS, "fingerprint": _Value(str)}),
+    "cluster": _Object({"num_devices": _POS, "nodes": _POS, "devices_per_node": _POS,
+                        "device": _Value(str, choices=_known_device)}),
+    "workload": _Object({"batch_size": _POS, "seq_len": _POS,
+                         "dtype": _Value(str, choices=tuple(DTYPES)),
+                         "phase": _Value(str, choices=PHASES),
+                         "objective": _Value(str, choices=OBJECTIVES)}),
+    "parallelism": _Object({"dp": _POS, "pp": _POS, "microbatches": _POS,
+                            "sequence_parallel": _Value(bool),
+                            "microbatch_size": _Value(int, 1, default=1)}),
+    "stages": _List(_Object({
+        "layers": _List(_COUNT, length=2, doc="[first, last]"),
+        "tp": _POS,
+        "devices": _List(_List(_COUNT, min_length=1), min_length=1),
+        "predicted": _COSTS,
+        "kv_heads_replicated": _Value(int, 1, default=1),
+    }), min_length=1),
+    "layers": _List(_Object({
+        "name": _Value(str), "param_bytes": _COUNT, "costs": _Map(_COSTS, int_keys=True),
+        "source": _Value(str, choices=("predicted", "measured"), default="predicted"),
+    }), min_length=1),
+    "boundaries": _List(_COUNT),
+    "predicted": _Object({"latency_s": _SECONDS, "throughput_samples_per_s": _RATE,
+                          "peak_memory_bytes": _COUNT}),
+    "baselines": _Map(_Object({
+        "latency_s": _Value(float, 0, nullable=True),
+        "throughput_samples_per_s": _Value(float, 0, nullable=True),
+        "feasible": _Value(bool),
+        "needs_memory_bytes": _Value(int, 0, nullable=True, default=None),
+    })),
+    "solver": _Object({"status": _Value(str, choices=("OPTIMAL", "FEASIBLE")),
+                       "objective": _SECONDS, "bound": _Value(float),
+                       "wall_s": _SECONDS, "gap": _Value(float, default=0.0),
+                       "name": _Value(str, choices=("cp-sat", "reference"), default="cp-sat")}),
+    "links": _Object({"intra_node": _LINK, "inter_node": _LINK}, default={}),
+    "stage_workspace_bytes": _Map(_COUNT, int_keys=True, default={}),
+    "provenance": _Value(str, choices=("predicted", "measured", "mixed"), default="predicted"),
+})
+
+#: The further keys ``plan MODEL`` writes (kept in ``Plan.extra``); optional, but checked
+#: when present because ``plan show``/``explain``/``run``/``compile`` read them.
+EXTRA_SCHEMA = _Object({
+    "alternatives": _List(_Object({
+        "dp": _POS, "pp": _POS, "tp": _POS, "feasible": _Value(bool), "why": _Value(str),
+        "microbatches": _Value(int, 1, default=None),
+        "objective": _Value(float, 0, default=None), "ratio": _Value(float, 0, default=None),
+        "latency_s": _Value(float, 0, default=None),
+        "throughput_samples_per_s": _Value(float, 0, default=None),
+        "peak_memory_bytes": _Value(int, 0, default=None),
+    }), default=[]),
+    "source": _Object({"model": _Value(str, nullable=True, default=None),
+                       "overrides": _Map(_Value(object), default={})}, default={}),
+    "workload_full": _Object({
+        "batch_size": _POS, "seq_len": _POS, "dtype": _Value(str, choices=tuple(DTYPES)),
+        "phase": _Value(str, choices=PHASES), "objective": _Value(str, choices=OBJECTIVES),
+        "context_len": _Value(int, 1, nullable=True, default=None),
+        "memory_headroom": _Value(float, 0, default=0.1),
+        "latency_slo_s": _Value(float, 0, strict=True, nullable=True, default=None),
+    }, default={}),
+    "arch": _Value(object, default=None),
+})
+
+_KNOWN_KEYS = frozenset(PLAN_SCHEMA.keys)
+
+
+def _check(spec, value, key: str):
+    """``value`` checked against ``spec``; returns it normalised (ints read as floats where a
+    number is due, defaults filled in). Raises PlanFormatError naming ``key``."""
+    where = key or "the plan"
+    if isinstance(spec, _Object):
+        if value is None and spec.nullable:
             return None
-        if kind is float and isinstance(node, int) and not isinstance(node, bool):
-            node = float(node)
-        if not isinstance(node, kind) or (kind is int and isinstance(node, bool)):
-            raise PlanFormatError(f"key {key!r} must be {kind.__name__}, got "
-                                  f"{type(node).__name__} {node!r}")
-        return node
+        if not isinstance(value, dict):
+            raise PlanFormatError(f"key {where!r} must be an object, got {_show(value)}")
+        out = {}
+        for name, sub in spec.keys.items():
+            path = f"{key}.{name}" if key else name
+            if name in value:
+                out[name] = _check(sub, value[name], path)
+            elif getattr(sub, "default", _MISSING) is not _MISSING:
+                out[name] = sub.default
+            elif isinstance(sub, _Object):  # report the first missing leaf: 'solver.status'
+                out[name] = _check(sub, {}, path)
+            else:
+                raise PlanFormatError(f"missing key {path!r} (see docs/plan-format.md)")
+        return out
+    if isinstance(spec, _List):
+        if not isinstance(value, list):
+            what = "[first, last]" if spec.doc else "a list"
+            raise PlanFormatError(f"key {where!r} must be {what}, got {_show(value)}")
+        if spec.length is not None and len(value) != spec.length:
+            raise PlanFormatError(f"key {where!r} must be {spec.doc or f'{spec.length} items'}, "
+                                  f"got {_show(value)}")
+        if len(value) < spec.min_length:
+            raise PlanFormatError(f"key {where!r} must have at least {spec.min_length} "
+                                  f"entr{'y' if spec.min_length == 1 else 'ies'}, got {_show(value)}")
+        return [_check(spec.item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(spec, _Map):
+        if not isinstance(value, dict):
+            raise PlanFormatError(f"key {where!r} must be an object, got {_show(value)}")
+        out = {}
+        for name, v in value.items():
+            if spec.int_keys and not (_INT_KEY.match(name) and int(name) >= 1):
+                raise PlanFormatError(f"{where} has key {name!r}; keys are tp degrees written "
+                                      f"as strings, e.g. \"4\"")
+            out[int(name) if spec.int_keys else name] = _check(spec.value, v, f"{key}.{name}")
+        return out
+    # a leaf
+    if spec.kind is object:
+        return value
+    if value is None and spec.nullable:
+        return None
+    if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    kind = {int: "int", float: "float", str: "str", bool: "bool"}[spec.kind]
+    if not isinstance(value, spec.kind) or (spec.kind is not bool and isinstance(value, bool)):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise PlanFormatError(f"key {where!r} must be {kind}, got "
+                              f"{type(value).__name__} {shown}")
+    if spec.kind is float and not math.isfinite(value):
+        raise PlanFormatError(f"key {where!r} must be a finite number, got {value!r}")
+    if spec.minimum is not None and (value <= spec.minimum if spec.strict else value < spec.minimum):
+        raise PlanFormatError(f"key {where!r} must be {spec.describe()}, got {value!r}")
+    if isinstance(spec.choices, tuple) and value not in spec.choices:
+        raise PlanFormatError(f"key {where!r} is {value!r}; it must be {spec.describe()}")
+    if callable(spec.choices) and (problem := spec.choices(value)):
+        raise PlanFormatError(f"key {where!r}: {problem}")
+    return value
+
+
+_INT_KEY = re.compile(r"^[0-9]{1,6}$")
+
+
+def _check_extra(extra: Mapping) -> None:
+    """The further keys of ``plan MODEL`` (``EXTRA_SCHEMA``) and how they must agree."""
+    checked = _check(EXTRA_SCHEMA, {k: v for k, v in extra.items() if k in EXTRA_SCHEMA.keys}, "")
+    for i, alt in enumerate(checked["alternatives"]):
+        if alt["feasible"]:
+            for key in ("microbatches", "objective", "ratio", "latency_s",
+                        "throughput_samples_per_s"):
+                if alt[key] is None:
+                    raise PlanFormatError(f"missing key 'alternatives[{i}].{key}' (a feasible "
+                                          "alternative has its figures; see docs/plan-format.md)")
+    if checked["workload_full"]:
+        try:
+            Workload(**checked["workload_full"])
+        except SpecError as e:
+            raise PlanFormatError(f"workload_full: {e}") from None
+
+
+def is_plan_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file that holds a plan (a JSON object whose ``schema`` is an
+    ``fx-planner/plan/...`` name), i.e. one that ``plan MODEL --out`` may overwrite."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(64 * 2**20))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("schema"), str) and \
+        data["schema"].startswith("fx-planner/plan/")
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and
+    ``os.replace``: readers see the old file or the complete new one, and a failure leaves
+    no partial file. Missing parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _show(value) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_fingerprint(plan: Plan, traced) -> None:
@@ -449,22 +700,3 @@ def check_fingerprint(plan: Plan, traced) -> None:
             f"plan has {plan.model.num_layers} layers but the model has {len(traced.layers)}; "
             "re-plan with `plan MODEL --out plan.json`"
         )
-
-
-def _ints(values, key: str) -> list[int]:
-    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                               for v in values):
-        raise PlanFormatError(f"key {key!r} must be a list of integers")
-    return values
-
-
-def _pair(values, key: str) -> tuple[int, int]:
-    values = _ints(values, key)
-    if len(values) != 2:
-        raise PlanFormatError(f"key {key!r} must be [first, last], got {values}")
-    return (values[0], values[1])
-
-
-def _costs(r: _Reader, key: str) -> StageCosts:
-    return StageCosts(r.get(f"{key}.compute_s", float), r.get(f"{key}.comm_s", float),
-                      r.get(f"{key}.memory_bytes", int))

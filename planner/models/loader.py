@@ -18,6 +18,8 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ from planner.models.gpt import GPT, GPTConfig
 from planner.models.mlp import MLP, MLPConfig
 from planner.models.presets import PRESETS, Preset
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_model", "parse_set"]
+__all__ = ["LoadedModel", "ModelLoadError", "check_positions", "load_model", "parse_set"]
 
 _DEFAULT_SEQ = 2048
 
@@ -81,6 +83,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    context_len: int | None = None,
 ) -> LoadedModel:
     """Build the model named by ``spec`` with example inputs of ``batch_size`` x ``seq_len``.
 
@@ -92,19 +95,26 @@ def load_model(
         dtype: parameter dtype.
         device: ``"cpu"`` or ``"meta"`` (no weights allocated; for planning big models).
         seed: RNG seed for the random weights and inputs.
+        context_len: KV-cache length a decode workload will use; refused, like ``seq_len``,
+            when it exceeds the model's position limit.
 
     Raises:
-        ModelLoadError: unknown preset/model_type (with close matches), a bad override, a
-            factory that cannot be imported or raises.
+        ModelLoadError: unknown preset/model_type (with close matches), a bad override (wrong
+            type, not positive, rejected by the config class), a sequence or context beyond
+            the model's positions, a factory that cannot be imported, raises or exits.
     """
     overrides = dict(overrides or {})
     torch.manual_seed(seed)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError(f"MODEL must be a preset name, hf:<model_type> or file.py:factory, "
+                             f"got {spec!r}")
+    positions = (seq_len, context_len)
     if spec in PRESETS:
-        return _from_preset(PRESETS[spec], overrides, batch_size, seq_len, dtype, device)
+        return _from_preset(PRESETS[spec], overrides, batch_size, positions, dtype, device)
     if spec.startswith("hf:"):
         model_type = spec[3:]
         preset = Preset(spec, "hf", {"model_type": model_type})
-        return _from_preset(preset, overrides, batch_size, seq_len, dtype, device)
+        return _from_preset(preset, overrides, batch_size, positions, dtype, device)
     if ":" in spec:
         if overrides:
             raise ModelLoadError(f"--set applies to presets and hf: models, not to factory {spec!r}")
@@ -118,20 +128,27 @@ def load_model(
     )
 
 
-def _from_preset(preset, overrides, batch_size, seq_len, dtype, device) -> LoadedModel:
+def _from_preset(preset, overrides, batch_size, positions, dtype, device) -> LoadedModel:
     if preset.kind == "hf":
-        return _build_hf(preset, overrides, batch_size, seq_len, dtype, device)
+        return _build_hf(preset, overrides, batch_size, positions, dtype, device)
     cls, cfg_cls = {"gpt": (GPT, GPTConfig), "mlp": (MLP, MLPConfig), "cnn": (CNN, CNNConfig)}[preset.kind]
     fields = {f.name for f in dataclasses.fields(cfg_cls)}
     _check_keys(preset.name, overrides, fields)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg_cls)
+                if f.default is not dataclasses.MISSING}
+    _check_values(preset.name, overrides, {**defaults, **preset.config})
+    config = {**preset.config, **overrides}
+    if preset.kind == "gpt":
+        seq = check_positions(preset.name, positions, {**defaults, **config}.get("block_size"),
+                              "block_size")
     try:
-        cfg = cfg_cls(**{**preset.config, **overrides})
+        cfg = cfg_cls(**config)
         with torch.device(device):
             model = cls(cfg).to(dtype).eval()
-    except (TypeError, ValueError, AssertionError) as e:
-        raise ModelLoadError(f"cannot build {preset.name} with {overrides or 'its defaults'}: {e}") from None
+    except Exception as e:  # the config's own checks (heads dividing the width, ...)
+        raise ModelLoadError(f"cannot build {preset.name} with {_describe(overrides)}: "
+                             f"{_one_line(e)}") from None
     if preset.kind == "gpt":
-        seq = _seq(preset.name, seq_len, cfg.block_size)
         args = (torch.randint(0, cfg.vocab_size, (batch_size, seq), device=device),)
         arch = cfg.to_arch()
     elif preset.kind == "mlp":
@@ -155,18 +172,87 @@ def _check_keys(name: str, overrides: dict, allowed: set[str]) -> None:
             )
 
 
-def _seq(name: str, seq_len: int | None, max_positions: int | None) -> int:
+# Config fields that count something (layers, heads, widths, positions): a value below 1
+# builds a model that is not the one asked for (0 layers plans as 1), so it is refused.
+_SIZE_KEY = re.compile(r"(_size|_dim|layers|_layer|heads|_head|positions|position_embeddings|_embd|_inner|"
+                       r"_features|_channels|blocks|experts|_ctx)$|^(hidden|expansion)$")
+
+
+def _check_values(name: str, overrides: dict, defaults: dict) -> None:
+    """Each ``--set`` value has the type of the field's default, and sizes are >= 1."""
+    for key, value in overrides.items():
+        default = defaults.get(key)
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            want = "a number"
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "a string"
+        elif default is None and _SIZE_KEY.search(key):
+            ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+            want = "a whole number"
+        else:
+            ok, want = True, ""
+        if not ok:
+            raise ModelLoadError(
+                f"--set {key}={_show(value)}: {name}'s {key} must be {want} (its default is "
+                f"{_show(default)}); write e.g. --set {key}={_show(default)}"
+            )
+        if (_SIZE_KEY.search(key) and isinstance(value, int) and not isinstance(value, bool)
+                and value < 1 and (default is None or (isinstance(default, int) and default >= 1))):
+            raise ModelLoadError(
+                f"--set {key}={value}: {key} counts something in the model and must be >= 1 "
+                f"(default {_show(default)})"
+            )
+
+
+def _show(value) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _describe(overrides: dict) -> str:
+    if not overrides:
+        return "its defaults"
+    return " ".join(f"--set {k}={_show(v)}" for k, v in overrides.items())
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line; a wrapped cause (transformers' strict dataclass
+    validation wraps the real ValueError) is shown instead of the wrapper."""
+    cause = e.__cause__ if e.__cause__ is not None and type(e).__module__.startswith(
+        "huggingface_hub") else None
+    text = str(cause if cause is not None else e) or type(e).__name__
+    return " ".join(text.split())
+
+
+def check_positions(name: str, positions: tuple[int | None, int | None], limit: int | None,
+                    key: str) -> int:
+    """The example sequence length for ``name``: ``seq_len``, or min(2048, limit) if it is
+    None. A sequence (``--seq``) or KV context (``--context``) longer than the model's
+    position limit (learned position embeddings or RoPE's ``max_position_embeddings``) is
+    refused, naming the limit and the ``--set`` that raises it.
+    """
+    seq_len, context_len = positions
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        limit = None
+    for value, flag in ((seq_len, "--seq"), (context_len, "--context")):
+        if value is not None and limit is not None and value > limit:
+            raise ModelLoadError(
+                f"{name} has {limit} positions ({key}); {flag} {value} is too long. Use "
+                f"{flag} {limit} or less, or raise the limit with --set {key}={value}"
+            )
     if seq_len is None:
-        return min(_DEFAULT_SEQ, max_positions or _DEFAULT_SEQ)
-    if max_positions is not None and seq_len > max_positions:
-        raise ModelLoadError(
-            f"{name} has learned position embeddings for {max_positions} tokens; "
-            f"--seq {seq_len} is too long (use --seq {max_positions} or less)"
-        )
+        return min(_DEFAULT_SEQ, limit or _DEFAULT_SEQ)
     return seq_len
 
 
-def _build_hf(preset, overrides, batch_size, seq_len, dtype, device) -> LoadedModel:
+def _build_hf(preset, overrides, batch_size, positions, dtype, device) -> LoadedModel:
     try:
         import transformers
         from transformers import AutoConfig
@@ -184,12 +270,29 @@ def _build_hf(preset, overrides, batch_size, seq_len, dtype, device) -> LoadedMo
             f"transformers has no model_type {model_type!r}.{hint} "
             "Any key of transformers' CONFIG_MAPPING works, e.g. hf:llama, hf:gpt2, hf:mistral."
         )
-    default = CONFIG_MAPPING[model_type]()
+    try:
+        default = CONFIG_MAPPING[model_type]()
+    except Exception as e:
+        raise ModelLoadError(f"transformers cannot build a default {model_type} config: "
+                             f"{_one_line(e)}") from None
     _check_keys(preset.name, overrides, set(default.to_dict()) | set(vars(default)))
+    _check_values(preset.name, overrides, {**default.to_dict(), **config_kwargs})
     try:
         config = AutoConfig.for_model(model_type, **{**config_kwargs, **overrides})
-    except (TypeError, ValueError) as e:
-        raise ModelLoadError(f"cannot build the {model_type} config with {overrides}: {e}") from None
+    except Exception as e:  # transformers' own validation (strict dataclasses, ValueError)
+        raise ModelLoadError(
+            f"transformers refuses the {preset.name} config with {_describe(overrides)}: "
+            f"{_one_line(e)}"
+        ) from None
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads >= 1 and heads % kv_heads:
+        raise ModelLoadError(
+            f"{preset.name}: num_attention_heads {heads} is not a multiple of "
+            f"num_key_value_heads {kv_heads}; change one with --set so that it is"
+        )
+    key = "n_positions" if "n_positions" in config.to_dict() else "max_position_embeddings"
+    seq = check_positions(preset.name, positions, getattr(config, key, None), key)
     auto_classes = (transformers.AutoModelForCausalLM, transformers.AutoModel)
     model = None
     for auto in auto_classes:
@@ -200,14 +303,11 @@ def _build_hf(preset, overrides, batch_size, seq_len, dtype, device) -> LoadedMo
         except ValueError:
             continue
         except Exception as e:  # a config the model class rejects (heads not dividing, ...)
-            raise ModelLoadError(f"transformers could not build {preset.name} ({model_type}): {e}") from None
+            raise ModelLoadError(f"transformers could not build {preset.name} ({model_type}) "
+                                 f"with {_describe(overrides)}: {_one_line(e)}") from None
     if model is None:
         raise ModelLoadError(f"transformers has no causal-LM or base model class for {model_type!r}")
     model.eval()
-    max_pos = getattr(config, "n_positions", None) if model_type == "gpt2" else None
-    seq = _seq(preset.name, seq_len, max_pos)
-    if seq_len is None and getattr(config, "max_position_embeddings", None):
-        seq = min(seq, config.max_position_embeddings)
     vocab = getattr(config, "vocab_size", 2) or 2
     kwargs: dict[str, Any] = {"input_ids": torch.randint(0, vocab, (batch_size, seq), device=device)}
     if "use_cache" in inspect.signature(model.forward).parameters:
@@ -231,6 +331,12 @@ def _from_factory(spec: str) -> LoadedModel:
             module = importlib.import_module(target)
     except ModelLoadError:
         raise
+    except SystemExit as e:
+        raise ModelLoadError(
+            f"importing {target} for factory {spec!r} called sys.exit({e.code!r}); a factory "
+            "module must not exit when imported (guard scripts with `if __name__ == "
+            "\"__main__\":`)"
+        ) from None
     except Exception as e:
         raise ModelLoadError(f"cannot import {target} for factory {spec!r}: {type(e).__name__}: {e}") from None
     factory = getattr(module, attr, None)
@@ -241,6 +347,12 @@ def _from_factory(spec: str) -> LoadedModel:
         raise ModelLoadError(f"{target} has no callable {attr!r}.{hint}")
     try:
         made = factory()
+    except SystemExit as e:
+        raise ModelLoadError(
+            f"factory {spec} called sys.exit({e.code!r}) instead of returning a model. Fix the "
+            "factory so that calling it with no arguments returns a model (and optionally its "
+            "example inputs), or raises an exception that says what is wrong."
+        ) from None
     except Exception as e:
         raise ModelLoadError(
             f"factory {spec} raised {type(e).__name__}: {e}. Fix the factory so that calling it "
