@@ -7,13 +7,18 @@
 
 from planner.api import plan
 from planner.arch import ModelArch
-from planner.cluster import Cluster, SpecError, Workload
+from planner.cluster import DEFAULT_CLUSTER, Cluster, SpecError, Workload
 from planner.cost_table import CostTable, LayerCost
 from planner.layers import CrossingTensor, CutPoint, Layer, OpStats
+from planner.models.loader import ModelLoadError
 from planner.plan import Plan, PlanFormatError
 from planner.reference_solver import solve_reference
 from planner.solver import InfeasiblePlanError, PlanError, solve
 from planner.tracing import TracedModel, TraceError, trace
+
+#: The exceptions that mean "the input is wrong"; each message says what to change. The CLI
+#: prints them as one ``error: ...`` paragraph and exits 2 (docs/architecture.md, Errors).
+USER_ERRORS = (SpecError, ModelLoadError, TraceError, PlanError, PlanFormatError)
 
 
 def parallelize(model, plan, args=(), kwargs=None, **options):
@@ -47,4 +52,7 @@ __all__ = [
     "Cluster",
     "Workload",
     "SpecError",
+    "ModelLoadError",
+    "USER_ERRORS",
+    "DEFAULT_CLUSTER",
 ]

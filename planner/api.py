@@ -11,14 +11,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 import torch.nn as nn
 
 from planner.baselines import baselines as compute_baselines
-from planner.cluster import Cluster, Workload
+from planner.cluster import DEFAULT_CLUSTER, Cluster, SpecError, Workload
 from planner.cost_builder import CostBuilder
 from planner.cost_table import CostTable
 from planner.plan import Plan
@@ -26,15 +26,15 @@ from planner.reference_solver import solve_reference
 from planner.solver import InfeasiblePlanError, Solution, best_per_family, solve
 from planner.tracing import TracedModel, trace
 
-__all__ = ["plan", "plan_traced", "SOLVERS"]
+__all__ = ["plan", "plan_traced", "check_request", "default_workload", "SOLVERS"]
 
 SOLVERS = ("cp-sat", "reference")
 
 
 def plan(
     model_or_traced: nn.Module | TracedModel,
-    cluster: Cluster | str,
-    workload: Workload,
+    cluster: Cluster | str | None = None,
+    workload: Workload | None = None,
     *,
     args: tuple = (),
     kwargs: dict | None = None,
@@ -52,8 +52,12 @@ def plan(
     Args:
         model_or_traced: a module (traced here with ``args``/``kwargs``, which should have the
             workload's batch and sequence shape) or a ``TracedModel``.
-        cluster: a ``Cluster`` or a spec string (``"2x8xH100"``).
-        workload: batch, sequence, dtype, phase, objective, headroom.
+        cluster: a ``Cluster`` or a spec string (``"2x8xH100"``); ``None`` means
+            ``DEFAULT_CLUSTER`` (``"8xH100"``), as for the CLI.
+        workload: batch, sequence, dtype, phase, objective, headroom. ``None`` means a
+            prefill of the traced shape (its batch and sequence length), in float32 on cpu
+            clusters and bfloat16 otherwise, as for the CLI. Its batch (and, for
+            transformers, its sequence length) must be the traced inputs' shape.
         pins: fixed dimensions, any of ``dp``, ``pp``, ``tp``, ``microbatches``.
         solver: ``"cp-sat"`` (default) or ``"reference"`` (the exact DP oracle).
         profile: a ``cost_models.profiler.ModelProfile`` measured on this device, to use
@@ -65,15 +69,25 @@ def plan(
         sequence_parallel: ``None`` (default) searches with and without it; a bool forces it.
 
     Raises:
+        planner.SpecError: a cluster, workload or option that cannot be used (wrong type,
+            out of range, a workload whose batch or sequence differs from the traced shape).
         planner.solver.PlanError: contradictory pins (message lists every factor).
         planner.solver.InfeasiblePlanError: nothing fits; the message says what would.
     """
-    if isinstance(cluster, str):
-        cluster = Cluster.parse(cluster)
+    cluster = Cluster.parse(DEFAULT_CLUSTER if cluster is None else cluster)
     if isinstance(model_or_traced, TracedModel):
         traced = model_or_traced
-    else:
+    elif isinstance(model_or_traced, nn.Module):
+        if not args and not kwargs:
+            raise SpecError("planner.plan needs example inputs to trace the module: pass "
+                            "args=(example_input,) and/or kwargs={...} with the workload's "
+                            "batch and sequence shape, or a planner.trace(...) result")
         traced = trace(model_or_traced, args, kwargs, name=name)
+    else:
+        raise SpecError(f"planner.plan plans an nn.Module (with args/kwargs) or a TracedModel "
+                        f"from planner.trace, not {type(model_or_traced).__name__}")
+    if workload is None:
+        workload = default_workload(traced, cluster)
     return plan_traced(traced, cluster, workload, pins=pins, solver=solver, profile=profile,
                        alternatives=alternatives, time_limit_s=time_limit_s,
                        num_workers=num_workers, name=name, sequence_parallel=sequence_parallel)
@@ -94,8 +108,8 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
     ``adjust_costs`` transforms every cost table before the solver sees it (what-if
     analysis; the plan-quality tests use it to perturb the cost model).
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, not {solver!r}")
+    check_request(traced, cluster, workload, pins=pins, solver=solver,
+                  alternatives=alternatives, time_limit_s=time_limit_s, num_workers=num_workers)
 
     def make_builder(w: Workload, sp: bool):
         b = CostBuilder(traced, cluster, w, sequence_parallel=sp, profile=profile)
@@ -143,6 +157,62 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
         "arch": traced.arch.to_dict() if traced.arch else None,
     }
     return replace(result, provenance=provenance, extra=extra)
+
+
+def default_workload(traced: TracedModel, cluster: Cluster) -> Workload:
+    """A prefill of the traced shape, float32 on cpu clusters and bfloat16 otherwise."""
+    return Workload(batch_size=traced.batch_size, seq_len=traced.seq_len,
+                    dtype="float32" if cluster.device == "cpu" else "bfloat16")
+
+
+def check_request(traced: TracedModel, cluster: Cluster, workload: Workload, *, pins=None,
+                  solver: str = "cp-sat", alternatives: int = 0, time_limit_s: float = 60.0,
+                  num_workers: int = 2) -> None:
+    """Refuse, before any solving, a request that cannot be planned as asked.
+
+    The cost tables scale the traced layers to each microbatch, but the plan's fingerprint
+    (what ``plan run`` and ``parallelize`` check) is the traced shape: a workload whose batch
+    (or a transformer's sequence length) differs from the traced inputs would plan a model
+    that is not the one traced, so it is an error, not a silent re-interpretation.
+
+    Raises:
+        SpecError: naming the argument and what to pass instead.
+    """
+    if not isinstance(traced, TracedModel):
+        raise SpecError(f"expected a TracedModel (from planner.trace), got {type(traced).__name__}")
+    if not isinstance(cluster, Cluster):
+        raise SpecError(f"cluster must be a planner.Cluster (or a spec string for planner.plan), "
+                        f"got {type(cluster).__name__}")
+    if not isinstance(workload, Workload):
+        raise SpecError(f"workload must be a planner.Workload, got {type(workload).__name__} "
+                        f"{workload!r}; e.g. planner.Workload(batch_size=8, seq_len=2048)")
+    problems = []
+    if solver not in SOLVERS:
+        problems.append(f"solver must be one of {', '.join(SOLVERS)}, not {solver!r}")
+    if not isinstance(alternatives, int) or isinstance(alternatives, bool) or alternatives < 0:
+        problems.append(f"alternatives must be a whole number >= 0, got {alternatives!r}")
+    if not isinstance(time_limit_s, (int, float)) or isinstance(time_limit_s, bool) \
+            or not time_limit_s > 0 or time_limit_s != time_limit_s:
+        problems.append(f"the solver time limit must be > 0 seconds, got {time_limit_s!r}")
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
+        problems.append(f"num_workers must be a whole number >= 1, got {num_workers!r}")
+    if pins is not None and not isinstance(pins, Mapping):
+        problems.append(f"pins must be a dict such as {{'tp': 4}}, got {type(pins).__name__}")
+    if workload.batch_size != traced.batch_size:
+        problems.append(
+            f"the model was traced with batch {traced.batch_size} (inputs "
+            f"{traced.input_shapes}) but the workload asks for batch {workload.batch_size}; "
+            f"trace it with example inputs of batch {workload.batch_size}, or plan "
+            f"Workload(batch_size={traced.batch_size}, ...)")
+    if traced.arch is not None and traced.arch.is_transformer and traced.seq_len > 1 \
+            and workload.seq_len != traced.seq_len:
+        problems.append(
+            f"the model was traced with sequence length {traced.seq_len} (inputs "
+            f"{traced.input_shapes}) but the workload asks for seq_len {workload.seq_len}; "
+            f"trace it at sequence length {workload.seq_len}, or plan "
+            f"Workload(seq_len={traced.seq_len}, ...)")
+    if problems:
+        raise SpecError("cannot plan this request: " + "; ".join(problems))
 
 
 class _AdjustedBuilder:

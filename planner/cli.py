@@ -37,11 +37,70 @@ class _UsageError(Exception):
     pass
 
 
+_NO_HELP = "\x00"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default: ``(default: 8xH100)``, ``(default: off)``
+    for flags, ``(default: none)`` for options that are unset unless given."""
+
+    def _get_help_string(self, action):
+        help = "" if action.help in (None, _NO_HELP) else action.help
+        if not action.option_strings or "default" in help or action.default is argparse.SUPPRESS:
+            return help
+        if action.default is False:
+            shown = "off"
+        elif action.default is None or action.default == []:
+            shown = "none"
+        else:
+            shown = "%(default)s"
+        return f"{help} (default: {shown})".strip()
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # exit 2 with usage, as argparse does, but testable
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("help") is None and args and str(args[0]).startswith("-"):
+            kwargs["help"] = _NO_HELP  # the formatter replaces it with the default
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message: str):  # exit 2 with one paragraph, as every other error
+        print(f"error: {message} (`{self.prog} --help` lists the options and their defaults)",
+              file=sys.stderr)
         raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _count(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
 
 
 def _model_parser() -> argparse.ArgumentParser:
@@ -52,26 +111,37 @@ def _model_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL",
                    help="preset (gpt2, llama-3-70b, ...), hf:<model_type>, file.py:factory or module:factory")
-    p.add_argument("--cluster", default="8xH100", help="8xH100, 2x8xA100-80GB, 4xcpu, or a JSON file")
+    from planner.cluster import DEFAULT_CLUSTER, OBJECTIVES, PHASES
+
+    p.add_argument("--cluster", default=DEFAULT_CLUSTER,
+                   help="8xH100, 2x8xA100-80GB, 4xcpu, or a cluster JSON file")
     p.add_argument("--batch", type=int, default=1, help="global batch size (sequences)")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default: min(2048, model max))")
+    p.add_argument("--seq", type=int, default=None,
+                   help="sequence length (default: min(2048, the model's positions))")
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16 (default: float32 on cpu clusters, else bfloat16)")
-    p.add_argument("--phase", default="prefill", choices=["prefill", "decode"])
-    p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
+    p.add_argument("--phase", default="prefill", choices=list(PHASES),
+                   help="prefill (a full-sequence forward) or decode (one token, KV cache)")
+    p.add_argument("--objective", default="latency", choices=list(OBJECTIVES),
+                   help="latency of one batch or steady-state throughput")
     p.add_argument("--context", type=int, default=None, help="KV-cache length for decode (default: --seq)")
-    p.add_argument("--tp", type=int, default=None, help="pin the tensor-parallel degree of every stage")
-    p.add_argument("--pp", type=int, default=None, help="pin the number of pipeline stages")
-    p.add_argument("--dp", type=int, default=None, help="pin the number of data-parallel replicas")
-    p.add_argument("--microbatches", type=int, default=None, help="pin the microbatch count")
+    p.add_argument("--tp", type=_positive_int, default=None,
+                   help="pin the tensor-parallel degree of every stage (default: chosen by the solver)")
+    p.add_argument("--pp", type=_positive_int, default=None,
+                   help="pin the number of pipeline stages (default: chosen by the solver)")
+    p.add_argument("--dp", type=_positive_int, default=None,
+                   help="pin the number of data-parallel replicas (default: chosen by the solver)")
+    p.add_argument("--microbatches", type=_positive_int, default=None,
+                   help="pin the microbatch count (default: chosen by the solver)")
     p.add_argument("--sp", default="auto", choices=["auto", "on", "off"],
                    help="sequence parallelism: auto searches both (prefill), on/off forces it")
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of device memory kept free")
     p.add_argument("--solver", default="cp-sat", choices=["cp-sat", "reference"],
-                   help="cp-sat (default) or the exact dynamic-programming reference")
-    p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit, seconds")
-    p.add_argument("--alternatives", type=int, default=6,
-                   help="other (dp, pp, tp) families to solve for `plan explain`")
+                   help="cp-sat or the exact dynamic-programming reference")
+    p.add_argument("--time-limit", type=_positive_float, default=60.0,
+                   help="solver time limit, seconds")
+    p.add_argument("--alternatives", type=_count, default=6,
+                   help="other (dp, pp, tp) families to solve for `plan explain` (0: none)")
     p.add_argument("--profile", action="store_true",
                    help="measure layer times on this machine's device and use them where they apply")
     p.add_argument("--layers-only", action="store_true",
@@ -80,7 +150,11 @@ def _model_parser() -> argparse.ArgumentParser:
                    help="config override for presets and hf: models; repeat for several")
     p.add_argument("--device", default="meta", choices=["meta", "cpu"],
                    help="where to build the model for tracing (meta allocates no weights)")
-    p.add_argument("--out", default=None, help="write the plan file (fx-planner/plan/v1 JSON)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write the plan file (fx-planner/plan/v1 JSON), atomically; missing "
+                        "folders are created (default: none, the plan is only printed)")
+    p.add_argument("--force", action="store_true",
+                   help="let --out overwrite an existing file that is not a plan")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return p
 
@@ -93,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run_guarded(lambda: _SUBCOMMANDS[argv[0]](argv[1:]))
     if argv and _looks_like_a_subcommand(argv[0]):
         close = difflib.get_close_matches(argv[0], list(_SUBCOMMANDS), n=1)[0]
-        Console(stderr=True).print(
-            f"[bold red]error:[/] {argv[0]!r} is neither a subcommand nor a model. Did you mean "
-            f"`plan {close}`? Subcommands: {', '.join(sorted(_SUBCOMMANDS))}.", highlight=False)
+        _print_error(_UsageError(
+            f"{argv[0]!r} is neither a subcommand nor a model. Did you mean "
+            f"`plan {close}`? Subcommands: {', '.join(sorted(_SUBCOMMANDS))}."))
         return 2
     args = _model_parser().parse_args(argv)
     return _run_guarded(lambda: _plan_model(args))
@@ -110,25 +184,39 @@ def _looks_like_a_subcommand(word: str) -> bool:
 
 
 def _run_guarded(fn: Callable[[], int]) -> int:
-    """Turn the errors a user can fix into one paragraph on stderr and exit code 2."""
-    from planner.cluster import SpecError
-    from planner.models.loader import ModelLoadError
-    from planner.plan import PlanFormatError
-    from planner.solver import PlanError
-    from planner.tracing import TraceError
+    """Turn the errors a user can fix into one paragraph on stderr and exit code 2.
+
+    They are ``planner.USER_ERRORS`` (bad model, trace, cluster/workload, pins, plan file),
+    the CLI's own usage errors, and ``OSError`` (a file that cannot be read or written).
+    Anything else is a bug and keeps its traceback.
+    """
+    from planner import USER_ERRORS
 
     try:
         return fn()
-    except (ModelLoadError, TraceError, SpecError, PlanError, PlanFormatError, _UsageError,
-            FileNotFoundError) as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    except (*USER_ERRORS, _UsageError, OSError) as e:
+        _print_error(e)
         return 2
+
+
+def _print_error(e: BaseException) -> None:
+    from rich.markup import escape
+
+    if isinstance(e, OSError) and e.strerror:
+        where = f" {e.filename}" if e.filename else ""
+        text = f"cannot access{where}: {e.strerror}"
+    else:
+        text = str(e) or type(e).__name__
+    text = " ".join(text.split())  # one paragraph, whatever the message's own line breaks
+    Console(stderr=True, emoji=False).print(f"[bold red]error:[/] {escape(text)}",
+                                            highlight=False, soft_wrap=True)
+
 
 
 def _console() -> Console:
     """A console at least 120 columns wide, so tables stay readable when piped."""
     width = Console().width
-    return Console(width=max(width, 120))
+    return Console(width=max(width, 120), emoji=False)  # `hf:llama:...` is not an emoji
 
 
 def _plan_model(args: argparse.Namespace) -> int:
@@ -140,11 +228,15 @@ def _plan_model(args: argparse.Namespace) -> int:
     cluster = Cluster.parse(args.cluster)
     overrides = parse_set(args.set)
     dtype = args.dtype or ("float32" if cluster.device == "cpu" else "bfloat16")
-    workload = Workload(batch_size=args.batch, seq_len=args.seq or 2048, dtype=dtype,
-                        phase=args.phase, objective=args.objective, context_len=args.context,
-                        memory_headroom=args.headroom)
+    workload = Workload(batch_size=args.batch, seq_len=args.seq if args.seq is not None else 2048,
+                        dtype=dtype, phase=args.phase, objective=args.objective,
+                        context_len=args.context, memory_headroom=args.headroom)
+    if args.out is not None and args.layers_only:
+        raise _UsageError("--out writes a plan and --layers-only stops before planning: drop one")
+    out = _check_out_file(args.out, args.force)  # before the slow part, so it fails fast
     loaded = load_model(args.model, overrides, batch_size=args.batch, seq_len=args.seq,
-                        dtype=workload.torch_dtype, device=args.device)
+                        dtype=workload.torch_dtype, device=args.device,
+                        context_len=args.context if args.phase == "decode" else None)
     if args.seq is None:  # the model's default length (e.g. GPT-2's 1024 positions)
         workload = replace(workload, seq_len=_example_seq_len(loaded, workload.seq_len))
     traced = trace(loaded.model, loaded.args, loaded.kwargs, name=loaded.name, arch=loaded.arch)
@@ -167,17 +259,85 @@ def _plan_model(args: argparse.Namespace) -> int:
                            profile=profile, alternatives=args.alternatives,
                            time_limit_s=args.time_limit, source=source,
                            sequence_parallel={"auto": None, "on": True, "off": False}[args.sp])
-    if args.out:
-        plan.save(args.out)
+    if out is not None:
+        plan.save(out)  # atomic: a temporary file in the same folder, then renamed
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
         from planner.report import render_plan
 
         render_plan(plan, _console())
-        if args.out:
-            _console().print(f"plan written to {args.out} (show it again with `plan show {args.out}`)")
+        if out is not None:
+            _console().print(f"plan written to {out} (show it again with `plan show {out}`)")
     return 0
+
+
+def _check_out_file(out: str | None, force: bool):
+    """The ``--out`` plan file, checked before anything slow runs: not empty, not a
+    directory or a special file, in a place that can be written (missing folders are created
+    when the plan is saved), and not an existing file that is not a plan unless ``--force``.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from planner.plan import is_plan_file
+
+    if out is None:
+        return None
+    if not out.strip():
+        raise _UsageError("--out is empty; give the plan file to write, e.g. --out plan.json")
+    path = Path(out)
+    if out.endswith(("/", os.sep)) or path.is_dir():
+        raise _UsageError(f"--out {out} is a directory; --out names the plan file to write, "
+                          f"e.g. --out {path / 'plan.json'}")
+    if path.exists() and not path.is_file():
+        raise _UsageError(f"--out {out} exists and is not a regular file; choose another name")
+    if path.is_file() and not force and not is_plan_file(path):
+        raise _UsageError(f"--out {out} exists and is not a plan file; pass --force to "
+                          "overwrite it, or choose another name")
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise _UsageError(f"cannot write --out {out}: {ancestor} is not a directory")
+    try:  # the only reliable test of "can I write here" (permissions, read-only mounts, root)
+        if ancestor == path.absolute().parent:
+            fd, probe = tempfile.mkstemp(dir=ancestor, prefix=f".{path.name}.", suffix=".probe")
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".plan-out-probe-"))
+    except OSError as e:
+        raise _UsageError(f"cannot write --out {out}: creating a file in {ancestor} failed "
+                          f"({e.strerror or e}); choose a folder you can write to") from None
+    return path
+
+
+def _check_out_dir(out: str) -> None:
+    """``plan compile --out``: a directory, existing or creatable here; never a file."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    if not out.strip():
+        raise _UsageError("--out is empty; give the directory to write the sources into, "
+                          "e.g. --out build/")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise _UsageError(f"--out {out} is an existing file; `plan compile` writes one source "
+                          "file per stage into a directory: give a directory name, e.g. "
+                          f"--out {path.with_suffix('')}_build/")
+    ancestor = path.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise _UsageError(f"cannot create --out {out}: {ancestor} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".plan-compile-probe-"))
+    except OSError as e:
+        raise _UsageError(f"cannot write --out {out}: creating a file in {ancestor} failed "
+                          f"({e.strerror or e}); choose a folder you can write to") from None
 
 
 def _example_seq_len(loaded, default: int) -> int:
@@ -380,10 +540,13 @@ def _compile(argv: list[str]) -> int:
     p = _Parser(prog="plan compile", description="Write readable per-stage Python source of a "
                 "plan, with every all-reduce and send/recv visible.")
     p.add_argument("plan_file")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory (created if missing; an existing file is refused)")
     p.add_argument("--model", default=None, help="MODEL (default: recorded in the plan file)")
-    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="config overrides (default: those recorded in the plan file)")
     args = p.parse_args(argv)
+    _check_out_dir(args.out)
     plan = Plan.load(args.plan_file)
     model, overrides = _planned_model(args, plan)
     w = plan.workload
@@ -447,11 +610,13 @@ def _profile(argv: list[str]) -> int:
     p = _Parser(prog="plan profile",
                 description="Measure every layer of MODEL on this machine (cached), next to the "
                             "cost model's prediction.")
-    p.add_argument("model", metavar="MODEL")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("model", metavar="MODEL",
+                   help="preset, hf:<model_type>, file.py:factory or module:factory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for presets and hf: models; repeat for several")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the measured inputs")
+    p.add_argument("--seq", type=int, default=128, help="sequence length of the measured inputs")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--min-time", type=float, default=None, metavar="SECONDS",
                    help="keep timing rounds for at least this long (default 2 s on cpu: a "
                         "shared VM has slow spells of seconds)")
@@ -503,8 +668,10 @@ def _calibrate(argv: list[str]) -> int:
                 description="Measure all-reduce, all-gather, reduce-scatter and send/recv on the "
                             "live backend of this machine and store alpha/beta fits.")
     p.add_argument("--cluster", required=True, help="Nxcpu: N gloo ranks on this machine")
-    p.add_argument("--reps", type=int, default=100, help="timed repetitions per message size")
-    p.add_argument("--repeats", type=int, default=150, help="timed calls per calibration layer")
+    p.add_argument("--reps", type=_positive_int, default=100,
+                   help="timed repetitions per message size")
+    p.add_argument("--repeats", type=_positive_int, default=150,
+                   help="timed calls per calibration layer")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     cluster = Cluster.parse(args.cluster)
@@ -574,11 +741,25 @@ def _bench(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     suite = Path(args.suite)
-    cases = [c for c in load_cases(suite) if not args.only or args.only in c.name]
+    if not suite.is_dir():
+        raise _UsageError(f"--suite {suite} is not a directory; give the folder that holds "
+                          f"cases.json and golden.json (default: {DEFAULT_SUITE})")
+    try:
+        cases = [c for c in load_cases(suite) if not args.only or args.only in c.name]
+    except (ValueError, KeyError, TypeError) as e:  # JSON errors are ValueErrors
+        raise _UsageError(f"{suite / 'cases.json'} is not a valid suite ({type(e).__name__}: "
+                          f"{e}); see benchmarks/plan_quality/cases.json for the format") from None
     if not cases:
         raise _UsageError(f"no case of {suite}/cases.json matches --only {args.only!r}")
     golden_path = suite / "golden.json"
-    golden = json.loads(golden_path.read_text()) if golden_path.is_file() else {}
+    try:
+        golden = json.loads(golden_path.read_text()) if golden_path.is_file() else {}
+    except ValueError as e:
+        raise _UsageError(f"{golden_path} is not valid JSON ({e}); restore it from git or "
+                          "rewrite it with --update-golden") from None
+    if not isinstance(golden, dict):
+        raise _UsageError(f"{golden_path} holds {type(golden).__name__}, not the object of "
+                          "case records; restore it from git or rewrite it with --update-golden")
     results = []
     with _status(args, "solving the suite") as status:
         for case in cases:
