@@ -173,6 +173,12 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.0f} MiB"
 
 
+def _is_factory(model_spec: str) -> bool:
+    from planner.models.presets import PRESETS
+
+    return ":" in model_spec and not model_spec.startswith("hf:") and model_spec not in PRESETS
+
+
 def _fewer_ranks(need: JobMemory, available: int) -> str:
     """Advice on the rank count: how many ranks of this model would fit, if any."""
     budget = MEMORY_FRACTION * available - LAUNCHER_BYTES
@@ -206,7 +212,7 @@ def preflight(plan, model_spec: str, overrides: dict | None = None, *,
     from planner.cluster import DTYPES
     from planner.models.loader import load_model
     from planner.plan import PlanFormatError, check_fingerprint
-    from planner.tracing import trace
+    from planner.tracing import TraceError, trace
 
     w, par = plan.workload, plan.parallelism
     sizes = {"workload.batch_size": w.batch_size, "workload.seq_len": w.seq_len,
@@ -234,8 +240,14 @@ def preflight(plan, model_spec: str, overrides: dict | None = None, *,
         raise RunRefused(f"the plan's stages use device ids {ids}; `plan run` starts "
                          f"{layout.world_size} ranks, which need ids 0..{layout.world_size - 1}. "
                          "Re-plan with `plan MODEL --out plan.json`.")
-    lm = load_model(model_spec, overrides, batch_size=w.batch_size, seq_len=w.seq_len,
-                    dtype=DTYPES[w.dtype], device="meta")
+    def build(device: str):
+        # A factory builds where it likes; under a meta default device most build there too
+        # (nothing allocated), presets and hf: models honour ``device``.
+        with torch.device(device):
+            return load_model(model_spec, overrides, batch_size=w.batch_size,
+                              seq_len=w.seq_len, dtype=DTYPES[w.dtype], device=device)
+
+    lm = build("meta")
     need = job_memory(plan, lm.model)
     available = available_memory_bytes() if available is None else available
     if available is not None and need.total_bytes > MEMORY_FRACTION * available:
@@ -256,7 +268,16 @@ def preflight(plan, model_spec: str, overrides: dict | None = None, *,
             "--batch/--seq; or run the plan on a machine with more memory.")
     # The memory is checked first: building on meta is cheap, tracing a big model is not.
     try:
-        check_fingerprint(plan, trace(lm.model, lm.args, lm.kwargs, name=lm.name))
+        try:
+            traced = trace(lm.model, lm.args, lm.kwargs, name=lm.name)
+        except TraceError:
+            if not _is_factory(model_spec):
+                raise
+            # A factory that mixes meta and cpu tensors (e.g. inputs made with device="cpu")
+            # is built on cpu, as the ranks build it: one copy, within the memory checked.
+            lm = build("cpu")
+            traced = trace(lm.model, lm.args, lm.kwargs, name=lm.name)
+        check_fingerprint(plan, traced)
     except PlanFormatError as e:
         given = f"{model_spec}" + "".join(f" --set {k}={json.dumps(v)}"
                                           for k, v in (overrides or {}).items())

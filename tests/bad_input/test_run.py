@@ -280,3 +280,47 @@ def test_sigterm_ends_ranks_in_their_own_sessions_even_if_they_ignore_it(tmp_pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+_BIG_FACTORY = """import torch
+import torch.nn as nn
+
+
+class Big(nn.Module):  # 2 x 16384 x 16384 float32 weights: 2 GiB when built on cpu
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(16384, 16384, bias=False) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def make():
+    return Big().eval(), (torch.randn(2, 16384),)
+"""
+
+
+def test_a_factory_model_is_counted_without_allocating_its_weights(tmp_path):
+    import importlib.util
+    import resource
+
+    import torch
+
+    import planner
+
+    path = tmp_path / "big_factory.py"
+    path.write_text(_BIG_FACTORY)
+    spec = importlib.util.spec_from_file_location("_test_big_factory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with torch.device("meta"):
+        model, args = module.make()
+    plan = planner.plan(model, "2xcpu", args=args, alternatives=0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, a high-water mark
+    with pytest.raises(codegen.check.RunRefused, match="MemAvailable") as refused:
+        codegen.check.preflight(plan, f"{path}:make", {}, available=1 << 30)
+    assert "(2.0 GiB each" in str(refused.value)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown < 512 << 10, f"the parent grew by {grown} KiB: it built the weights"
