@@ -2,6 +2,7 @@
 
 Usage:
     .venv/bin/python benchmarks/solver_scaling.py                        # the real cost model
+    .venv/bin/python benchmarks/solver_scaling.py --infeasible --verify  # refusals, checked
     .venv/bin/python benchmarks/solver_scaling.py --synthetic            # arch-shaped tables
     .venv/bin/python benchmarks/solver_scaling.py --builder pkg.module:factory
 
@@ -11,6 +12,11 @@ a fresh builder, so the time includes building the cost tables it needs (tracing
 reported separately). ``--builder`` names another ``factory(model, cluster, workload) ->
 CostTableBuilder``; the synthetic mode builds roofline-shaped tables from the architecture
 numbers below with +-3% seeded noise per layer, and is labelled synthetic in the output.
+
+The last cases do not fit: the solver refuses them with the smallest changes that would
+fit (``InfeasiblePlanError``), and a refusal has the same time budget as a plan (the
+``budget s`` and ``pass`` columns). ``--verify`` re-solves each suggested change and the
+next smaller one.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner.cluster import Cluster, Workload  # noqa: E402
 from planner.cost_table import CostTable, LayerCost, Link  # noqa: E402
-from planner.solver import solve  # noqa: E402
+from planner.solver import InfeasiblePlanError, solve  # noqa: E402
 
 __all__ = ["SyntheticArch", "synthetic_builder", "CASES", "main"]
 
@@ -112,7 +118,8 @@ _TRACED: dict = {}
 
 
 def cost_model_builder(model: str, cluster: Cluster, workload: Workload):
-    """The project's cost model on ``model`` traced on meta at the workload's shape."""
+    """The project's cost model on ``model`` traced on meta at the workload's shape: returns
+    ``fresh(workload) -> CostBuilder`` (a new builder, so no table is cached between runs)."""
     import torch
 
     from planner.cost_builder import CostBuilder
@@ -129,10 +136,11 @@ def cost_model_builder(model: str, cluster: Cluster, workload: Workload):
         print(f"<!-- traced {model} {workload.batch_size}x{seq} in "
               f"{time.perf_counter() - start:.1f} s -->", flush=True)
     traced = _TRACED[key]
-    return lambda: CostBuilder(traced, cluster, workload)
+    return lambda w: CostBuilder(traced, cluster, w)
 
 
-# (model, cluster, phase, objective, batch, seq)
+# (model, cluster, phase, objective, batch, seq[, KV context]). The last ones do not fit:
+# the solver must refuse them, with the smallest changes that fit, within the same budget.
 CASES = [
     ("llama-3-8b", "8xH100", "prefill", "latency", 8, 2048),
     ("llama-3-8b", "8xH100", "decode", "throughput", 64, 2048),
@@ -144,7 +152,20 @@ CASES = [
     ("llama-3-70b", "8x8xH100", "decode", "throughput", 64, 2048),
     ("llama-3-405b", "128x8xH100", "prefill", "latency", 8, 2048),
     ("llama-3-405b", "128x8xH100", "decode", "throughput", 256, 2048),
+    # infeasible
+    ("llama-3-70b", "8xH100", "prefill", "throughput", 2048, 2048),
+    ("llama-3-70b", "8xH100", "decode", "throughput", 64, 2048, 131072),
+    ("llama-3-8b", "1xH100", "decode", "throughput", 64, 2048, 32768),
+    ("llama-3-70b", "4x8xH100", "prefill", "throughput", 8192, 4096),
+    ("llama-3-405b", "8xH100", "prefill", "latency", 8, 2048),
+    ("llama-3-405b", "128x8xH100", "decode", "throughput", 4096, 2048, 1048576),
 ]
+
+
+def budget_s(num_devices: int) -> float:
+    """The solve-time targets of issue 4, for a plan and for a refusal alike: median <= 2 s
+    up to 64 devices, <= 10 s beyond."""
+    return 2.0 if num_devices <= 64 else 10.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--time-limit", type=float, default=60.0)
     parser.add_argument("--only", help="substring of the model name to run")
+    parser.add_argument("--infeasible", action="store_true", help="only the cases that do not fit")
+    parser.add_argument("--verify", action="store_true",
+                        help="check that every suggested change fits and one step less does not")
     args = parser.parse_args(argv)
     factory = None
     if args.builder:
@@ -165,33 +189,63 @@ def main(argv: list[str] | None = None) -> int:
              else "the project's cost model, tables built inside each timed solve")
     print(f"# solver scaling ({label}), {args.workers} CP-SAT workers, "
           f"median of {args.repeats}")
-    print("| model | cluster | devices | layers | phase / objective | batch | status | "
-          "median s | max s | dp | pp | tp | m |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for model, spec, phase, objective, batch, seq in CASES:
+    print("| model | cluster | devices | layers | phase / objective | batch | context | status | "
+          "median s | max s | budget s | pass | dp | pp | tp | m |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    refusals, failed = [], 0
+    for model, spec, phase, objective, batch, seq, *rest in CASES:
         if args.only and args.only not in model:
             continue
+        context = rest[0] if rest else None
         cluster = Cluster.parse(spec)
-        work = Workload(batch_size=batch, seq_len=seq, phase=phase, objective=objective)
+        work = Workload(batch_size=batch, seq_len=seq, phase=phase, objective=objective,
+                        context_len=context)
         if args.synthetic:
-            fresh = lambda m=model, c=cluster, w=work: synthetic_builder(ARCHS[m], c, w)  # noqa: E731
+            fresh = lambda w, m=model, c=cluster: synthetic_builder(ARCHS[m], c, w)  # noqa: E731
         elif factory is not None:
-            fresh = lambda m=model, c=cluster, w=work: factory(m, c, w)  # noqa: E731
+            fresh = lambda w, m=model, c=cluster: factory(m, c, w)  # noqa: E731
         else:
             fresh = cost_model_builder(model, cluster, work)
-        times, sol = [], None
+        times, sol, refusal = [], None, None
         for _ in range(args.repeats):
-            builder = fresh()
+            builder = fresh(work)
             start = time.perf_counter()
-            sol = solve(builder, cluster, work, num_workers=args.workers,
-                        time_limit_s=args.time_limit)
+            try:
+                sol = solve(builder, cluster, work, num_workers=args.workers,
+                            time_limit_s=args.time_limit, rebuild=fresh)
+            except InfeasiblePlanError as e:
+                refusal = e
             times.append(time.perf_counter() - start)
-        tps = sorted({s.tp for s in sol.stages})
-        print(f"| {model} | {spec} | {cluster.num_devices} | {builder(1, 1).num_layers} | "
-              f"{phase} / {objective} | {batch} | {sol.solver.status} | "
-              f"{statistics.median(times):.2f} | {max(times):.2f} | {sol.dp} | {sol.pp} | "
-              f"{'/'.join(map(str, tps))} | {sol.microbatches} |", flush=True)
-    return 0
+        if (sol is None) == (refusal is None):
+            raise SystemExit(f"{model} on {spec}: solved in some repeats and refused in others")
+        if args.infeasible and refusal is None:
+            continue
+        median, budget = statistics.median(times), budget_s(cluster.num_devices)
+        ok = median <= budget and (refusal is not None or sol.solver.status == "OPTIMAL")
+        failed += not ok
+        ctx = str(work.kv_context_len) if phase == "decode" else "-"
+        head = (f"| {model} | {spec} | {cluster.num_devices} | {builder(1, 1).num_layers} | "
+                f"{phase} / {objective} | {batch} | {ctx} | ")
+        tail = f"{median:.2f} | {max(times):.2f} | {budget:g} | {'pass' if ok else 'FAIL'} | "
+        if refusal is not None:
+            print(head + "INFEASIBLE | " + tail + "- | - | - | - |", flush=True)
+            refusals.append((model, spec, work, fresh, refusal))
+        else:
+            tps = sorted({s.tp for s in sol.stages})
+            print(head + f"{sol.solver.status} | " + tail + f"{sol.dp} | {sol.pp} | "
+                  f"{'/'.join(map(str, tps))} | {sol.microbatches} |", flush=True)
+    for model, spec, work, fresh, refusal in refusals:
+        print(f"\n{model} on {spec}, {work.phase} batch {work.batch_size}: {refusal}")
+        if args.verify:
+            from tests.planner.test_infeasible import check_suggestions
+
+            start = time.perf_counter()
+            n = check_suggestions(fresh(work), Cluster.parse(spec), work, refusal.suggestions,
+                                  rebuild=fresh)
+            print(f"verified: each of the {n} suggested changes fits and one step less does "
+                  f"not ({time.perf_counter() - start:.1f} s of re-solves)")
+    print(f"\n{failed} case(s) over budget or not OPTIMAL" if failed else "\nall cases within budget")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

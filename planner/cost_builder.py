@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from cost_models.collectives import link_alpha_beta, load_calibration
 from cost_models.layer_cost import TracedShape, layer_cost
-from cost_models.memory import kv_heads_per_device, stage_workspace_bytes
+from cost_models.memory import kv_heads_per_device, layer_memory, stage_workspace_bytes
 from cost_models.roofline import efficiencies_for
 from planner.cluster import Cluster, Workload
 from planner.cost_table import CostTable, LayerCost, Link
@@ -59,6 +59,8 @@ class CostBuilder:
     profile: object | None = None  # cost_models.profiler.ModelProfile of this device
     _cache: dict = field(default_factory=dict, repr=False)
     _sources: dict = field(default_factory=dict, repr=False)
+    _times: dict = field(default_factory=dict, repr=False)
+    _group_index: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.spec = self.cluster.device_spec
@@ -81,37 +83,80 @@ class CostBuilder:
             self._cache[key] = self._build(microbatch_size, microbatches)
         return self._cache[key]
 
+    def memory_table(self, microbatch_size: int, microbatches: int) -> CostTable:
+        """The table's memory only (every time 0): what the solver's infeasibility
+        diagnosis needs, at a fraction of the cost of pricing every layer's time."""
+        return self._build(microbatch_size, microbatches, memory_only=True)
+
     def sources(self, microbatch_size: int, microbatches: int) -> list[str]:
         """Per layer, where its costs came from: ``"measured"`` or ``"predicted"``."""
         self(microbatch_size, microbatches)
         return self._sources[(microbatch_size, microbatches)]
 
-    def _build(self, mb: int, m: int) -> CostTable:
+    def _groups(self) -> tuple[list[int], list[int]]:
+        """Identical layers (same work, same parameters, same measurement) cost the same:
+        ``group[j]`` is layer ``j``'s group, ``first[g]`` the first layer of group ``g``."""
+        if self._group_index is None:
+            layers = self.traced.layers
+            measured = self.profile.layers if self.profile is not None else [None] * len(layers)
+            index: dict = {}
+            group, first = [], []
+            for j, layer in enumerate(layers):
+                key = (_layer_key(layer), measured[j].time_s if measured[j] else None)
+                if key not in index:
+                    index[key] = len(first)
+                    first.append(j)
+                group.append(index[key])
+            self._group_index = (group, first)
+        return self._group_index
+
+    def _resident(self, layer, tp: int, mb: int, m: int) -> int:
+        """``layer_cost(...).memory_bytes`` without pricing the time (same arguments)."""
+        w = self.workload
+        tokens = mb * (1 if w.phase == "decode" else w.seq_len)
+        mem = layer_memory(layer, self.traced.arch, tp, w, mb, m,
+                           token_ratio=tokens / self.traced_shape.tokens,
+                           traced_dtype_bytes=self.traced_shape.dtype_bytes)
+        return int(mem.resident)
+
+    def _build(self, mb: int, m: int, memory_only: bool = False) -> CostTable:
         w, layers = self.workload, self.traced.layers
         measured = self.profile.layers if self.profile is not None else [None] * len(layers)
-        costs, sources, seen = [], [], {}
-        for j, layer in enumerate(layers):
-            # Identical blocks (same work, same parameters) cost the same: price each once.
-            key = (_layer_key(layer), measured[j].time_s if measured[j] else None)
-            if key not in seen:
-                row = {}
-                for tp in self.tp_degrees:
+        group, first = self._groups()
+        rows, sources = [], []
+        for j in first:
+            layer, row = layers[j], {}
+            source = "predicted"
+            for tp in self.tp_degrees:
+                if memory_only:
+                    row[tp] = LayerCost(0.0, 0.0, self._resident(layer, tp, mb, m))
+                    continue
+                # Times do not depend on the microbatch count: priced once per size.
+                timed = self._times.get((j, tp, mb))
+                if timed is None:
                     est = layer_cost(layer, self.traced.arch, tp, w, self.spec, mb, m,
                                      traced=self.traced_shape,
                                      sequence_parallel=self.sequence_parallel,
                                      efficiencies=self.efficiencies,
                                      calibration=self.calibration, measured=measured[j])
-                    row[tp] = LayerCost(est.compute_s, est.comm_s, int(est.memory_bytes))
-                    source = est.source
-                seen[key] = (row, source)
-            costs.append(seen[key][0])
-            sources.append(seen[key][1])
+                    timed = self._times[(j, tp, mb)] = (est.compute_s, est.comm_s, est.source)
+                    memory = int(est.memory_bytes)
+                else:
+                    memory = self._resident(layer, tp, mb, m)
+                row[tp] = LayerCost(timed[0], timed[1], memory)
+                source = timed[2]
+            rows.append(row)
+            sources.append(source)
+        costs = [rows[g] for g in group]
         tokens_traced = self.traced_shape.tokens
         tokens_step = mb * (1 if w.phase == "decode" else w.seq_len)
         ratio = tokens_step / tokens_traced
         dtype_scale = w.dtype_bytes / self.traced_shape.dtype_bytes
         boundary = tuple(int(c.bytes * ratio * dtype_scale) for c in self.traced.cuts)
-        workspace = {tp: stage_workspace_bytes(layers, tp, m, token_ratio=ratio, dtype_scale=dtype_scale)
+        # one layer of each group has every group's peak and output (identical layers)
+        distinct = [layers[j] for j in first]
+        workspace = {tp: stage_workspace_bytes(distinct, tp, m, token_ratio=ratio,
+                                               dtype_scale=dtype_scale)
                      for tp in self.tp_degrees}
         arch = self.traced.arch
         replicated = {}
@@ -122,7 +167,8 @@ class CostBuilder:
                     replicated[tp] = per_device * tp // arch.num_kv_heads
         intra = link_alpha_beta(self.spec, "intra")
         inter = link_alpha_beta(self.spec, "inter")
-        self._sources[(mb, m)] = sources
+        if not memory_only:
+            self._sources[(mb, m)] = [sources[g] for g in group]
         return CostTable(
             costs=tuple(costs),
             boundary_bytes=boundary,

@@ -8,11 +8,11 @@ tensor that crosses it; pipeline point-to-point cost uses the sum of their bytes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cost_models.roofline import OP_CLASSES, OpWork
 
-__all__ = ["OpStats", "Layer", "CutPoint", "OP_CLASSES"]
+__all__ = ["OpStats", "Layer", "CutPoint", "BlockRun", "find_block_container", "OP_CLASSES"]
 
 # Per-op-class work is the cost model's own type (one definition for both packages):
 # ``OpStats(count, flops, bytes_read, bytes_written)``, summed with ``+``.
@@ -85,37 +85,78 @@ class CutPoint:
 # --------------------------------------------------------------------------- detection
 
 
-def find_block_container(model) -> tuple[str, int] | None:
-    """The ModuleList/Sequential of repeated blocks: ``("model.layers", 80)``, or ``None``.
+@dataclass(frozen=True)
+class BlockRun:
+    """The repeated blocks: consecutive children of one ModuleList/Sequential.
 
-    A container qualifies when it has at least two children, all of one class, holding
-    parameters; the one holding the most parameters wins (the decoder stack, not a list of
-    two rotary tables).
+    Attributes:
+        container: module path of the container; ``""`` when it is the model itself (a
+            top-level ``nn.Sequential``).
+        first: position of the first block among the container's children.
+        names: the blocks' child names in the container (``"0"``, ``"1"``, ...), in order.
+        num_children: how many children the container has.
+    """
+
+    container: str
+    first: int
+    names: tuple[str, ...]
+    num_children: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+    @property
+    def whole(self) -> bool:
+        """Whether the blocks are every child of the container."""
+        return self.first == 0 and self.count == self.num_children
+
+    def path(self, i: int) -> str:
+        """Module path of block ``i`` (``"model.layers.3"``, or ``"3"`` under the root)."""
+        return f"{self.container}.{self.names[i]}" if self.container else self.names[i]
+
+    def first_blocks(self, keep: int) -> BlockRun:
+        """The run of the first ``keep`` blocks."""
+        return replace(self, names=self.names[:keep])
+
+    def index(self, paths: list[str]) -> int | None:
+        """Index of the block a node belongs to, from its module paths (outermost first)."""
+        prefix = f"{self.container}." if self.container else ""
+        position = {n: i for i, n in enumerate(self.names)}
+        for path in paths:
+            if not path.startswith(prefix):
+                continue
+            i = position.get(path[len(prefix):].split(".", 1)[0])
+            if i is not None:
+                return i
+        return None
+
+
+def find_block_container(model) -> BlockRun | None:
+    """The repeated blocks: the longest-in-parameters run of at least two consecutive
+    children of one class, holding parameters, of any ModuleList/Sequential (the model
+    itself included): ``model.layers`` (80 decoder layers), ``transformer.h``, or children
+    1..n of a top-level ``nn.Sequential(embedding, block, ..., block, head)``; ``None`` if
+    there is none. The run holding the most parameters wins (the decoder stack, not a list
+    of two rotary tables).
     """
     import torch.nn as nn
 
-    best: tuple[int, str, int] | None = None
+    best: tuple[int, BlockRun] | None = None
     for path, mod in model.named_modules():
         if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
             continue
-        children = list(mod)
-        if len({type(c) for c in children}) != 1:
-            continue
-        n_params = sum(p.numel() for p in mod.parameters())
-        if n_params == 0:
-            continue
-        if best is None or n_params > best[0]:
-            best = (n_params, path, len(children))
-    return (best[1], best[2]) if best else None
-
-
-def block_index(paths: list[str], container: str, num_blocks: int) -> int | None:
-    """Index of the block a node belongs to, from its module paths (outermost first)."""
-    prefix = f"{container}." if container else ""
-    for path in paths:
-        if not path.startswith(prefix):
-            continue
-        head = path[len(prefix):].split(".", 1)[0]
-        if head.isdigit() and int(head) < num_blocks:
-            return int(head)
-    return None
+        children = list(mod.named_children())
+        start = 0
+        while start < len(children):
+            end = start + 1
+            kind = type(children[start][1])
+            while end < len(children) and type(children[end][1]) is kind:
+                end += 1
+            if end - start >= 2:
+                n_params = sum(p.numel() for _, c in children[start:end] for p in c.parameters())
+                if n_params and (best is None or n_params > best[0]):
+                    names = tuple(name for name, _ in children[start:end])
+                    best = (n_params, BlockRun(path, start, names, len(children)))
+            start = end
+    return best[1] if best else None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -349,19 +350,24 @@ def check_pins(pins: Mapping[str, int], batch_size: int, num_layers: int, nodes:
     return clean
 
 
-def _build_space(
+def _shapes(
     builder: CostTableBuilder,
     cluster: Cluster,
     workload: Workload,
     pins: Mapping[str, int] | None,
     tp_degrees: Iterable[int] | None,
     max_microbatches: int | None,
-    capacity_bytes: int | None = None,
-) -> tuple[_Space, dict[str, int]]:
+    probe: Callable[[int, int], CostTable] | None = None,
+) -> tuple[tuple[int, ...], list[tuple[int, int, tuple[int, ...]]], dict[str, int]]:
+    """The request's outer choices without their tables: ``(tps, [(dp, m, replica sizes)],
+    clean pins)``, in the order the search visits them. ``probe`` builds the table read for
+    the layer count and degrees (default ``builder``).
+
+    Raises:
+        PlanError: contradictory pins, or no tp degree of the model fits the node.
+    """
     nodes, per_node, batch = cluster.nodes, cluster.devices_per_node, workload.batch_size
-    cap = capacity_bytes if capacity_bytes is not None else int(
-        cluster.device_spec.memory_bytes * (1.0 - workload.memory_headroom))
-    probe = builder(batch, 1)
+    probe = (probe or builder)(batch, 1)
     pins = check_pins(dict(pins or {}), batch, probe.num_layers, nodes, per_node)
     allowed = {t for t in probe.tp_degrees if per_node % t == 0}
     if tp_degrees is not None:
@@ -374,9 +380,7 @@ def _build_space(
     if not allowed:
         raise PlanError(f"no tp degree of the model {list(probe.tp_degrees)} divides "
                         f"{per_node} devices per node")
-    tps = tuple(sorted(allowed))
-    combos = []
-    tables: dict[tuple[int, int], CostTable] = {}
+    shapes = []
     for dp in [pins["dp"]] if "dp" in pins else _divisors(batch):
         sizes = tuple(s for s in range(1, nodes * per_node // dp + 1)
                       if replica_size_allowed(s, dp, nodes, per_node))
@@ -388,12 +392,32 @@ def _build_space(
             if per_replica % m or (max_microbatches and m > max_microbatches and
                                    "microbatches" not in pins):
                 continue
-            key = (per_replica // m, m)
-            if key not in tables:
-                tables[key] = builder(*key)
-            combos.append(_make_combo(tables[key], dp, m, tps, cap, sizes, pins.get("pp")))
-    return _Space(batch, nodes, per_node, cap, workload.objective, combos,
-                  pins=dict(pins)), pins
+            shapes.append((dp, m, sizes))
+    return tuple(sorted(allowed)), shapes, pins
+
+
+def _build_space(
+    builder: CostTableBuilder,
+    cluster: Cluster,
+    workload: Workload,
+    pins: Mapping[str, int] | None,
+    tp_degrees: Iterable[int] | None,
+    max_microbatches: int | None,
+    capacity_bytes: int | None = None,
+) -> tuple[_Space, dict[str, int]]:
+    cap = capacity_bytes if capacity_bytes is not None else int(
+        cluster.device_spec.memory_bytes * (1.0 - workload.memory_headroom))
+    tps, shapes, pins = _shapes(builder, cluster, workload, pins, tp_degrees, max_microbatches)
+    batch = workload.batch_size
+    combos = []
+    tables: dict[tuple[int, int], CostTable] = {}
+    for dp, m, sizes in shapes:
+        key = (batch // dp // m, m)
+        if key not in tables:
+            tables[key] = builder(*key)
+        combos.append(_make_combo(tables[key], dp, m, tps, cap, sizes, pins.get("pp")))
+    return _Space(batch, cluster.nodes, cluster.devices_per_node, cap, workload.objective,
+                  combos, pins=dict(pins)), pins
 
 
 def _make_combo(table: CostTable, dp: int, m: int, tps, cap: int, sizes, pp) -> _Combo:
@@ -619,7 +643,7 @@ def _heuristic(combo: _Combo, objective: str, per_node: int):
 # --------------------------------------------------------------------------- CP-SAT model
 
 
-def _arcs(combo: _Combo, objective: str, cutoff: int | None, ignore_memory: bool = False):
+def _arcs(combo: _Combo, objective: str, cutoff: int | None):
     """Every stage (a, b, tp) that fits in memory and cannot be excluded by the cutoff.
 
     With a cutoff, a stage of time ``s`` is kept only if the objective could still be
@@ -642,7 +666,7 @@ def _arcs(combo: _Combo, objective: str, cutoff: int | None, ignore_memory: bool
                     break
                 time_acc += combo.ticks[b][t]
                 mem_acc += combo.mem[b][t]
-                if not ignore_memory and mem_acc > combo.cap:
+                if mem_acc > combo.cap:
                     break
                 if cutoff is not None:
                     if m * time_acc > cutoff:
@@ -656,11 +680,10 @@ def _arcs(combo: _Combo, objective: str, cutoff: int | None, ignore_memory: bool
 
 
 def _cp_model(combo: _Combo, objective: str, per_node: int, cutoff: int | None,
-              hint=None, minimise_memory: bool = False):
+              hint=None):
     """Build the CP-SAT model of one combo. Returns (model, y, arcs, objective expr)."""
     L, m = combo.num_layers, combo.m
-    arcs = _arcs(combo, objective, None if minimise_memory else cutoff,
-                 ignore_memory=minimise_memory)
+    arcs = _arcs(combo, objective, cutoff)
     model = cp_model.CpModel()
     y = [model.NewBoolVar(f"y{a}_{b}_{t}") for a, b, t, _, _ in arcs]
     out_arcs: list[list[int]] = [[] for _ in range(L + 1)]
@@ -679,13 +702,6 @@ def _cp_model(combo: _Combo, objective: str, per_node: int, cutoff: int | None,
     model.Add(size == sum(arcs[i][2] * y[i] for i in range(len(arcs))))
     if combo.pp is not None:
         model.Add(sum(y) == combo.pp)
-    if minimise_memory:
-        peak = model.NewIntVar(0, max(a[4] for a in arcs) if arcs else 0, "peak_memory")
-        for a in range(L):
-            model.Add(peak >= sum(arcs[i][4] * y[i] for i in out_arcs[a]))
-        model.Minimize(peak)
-        return model, y, arcs, peak
-
     spans_nodes = max(combo.sizes) > per_node
     hop = [None] * (L + 1)
     for j in range(1, L):
@@ -834,8 +850,8 @@ def solve(
         if time.perf_counter() >= deadline:
             raise PlanError(f"no plan found within the {time_limit_s:g} s time limit")
         message, suggestions = _diagnose(space, cost_table, cluster, workload, clean_pins,
-                                         tp_degrees, max_microbatches, num_workers,
-                                         diagnose, rebuild)
+                                         tp_degrees, max_microbatches, diagnose, rebuild,
+                                         deadline=deadline, time_limit_s=time_limit_s)
         raise InfeasiblePlanError(message, suggestions)
     combo, path, value, bound, status, solved, pruned = result
     wall = time.perf_counter() - start
@@ -926,20 +942,284 @@ def _search(space: _Space, num_workers: int, deadline: float, feasibility_only: 
     return combo, path, value, bound, status, solved, pruned
 
 
-def _feasible(builder, cluster, workload, pins, tp_degrees, max_microbatches, num_workers,
-              capacity_bytes=None) -> bool:
-    try:
-        space, _ = _build_space(builder, cluster, workload, pins, tp_degrees, max_microbatches,
-                                capacity_bytes)
-    except PlanError:
+# --------------------------------------------------------------------------- diagnosis
+#
+# Whether a request has a plan at all depends on memory only: no objective, no cutoff.
+# So every "smallest change" is found with an exact memory-feasibility test instead of
+# CP-SAT: for one (dp, m) choice, the replica sizes reachable by a chain of stages that
+# each fit are a bitset per layer boundary (bit d: d devices used so far; with a pp pin,
+# bit d*(pp+1)+k for k stages), propagated over every stage (a, b, tp) that fits --
+# the same constraints as the model (memory, allowed degrees, no TP group across a node
+# boundary, replica sizes of the placement rule, pp pin), in O(L^2 |tp|) big-int ORs.
+
+
+class _OutOfTime(Exception):
+    """The diagnosis reached the solve's deadline."""
+
+
+@dataclass(frozen=True)
+class _MemRows:
+    """One table's memory by tp: prefix sums over layers, the first layer from each layer
+    on that does not allow the degree, and the per-stage workspace."""
+
+    num_layers: int
+    rows: dict[int, tuple[list[int], list[int], int]]
+
+    @classmethod
+    def of(cls, table: CostTable) -> _MemRows:
+        L, rows = table.num_layers, {}
+        for t in table.tp_degrees:
+            cells = [c.get(t) for c in table.costs]
+            prefix = list(itertools.accumulate((c.memory_bytes if c is not None else 0
+                                                for c in cells), initial=0))
+            until = [L] * (L + 1)
+            if None in cells:
+                for j in range(L - 1, -1, -1):
+                    until[j] = j if cells[j] is None else until[j + 1]
+            rows[t] = (prefix, until, table.workspace(t))
+        return cls(L, rows)
+
+    def ends(self, t: int, cap: int) -> list[int] | None:
+        """Per start boundary ``a``, the furthest end boundary of a stage at ``tp = t``
+        within ``cap`` bytes (memory only grows with the stage, so every shorter one fits)."""
+        if t not in self.rows:
+            return None
+        prefix, until, workspace = self.rows[t]
+        room = cap - workspace
+        if room < 0:
+            return None
+        return [bisect.bisect_right(prefix, prefix[a] + room, a, until[a] + 1) - 1
+                for a in range(self.num_layers)]
+
+    def floor(self, tps: Sequence[int], s_max: int) -> int:
+        """A lower bound on the peak memory per device of any plan of at most ``s_max``
+        devices: each layer sits in some stage at some degree, and the devices of a replica
+        hold at least every layer at its cheapest ``tp * memory`` plus one workspace."""
+        tps = [t for t in tps if t in self.rows and t <= s_max]
+        if not tps:
+            return 0
+        single, total = 0, min(t * self.rows[t][2] for t in tps)
+        for j in range(self.num_layers):
+            options = [(self.rows[t][0][j + 1] - self.rows[t][0][j], t) for t in tps
+                       if self.rows[t][1][j] > j]
+            if not options:
+                return 0
+            single = max(single, min(v + self.rows[t][2] for v, t in options))
+            total += min(v * t for v, t in options)
+        return max(single, -(-total // s_max))
+
+    def stage_memories(self, tps: Sequence[int], lo: int, hi: int) -> list[int]:
+        """Every stage's memory in ``[lo, hi)``, sorted: the possible peaks."""
+        out = set()
+        for t in tps:
+            if t not in self.rows:
+                continue
+            prefix, until, workspace = self.rows[t]
+            for a in range(self.num_layers):
+                first = bisect.bisect_left(prefix, prefix[a] + lo - workspace, a + 1, until[a] + 1)
+                for b in range(first, until[a] + 1):
+                    v = prefix[b] - prefix[a] + workspace
+                    if v >= hi:
+                        break
+                    out.add(v)
+        return sorted(out)
+
+
+_MASKS: dict[tuple[int, int, int, int], int] = {}
+
+
+def _move_mask(t: int, s_cap: int, per_node: int, pp: int) -> int:
+    """States from which a stage of degree ``t`` may start: it ends within ``s_cap``
+    devices, does not cross a node boundary and (pp pinned) is not one stage too many."""
+    key = (t, s_cap, per_node, pp)
+    if key not in _MASKS:
+        width = pp + 1 if pp else 1
+        block = (1 << pp) - 1 if pp else 1  # every stage count k < pp of one device count
+        mask = 0
+        for d in range(0, s_cap - t + 1):
+            if d % per_node + t <= per_node:
+                mask |= block << (d * width)
+        _MASKS[key] = mask
+    return _MASKS[key]
+
+
+def _reach(rows: _MemRows, tps: Sequence[int], cap: int, s_cap: int, per_node: int,
+           pp: int | None) -> int:
+    """The states (devices used, and stages when ``pp`` is pinned) in which a chain of
+    stages that each fit in ``cap`` bytes per device can hold every layer (bitset)."""
+    pp = pp or 0
+    width = pp + 1 if pp else 1
+    moves = []
+    for t in tps:
+        if t > s_cap:
+            continue
+        ends = rows.ends(t, cap)
+        if ends is not None:
+            moves.append((t * width + (1 if pp else 0), _move_mask(t, s_cap, per_node, pp), ends))
+    L = rows.num_layers
+    reach = [0] * (L + 1)
+    reach[0] = 1
+    for a in range(L):
+        r = reach[a]
+        if not r:
+            continue
+        for shift, mask, ends in moves:
+            end = ends[a]
+            if end > a:
+                moved = (r & mask) << shift
+                if moved:
+                    for x in range(a + 1, end + 1):
+                        reach[x] |= moved
+    return reach[L]
+
+
+def _replica_sizes(bits: int, pp: int | None) -> list[int]:
+    """Device counts of the complete states of a ``_reach`` bitset (all ``pp`` stages)."""
+    width = pp + 1 if pp else 1
+    out, d = [], 0
+    while bits >> (d * width):
+        if (bits >> (d * width + (pp or 0))) & 1:
+            out.append(d)
+        d += 1
+    return out
+
+
+class _Diagnosis:
+    """Exact memory-feasibility tests of changed requests, sharing tables and a deadline."""
+
+    def __init__(self, tp_degrees, max_microbatches, deadline: float) -> None:
+        self.tp_degrees, self.max_microbatches = tp_degrees, max_microbatches
+        self.deadline = deadline
+        self.rows: dict[tuple[int, int, int], tuple[object, _MemRows]] = {}
+        self.hint: tuple[int, int] | None = None  # (microbatch size, m) that fitted last
+
+    def check_time(self) -> None:
+        if time.perf_counter() > self.deadline:
+            raise _OutOfTime
+
+    def memory(self, builder, mb: int, m: int) -> _MemRows:
+        self.check_time()
+        key = (id(builder), mb, m)
+        if key not in self.rows:  # the builder is kept so that its id is not reused
+            make = getattr(builder, "memory_table", builder)
+            self.rows[key] = (builder, _MemRows.of(make(mb, m)))
+        return self.rows[key][1]
+
+    def shapes(self, builder, cluster, workload, pins):
+        try:
+            probe = getattr(builder, "memory_table", None)
+            return _shapes(builder, cluster, workload, pins, self.tp_degrees,
+                           self.max_microbatches, probe=probe)
+        except PlanError:
+            return None
+
+    def ordered(self, shapes, batch: int):
+        """The shapes nearest the one that fitted last first: the likeliest to fit again."""
+        if self.hint is None:
+            return shapes
+        hmb, hm = self.hint
+        return sorted(shapes, key=lambda s: (abs(math.log(batch / s[0] / s[1] / hmb))
+                                             + abs(math.log(s[1] / hm)), s[0]))
+
+    def fits(self, builder, cluster: Cluster, workload: Workload, pins) -> bool:
+        """Whether any plan of the request fits in memory (exact; no CP-SAT)."""
+        found = self.shapes(builder, cluster, workload, pins)
+        if found is None:
+            return False
+        tps, shapes, clean = found
+        cap = int(cluster.device_spec.memory_bytes * (1.0 - workload.memory_headroom))
+        batch, pp = workload.batch_size, clean.get("pp")
+        for dp, m, sizes in self.ordered(shapes, batch):
+            rows = self.memory(builder, batch // dp // m, m)
+            bits = _reach(rows, tps, cap, max(sizes), cluster.devices_per_node, pp)
+            if set(_replica_sizes(bits, pp)) & set(sizes):
+                self.hint = (batch // dp // m, m)
+                return True
         return False
-    return _search(space, num_workers, time.perf_counter() + 60.0, feasibility_only=True) \
-        is not None
+
+    def min_peak(self, space: _Space) -> int | None:
+        """The smallest peak memory per device of any plan of the request, ignoring the
+        capacity: exact, by bisection over the stage memories of each (dp, m) choice,
+        visited by a lower bound and skipped once it cannot beat the best so far."""
+        per_node, best = space.devices_per_node, None
+        scored = []
+        for combo in space.combos:
+            rows = _MemRows.of(combo.table)
+            scored.append((rows.floor(combo.tps, combo.s_max), id(combo), combo, rows))
+        scored.sort(key=lambda s: s[:2])
+        for floor, _, combo, rows in scored:
+            if best is not None and floor >= best:
+                break
+            self.check_time()
+            sizes = set(combo.sizes)
+
+            def fits(cap: int, combo=combo, rows=rows, sizes=sizes) -> bool:
+                bits = _reach(rows, combo.tps, cap, combo.s_max, per_node, combo.pp)
+                return bool(set(_replica_sizes(bits, combo.pp)) & sizes)
+
+            values = rows.stage_memories(combo.tps, floor, best if best is not None else 2**62)
+            if not values or not fits(values[-1]):
+                continue
+            lo, hi = 0, len(values) - 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if fits(values[mid]):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            best = values[lo]
+        return best
+
+    def min_nodes(self, builder, cluster: Cluster, workload: Workload, pins,
+                  factor: int = 64) -> int | None:
+        """The fewest nodes of this size (up to ``factor`` times as many) with a plan: for
+        every (dp, m) of the largest cluster, the replica sizes that fit, each needing
+        ``ceil(dp * size / devices per node)`` nodes (exact: more nodes only add plans)."""
+        per_node = cluster.devices_per_node
+        big = replace(cluster, nodes=cluster.nodes * factor)
+        found = self.shapes(builder, big, workload, pins)
+        if found is None:
+            return None
+        tps, shapes, clean = found
+        cap = int(cluster.device_spec.memory_bytes * (1.0 - workload.memory_headroom))
+        batch, pp, best = workload.batch_size, clean.get("pp"), None
+        for dp, m, sizes in sorted(shapes, key=lambda s: s[0]):
+            if best is not None and -(-dp // per_node) >= best:
+                break  # every replica needs a device
+            rows = self.memory(builder, batch // dp // m, m)
+            bits = _reach(rows, tps, cap, max(sizes), per_node, pp)
+            allowed = set(sizes)
+            for d in _replica_sizes(bits, pp):
+                if d in allowed:
+                    n = -(-dp * d // per_node)
+                    best = n if best is None else min(best, n)
+        return best
+
+
+def _gib_ceil(nbytes: float) -> float:
+    """``nbytes`` in GiB rounded up to the 0.01 GiB the message shows."""
+    return math.ceil(nbytes / GiB * 100 - 1e-9) / 100
+
+
+def _memory_needed(peak: int, headroom: float) -> float:
+    """The smallest per-device memory, in 0.01 GiB, whose usable part holds ``peak``."""
+    gib = _gib_ceil(peak / (1.0 - headroom))
+    while int(math.ceil(gib * GiB) * (1.0 - headroom)) < peak:
+        gib = round(gib + 0.01, 2)
+    return gib
 
 
 def _diagnose(space, builder, cluster, workload, pins, tp_degrees, max_microbatches,
-              num_workers, compute: bool, rebuild=None) -> tuple[str, list[str]]:
-    """The infeasibility message with the smallest single changes that fit, each re-solved."""
+              compute: bool, rebuild=None, deadline: float = math.inf,
+              time_limit_s: float | None = None) -> tuple[str, list[str]]:
+    """The infeasibility message with the smallest single changes that fit.
+
+    Every change is found by exact memory-feasibility tests (``_Diagnosis``), so the
+    figures are the true boundaries: the suggested change fits and one step less does not
+    (devices, memory, KV context: exact; batch size: the largest batch at which a smaller
+    one no longer matters, by bisection assuming memory grows with the batch). Stops at
+    ``deadline`` and says which changes it did not compute.
+    """
     cap_gib = space.cap / GiB
     head = (f"no plan fits: every placement needs more than {cap_gib:.2f} GiB per device "
             f"({cluster.device_spec.memory_bytes / GiB:.2f} GiB × (1 − "
@@ -949,100 +1229,142 @@ def _diagnose(space, builder, cluster, workload, pins, tp_degrees, max_microbatc
         head += " with pins " + ", ".join(f"{k}={v}" for k, v in pins.items())
     if not compute:
         return head, []
-    args = (tp_degrees, max_microbatches, num_workers)
-    suggestions = []
-    # 1. per-device memory: minimise the peak over every combo.
-    peak = None
-    for combo in space.combos:
-        model, y, arcs, obj = _cp_model(combo, space.objective, space.devices_per_node, None,
-                                        minimise_memory=True)
-        if not arcs:
-            continue
-        solver, status = _run(model, num_workers, 30.0)
-        if status == cp_model.OPTIMAL:
-            v = int(solver.Value(obj))
-            peak = v if peak is None else min(peak, v)
-    if peak is not None:
-        need = peak / (1.0 - workload.memory_headroom)
-        suggestions.append(f"per-device memory >= {need / GiB:.2f} GiB "
-                           f"(peak {peak / GiB:.2f} GiB + {workload.memory_headroom:g} headroom)")
-    # 2a. devices inside the node, up to the largest node this device ships in.
-    grown = None
-    node_limit = cluster.device_spec.max_devices_per_node
-    for per_node in range(cluster.devices_per_node + 1, node_limit + 1):
-        bigger = replace(cluster, devices_per_node=per_node)
-        if _feasible(builder, bigger, workload, pins, *args):
-            grown = per_node
-            break
-    if grown is not None:
-        suggestions.append(f">= {grown * cluster.nodes} devices ({cluster.nodes} node(s) × {grown})")
-    # 2b. devices: the fewest nodes of this size that fit (monotone: more nodes, more plans).
-    hi, lo = cluster.nodes, cluster.nodes
-    while hi < cluster.nodes * 64:
-        hi *= 2
-        if _feasible(builder, replace(cluster, nodes=hi), workload, pins, *args):
-            break
-        lo = hi
-    else:
-        hi = None
-    if hi is not None:
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if _feasible(builder, replace(cluster, nodes=mid), workload, pins, *args):
-                hi = mid
-            else:
-                lo = mid
-        suggestions.append(f">= {hi * cluster.devices_per_node} devices ({hi} node(s) × "
-                           f"{cluster.devices_per_node})")
-    # 3. batch size: the largest smaller batch that fits.
-    lo, hi = 0, workload.batch_size
-    smaller = [y for y in range(workload.batch_size - 1, 0, -1)]
-    if smaller and _feasible(builder, cluster, replace(workload, batch_size=1),
-                             _batch_pins(pins, 1), *args):
-        lo, hi = 1, workload.batch_size
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if _feasible(builder, cluster, replace(workload, batch_size=mid),
-                         _batch_pins(pins, mid), *args):
-                lo = mid
-            else:
-                hi = mid
-        dropped = sorted(set(pins) - set(_batch_pins(pins, lo)))
-        without = f" (without the {', '.join(f'{k}={pins[k]}' for k in dropped)} pin)" if dropped else ""
-        suggestions.append(f"batch size <= {lo}{without}")
+    check = _Diagnosis(tp_degrees, max_microbatches, deadline)
+    suggestions: list[str] = []
+    steps = [("per-device memory", lambda: _memory_change(check, space, workload)),
+             ("devices", lambda: _device_changes(check, builder, cluster, workload, pins)),
+             ("batch size", lambda: _batch_change(check, builder, cluster, workload, pins))]
     if rebuild is not None:
-        suggestions += _workload_changes(rebuild, cluster, workload, pins, args)
+        steps.append(("dtype", lambda: _dtype_change(check, rebuild, cluster, workload, pins)))
+        if workload.phase == "decode":
+            steps.append(("KV context",
+                          lambda: _context_change(check, rebuild, cluster, workload, pins)))
+    skipped = []
+    for name, step in steps:
+        if skipped:
+            skipped.append(name)
+            continue
+        try:
+            suggestions += step()
+        except _OutOfTime:
+            skipped.append(name)
+    tail = ""
+    if skipped:
+        limit = f"the {time_limit_s:g} s time limit" if time_limit_s else "the time limit"
+        tail = f" (stopped at {limit} before trying: {', '.join(skipped)})"
     if not suggestions:
-        return head + ". No single change of memory, devices or batch size makes it fit.", []
-    return head + ". Smallest changes that fit: " + "; or ".join(suggestions), suggestions
+        return (head + ". No single change of memory, devices or batch size makes it fit"
+                + tail + "."), []
+    return head + ". Smallest changes that fit: " + "; or ".join(suggestions) + tail, suggestions
+
+
+def _memory_change(check: _Diagnosis, space: _Space, workload: Workload) -> list[str]:
+    peak = check.min_peak(space)
+    if peak is None:
+        return []
+    need = _memory_needed(peak, workload.memory_headroom)
+    return [f"per-device memory >= {need:.2f} GiB "
+            f"(peak {peak / GiB:.2f} GiB + {workload.memory_headroom:g} headroom)"]
+
+
+def _device_changes(check: _Diagnosis, builder, cluster: Cluster, workload: Workload,
+                    pins) -> list[str]:
+    out = []
+    # devices inside the node, up to the largest node this device ships in
+    for per_node in range(cluster.devices_per_node + 1,
+                          cluster.device_spec.max_devices_per_node + 1):
+        try:
+            bigger = replace(cluster, devices_per_node=per_node)
+        except ValueError:
+            continue
+        if check.fits(builder, bigger, workload, pins):
+            out.append(f">= {per_node * cluster.nodes} devices ({cluster.nodes} node(s) × "
+                       f"{per_node})")
+            break
+    nodes = check.min_nodes(builder, cluster, workload, pins)
+    if nodes is not None:
+        out.append(f">= {nodes * cluster.devices_per_node} devices ({nodes} node(s) × "
+                   f"{cluster.devices_per_node})")
+    return out
+
+
+def _batch_change(check: _Diagnosis, builder, cluster: Cluster, workload: Workload,
+                  pins) -> list[str]:
+    """The largest smaller batch that fits: bisection, so batch ``lo`` fits and ``lo + 1``
+    does not (assuming memory grows with the batch, the largest such)."""
+    if workload.batch_size <= 1:
+        return []
+    def fits(batch: int) -> bool:
+        return check.fits(builder, cluster, replace(workload, batch_size=batch),
+                          _batch_pins(pins, batch))
+    if not fits(1):
+        return []
+    lo, hi = 1, workload.batch_size
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    dropped = sorted(set(pins) - set(_batch_pins(pins, lo)))
+    without = f" (without the {', '.join(f'{k}={pins[k]}' for k in dropped)} pin)" if dropped else ""
+    return [f"batch size <= {lo}{without}"]
 
 
 _LOWER_PRECISION = {"float32": "bfloat16"}
 
 
-def _workload_changes(rebuild, cluster, workload, pins, args) -> list[str]:
-    """Lower precision, and for decode the longest KV context that fits, each re-solved."""
-    out = []
+def _dtype_change(check: _Diagnosis, rebuild, cluster: Cluster, workload: Workload,
+                  pins) -> list[str]:
     lower = _LOWER_PRECISION.get(workload.dtype)
     if lower:
         w = replace(workload, dtype=lower)
-        if _feasible(rebuild(w), cluster, w, pins, *args):
-            out.append(f"dtype {lower} instead of {workload.dtype}")
-    if workload.phase == "decode":
-        context = workload.kv_context_len
-        if context > 1:
-            shortest = replace(workload, context_len=1)
-            if _feasible(rebuild(shortest), cluster, shortest, pins, *args):
-                lo, hi = 1, context
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    w = replace(workload, context_len=mid)
-                    if _feasible(rebuild(w), cluster, w, pins, *args):
-                        lo = mid
-                    else:
-                        hi = mid
-                out.append(f"KV context <= {lo} tokens")
-    return out
+        if check.fits(rebuild(w), cluster, w, pins):
+            return [f"dtype {lower} instead of {workload.dtype}"]
+    return []
+
+
+def _context_change(check: _Diagnosis, rebuild, cluster: Cluster, workload: Workload,
+                    pins) -> list[str]:
+    """The longest KV context that fits (decode), exact: the cache grows with the context,
+    so each (dp, m) choice fits up to some context. The choices are visited once each: one
+    that does not fit one token beyond the best so far is dropped after one test, and only
+    one that does is bisected further."""
+    builders: dict[int, object] = {}
+
+    def builder(context: int):
+        if context not in builders:
+            builders[context] = rebuild(replace(workload, context_len=context))
+        return builders[context]
+
+    found = check.shapes(builder(1), cluster, replace(workload, context_len=1), pins)
+    context = workload.kv_context_len
+    if found is None or context <= 1:
+        return []
+    tps, shapes, clean = found
+    cap = int(cluster.device_spec.memory_bytes * (1.0 - workload.memory_headroom))
+    batch, pp, per_node = workload.batch_size, clean.get("pp"), cluster.devices_per_node
+
+    def fits(shape, c: int) -> bool:
+        dp, m, sizes = shape
+        rows = check.memory(builder(c), batch // dp // m, m)
+        bits = _reach(rows, tps, cap, max(sizes), per_node, pp)
+        return bool(set(_replica_sizes(bits, pp)) & set(sizes))
+
+    best = 0  # every context <= best fits; context itself does not (the request)
+    for shape in check.ordered(shapes, batch):
+        if not fits(shape, best + 1):
+            continue
+        lo, hi = best + 1, context
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(shape, mid):
+                lo = mid
+            else:
+                hi = mid
+        best = lo
+        check.hint = (batch // shape[0] // shape[1], shape[1])
+    return [f"KV context <= {best} tokens"] if best else []
 
 
 def _batch_pins(pins: Mapping[str, int], batch: int) -> dict[str, int]:

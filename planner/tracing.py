@@ -24,6 +24,7 @@ import hashlib
 import logging
 import sys
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -36,11 +37,11 @@ from planner.arch import ModelArch
 from planner.graph_ir import build_graph, module_path, node_shape
 from planner.layers import (
     OP_CLASSES,
+    BlockRun,
     CrossingTensor,
     CutPoint,
     Layer,
     OpStats,
-    block_index,
     find_block_container,
 )
 from planner.op_stats import node_work, tensor_bytes, tensors_in
@@ -180,27 +181,29 @@ def trace(
     name = name or type(model).__name__
     if arch is None:
         arch = ModelArch.of_module(model)
-    found = find_block_container(model)
-    container, num_blocks = found if found else (None, 0)
+    blocks = find_block_container(model)
+    num_blocks = blocks.count if blocks is not None else 0
     on_meta = any(p.is_meta for p in model.parameters())
     if fold_blocks is None:
-        fold_blocks = on_meta and num_blocks >= _FOLD_MIN_BLOCKS and _uniform_blocks(model, container)
-    if fold_blocks and not (container and num_blocks > _FOLD_TRACED_BLOCKS and _uniform_blocks(model, container)):
+        fold_blocks = on_meta and num_blocks >= _FOLD_MIN_BLOCKS and _uniform_blocks(model, blocks)
+    if fold_blocks and not (num_blocks > _FOLD_TRACED_BLOCKS and _uniform_blocks(model, blocks)
+                            and _truncatable(model, blocks)):
         fold_blocks = False
 
     traced_blocks = _FOLD_TRACED_BLOCKS if fold_blocks else num_blocks
-    with _truncated_blocks(model, container, traced_blocks if fold_blocks else None):
+    run = blocks.first_blocks(traced_blocks) if blocks is not None else None
+    with _truncated_blocks(model, blocks, traced_blocks if fold_blocks else None):
         gm, tracer_used = _capture(model, args, kwargs, leaf_modules, tracer)
-    if fold_blocks and not _traced_blocks_identical(gm, container, traced_blocks):
-        fold_blocks, traced_blocks = False, num_blocks
+    if fold_blocks and not _traced_blocks_identical(gm, run):
+        fold_blocks, traced_blocks, run = False, num_blocks, blocks
         gm, tracer_used = _capture(model, args, kwargs, leaf_modules, tracer)
 
-    layer_of = _assign_layers(gm, container, traced_blocks)
+    layer_of = _assign_layers(gm, run)
     graph = build_graph(gm, layer_of)
-    traced_layers = _build_layers(gm, graph, layer_of, container, traced_blocks)
+    traced_layers = _build_layers(gm, graph, layer_of, run)
     traced_cuts = _build_cuts(gm, graph, layer_of, len(traced_layers))
     if fold_blocks:
-        layers, cuts = _unfold(model, traced_layers, traced_cuts, container, num_blocks, traced_blocks)
+        layers, cuts = _unfold(model, traced_layers, traced_cuts, blocks, traced_blocks)
     else:
         layers, cuts = traced_layers, traced_cuts
     layers, cuts, layer_of = _drop_empty_edges(layers, cuts, layer_of)
@@ -221,7 +224,7 @@ def trace(
         tracer=tracer_used,
         folded=bool(fold_blocks),
         layer_of_node=layer_of,
-        block_container=container,
+        block_container=blocks.container if blocks is not None else None,
         num_params=sum(p.numel() for p in unique),
         param_bytes=sum(p.numel() * p.element_size() for p in unique),
         input_shapes=input_shapes,
@@ -369,33 +372,53 @@ def _failing_module(exc: BaseException, names: dict[int, tuple[str, str]]) -> st
 # --------------------------------------------------------------------------- folding
 
 
-def _uniform_blocks(model: nn.Module, container: str | None) -> bool:
-    if container is None:
+def _block_modules(model: nn.Module, blocks: BlockRun) -> list[nn.Module]:
+    container = model.get_submodule(blocks.container)
+    return [getattr(container, name) for name in blocks.names]
+
+
+def _uniform_blocks(model: nn.Module, blocks: BlockRun | None) -> bool:
+    if blocks is None:
         return False
-    blocks = list(model.get_submodule(container))
+    modules = _block_modules(model, blocks)
     layer_types = getattr(getattr(model, "config", None), "layer_types", None)
     if layer_types and len(set(layer_types)) > 1:
         return False  # e.g. alternating sliding-window / full attention
-    first = [(n, tuple(p.shape), p.dtype) for n, p in blocks[0].named_parameters()]
+    first = [(n, tuple(p.shape), p.dtype) for n, p in modules[0].named_parameters()]
     return all(
-        type(b) is type(blocks[0]) and [(n, tuple(p.shape), p.dtype) for n, p in b.named_parameters()] == first
-        for b in blocks[1:]
+        type(b) is type(modules[0]) and [(n, tuple(p.shape), p.dtype) for n, p in b.named_parameters()] == first
+        for b in modules[1:]
     )
 
 
-class _truncated_blocks:
-    """Context manager: temporarily keep only the first ``keep`` blocks of ``container``."""
+def _truncatable(model: nn.Module, blocks: BlockRun) -> bool:
+    """Whether blocks can be dropped without renaming the container's other children: a
+    Sequential keeps its children's names; a ModuleList only when it holds nothing else.
+    The root itself cannot be replaced."""
+    return bool(blocks.container) and (
+        isinstance(model.get_submodule(blocks.container), nn.Sequential) or blocks.whole)
 
-    def __init__(self, model: nn.Module, container: str | None, keep: int | None) -> None:
-        self.model, self.container, self.keep, self.saved = model, container, keep, None
+
+class _truncated_blocks:
+    """Context manager: temporarily keep only the first ``keep`` blocks of the run (the
+    container's other children stay, under their names)."""
+
+    def __init__(self, model: nn.Module, blocks: BlockRun | None, keep: int | None) -> None:
+        self.model, self.blocks, self.keep, self.saved = model, blocks, keep, None
 
     def __enter__(self):
-        if self.keep is None or self.container is None:
+        if self.keep is None or self.blocks is None:
             return self
-        parent_path, _, attr = self.container.rpartition(".")
+        parent_path, _, attr = self.blocks.container.rpartition(".")
         self.parent = self.model.get_submodule(parent_path) if parent_path else self.model
         self.saved = getattr(self.parent, attr)
-        setattr(self.parent, attr, type(self.saved)(list(self.saved)[: self.keep]))
+        dropped = set(self.blocks.names[self.keep:])
+        kept = [(n, m) for n, m in self.saved.named_children() if n not in dropped]
+        if isinstance(self.saved, nn.Sequential):
+            shorter = nn.Sequential(OrderedDict(kept))
+        else:
+            shorter = type(self.saved)([m for _, m in kept])
+        setattr(self.parent, attr, shorter)
         self.attr = attr
         return self
 
@@ -405,36 +428,37 @@ class _truncated_blocks:
         return False
 
 
-def _block_signature(gm: fx.GraphModule, container: str, index: int, num_blocks: int) -> list:
+def _block_signature(gm: fx.GraphModule, run: BlockRun, index: int) -> list:
     sig = []
     for node in gm.graph.nodes:
-        if block_index(_module_paths(node), container, num_blocks) == index and node.op != "get_attr":
+        if run.index(_module_paths(node)) == index and node.op != "get_attr":
             sig.append((node.op, node_work(node).op, node_shape(node)))
     return sig
 
 
-def _traced_blocks_identical(gm: fx.GraphModule, container: str, traced: int) -> bool:
-    reference = _block_signature(gm, container, 1, traced)
+def _traced_blocks_identical(gm: fx.GraphModule, run: BlockRun) -> bool:
+    reference = _block_signature(gm, run, 1)
     return bool(reference) and all(
-        _block_signature(gm, container, i, traced) == reference for i in range(2, traced)
+        _block_signature(gm, run, i) == reference for i in range(2, run.count)
     )
 
 
-def _unfold(model, layers, cuts, container, num_blocks, traced_blocks):
-    """Expand layers/cuts of a folded trace to all ``num_blocks`` blocks."""
-    blocks = list(model.get_submodule(container))
+def _unfold(model, layers, cuts, blocks: BlockRun, traced_blocks: int):
+    """Expand layers/cuts of a folded trace to all of ``blocks``."""
+    modules = _block_modules(model, blocks)
+    num_blocks = blocks.count
     pre, traced_block_layers, post = layers[0], layers[1:-1], layers[-1]
     out = [pre]
     for i in range(num_blocks):
         rep = traced_block_layers[min(i, traced_blocks - 1)]
-        owned = {id(p): p for p in blocks[i].parameters()}.values()
+        owned = {id(p): p for p in modules[i].parameters()}.values()
         out.append(
             replace(
                 rep,
                 index=i + 1,
-                name=f"{container}.{i}",
+                name=blocks.path(i),
                 param_bytes=sum(p.numel() * p.element_size() for p in owned),
-                params=tuple(f"{container}.{i}.{n}" for n, _ in blocks[i].named_parameters()),
+                params=tuple(f"{blocks.path(i)}.{n}" for n, _ in modules[i].named_parameters()),
             )
         )
     out.append(replace(post, index=num_blocks + 1))
@@ -461,13 +485,14 @@ def _module_paths(node: fx.Node) -> list[str]:
     return paths
 
 
-def _assign_layers(gm: fx.GraphModule, container: str | None, num_blocks: int) -> dict[str, int]:
+def _assign_layers(gm: fx.GraphModule, run: BlockRun | None) -> dict[str, int]:
     """Node name -> layer index: 0 = pre, 1..n = blocks, n + 1 = post.
 
     Block nodes are placed by their module path. Other nodes follow their inputs: a node
     fed only by pre-layer values is pre; one fed by the last block (or later) is post; one
     fed by an earlier block travels with that block. Parameters go to their first user.
     """
+    num_blocks = run.count if run is not None else 0
     post = num_blocks + 1
     layer_of: dict[str, int] = {}
     deferred: list[fx.Node] = []
@@ -481,7 +506,7 @@ def _assign_layers(gm: fx.GraphModule, container: str | None, num_blocks: int) -
         if node.op == "output":
             layer_of[node.name] = post
             continue
-        block = block_index(_module_paths(node), container, num_blocks) if container else None
+        block = run.index(_module_paths(node)) if run is not None else None
         if block is not None:
             layer_of[node.name] = block + 1
             continue
@@ -518,8 +543,8 @@ def _node_buffers(gm: fx.GraphModule, node: fx.Node) -> list[torch.Tensor]:
     return []
 
 
-def _build_layers(gm, graph: nx.DiGraph, layer_of, container, num_blocks) -> list[Layer]:
-    n_layers = num_blocks + 2
+def _build_layers(gm, graph: nx.DiGraph, layer_of, run: BlockRun | None) -> list[Layer]:
+    n_layers = (run.count if run is not None else 0) + 2
     nodes_of: list[list[fx.Node]] = [[] for _ in range(n_layers)]
     for node in gm.graph.nodes:
         nodes_of[layer_of[node.name]].append(node)
@@ -555,7 +580,7 @@ def _build_layers(gm, graph: nx.DiGraph, layer_of, container, num_blocks) -> lis
             for b in _node_buffers(gm, node):
                 buffers[id(b)] = b
         kind = "pre" if index == 0 else "post" if index == n_layers - 1 else "block"
-        name = "pre" if kind == "pre" else "post" if kind == "post" else f"{container}.{index - 1}"
+        name = "pre" if kind == "pre" else "post" if kind == "post" else run.path(index - 1)
         members = {n.name for n in nodes}
         layers.append(
             Layer(

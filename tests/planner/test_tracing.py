@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import planner
 from planner.models import load_model
+from planner.op_stats import node_work
 
 SMALL = ["gpt-tiny", "gpt2-tiny", "llama-tiny", "mlp", "cnn"]
 
@@ -199,3 +200,97 @@ def test_symbolic_trace_fallback_with_leaf_module_equals_eager():
     torch.testing.assert_close(traced.graph_module(x), model(x), rtol=0, atol=0)
     assert sum(layer.param_bytes for layer in traced.layers) == traced.param_bytes
     assert traced.layers[0].op_stats["matmul"].flops == 2 * 2 * 8 * 8 * 2
+
+
+class _Residual(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def _counted_flops(model, x) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_top_level_sequential_blocks_are_layers(head):
+    """A model that is an ``nn.Sequential`` (its blocks are the root's children), with and
+    without an embedding-like first and a head-like last child of other classes."""
+    torch.manual_seed(0)
+    blocks = [_Residual(16) for _ in range(4)]
+    model = nn.Sequential(nn.Linear(8, 16), *blocks, nn.Linear(16, 3)) if head \
+        else nn.Sequential(*blocks)
+    x = torch.randn(5, 8 if head else 16)
+    traced = planner.trace(model.eval(), (x,))
+    names = [layer.name for layer in traced.layers]
+    assert names == (["pre", "1", "2", "3", "4", "post"] if head else ["0", "1", "2", "3"])
+    assert traced.block_container == ""
+    # every layer has work, and the layers' FLOPs are the whole graph's: each node counted
+    # once, its matmuls exactly what torch's own flop counter finds in the model
+    assert all(layer.flops > 0 for layer in traced.layers)
+    graph_flops = sum(node_work(n).flops for n in traced.graph_module.graph.nodes)
+    assert sum(layer.flops for layer in traced.layers) == traced.flops == graph_flops
+    matmul = [layer.op_stats["matmul"].flops for layer in traced.layers]
+    assert sum(matmul) == _counted_flops(model, x)
+    assert [f for f, layer in zip(matmul, traced.layers) if layer.kind == "block"] == \
+        [2 * 5 * (16 * 64 + 64 * 16)] * 4  # fc1 and fc2 of each block, batch 5
+    if head:
+        assert matmul[0] == 2 * 5 * 8 * 16 and matmul[-1] == 2 * 5 * 16 * 3
+    assert [layer.param_bytes for layer in traced.layers if layer.kind == "block"] == \
+        [sum(p.numel() * 4 for p in b.parameters()) for b in blocks]
+    with torch.no_grad():
+        torch.testing.assert_close(traced.graph_module(x), model(x), rtol=0, atol=0)
+
+
+def test_pipeline_plan_of_a_sequential_has_compute_in_every_stage():
+    model = nn.Sequential(nn.Linear(64, 256), *[_Residual(256) for _ in range(6)],
+                          nn.Linear(256, 10)).eval()
+    x = torch.randn(8, 64)
+    traced = planner.trace(model, (x,))
+    work = planner.Workload(batch_size=8, seq_len=traced.seq_len)
+    plan = planner.plan(traced, planner.Cluster.parse("4xH100"), work, pins={"pp": 4, "dp": 1},
+                        alternatives=0)
+    assert len(plan.stages) == 4
+    assert all(stage.predicted.compute_s > 0 for stage in plan.stages)
+    covered = [j for stage in plan.stages for j in range(stage.layers[0], stage.layers[1] + 1)]
+    assert covered == list(range(len(traced.layers))) and len(traced.layers) == 8
+    blocks = sum(1 for layer in traced.layers if layer.kind == "block")
+    assert blocks == 6
+
+
+class _Stacked(nn.Module):
+    """Blocks in a Sequential between two children of other classes (not the root)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), *[_Residual(16) for _ in range(n)],
+                                  nn.LayerNorm(16))
+
+    def forward(self, x):
+        return self.body(x).sum(-1)
+
+
+def test_folding_a_run_of_blocks_inside_a_sequential_matches_a_real_trace():
+    torch.manual_seed(0)
+    real_model = _Stacked(8).eval()
+    x = torch.randn(3, 8)
+    real = planner.trace(real_model, (x,))
+    meta_model = _Stacked(8).to("meta").eval()
+    meta = planner.trace(meta_model, (x.to("meta"),))
+    assert meta.folded and not real.folded
+    assert [layer.name for layer in meta.layers] == \
+        ["pre"] + [f"body.{i}" for i in range(1, 9)] + ["post"]
+    assert [layer.name for layer in real.layers] == [layer.name for layer in meta.layers]
+    assert [layer.flops for layer in meta.layers] == [layer.flops for layer in real.layers]
+    assert [layer.param_bytes for layer in meta.layers] == \
+        [layer.param_bytes for layer in real.layers]
+    assert meta.layers[-1].params == real.layers[-1].params == ("body.9.weight", "body.9.bias")
+    assert meta.fingerprint == real.fingerprint
+    assert len(meta_model.body) == 10  # the container is restored after folding
