@@ -251,7 +251,7 @@ def _capture(model, args, kwargs, leaf_modules, tracer) -> tuple[fx.GraphModule,
     errors: list[tuple[str, BaseException]] = []
     if tracer in ("auto", "export"):
         try:
-            with _quiet_export_logs():
+            with _quiet_export_logs(), _meta_traced_as_cpu(model):
                 ep = torch.export.export(model, tuple(args), kwargs, strict=False)
             return ep.module(), "export"
         except Exception as e:  # torch.export raises many types; all mean "did not capture"
@@ -264,6 +264,50 @@ def _capture(model, args, kwargs, leaf_modules, tracer) -> tuple[fx.GraphModule,
     if not errors:
         raise ValueError(f"tracer must be 'auto', 'export' or 'symbolic_trace', not {tracer!r}")
     raise TraceError(_explain_failure(model, errors)) from errors[-1][1]
+
+
+class _meta_traced_as_cpu:
+    """Export a model built on ``meta`` as if it were on ``cpu``.
+
+    Export traces with fake tensors that report the device of the real ones, so a model on
+    ``meta`` runs its non-cpu code paths: transformers' MoE routing counts tokens per expert
+    with ``histc`` on float on cpu and on int32 elsewhere, so a meta trace of Mixtral differed
+    from the cpu trace that ``plan run`` compares it with (another fingerprint, and a few
+    FLOPs). While active, a fake tensor made from a real ``meta`` tensor reports ``cpu``: the
+    trace is the cpu trace, and still no weight is allocated. The graph module keeps the
+    meta parameters.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.active = any(t.is_meta for t in _tensors_of(model))
+
+    def __enter__(self):
+        if not self.active:
+            return self
+        from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+        self.cls, self.original = FakeTensorMode, FakeTensorMode.from_tensor
+        cpu, original = torch.device("cpu"), self.original
+
+        def from_tensor(mode, tensor, *args, **kwargs):
+            fake = original(mode, tensor, *args, **kwargs)
+            if tensor.is_meta and not isinstance(tensor, FakeTensor) and \
+                    isinstance(fake, FakeTensor) and fake.fake_device.type == "meta":
+                fake.fake_device = cpu
+            return fake
+
+        FakeTensorMode.from_tensor = from_tensor
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.cls.from_tensor = self.original
+        return False
+
+
+def _tensors_of(model: nn.Module):
+    yield from model.parameters()
+    yield from model.buffers()
 
 
 class _quiet_export_logs:

@@ -294,3 +294,28 @@ def test_folding_a_run_of_blocks_inside_a_sequential_matches_a_real_trace():
     assert meta.layers[-1].params == real.layers[-1].params == ("body.9.weight", "body.9.bias")
     assert meta.fingerprint == real.fingerprint
     assert len(meta_model.body) == 10  # the container is restored after folding
+
+
+_TINY_MIXTRAL = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+                 "vocab_size": 128}
+
+
+@pytest.mark.parametrize("blocks", [2, 8])
+def test_moe_meta_trace_equals_the_cpu_trace(blocks):
+    """transformers' MoE routing branches on the device (``histc`` on float on cpu, on int32
+    elsewhere): a model built on meta is traced as if on cpu, so a plan made on meta passes
+    the cpu fingerprint check of ``plan run`` (folded at 8 blocks, not at 2)."""
+    overrides = dict(_TINY_MIXTRAL, num_hidden_layers=blocks)
+    _, real = _trace("hf:mixtral", overrides)
+    lm, meta = _trace("hf:mixtral", overrides, device="meta")
+    assert meta.folded == (blocks == 8) and not real.folded
+    assert meta.fingerprint == real.fingerprint
+    assert [layer.name for layer in meta.layers] == [layer.name for layer in real.layers]
+    assert [layer.flops for layer in meta.layers] == [layer.flops for layer in real.layers]
+    assert [layer.op_stats for layer in meta.layers] == [layer.op_stats for layer in real.layers]
+    assert [c.bytes for c in meta.cuts] == [c.bytes for c in real.cuts]
+    assert all(p.is_meta for p in lm.model.parameters())  # still nothing allocated
+    assert all(p.is_meta for p in meta.graph_module.parameters())
+    histc = [n for n in meta.graph_module.graph.nodes if "histc" in str(n.target)]
+    assert histc and all(n.meta["val"].dtype == torch.float32 for n in histc)  # the cpu path
