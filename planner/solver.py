@@ -1092,6 +1092,7 @@ class _Diagnosis:
         self.deadline = deadline
         self.rows: dict[tuple[int, int, int], tuple[object, _MemRows]] = {}
         self.hint: tuple[int, int] | None = None  # (microbatch size, m) that fitted last
+        self.floor_fits: dict[tuple, bool] = {}
 
     def check_time(self) -> None:
         if time.perf_counter() > self.deadline:
@@ -1128,11 +1129,24 @@ class _Diagnosis:
             return False
         tps, shapes, clean = found
         cap = int(cluster.device_spec.memory_bytes * (1.0 - workload.memory_headroom))
-        batch, pp = workload.batch_size, clean.get("pp")
+        batch, pp, per_node = workload.batch_size, clean.get("pp"), cluster.devices_per_node
+
+        def fit(dp: int, mb: int, m: int, sizes) -> bool:
+            bits = _reach(self.memory(builder, mb, m), tps, cap, max(sizes), per_node, pp)
+            return bool(set(_replica_sizes(bits, pp)) & set(sizes))
+
+        # Memory grows with the microbatch size and count, so one sample in one microbatch
+        # is the least a replica holds: a dp for which it does not fit has no shape that
+        # does (the verdict does not depend on the batch: kept across checks).
+        hopeless = set()
+        for dp, _, sizes in shapes:
+            key = (id(builder), cluster, workload.memory_headroom, tps, pp, dp)
+            if key not in self.floor_fits:
+                self.floor_fits[key] = fit(dp, 1, 1, sizes)
+            if not self.floor_fits[key]:
+                hopeless.add(dp)
         for dp, m, sizes in self.ordered(shapes, batch):
-            rows = self.memory(builder, batch // dp // m, m)
-            bits = _reach(rows, tps, cap, max(sizes), cluster.devices_per_node, pp)
-            if set(_replica_sizes(bits, pp)) & set(sizes):
+            if dp not in hopeless and fit(dp, batch // dp // m, m, sizes):
                 self.hint = (batch // dp // m, m)
                 return True
         return False
