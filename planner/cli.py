@@ -203,14 +203,12 @@ def _print_error(e: BaseException) -> None:
     from rich.markup import escape
 
     if isinstance(e, OSError) and e.strerror:
-        where = f" {e.filename}" if e.filename else ""
-        text = f"cannot access{where}: {e.strerror}"
+        text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     else:
         text = str(e) or type(e).__name__
     text = " ".join(text.split())  # one paragraph, whatever the message's own line breaks
     Console(stderr=True, emoji=False).print(f"[bold red]error:[/] {escape(text)}",
                                             highlight=False, soft_wrap=True)
-
 
 
 def _console() -> Console:
@@ -259,6 +257,7 @@ def _plan_model(args: argparse.Namespace) -> int:
                            profile=profile, alternatives=args.alternatives,
                            time_limit_s=args.time_limit, source=source,
                            sequence_parallel={"auto": None, "on": True, "off": False}[args.sp])
+    replaced = out is not None and out.exists()
     if out is not None:
         plan.save(out)  # atomic: a temporary file in the same folder, then renamed
     if args.json:
@@ -268,7 +267,8 @@ def _plan_model(args: argparse.Namespace) -> int:
 
         render_plan(plan, _console())
         if out is not None:
-            _console().print(f"plan written to {out} (show it again with `plan show {out}`)")
+            what = "replacing the plan that was there; " if replaced else ""
+            _console().print(f"plan written to {out} ({what}show it again with `plan show {out}`)")
     return 0
 
 
@@ -622,7 +622,7 @@ def _profile(argv: list[str]) -> int:
                         "shared VM has slow spells of seconds)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.min_time is not None and args.min_time < 0:
+    if args.min_time is not None and not 0 <= args.min_time < float("inf"):  # nan too
         raise _UsageError(f"--min-time must be >= 0 seconds, got {args.min_time}")
     workload = Workload(batch_size=args.batch, seq_len=args.seq, dtype=args.dtype)
     loaded = load_model(args.model, parse_set(args.set), batch_size=args.batch, seq_len=args.seq,
