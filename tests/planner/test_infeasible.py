@@ -157,3 +157,22 @@ def test_a_real_model_refusal_is_exact():
     assert len(err.value.suggestions) >= 3
     assert check_suggestions(rebuild(work), cluster, work, err.value.suggestions,
                              rebuild=rebuild) == len(err.value.suggestions)
+
+
+def test_the_diagnosis_stops_at_the_deadline_and_says_what_it_skipped():
+    from planner.solver import _build_space, _diagnose
+
+    build = _decode_builder(layers=4, weights_gib=30.0, kv_gib_per_token_sample=0.0)(
+        Workload(batch_size=2))
+    cluster = Cluster(1, 2, "H100", memory_bytes=40 * GiB)
+    work = Workload(batch_size=2, memory_headroom=0.0)
+    space, pins = _build_space(build, cluster, work, None, None, None)
+    message, suggestions = _diagnose(space, build, cluster, work, pins, None, None, True,
+                                     deadline=0.0, time_limit_s=0.5)
+    assert suggestions == []
+    assert message.endswith("(stopped at the 0.5 s time limit before trying: per-device memory, "
+                            "devices, batch size).")
+    # with time left, the same request gets its changes
+    with pytest.raises(InfeasiblePlanError) as err:
+        solve(build, cluster, work)
+    assert err.value.suggestions[0].startswith("per-device memory >= ")
