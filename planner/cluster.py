@@ -24,6 +24,16 @@ __all__ = ["Cluster", "Workload", "SpecError", "DTYPES", "DEFAULT_CLUSTER", "PHA
 #: The cluster ``plan MODEL`` and ``planner.plan`` use when none is given.
 DEFAULT_CLUSTER = "8xH100"
 
+#: What the cost model and the solver's integer ticks are sized for: beyond these, times and
+#: sizes overflow the solver's 64-bit integers or the search's device lists.
+MAX_DEVICES = 131072
+MAX_MEMORY_BYTES = 2**50
+BANDWIDTH_RANGE = (1e6, 1e16)
+MAX_LATENCY_S = 10.0
+#: The largest global batch (sequences) and sequence / KV context (tokens) a workload may ask.
+MAX_BATCH = 2**20
+MAX_TOKENS = 2**24
+
 
 class SpecError(ValueError):
     """A cluster or workload the user described cannot be used; the message says what to change."""
@@ -84,19 +94,28 @@ class Cluster:
             if isinstance(value, float) and math.isfinite(value) and value == int(value):
                 value = int(value)
                 object.__setattr__(self, "memory_bytes", value)
-            if not _is_int(value) or value < 1:
+            if not _is_int(value) or not 1 <= value <= MAX_MEMORY_BYTES:
                 problems.append(f"memory_bytes must be a positive whole number of bytes per "
-                                f"device (e.g. 80000000000), got {_show(self.memory_bytes)}")
+                                f"device, at most {MAX_MEMORY_BYTES} (1 PiB) (e.g. "
+                                f"80000000000), got {_show(self.memory_bytes)}")
         for key in ("intra_node_bandwidth", "inter_node_bandwidth"):
             value = getattr(self, key)
             if value is not None and not (_is_number(value) and value > 0):
                 problems.append(f"{key} must be a positive number of bytes/s (e.g. 4.5e11), "
                                 f"got {_show(value)}")
+            elif value is not None and not BANDWIDTH_RANGE[0] <= value <= BANDWIDTH_RANGE[1]:
+                problems.append(f"{key} {value:g} bytes/s is outside what the planner models "
+                                f"({BANDWIDTH_RANGE[0]:g} to {BANDWIDTH_RANGE[1]:g} bytes/s, "
+                                "1 MB/s to 10 PB/s)")
         for key in ("intra_node_latency", "inter_node_latency"):
             value = getattr(self, key)
-            if value is not None and not (_is_number(value) and value >= 0):
-                problems.append(f"{key} must be a number of seconds >= 0 (e.g. 3e-6), "
-                                f"got {_show(value)}")
+            if value is not None and not (_is_number(value) and 0 <= value <= MAX_LATENCY_S):
+                problems.append(f"{key} must be a number of seconds from 0 to {MAX_LATENCY_S:g} "
+                                f"(e.g. 3e-6), got {_show(value)}")
+        if not problems and self.nodes * self.devices_per_node > MAX_DEVICES:
+            problems.append(f"{self.nodes} x {self.devices_per_node} = "
+                            f"{self.nodes * self.devices_per_node} devices; the planner plans "
+                            f"clusters of up to {MAX_DEVICES} devices")
         if problems:
             raise SpecError("invalid cluster: " + "; ".join(problems))
         if limit is not None and self.devices_per_node > limit:
@@ -279,10 +298,14 @@ class Workload:
             value = getattr(self, key)
             if value is None and key == "context_len":
                 continue
+            limit = MAX_BATCH if key == "batch_size" else MAX_TOKENS
             if not _is_int(value):
                 problems.append(f"{what} ({flag}) must be a whole number, got {_show(value)}")
             elif value < 1:
                 problems.append(f"{what} must be >= 1 (got {value})")
+            elif value > limit:
+                problems.append(f"{what} {value} is more than the planner plans for ({flag} "
+                                f"{limit} at most)")
         if dtype not in DTYPES:
             problems.append(f"dtype {_show(self.dtype)} is not one of {', '.join(DTYPES)}")
         if self.phase not in PHASES:

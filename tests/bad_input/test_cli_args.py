@@ -22,6 +22,7 @@ TINY = ["gpt-tiny", "--cluster", "2xcpu", "--batch", "2", "--seq", "16", "--alte
     (["gpt-tiny", "--time-limit", "nan"], "argument --time-limit: must be a number > 0"),
     (["gpt-tiny", "--batch", "0"], "batch size must be >= 1 (got 0)"),
     (["gpt-tiny", "--batch", "-2"], "batch size must be >= 1 (got -2)"),
+    (["mlp", "--batch", "1000000000000"], "batch size 1000000000000 is more than the planner plans for (--batch 1048576 at most)"),
     (["gpt-tiny", "--seq", "0"], "sequence length must be >= 1 (got 0)"),
     (["gpt-tiny", "--seq", "-5"], "sequence length must be >= 1"),
     (["gpt-tiny", "--phase", "decode", "--context", "0"], "context length must be >= 1"),

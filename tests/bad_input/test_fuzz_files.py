@@ -102,16 +102,10 @@ VALID_CLUSTER = {"nodes": 1, "devices_per_node": 2, "device": "cpu", "memory_byt
 def test_mutated_cluster_files_never_crash(capsys, doc):
     with tempfile.TemporaryDirectory() as folder:
         path = _write(Path(folder), doc)
-        # --batch 0 stops right after the cluster and workload are read: the cheap path that
-        # still exercises all of the cluster checks; a valid file then fails on the batch only
-        code = _check(["mlp", "--cluster", str(path), "--batch", "0"], capsys)
-        assert code == 2
-
-
-def test_mutated_cluster_files_that_pass_are_usable(capsys, tmp_path):
-    # the cheap path above always exits 2; here the valid file really plans's layer table
-    path = _write(tmp_path, VALID_CLUSTER)
-    assert _check(["mlp", "--cluster", str(path), "--layers-only"], capsys) == 0
+        # a file that passes validation is planned for real (the cost model and the solver
+        # see its figures); one that does not is refused right after it is read
+        _check(["mlp", "--cluster", str(path), "--batch", "2", "--alternatives", "0",
+                "--time-limit", "20"], capsys)
 
 
 @pytest.fixture(scope="module")
