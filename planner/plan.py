@@ -18,7 +18,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.cluster import DTYPES, OBJECTIVES, PHASES, SpecError, Workload
+from planner.cluster import (
+    DTYPES,
+    MAX_BATCH,
+    MAX_DEVICES,
+    MAX_TOKENS,
+    OBJECTIVES,
+    PHASES,
+    SpecError,
+    Workload,
+)
 from planner.cost_table import CostTable, LayerCost, Link
 
 __all__ = [
@@ -415,7 +424,8 @@ _MISSING = object()
 class _Value:
     """One leaf of the schema: a JSON scalar of ``kind`` with its allowed range or values.
 
-    ``minimum`` is inclusive unless ``strict``; ``choices`` lists the allowed strings;
+    ``minimum`` is inclusive unless ``strict``, ``maximum`` inclusive; ``choices`` lists the
+    allowed strings;
     ``nullable`` allows ``null``; ``default`` (when given) makes the key optional.
     """
 
@@ -426,6 +436,7 @@ class _Value:
     nullable: bool = False
     default: Any = _MISSING
     doc: str = ""
+    maximum: float | None = None
 
     def describe(self) -> str:
         if self.kind is str and isinstance(self.choices, tuple):
@@ -433,6 +444,8 @@ class _Value:
         name = {int: "int", float: "number", str: "string", bool: "bool"}[self.kind]
         if self.minimum is not None:
             name += f" {'>' if self.strict else '>='} {self.minimum:g}"
+        if self.maximum is not None:
+            name += f" and <= {self.maximum}"
         return name + (" or null" if self.nullable else "")
 
 
@@ -487,9 +500,11 @@ _LINK = _Object({"latency_s": _SECONDS, "bandwidth_bytes_per_s": _Value(float, 0
 PLAN_SCHEMA = _Object({
     "schema": _Value(str, choices=(SCHEMA,)),
     "model": _Object({"name": _Value(str), "num_layers": _POS, "fingerprint": _Value(str)}),
-    "cluster": _Object({"num_devices": _POS, "nodes": _POS, "devices_per_node": _POS,
+    "cluster": _Object({"num_devices": _Value(int, 1, maximum=MAX_DEVICES), "nodes": _POS,
+                        "devices_per_node": _POS,
                         "device": _Value(str, choices=_known_device)}),
-    "workload": _Object({"batch_size": _POS, "seq_len": _POS,
+    "workload": _Object({"batch_size": _Value(int, 1, maximum=MAX_BATCH),
+                         "seq_len": _Value(int, 1, maximum=MAX_TOKENS),
                          "dtype": _Value(str, choices=tuple(DTYPES)),
                          "phase": _Value(str, choices=PHASES),
                          "objective": _Value(str, choices=OBJECTIVES)}),
@@ -607,7 +622,8 @@ def _check(spec, value, key: str):
                               f"{type(value).__name__} {shown}")
     if spec.kind is float and not math.isfinite(value):
         raise PlanFormatError(f"key {where!r} must be a finite number, got {value!r}")
-    if spec.minimum is not None and (value <= spec.minimum if spec.strict else value < spec.minimum):
+    if (spec.minimum is not None and (value <= spec.minimum if spec.strict else value < spec.minimum)) \
+            or (spec.maximum is not None and value > spec.maximum):
         raise PlanFormatError(f"key {where!r} must be {spec.describe()}, got {value!r}")
     if isinstance(spec.choices, tuple) and value not in spec.choices:
         raise PlanFormatError(f"key {where!r} is {value!r}; it must be {spec.describe()}")

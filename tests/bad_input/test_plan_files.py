@@ -54,8 +54,9 @@ def _costs_key(key):
 NAN = float("nan")
 
 CASES = [
-    (lambda d: _set(d, "workload.batch_size", 0), "key 'workload.batch_size' must be int >= 1, got 0"),
+    (lambda d: _set(d, "workload.batch_size", 0), "key 'workload.batch_size' must be int >= 1 and <= 1048576, got 0"),
     (lambda d: _set(d, "workload.batch_size", -4), "key 'workload.batch_size' must be int >= 1"),
+    (lambda d: _set(d, "workload.batch_size", 10**12), "key 'workload.batch_size' must be int >= 1 and <= 1048576"),
     (lambda d: _set(d, "workload.dtype", "bogus"), "key 'workload.dtype' is 'bogus'; it must be 'float32'"),
     (lambda d: _set(d, "workload.phase", "bogus"), "key 'workload.phase' is 'bogus'; it must be 'prefill' or 'decode'"),
     (lambda d: _set(d, "workload.objective", "fast"), "key 'workload.objective' is 'fast'"),
