@@ -1049,6 +1049,9 @@ def _reach(rows: _MemRows, tps: Sequence[int], cap: int, s_cap: int, per_node: i
     stages that each fit in ``cap`` bytes per device can hold every layer (bitset)."""
     pp = pp or 0
     width = pp + 1 if pp else 1
+    L = rows.num_layers
+    # no replica holds more than one stage per layer (or pp stages) at the largest degree
+    s_cap = min(s_cap, (pp or L) * max(tps, default=1))
     moves = []
     for t in tps:
         if t > s_cap:
@@ -1056,7 +1059,6 @@ def _reach(rows: _MemRows, tps: Sequence[int], cap: int, s_cap: int, per_node: i
         ends = rows.ends(t, cap)
         if ends is not None:
             moves.append((t * width + (1 if pp else 0), _move_mask(t, s_cap, per_node, pp), ends))
-    L = rows.num_layers
     reach = [0] * (L + 1)
     reach[0] = 1
     for a in range(L):
