@@ -830,7 +830,8 @@ def solve(
         num_workers: CP-SAT search workers.
         time_limit_s: wall-clock budget; on expiry the best plan is returned with status
             ``FEASIBLE``, its bound and gap.
-        diagnose: on infeasibility, compute the smallest changes that fit (re-solves).
+        diagnose: on infeasibility, compute the smallest changes that fit (exact
+            memory-feasibility searches, no CP-SAT, within the same ``time_limit_s``).
         rebuild: makes the builder for another workload (dtype, context length); lets the
             diagnosis try lower precision and, for decode, a shorter KV context.
 

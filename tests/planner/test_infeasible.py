@@ -14,10 +14,11 @@ from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from planner.cluster import Cluster, Workload
 from planner.cost_table import CostTable, LayerCost, Link
-from planner.solver import InfeasiblePlanError, PlanError, solve
+from planner.solver import InfeasiblePlanError, PlanError, _batch_pins, solve
 from tests.planner.test_solver import instances
 
 GiB = 2**30
@@ -59,11 +60,14 @@ def check_suggestions(build, cluster, work, suggestions, rebuild=None, pins=None
                 assert nodes > cluster.nodes
                 fewer = replace(cluster, nodes=nodes - 1)
             assert not _fits(build, fewer, work, pins), text
-        elif m := re.fullmatch(r"batch size <= (\d+)", text):
+        elif m := re.fullmatch(r"batch size <= (\d+)( \(without the .* pin\))?", text):
             batch = int(m.group(1))
             assert batch < work.batch_size
-            assert _fits(build, cluster, replace(work, batch_size=batch), pins)
-            assert not _fits(build, cluster, replace(work, batch_size=batch + 1), pins), text
+            assert bool(m.group(2)) == (_batch_pins(pins or {}, batch) != (pins or {}))
+            assert _fits(build, cluster, replace(work, batch_size=batch),
+                         _batch_pins(pins or {}, batch))
+            assert not _fits(build, cluster, replace(work, batch_size=batch + 1),
+                             _batch_pins(pins or {}, batch + 1)), text
         elif m := re.fullmatch(r"KV context <= (\d+) tokens", text):
             context = int(m.group(1))
             assert context < work.kv_context_len
@@ -88,6 +92,21 @@ def test_every_suggestion_fits_and_one_step_less_does_not(case):
         solve(build, cluster, work)
     except InfeasiblePlanError as e:
         check_suggestions(build, cluster, work, e.suggestions)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances(), st.data())
+def test_suggestions_with_pins_fit_and_one_step_less_does_not(case, data):
+    build, cluster, work = case
+    pins = data.draw(st.fixed_dictionaries({}, optional={
+        "pp": st.integers(1, 4), "tp": st.sampled_from([1, 2, 4]), "dp": st.sampled_from([1, 2]),
+        "microbatches": st.sampled_from([1, 2])}))
+    try:
+        solve(build, cluster, work, pins=pins)
+    except InfeasiblePlanError as e:
+        check_suggestions(build, cluster, work, e.suggestions, pins=pins)
+    except PlanError:  # the pins contradict the request itself: nothing to diagnose
+        pass
 
 
 def _decode_builder(layers: int, weights_gib: float, kv_gib_per_token_sample: float):
