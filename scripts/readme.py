@@ -63,7 +63,7 @@ BLOCKS = (
           volatile=(_FLOAT,)),
     Block("errors", ("plan lama-3-70b",
                      "plan llama-3-70b --cluster 8xH100 --tp 16",
-                     "plan llama-3-8b --cluster 1xH100 --phase decode --batch 64 --context 32768"),
+                     "plan llama-3-8b --cluster 1xH100 --phase decode --batch 64 --context 8192"),
           shown=3, prompt=True, exit_code=2),
 )
 
