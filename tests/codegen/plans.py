@@ -1,4 +1,4 @@
-"""Pinned plans for codegen tests: a real ``Plan`` with the layout given and no cost table."""
+"""Pinned plans for codegen tests: a real ``Plan`` with the layout given and a nominal cost table."""
 
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ from planner.plan import Plan
 
 __all__ = ["pinned_plan", "traced_for", "run_cases"]
 
-_ZERO = {"compute_s": 0.0, "comm_s": 0.0, "memory_bytes": 0}
+# Nominal costs (1 ms per layer, no memory): these plans are pinned, not solved, and codegen
+# reads only their layout; the schema still wants a positive latency and throughput.
+_LAYER_S = 1e-3
+_NOMINAL = {"compute_s": _LAYER_S, "comm_s": 0.0, "memory_bytes": 0}
+_LINK = {"latency_s": 1e-5, "bandwidth_bytes_per_s": 1e9}
 
 
 def traced_for(model: str, overrides: dict | None, batch: int, seq: int):
@@ -24,7 +28,7 @@ def traced_for(model: str, overrides: dict | None, batch: int, seq: int):
 
 
 def pinned_plan(traced, layout: ParallelLayout, batch: int, seq: int) -> Plan:
-    """A valid ``Plan`` carrying ``layout``; costs are zero (these plans are not solved)."""
+    """A valid ``Plan`` carrying ``layout``; its costs are nominal (these plans are not solved)."""
     tps = sorted({s.tp for s in layout.stages} | {1})
     n = len(traced.layers)
     d = {
@@ -35,18 +39,21 @@ def pinned_plan(traced, layout: ParallelLayout, batch: int, seq: int) -> Plan:
         "workload": {"batch_size": batch, "seq_len": seq, "dtype": "float32",
                      "phase": "prefill", "objective": "latency"},
         "parallelism": {"dp": layout.dp, "pp": layout.pp, "microbatches": layout.microbatches,
-                        "sequence_parallel": layout.sequence_parallel},
+                        "sequence_parallel": layout.sequence_parallel,
+                        "microbatch_size": batch // (layout.dp * layout.microbatches)},
         "stages": [{"layers": list(s.layers), "tp": s.tp,
-                    "devices": [list(g) for g in s.devices], "predicted": _ZERO}
+                    "devices": [list(g) for g in s.devices],
+                    "predicted": dict(_NOMINAL, compute_s=_LAYER_S * (s.layers[1] - s.layers[0] + 1))}
                    for s in layout.stages],
         "layers": [{"name": layer.name, "param_bytes": layer.param_bytes,
-                    "costs": {str(t): _ZERO for t in tps}} for layer in traced.layers],
+                    "costs": {str(t): _NOMINAL for t in tps}} for layer in traced.layers],
         "boundaries": [c.bytes for c in traced.cuts],
-        "predicted": {"latency_s": 0.0, "throughput_samples_per_s": 0.0,
+        "predicted": {"latency_s": _LAYER_S * n, "throughput_samples_per_s": batch / (_LAYER_S * n),
                       "peak_memory_bytes": 0},
         "baselines": {},
-        "solver": {"status": "PINNED", "objective": 0.0, "bound": 0.0, "wall_s": 0.0},
-        "provenance": "pinned by tests/codegen",
+        "solver": {"status": "FEASIBLE", "objective": _LAYER_S * n, "bound": 0.0, "wall_s": 0.0},
+        "links": {"intra_node": _LINK, "inter_node": _LINK},
+        "provenance": "predicted",
     }
     plan = Plan.from_dict(d)
     plan.validate()
