@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 
 from ortools.sat.python import cp_model
 
-from planner.cluster import Cluster, Workload
+from planner.cluster import MAX_DEVICES, Cluster, Workload
 from planner.cost_table import TICK_S, CostTable, CostTableBuilder, to_ticks
 
 __all__ = [
@@ -870,7 +870,7 @@ def solve(
     return space.solution(combo, path, stats)
 
 
-def _search(space: _Space, num_workers: int, deadline: float, feasibility_only: bool = False):
+def _search(space: _Space, num_workers: int, deadline: float):
     """Outer loop over combos. Returns (combo, path, value, bound, status, solved, pruned)."""
     objective, per_node = space.objective, space.devices_per_node
     scored = []
@@ -888,8 +888,6 @@ def _search(space: _Space, num_workers: int, deadline: float, feasibility_only: 
         found = _heuristic(combo, objective, per_node)
         if found is not None and (incumbent is None or found[0] < incumbent[0]):
             incumbent = (found[0], combo, found[1])
-    if feasibility_only and incumbent is not None:
-        return incumbent[1], incumbent[2], incumbent[0], incumbent[0], "FEASIBLE", 0, 0
     best = None  # (value, combo, path) proven by CP-SAT
     open_bounds: list[int] = []
     solved = pruned = 0
@@ -916,8 +914,6 @@ def _search(space: _Space, num_workers: int, deadline: float, feasibility_only: 
         if not arcs:
             solved += 1
             continue
-        if feasibility_only:
-            model.ClearObjective()
         solver, status = _run(model, num_workers, remaining)
         solved += 1
         if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -925,8 +921,6 @@ def _search(space: _Space, num_workers: int, deadline: float, feasibility_only: 
             path = _extract(solver, y, arcs)
             if best is None or value < best[0]:
                 best = (value, combo, path)
-            if feasibility_only:
-                return combo, path, value, value, "FEASIBLE", solved, pruned
             if status == cp_model.FEASIBLE:
                 open_bounds.append(max(combo.lb, int(math.ceil(solver.BestObjectiveBound()))))
         elif status == cp_model.UNKNOWN:
@@ -1193,6 +1187,9 @@ class _Diagnosis:
         every (dp, m) of the largest cluster, the replica sizes that fit, each needing
         ``ceil(dp * size / devices per node)`` nodes (exact: more nodes only add plans)."""
         per_node = cluster.devices_per_node
+        factor = min(factor, MAX_DEVICES // cluster.num_devices)  # the largest cluster planned
+        if factor <= 1:
+            return None
         big = replace(cluster, nodes=cluster.nodes * factor)
         found = self.shapes(builder, big, workload, pins)
         if found is None:

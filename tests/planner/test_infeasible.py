@@ -143,6 +143,19 @@ def test_decode_with_a_huge_context_suggests_exact_changes():
     assert "KV context <= 4333 tokens" in err.value.suggestions
 
 
+def test_a_cluster_near_the_largest_planned_gets_the_diagnosis_not_a_cluster_error():
+    # The node search may grow the cluster only up to MAX_DEVICES (131072); past 2048
+    # devices a fixed 64x would build a cluster the planner refuses to describe.
+    rebuild = _decode_builder(layers=6, weights_gib=2.0, kv_gib_per_token_sample=1e-4)
+    cluster = Cluster(257, 8, "H100", memory_bytes=GiB)
+    work = Workload(batch_size=16, phase="decode", seq_len=1, context_len=1000)
+    with pytest.raises(InfeasiblePlanError) as err:
+        solve(rebuild(work), cluster, work, rebuild=rebuild)
+    assert err.value.suggestions and err.value.suggestions[0].startswith("per-device memory")
+    # the 1 GiB workspace alone fills a device: more devices never help
+    assert not any("node(s)" in s for s in err.value.suggestions)
+
+
 def test_pinned_request_suggestions_respect_the_pins():
     rebuild = _decode_builder(layers=8, weights_gib=6.0, kv_gib_per_token_sample=1e-4)
     cluster = Cluster(1, 4, "H100", memory_bytes=20 * GiB)
