@@ -19,7 +19,6 @@ import importlib
 import importlib.util
 import inspect
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,10 +171,17 @@ def _check_keys(name: str, overrides: dict, allowed: set[str]) -> None:
             )
 
 
-# Config fields that count something (layers, heads, widths, positions): a value below 1
-# builds a model that is not the one asked for (0 layers plans as 1), so it is refused.
-_SIZE_KEY = re.compile(r"(_size|_dim|layers|_layer|heads|_head|positions|position_embeddings|_embd|_inner|"
-                       r"_features|_channels|blocks|experts|_ctx)$|^(hidden|expansion)$")
+# Config fields that count something (layers, heads, widths, positions, experts): a value
+# below 1 builds a model that is not the one asked for (0 layers plans as 1), so it is
+# refused. An explicit list: a suffix rule also caught fields where 0 means something
+# (qwen2's max_window_layers).
+_COUNT_KEYS = frozenset({
+    "num_hidden_layers", "num_layers", "n_layer", "n_layers", "num_blocks",
+    "num_attention_heads", "num_heads", "n_head", "num_key_value_heads", "head_dim",
+    "hidden_size", "n_embd", "d_model", "hidden", "intermediate_size", "ffn_dim", "n_inner",
+    "expansion", "vocab_size", "max_position_embeddings", "n_positions", "n_ctx",
+    "block_size", "num_local_experts", "num_experts", "num_experts_per_tok",
+})
 
 
 def _check_values(name: str, overrides: dict, defaults: dict) -> None:
@@ -184,6 +190,10 @@ def _check_values(name: str, overrides: dict, defaults: dict) -> None:
         default = defaults.get(key)
         if isinstance(default, bool):
             ok, want = isinstance(value, bool), "true or false"
+        elif value is None and key not in _COUNT_KEYS:
+            # null is how a config says "off" or "derive it" (mistral's sliding_window,
+            # bos_token_id); transformers' own validation, wrapped below, judges the rest
+            ok, want = True, ""
         elif isinstance(default, int):
             ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
         elif isinstance(default, float):
@@ -191,7 +201,7 @@ def _check_values(name: str, overrides: dict, defaults: dict) -> None:
             want = "a number"
         elif isinstance(default, str):
             ok, want = isinstance(value, str), "a string"
-        elif default is None and _SIZE_KEY.search(key):
+        elif default is None and key in _COUNT_KEYS:
             ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
             want = "a whole number"
         else:
@@ -201,7 +211,7 @@ def _check_values(name: str, overrides: dict, defaults: dict) -> None:
                 f"--set {key}={_show(value)}: {name}'s {key} must be {want} (its default is "
                 f"{_show(default)}); write e.g. --set {key}={_show(default)}"
             )
-        if (_SIZE_KEY.search(key) and isinstance(value, int) and not isinstance(value, bool)
+        if (key in _COUNT_KEYS and isinstance(value, int) and not isinstance(value, bool)
                 and value < 1 and (default is None or (isinstance(default, int) and default >= 1))):
             raise ModelLoadError(
                 f"--set {key}={value}: {key} counts something in the model and must be >= 1 "

@@ -52,3 +52,15 @@ def test_a_good_override_still_plans_the_model_asked_for(capsys):
     assert code == 0, err
     layers = json.loads(out)["model"]["layers"]
     assert [layer["kind"] for layer in layers] == ["pre", "block", "block", "block", "post"]
+
+
+@pytest.mark.parametrize("model, override", [
+    ("hf:mistral", "sliding_window=null"),  # null: full attention, a documented value
+    ("hf:qwen2", "max_window_layers=0"),  # 0 means something here; it counts nothing
+])
+def test_meaningful_null_and_zero_values_are_accepted(capsys, model, override):
+    code, _, err = call([model, "--set", "num_hidden_layers=2", "--set", "hidden_size=64",
+                         "--set", "intermediate_size=128", "--set", "num_attention_heads=4",
+                         "--set", "num_key_value_heads=2", "--set", "vocab_size=128",
+                         "--set", override, "--seq", "16", "--layers-only"], capsys)
+    assert code == 0, err
