@@ -139,7 +139,10 @@ def job_memory(plan, model) -> JobMemory:
             seen.add(id(t))
             model_bytes += nbytes(t)
     par = plan.parallelism
-    plan_bytes = sum(s.predicted.memory_bytes * s.tp * par.dp for s in plan.stages)
+    # On GPUs the shards, activations and the reference pass live in device memory; only
+    # the ranks' full float32 builds and the processes are on this host.
+    on_host = plan.cluster.device == "cpu"
+    plan_bytes = sum(s.predicted.memory_bytes * s.tp * par.dp for s in plan.stages) * on_host
     # Activations of one stage on one device: its predicted peak less its layers' resident
     # bytes. Unsharded (x tp) and for the global batch (x dp) that is what the reference
     # forward pass holds at most, on each last-stage rank.
@@ -152,7 +155,7 @@ def job_memory(plan, model) -> JobMemory:
     reference_ranks = par.dp * plan.stages[-1].tp if plan.stages else 0
     ranks = par.dp * sum(s.tp for s in plan.stages)
     return JobMemory(ranks=ranks, model_bytes=model_bytes, plan_bytes=plan_bytes,
-                     reference_bytes=activations * par.dp * reference_ranks,
+                     reference_bytes=activations * par.dp * reference_ranks * on_host,
                      process_bytes=ranks * RANK_PROCESS_BYTES + LAUNCHER_BYTES,
                      reference_ranks=reference_ranks)
 
@@ -171,12 +174,6 @@ def available_memory_bytes() -> int | None:
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.0f} MiB"
-
-
-def _is_factory(model_spec: str) -> bool:
-    from planner.models.presets import PRESETS
-
-    return ":" in model_spec and not model_spec.startswith("hf:") and model_spec not in PRESETS
 
 
 def _fewer_ranks(need: JobMemory, available: int) -> str:
@@ -271,10 +268,9 @@ def preflight(plan, model_spec: str, overrides: dict | None = None, *,
         try:
             traced = trace(lm.model, lm.args, lm.kwargs, name=lm.name)
         except TraceError:
-            if not _is_factory(model_spec):
-                raise
-            # A factory that mixes meta and cpu tensors (e.g. inputs made with device="cpu")
-            # is built on cpu, as the ranks build it: one copy, within the memory checked.
+            # A model that does not trace on meta (planned with --device cpu, or a factory
+            # that mixes meta and cpu tensors) is built on cpu, as the ranks build it: one
+            # copy, within the memory checked above.
             lm = build("cpu")
             traced = trace(lm.model, lm.args, lm.kwargs, name=lm.name)
         check_fingerprint(plan, traced)
@@ -376,7 +372,9 @@ def _launch(cmd: list[str], timeout_s: float, log_path: Path) -> tuple[int, floa
             except subprocess.TimeoutExpired:
                 pass
         if received:
-            ranks = _stop_job(proc)
+            # torchrun may have ended in the same poll: its pid is reaped then (and could be
+            # reused), and its ranks ended before it, so there is nothing left to stop
+            ranks = _stop_job(proc) if rc is None else 0
             raise RunInterrupted(signal.Signals(received[0]).name, ranks, log_path)
         if rc is None:
             _stop_job(proc)

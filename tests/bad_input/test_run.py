@@ -137,6 +137,9 @@ def _job_processes(marker: str) -> list[int]:
 @pytest.mark.slow
 def test_a_plan_too_big_for_this_machine_is_refused_in_seconds(tmp_path, capsys, monkeypatch):
     # The example: 4 ranks that each build llama-2-7b in float32 on this machine.
+    available = codegen.check.available_memory_bytes()
+    if available is not None and available * codegen.check.MEMORY_FRACTION > 160 * 2**30:
+        pytest.skip("this machine could run the job (about 153 GiB): nothing to refuse")
     plan = _make_plan(tmp_path / "p7b.json", "llama-2-7b", "--cluster", "4xcpu", "--batch", "4",
                       "--seq", "32", "--alternatives", "0")
     start = time.monotonic()
