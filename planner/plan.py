@@ -312,6 +312,9 @@ class Plan:
                                   f"this planner reads {SCHEMA!r} "
                                   f"(re-create the plan with `plan MODEL --out`)")
         d = _check(PLAN_SCHEMA, data, "")
+        par, w = d["parallelism"], d["workload"]
+        if "microbatch_size" not in data["parallelism"]:  # older files: what it must have been
+            par["microbatch_size"] = max(1, w["batch_size"] // (par["dp"] * par["microbatches"]))
         extra = {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
         _check_extra(extra)
         return cls(
@@ -451,8 +454,8 @@ class _Value:
 
 @dataclass(frozen=True)
 class _Object:
-    """A JSON object with these keys (others are refused inside the schema, except where
-    ``open``: the top level keeps unknown keys as ``Plan.extra``)."""
+    """A JSON object with these keys. Unknown keys inside it are ignored (DESIGN: more keys
+    are welcome) and not kept; the top level keeps its unknown keys as ``Plan.extra``."""
 
     keys: Mapping[str, Any]
     default: Any = _MISSING

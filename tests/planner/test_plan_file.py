@@ -45,6 +45,18 @@ def test_save_load_round_trip_is_equal(plan_and_case, tmp_path):
     assert check_plan(loaded, loaded.cost_table(), cluster, work) == []
 
 
+def test_a_file_without_microbatch_size_gets_the_one_its_sizes_imply(plan_and_case, tmp_path):
+    plan, *_ = plan_and_case
+    par = plan.parallelism
+    d = plan.to_dict()
+    del d["parallelism"]["microbatch_size"]  # files written before the key existed
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(d))
+    loaded = Plan.load(path)
+    assert loaded.parallelism.microbatch_size == par.microbatch_size
+    assert loaded.parallelism.microbatch_size * par.dp * par.microbatches == 4
+
+
 def test_file_has_every_documented_key(plan_and_case, tmp_path):
     plan = plan_and_case[0]
     path = tmp_path / "plan.json"
