@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from planner.cluster import Cluster, Workload
     from planner.layers import Layer
 
-__all__ = ["LayerEstimate", "layer_cost", "tp_collectives", "boundary_time", "compute_time"]
+__all__ = ["LayerEstimate", "layer_cost", "layer_memory_at", "tp_collectives", "boundary_time",
+           "compute_time"]
 
 
 @dataclass(frozen=True)
@@ -187,9 +188,16 @@ def layer_cost(
         collective_time(kind, nbytes, tp, device=spec, link=link, calibration=calibration)
         for kind, nbytes in tp_collectives(layer, arch, tp, workload, microbatch_size, traced, **kw)
     )
+    mem = layer_memory_at(layer, arch, tp, workload, microbatch_size, microbatches, traced)
+    return LayerEstimate(compute, comm, mem.resident, source, mem)
+
+
+def layer_memory_at(layer: Layer, arch: ModelArch | None, tp: int, workload: Workload,
+                    microbatch_size: int, microbatches: int, traced: TracedShape) -> LayerMemory:
+    """The memory ``layer_cost`` charges, without pricing the time: ``layer_memory`` scaled
+    from the traced shape to the workload's tokens per microbatch."""
     tokens = microbatch_size * (1 if workload.phase == "decode" else workload.seq_len)
-    mem = layer_memory(
+    return layer_memory(
         layer, arch, tp, workload, microbatch_size, microbatches,
         token_ratio=tokens / traced.tokens, traced_dtype_bytes=traced.dtype_bytes,
     )  # fmt: skip
-    return LayerEstimate(compute, comm, mem.resident, source, mem)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cost_models.collectives import link_alpha_beta, load_calibration
-from cost_models.layer_cost import TracedShape, layer_cost
-from cost_models.memory import kv_heads_per_device, layer_memory, stage_workspace_bytes
+from cost_models.layer_cost import TracedShape, layer_cost, layer_memory_at
+from cost_models.memory import kv_heads_per_device, stage_workspace_bytes
 from cost_models.roofline import efficiencies_for
 from planner.cluster import Cluster, Workload
 from planner.cost_table import CostTable, LayerCost, Link
@@ -112,12 +112,8 @@ class CostBuilder:
 
     def _resident(self, layer, tp: int, mb: int, m: int) -> int:
         """``layer_cost(...).memory_bytes`` without pricing the time (same arguments)."""
-        w = self.workload
-        tokens = mb * (1 if w.phase == "decode" else w.seq_len)
-        mem = layer_memory(layer, self.traced.arch, tp, w, mb, m,
-                           token_ratio=tokens / self.traced_shape.tokens,
-                           traced_dtype_bytes=self.traced_shape.dtype_bytes)
-        return int(mem.resident)
+        return int(layer_memory_at(layer, self.traced.arch, tp, self.workload, mb, m,
+                                   self.traced_shape).resident)
 
     def _build(self, mb: int, m: int, memory_only: bool = False) -> CostTable:
         w, layers = self.workload, self.traced.layers

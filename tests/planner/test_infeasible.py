@@ -208,3 +208,23 @@ def test_the_diagnosis_stops_at_the_deadline_and_says_what_it_skipped():
     with pytest.raises(InfeasiblePlanError) as err:
         solve(build, cluster, work)
     assert err.value.suggestions[0].startswith("per-device memory >= ")
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_the_diagnosis_memory_table_is_the_solvers_memory(phase):
+    """The diagnosis reads ``memory_table``; it must charge what the solver's table does."""
+    import torch
+
+    from planner.cost_builder import CostBuilder
+    from planner.models import load_model
+    from planner.tracing import trace
+
+    lm = load_model("llama-tiny", batch_size=4, seq_len=16, dtype=torch.bfloat16, device="meta")
+    traced = trace(lm.model, lm.args, lm.kwargs, name="llama-tiny")
+    work = Workload(batch_size=4, seq_len=16, phase=phase, context_len=256)
+    builder = CostBuilder(traced, Cluster(1, 4, "H100"), work)
+    for mbs, m in [(1, 4), (2, 2), (4, 1)]:
+        full, memory = builder(mbs, m), builder.memory_table(mbs, m)
+        assert [{t: c.memory_bytes for t, c in row.items()} for row in memory.costs] == \
+            [{t: c.memory_bytes for t, c in row.items()} for row in full.costs]
+        assert memory.stage_workspace_bytes == full.stage_workspace_bytes
