@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from cost_models.devices import DeviceSpec, UnknownDeviceError, lookup
+from planner.units import fmt_value as _show
 
 __all__ = ["Cluster", "Workload", "SpecError", "DTYPES", "DEFAULT_CLUSTER", "PHASES", "OBJECTIVES"]
 
@@ -255,11 +256,6 @@ def _is_number(value) -> bool:
     """A finite real number (numpy's too), not a bool."""
     return (isinstance(value, numbers.Real) and not isinstance(value, bool)
             and math.isfinite(value))
-
-
-def _show(value) -> str:
-    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from planner.cluster import (
     Workload,
 )
 from planner.cost_table import CostTable, LayerCost, Link
+from planner.units import fmt_value as _show
 
 __all__ = [
     "SCHEMA",
@@ -691,14 +692,6 @@ def write_atomic(path: str | Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def _show(value) -> str:
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_fingerprint(plan: Plan, traced) -> None:

@@ -1,8 +1,10 @@
-"""Human-readable quantities for tables: bytes, FLOPs, seconds."""
+"""Human-readable quantities for tables and messages: bytes, FLOPs, seconds, values."""
 
 from __future__ import annotations
 
-__all__ = ["fmt_bytes", "fmt_flops", "fmt_count", "fmt_seconds"]
+import json
+
+__all__ = ["fmt_bytes", "fmt_flops", "fmt_count", "fmt_seconds", "fmt_value"]
 
 
 def fmt_bytes(n: float) -> str:
@@ -33,3 +35,13 @@ def fmt_seconds(s: float) -> str:
     if s >= 1e-3:
         return f"{s * 1e3:.3f} ms"
     return f"{s * 1e6:.1f} us"
+
+
+def fmt_value(value, limit: int = 60) -> str:
+    """A value as an error message quotes it: JSON where it can be, else ``repr``, cut at
+    ``limit`` characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

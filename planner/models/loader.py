@@ -32,6 +32,7 @@ from planner.models.cnn import CNN, CNNConfig
 from planner.models.gpt import GPT, GPTConfig
 from planner.models.mlp import MLP, MLPConfig
 from planner.models.presets import PRESETS, Preset
+from planner.units import fmt_value as _show
 
 __all__ = ["LoadedModel", "ModelLoadError", "check_positions", "load_model", "parse_set"]
 
@@ -55,7 +56,6 @@ class LoadedModel:
 
 def parse_set(items: list[str] | None) -> dict[str, Any]:
     """Parse ``["k=v", ...]``; values are JSON when they parse (ints, floats, bools, lists)."""
-    import json
 
     out: dict[str, Any] = {}
     for item in items or []:
@@ -217,13 +217,6 @@ def _check_values(name: str, overrides: dict, defaults: dict) -> None:
                 f"--set {key}={value}: {key} counts something in the model and must be >= 1 "
                 f"(default {_show(default)})"
             )
-
-
-def _show(value) -> str:
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
 
 
 def _describe(overrides: dict) -> str:
