@@ -203,7 +203,8 @@ def preflight(plan, model_spec: str, overrides: dict | None = None, *,
     Raises:
         RunRefused: naming the problem and what to change.
         planner.models.loader.ModelLoadError: ``model_spec`` cannot be built.
-        planner.plan.PlanFormatError: the model does not trace to the plan's fingerprint.
+        planner.plan.PlanFormatError: the plan is not valid (sizes, dtype, the parts agreeing:
+            ``Plan.validate``), or the model does not trace to the plan's fingerprint.
     """
     from codegen.layout import LayoutError, ParallelLayout
     from planner.cluster import DTYPES
@@ -211,22 +212,8 @@ def preflight(plan, model_spec: str, overrides: dict | None = None, *,
     from planner.plan import PlanFormatError, check_fingerprint
     from planner.tracing import TraceError, trace
 
-    w, par = plan.workload, plan.parallelism
-    sizes = {"workload.batch_size": w.batch_size, "workload.seq_len": w.seq_len,
-             "parallelism.dp": par.dp, "parallelism.microbatches": par.microbatches,
-             **{f"stages[{i}].tp": s.tp for i, s in enumerate(plan.stages)}}
-    bad = [f"{k} is {v}" for k, v in sizes.items() if v < 1]
-    if bad:
-        raise RunRefused(f"the plan cannot run: {', '.join(bad)}; every size must be at least "
-                         "1. Re-plan with `plan MODEL --batch N --seq N --out plan.json` "
-                         "(N >= 1).")
-    if w.batch_size % (par.dp * par.microbatches):
-        raise RunRefused(f"the plan cannot run: dp {par.dp} × microbatches {par.microbatches} "
-                         f"does not divide workload.batch_size {w.batch_size}. Re-plan with "
-                         "`plan MODEL --out plan.json`.")
-    if w.dtype not in DTYPES:
-        raise RunRefused(f"the plan's workload.dtype is {w.dtype!r}; a run needs one of "
-                         f"{', '.join(DTYPES)}: re-plan with --dtype float32")
+    plan.validate()  # the plan file's one schema: sizes, dtype, dp x microbatches | batch
+    w = plan.workload
     layout = ParallelLayout.from_plan(plan)
     try:
         layout.validate()
