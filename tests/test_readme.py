@@ -7,6 +7,7 @@ import importlib.util
 import io
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ def test_readme_python_example_prints_its_comments(tmp_path):
 def _readme_script():
     spec = importlib.util.spec_from_file_location("readme_script", ROOT / "scripts" / "readme.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
