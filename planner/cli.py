@@ -278,7 +278,6 @@ def _check_out_file(out: str | None, force: bool):
     when the plan is saved), and not an existing file that is not a plan unless ``--force``.
     """
     import os
-    import tempfile
     from pathlib import Path
 
     from planner.plan import is_plan_file
@@ -296,28 +295,12 @@ def _check_out_file(out: str | None, force: bool):
     if path.is_file() and not force and not is_plan_file(path):
         raise _UsageError(f"--out {out} exists and is not a plan file; pass --force to "
                           "overwrite it, or choose another name")
-    ancestor = path.absolute().parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise _UsageError(f"cannot write --out {out}: {ancestor} is not a directory")
-    try:  # the only reliable test of "can I write here" (permissions, read-only mounts, root)
-        if ancestor == path.absolute().parent:
-            fd, probe = tempfile.mkstemp(dir=ancestor, prefix=f".{path.name}.", suffix=".probe")
-            os.close(fd)
-            os.unlink(probe)
-        else:
-            os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".plan-out-probe-"))
-    except OSError as e:
-        raise _UsageError(f"cannot write --out {out}: creating a file in {ancestor} failed "
-                          f"({e.strerror or e}); choose a folder you can write to") from None
+    _check_writable(out, path.absolute().parent, "write")
     return path
 
 
 def _check_out_dir(out: str) -> None:
     """``plan compile --out``: a directory, existing or creatable here; never a file."""
-    import os
-    import tempfile
     from pathlib import Path
 
     if not out.strip():
@@ -328,13 +311,22 @@ def _check_out_dir(out: str) -> None:
         raise _UsageError(f"--out {out} is an existing file; `plan compile` writes one source "
                           "file per stage into a directory: give a directory name, e.g. "
                           f"--out {path.with_suffix('')}_build/")
-    ancestor = path.absolute()
+    _check_writable(out, path.absolute(), "create")
+
+
+def _check_writable(out: str, folder, verb: str) -> None:
+    """``folder`` (a ``Path``), or the nearest of its ancestors that exists (the missing
+    ones are created when writing), is a directory this process can create entries in."""
+    import os
+    import tempfile
+
+    ancestor = folder
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise _UsageError(f"cannot create --out {out}: {ancestor} is not a directory")
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".plan-compile-probe-"))
+        raise _UsageError(f"cannot {verb} --out {out}: {ancestor} is not a directory")
+    try:  # the only reliable test of "can I write here" (permissions, read-only mounts, root)
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".plan-out-probe-"))
     except OSError as e:
         raise _UsageError(f"cannot write --out {out}: creating a file in {ancestor} failed "
                           f"({e.strerror or e}); choose a folder you can write to") from None
