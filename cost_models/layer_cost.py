@@ -29,9 +29,7 @@ from cost_models.roofline import Efficiencies, TracedShape, efficiencies_for, la
 
 if TYPE_CHECKING:
     from cost_models.profiler import LayerProfile
-    from planner.arch import ModelArch
-    from planner.cluster import Cluster, Workload
-    from planner.layers import Layer
+    from cost_models.types import ArchLike, ClusterLike, LayerLike, WorkloadLike
 
 __all__ = ["LayerEstimate", "layer_cost", "layer_memory_at", "tp_collectives", "boundary_time",
            "compute_time"]
@@ -59,15 +57,15 @@ class LayerEstimate:
         return iter((self.compute_s, self.comm_s, self.memory_bytes))
 
 
-def _spec(device: DeviceSpec | Cluster) -> DeviceSpec:
+def _spec(device: DeviceSpec | ClusterLike) -> DeviceSpec:
     return device if isinstance(device, DeviceSpec) else device.device_spec
 
 
 def tp_collectives(
-    layer: Layer,
-    arch: ModelArch | None,
+    layer: LayerLike,
+    arch: ArchLike | None,
     tp: int,
-    workload: Workload,
+    workload: WorkloadLike,
     microbatch_size: int,
     traced: TracedShape | None = None,
     *,
@@ -114,10 +112,10 @@ def tp_collectives(
 
 
 def compute_time(
-    layer: Layer,
-    arch: ModelArch | None,
+    layer: LayerLike,
+    arch: ArchLike | None,
     tp: int,
-    workload: Workload,
+    workload: WorkloadLike,
     efficiencies: Efficiencies,
     microbatch_size: int,
     traced: TracedShape | None = None,
@@ -131,11 +129,11 @@ def compute_time(
 
 
 def layer_cost(
-    layer: Layer,
-    arch: ModelArch | None,
+    layer: LayerLike,
+    arch: ArchLike | None,
     tp: int,
-    workload: Workload,
-    device: DeviceSpec | Cluster,
+    workload: WorkloadLike,
+    device: DeviceSpec | ClusterLike,
     microbatch_size: int,
     microbatches: int = 1,
     *,
@@ -192,7 +190,7 @@ def layer_cost(
     return LayerEstimate(compute, comm, mem.resident, source, mem)
 
 
-def layer_memory_at(layer: Layer, arch: ModelArch | None, tp: int, workload: Workload,
+def layer_memory_at(layer: LayerLike, arch: ArchLike | None, tp: int, workload: WorkloadLike,
                     microbatch_size: int, microbatches: int, traced: TracedShape) -> LayerMemory:
     """The memory ``layer_cost`` charges, without pricing the time: ``layer_memory`` scaled
     from the traced shape to the workload's tokens per microbatch."""

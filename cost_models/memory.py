@@ -27,11 +27,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # planner imports cost_models, never the other way round at import time
+if TYPE_CHECKING:  # planner's Layer/ModelArch/Workload fit these; cost_models never imports planner
     from cost_models.devices import DeviceSpec
-    from planner.arch import ModelArch
-    from planner.cluster import Workload
-    from planner.layers import Layer
+    from cost_models.types import ArchLike, LayerLike, WorkloadLike
 
 __all__ = [
     "LayerMemory",
@@ -81,7 +79,7 @@ def kv_heads_per_device(num_kv_heads: int, tp: int) -> int:
 
 
 def kv_cache_bytes(
-    arch: ModelArch, batch: int, context_len: int, tp: int, dtype_bytes: int, blocks: int | None = None
+    arch: ArchLike, batch: int, context_len: int, tp: int, dtype_bytes: int, blocks: int | None = None
 ) -> int:
     """KV cache bytes per device: ``batch × context × blocks × 2 × kv/tp × head_dim × bytes``.
 
@@ -98,7 +96,7 @@ def kv_cache_bytes(
     return batch * context_len * n_blocks * 2 * kv_heads_per_device(kv, tp) * arch.head_dim * dtype_bytes
 
 
-def _kv_projection_bytes(arch: ModelArch | None, layer: Layer, dtype_bytes: float) -> float:
+def _kv_projection_bytes(arch: ArchLike | None, layer: LayerLike, dtype_bytes: float) -> float:
     """Bytes of a block's K and V projection weights (0 when not a transformer block)."""
     if arch is None or not arch.is_transformer or layer.kind != "block" or not arch.head_dim:
         return 0.0
@@ -106,7 +104,7 @@ def _kv_projection_bytes(arch: ModelArch | None, layer: Layer, dtype_bytes: floa
     return 2 * arch.hidden_size * kv * arch.head_dim * dtype_bytes
 
 
-def _replicated_param_bytes(arch: ModelArch | None, layer: Layer, dtype_bytes: float) -> float:
+def _replicated_param_bytes(arch: ArchLike | None, layer: LayerLike, dtype_bytes: float) -> float:
     """Norm weights/biases stay whole on every device: 2 norms × (weight + bias) × hidden
     per block (an upper bound for RMSNorm, which has no bias)."""
     if arch is None or layer.kind != "block":
@@ -115,7 +113,7 @@ def _replicated_param_bytes(arch: ModelArch | None, layer: Layer, dtype_bytes: f
 
 
 def param_bytes_per_device(
-    layer: Layer, arch: ModelArch | None, tp: int, dtype_bytes: int = 4, traced_dtype_bytes: int = 4
+    layer: LayerLike, arch: ArchLike | None, tp: int, dtype_bytes: int = 4, traced_dtype_bytes: int = 4
 ) -> int:
     """The layer's parameter bytes held by one device at TP degree ``tp``.
 
@@ -139,7 +137,7 @@ def param_bytes_per_device(
 
 
 def activation_peak_bytes(
-    layer: Layer, tp: int, token_ratio: float, dtype_scale: float = 1.0
+    layer: LayerLike, tp: int, token_ratio: float, dtype_scale: float = 1.0
 ) -> int:
     """Transient peak of one layer for one microbatch at TP degree ``tp``.
 
@@ -153,10 +151,10 @@ def activation_peak_bytes(
 
 
 def layer_memory(
-    layer: Layer,
-    arch: ModelArch | None,
+    layer: LayerLike,
+    arch: ArchLike | None,
     tp: int,
-    workload: Workload,
+    workload: WorkloadLike,
     microbatch_size: int,
     microbatches: int = 1,
     *,
@@ -188,7 +186,7 @@ def layer_memory(
 
 
 def stage_workspace_bytes(
-    layers: list[Layer],
+    layers: list[LayerLike],
     tp: int,
     microbatches_in_flight: int,
     *,

@@ -52,7 +52,7 @@ from cost_models.cache import (
 from cost_models.roofline import OpSample
 
 if TYPE_CHECKING:
-    from planner.tracing import TracedModel
+    from cost_models.types import TracedModelLike
 
 __all__ = [
     "NodeTiming",
@@ -185,7 +185,7 @@ def _arg_desc(arg, local: dict[str, int]) -> Any:
     return repr(arg)
 
 
-def _layer_nodes(traced: TracedModel) -> list[list[fx.Node]]:
+def _layer_nodes(traced: TracedModelLike) -> list[list[fx.Node]]:
     nodes: list[list[fx.Node]] = [[] for _ in traced.layers]
     for node in traced.graph_module.graph.nodes:
         j = traced.layer_of_node.get(node.name)
@@ -194,7 +194,7 @@ def _layer_nodes(traced: TracedModel) -> list[list[fx.Node]]:
     return nodes
 
 
-def layer_signatures(traced: TracedModel) -> list[str]:
+def layer_signatures(traced: TracedModelLike) -> list[str]:
     """A hash per layer of its ops, argument shapes/dtypes and internal wiring."""
     gm = traced.graph_module
     out = []
@@ -376,7 +376,7 @@ def _from_record(d: dict, index: int, name: str) -> LayerProfile:
 
 
 def profile_model(
-    traced: TracedModel,
+    traced: TracedModelLike,
     args: tuple = (),
     kwargs: dict | None = None,
     **options,
@@ -395,7 +395,7 @@ def profile_model(
 
 
 def profile_models(
-    items: Sequence[tuple[TracedModel, tuple, dict | None]],
+    items: Sequence[tuple[TracedModelLike, tuple, dict | None]],
     *,
     device: str = "cpu",
     warmup: int = 3,
@@ -491,7 +491,7 @@ def profile_models(
 
 @dataclass
 class _ModelRun:
-    traced: TracedModel
+    traced: TracedModelLike
     args: tuple
     kwargs: dict
     signatures: list[str]

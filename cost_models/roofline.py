@@ -54,9 +54,7 @@ from cost_models.devices import DeviceSpec
 from cost_models.memory import kv_heads_per_device
 
 if TYPE_CHECKING:
-    from planner.arch import ModelArch
-    from planner.cluster import Workload
-    from planner.layers import Layer
+    from cost_models.types import ArchLike, LayerLike, OpStatsLike, WorkloadLike
 
 __all__ = [
     "OP_CLASSES",
@@ -295,11 +293,11 @@ class TracedShape:
         return self.batch_size * self.seq_len
 
 
-def _as_work(stats) -> OpWork:
+def _as_work(stats: OpStatsLike) -> OpWork:
     return OpWork(stats.count, stats.flops, stats.bytes_read, stats.bytes_written)
 
 
-def _matmul_weight_bytes(layer: Layer, arch: ModelArch | None, traced: TracedShape) -> float:
+def _matmul_weight_bytes(layer: LayerLike, arch: ArchLike | None, traced: TracedShape) -> float:
     """Bytes of weights the layer's matmuls read (fixed under batch scaling)."""
     stats = layer.op_stats.get("matmul")
     if stats is None:
@@ -310,7 +308,7 @@ def _matmul_weight_bytes(layer: Layer, arch: ModelArch | None, traced: TracedSha
     return float(min(weights, stats.bytes_read))
 
 
-def _residual_bytes(arch: ModelArch | None, layer: Layer, tokens: int, dtype_bytes: int) -> float:
+def _residual_bytes(arch: ArchLike | None, layer: LayerLike, tokens: int, dtype_bytes: int) -> float:
     """Two residual adds per block, each reading 2 and writing 1 (tokens, hidden) tensor."""
     if arch is None or not arch.is_transformer or layer.kind != "block":
         return 0.0
@@ -318,10 +316,10 @@ def _residual_bytes(arch: ModelArch | None, layer: Layer, tokens: int, dtype_byt
 
 
 def layer_work(
-    layer: Layer,
-    arch: ModelArch | None,
+    layer: LayerLike,
+    arch: ArchLike | None,
     tp: int,
-    workload: Workload,
+    workload: WorkloadLike,
     microbatch_size: int,
     traced: TracedShape | None = None,
     *,
@@ -377,7 +375,7 @@ def layer_work(
 
 
 def _decode_attention(
-    arch: ModelArch, layer: Layer, batch: int, workload: Workload, tp: int, count: int
+    arch: ArchLike, layer: LayerLike, batch: int, workload: WorkloadLike, tp: int, count: int
 ) -> OpWork:
     """One new token per sequence against ``kv_context_len`` cached tokens, one device."""
     heads = max(arch.num_heads // tp, 1)
