@@ -282,7 +282,7 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
     """Launch ``plan_path`` with torchrun on this machine and check it against the model.
 
     Args:
-        plan_path: a ``fx-planner/plan/v1`` file.
+        plan_path: a ``fx-planner/plan/v2`` file.
         model: the MODEL spec the plan was made for (``llama-tiny``, ``hf:gpt2``...).
         overrides: ``--set`` config overrides used when planning.
         tol: max abs error allowed (fp32).
@@ -615,6 +615,8 @@ def check_case(model_spec: str, overrides: dict, plan, *, seed: int = 0,
             "replica": local.coords.replica, "tp_rank": local.coords.tp_rank,
             "max_abs_err": err, "all_reduces": count_collectives(module).get("all_reduce", 0),
             "collectives": count_collectives(module),
+            "inserted": sorted([k, b] for k, b in local.tp_report.collectives),
+            "param_bytes": sum(p.numel() * p.element_size() for p in module.parameters()),
             "sharded": sharded, "seconds": seconds, "repeat_seconds": repeat_seconds}
 
 

@@ -38,7 +38,8 @@ def compile_plan(traced, plan, out_dir: str | Path) -> list[Path]:
     paths, index = [], []
     for stage, stage_layout in zip(stages, layout.stages, strict=True):
         group = f"tp_stage{stage.index}"
-        report = shard_stage(stage.module, stage_layout.tp, 0, group, traced.arch,
+        report = shard_stage(stage, traced, stage_layout.tp, 0, group,
+                             sharding=stage_layout.sharding,
                              sequence_parallel=layout.sequence_parallel)
         path = out / f"stage{stage.index}.py"
         source = stage_source(stage, stage_layout, report, len(stages), traced)
@@ -88,10 +89,14 @@ def stage_source(stage, stage_layout, report, num_stages: int, traced) -> str:
     else:
         lines.append(f"# returns the model outputs {list(stage.outputs)}")
     if report.sharded:
-        lines.append(f"# sharded weights (rank 0 of {stage_layout.tp}): global -> local shape")
-        lines += [f"#   {name}: {list(g)} -> {list(loc)}"
+        lines.append(f"# sharded weights (rank 0 of {stage_layout.tp}): placement, global -> "
+                     "local shape")
+        lines += [f"#   {name}: {report.analysis.params[name]} {list(g)} -> {list(loc)}"
                   for name, (g, loc) in report.sharded.items()]
     lines.append(f"# collectives: {count_collectives(stage.module) or 'none'}")
+    if report.analysis is not None:
+        lines += [f"#   {c.kind} of {c.bytes} bytes after {c.after or c.value} ({c.reason})"
+                  for c in report.analysis.collectives]
     body = stage.module.print_readable(print_output=False, include_stride=False,
                                        include_device=False)
     return "\n".join(lines) + "\n\n" + body

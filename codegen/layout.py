@@ -23,11 +23,14 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class StageLayout:
-    """One pipeline stage: inclusive layer range, tp degree, device ids per replica."""
+    """One pipeline stage: inclusive layer range, tp degree, device ids per replica, and
+    the plan's tensor-parallel strategy (``planner.sharding.StageSharding``; ``None`` at
+    tp 1, or for a layout built without a plan: then each layer's greedy strategy)."""
 
     layers: tuple[int, int]
     tp: int
     devices: tuple[tuple[int, ...], ...]
+    sharding: object | None = None
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ class ParallelLayout:
     def from_plan(cls, plan) -> ParallelLayout:
         """The layout of a ``planner.plan.Plan``."""
         par = plan.parallelism
-        stages = tuple(StageLayout(tuple(s.layers), s.tp, tuple(tuple(g) for g in s.devices))
-                       for s in plan.stages)
+        stages = tuple(StageLayout(tuple(s.layers), s.tp, tuple(tuple(g) for g in s.devices),
+                                   s.sharding) for s in plan.stages)
         return cls(par.dp, stages, par.microbatches, par.sequence_parallel)
 
     @classmethod

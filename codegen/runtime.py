@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from codegen.layout import ParallelLayout, RankCoords
 from codegen.stage_split import StageGraph, model_tensor_inputs, split_stages
-from codegen.tensor_parallel import TPReport, shard_stage
+from codegen.tensor_parallel import TPReport, check_against, shard_stage
 
 __all__ = ["FingerprintMismatch", "LocalModule", "ProcessGroups", "parallelize",
            "build_process_groups", "batch_slice"]
@@ -191,6 +191,17 @@ class LocalModule(nn.Module):
         return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
 
 
+def _bytes_ratio(plan, traced) -> float | None:
+    """Bytes of a collective here over the plan's: the dtype ratio when this run has the
+    plan's step shape (microbatch and sequence, prefill), else ``None`` (compare kinds)."""
+    w = plan.workload
+    if w.phase != "prefill" or traced.batch_size != plan.parallelism.microbatch_size \
+            or traced.seq_len != w.seq_len:
+        return None
+    sizes = {"float32": 4, "bfloat16": 2, "float16": 2}
+    return sizes.get(traced.dtype, 4) / sizes.get(w.dtype, 4)
+
+
 def _wait(work, timeout: datetime.timedelta, what: str) -> None:
     try:
         work.wait(timeout)
@@ -248,8 +259,15 @@ def parallelize(model: nn.Module, plan, args: tuple = (), kwargs: dict | None = 
     stage = split_stages(traced, layout.stage_layers)[coords.stage]
     stage_layout = layout.stages[coords.stage]
     group_name = groups.tp.group_name if stage_layout.tp > 1 else ""
-    report = shard_stage(stage.module, stage_layout.tp, coords.tp_rank, group_name, traced.arch,
+    if stage_layout.tp > 1 and stage_layout.sharding is None and not is_layout:
+        raise ValueError(f"stage {coords.stage} of this plan has tp {stage_layout.tp} but records "
+                         "no tensor-parallel strategy (a plan built from a cost table without "
+                         "a traced model); re-plan the model with `plan MODEL --out`")
+    report = shard_stage(stage, traced, stage_layout.tp, coords.tp_rank, group_name,
+                         sharding=stage_layout.sharding,
                          sequence_parallel=layout.sequence_parallel)
+    if stage_layout.sharding is not None and not is_layout:
+        check_against(report, stage_layout.sharding, _bytes_ratio(plan, traced))
     if device is None:
         device = (torch.device("cuda", torch.cuda.current_device())
                   if dist.get_backend() == "nccl" else torch.device("cpu"))

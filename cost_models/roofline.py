@@ -1,4 +1,4 @@
-"""Analytical (roofline) op costs, TP scaling rules, and their calibration on this device.
+"""Analytical (roofline) op costs, their tensor-parallel split, and their calibration here.
 
 One op class's time on a device is
 
@@ -13,15 +13,14 @@ efficiencies ``e_*`` and the per-op ``overhead`` depend on (device, op class):
 - for catalogue GPUs they default to ``GPU_EFFICIENCIES`` (sources next to each number).
 
 A layer's work at the traced shape (``Layer.op_stats``) is scaled to the workload's
-microbatch, sequence, phase and dtype, then split across a TP group (``layer_work``):
+microbatch, sequence, phase and dtype, then to one rank of a tensor-parallel group by the
+fractions the sharding analysis computed for each op class (``ShardedLayer.work``: an op
+on a split value does its share, a replicated op all of it) — no rule of its own:
 
-    op class     prefill scaling              TP split
-    matmul       flops ∝ tokens, weights fixed  flops, weights and activations / tp
-    attention    flops ∝ batch·seq², bytes ∝ tokens   / tp (heads)
-    elementwise  ∝ tokens                      / tp, except the residual adds (replicated;
-                                               / tp under sequence parallelism)
-    norm, reduction  ∝ tokens                  replicated (/ tp under sequence parallelism)
-    embedding    ∝ tokens                      replicated lookup (vocab-parallel table)
+    op class     prefill scaling
+    matmul       flops ∝ tokens, weights fixed
+    attention    flops ∝ batch·seq², bytes ∝ tokens
+    elementwise, norm, reduction, embedding   ∝ tokens
 
 Decode (one token per sequence against a KV cache of ``context`` tokens) keeps the same
 rules with ``tokens = batch``; attention reads the whole KV cache and the weights are
@@ -51,7 +50,7 @@ from cost_models.cache import (
     write_record,
 )
 from cost_models.devices import DeviceSpec
-from cost_models.memory import kv_heads_per_device
+from cost_models.sharded import ShardedLayer
 
 if TYPE_CHECKING:
     from cost_models.types import ArchLike, LayerLike, OpStatsLike, WorkloadLike
@@ -308,13 +307,6 @@ def _matmul_weight_bytes(layer: LayerLike, arch: ArchLike | None, traced: Traced
     return float(min(weights, stats.bytes_read))
 
 
-def _residual_bytes(arch: ArchLike | None, layer: LayerLike, tokens: int, dtype_bytes: int) -> float:
-    """Two residual adds per block, each reading 2 and writing 1 (tokens, hidden) tensor."""
-    if arch is None or not arch.is_transformer or layer.kind != "block":
-        return 0.0
-    return 2 * 3 * tokens * arch.hidden_size * dtype_bytes
-
-
 def layer_work(
     layer: LayerLike,
     arch: ArchLike | None,
@@ -323,22 +315,26 @@ def layer_work(
     microbatch_size: int,
     traced: TracedShape | None = None,
     *,
-    sequence_parallel: bool = False,
+    sharded: ShardedLayer | None = None,
 ) -> dict[str, OpWork]:
-    """Per-class work of one microbatch through ``layer`` on one device of a TP group.
+    """Per-class work of one microbatch through ``layer`` on one rank of a TP group.
 
     Args:
         layer: traced layer; its ``op_stats`` describe the ``traced`` shape.
-        arch: architecture (needed for decode attention and the residual/KV rules).
-        tp: tensor-parallel degree.
+        arch: architecture (needed for decode attention).
+        tp: tensor-parallel degree (1, or the degree of ``sharded``).
         workload: phase, sequence/context length and dtype.
         microbatch_size: sequences in the microbatch.
         traced: shape the layer was traced at (default: the microbatch's own shape).
-        sequence_parallel: norms, residual adds and reductions are split across the group.
+        sharded: the layer's strategy at ``tp`` (required when ``tp > 1``): each class's
+            work is multiplied by the share one rank runs.
 
     Returns:
-        ``{op_class: OpWork}`` on one device.
+        ``{op_class: OpWork}`` on one rank.
     """
+    if tp > 1 and (sharded is None or sharded.tp != tp):
+        raise ValueError(f"layer {getattr(layer, 'name', '')!r} at tp {tp} needs its sharding "
+                         "analysis (a ShardedLayer of that tp) to be priced")
     decode = workload.phase == "decode"
     seq = workload.seq_len
     traced = traced or TracedShape(microbatch_size, seq, workload.dtype_bytes)
@@ -352,36 +348,27 @@ def layer_work(
             weights = _matmul_weight_bytes(layer, arch, traced)
             acts = max(w.bytes_read - weights, 0.0)
             w = OpWork(w.count, w.flops * r, (weights + acts * r) * d, w.bytes_written * r * d)
-            w = w.scaled(1 / tp, 1 / tp)
         elif op_class == "attention":
             if decode and arch is not None and arch.is_transformer:
-                w = _decode_attention(arch, layer, microbatch_size, workload, tp, stats.count)
+                w = _decode_attention(arch, layer, microbatch_size, workload, stats.count)
             else:
                 ra = microbatch_size * seq * seq / (traced.batch_size * traced.seq_len**2)
                 w = OpWork(w.count, w.flops * ra, w.bytes_read * r * d, w.bytes_written * r * d)
-                w = w.scaled(1 / tp, 1 / tp)
         else:
             w = w.scaled(r, r * d)
-            if op_class == "elementwise":
-                residual = min(_residual_bytes(arch, layer, tokens, workload.dtype_bytes), w.bytes)
-                split = w.bytes - residual
-                keep = residual / tp if sequence_parallel else residual
-                frac = (split / tp + keep) / w.bytes if w.bytes else 1.0
-                w = OpWork(w.count, w.flops * frac, w.bytes_read * frac, w.bytes_written * frac)
-            elif op_class in ("norm", "reduction") and sequence_parallel:
-                w = w.scaled(1 / tp, 1 / tp)
+        if sharded is not None:
+            flops, nbytes = sharded.fraction(op_class)
+            w = w.scaled(flops, nbytes)
         out[op_class] = w
     return out
 
 
 def _decode_attention(
-    arch: ArchLike, layer: LayerLike, batch: int, workload: WorkloadLike, tp: int, count: int
+    arch: ArchLike, layer: LayerLike, batch: int, workload: WorkloadLike, count: int
 ) -> OpWork:
-    """One new token per sequence against ``kv_context_len`` cached tokens, one device."""
-    heads = max(arch.num_heads // tp, 1)
-    kv = kv_heads_per_device(arch.num_kv_heads or arch.num_heads, tp)
-    w = attention_work(batch, heads, 1, workload.kv_context_len + 1, arch.head_dim,
-                       workload.dtype_bytes, kv_heads=kv)  # fmt: skip
+    """One new token per sequence against ``kv_context_len`` cached tokens, whole layer."""
+    w = attention_work(batch, arch.num_heads, 1, workload.kv_context_len + 1, arch.head_dim,
+                       workload.dtype_bytes, kv_heads=arch.num_kv_heads or arch.num_heads)
     return OpWork(count, w.flops, w.bytes_read, w.bytes_written)
 
 

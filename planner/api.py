@@ -155,6 +155,7 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
         "source": source or {},
         "workload_full": workload.to_dict(),
         "arch": traced.arch.to_dict() if traced.arch else None,
+        "tp_excluded": {str(t): why for t, why in sorted(builder.excluded_tp.items())},
     }
     return replace(result, provenance=provenance, extra=extra)
 
@@ -227,13 +228,16 @@ class _AdjustedBuilder:
     def sources(self, microbatch_size: int, microbatches: int) -> list[str]:
         return self.inner.sources(microbatch_size, microbatches)
 
+    def __getattr__(self, name):  # excluded_tp, tp_degrees, ... of the inner builder
+        return getattr(self.inner, name)
+
 
 def sequence_parallel_applies(traced: TracedModel, cluster: Cluster, workload: Workload) -> bool:
     """Sequence parallelism is searched for prefill of transformers whose sequence length every
     allowed TP degree divides (codegen shards the sequence evenly)."""
-    from planner.cost_builder import allowed_tp_degrees
+    from planner.cost_builder import candidate_tp_degrees
 
-    tps = [t for t in allowed_tp_degrees(traced, cluster) if t > 1]
+    tps = [t for t in candidate_tp_degrees(cluster) if t > 1]
     return (workload.phase == "prefill" and traced.arch is not None
             and traced.arch.is_transformer and bool(tps)
             and all(workload.seq_len % t == 0 for t in tps))

@@ -151,7 +151,7 @@ def _model_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="meta", choices=["meta", "cpu"],
                    help="where to build the model for tracing (meta allocates no weights)")
     p.add_argument("--out", default=None, metavar="FILE",
-                   help="write the plan file (fx-planner/plan/v1 JSON), atomically; missing "
+                   help="write the plan file (fx-planner/plan/v2 JSON), atomically; missing "
                         "folders are created (default: none, the plan is only printed)")
     p.add_argument("--force", action="store_true",
                    help="let --out overwrite an existing file that is not a plan")

@@ -5,6 +5,12 @@ microbatch size and count it returns the ``CostTable`` the solver optimises over
 entry from ``cost_models.layer_cost`` (measured where a profile of this device is given,
 predicted from the calibrated roofline otherwise) and every boundary from the traced cut
 points. Tables are cached per (microbatch size, microbatches).
+
+Tensor parallelism comes from the graph: for every distinct layer and every tp that
+divides the node, ``planner.sharding.choose`` picks the layer's strategy (priced here
+with ``layer_cost``) and the table prices exactly that strategy. A tp degree is offered
+when some layer has a strategy that shards something and beats replicating that layer in
+time or in memory; the others are listed with the reason in ``excluded_tp``.
 """
 
 from __future__ import annotations
@@ -12,40 +18,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cost_models.collectives import link_alpha_beta, load_calibration
-from cost_models.layer_cost import TracedShape, layer_cost, layer_memory_at
-from cost_models.memory import kv_heads_per_device, stage_workspace_bytes
+from cost_models.layer_cost import TracedShape, collectives_at, layer_cost, layer_memory_at
+from cost_models.memory import stage_workspace_bytes
 from cost_models.roofline import efficiencies_for
+from cost_models.sharded import ShardedLayer
+from planner import sharding
 from planner.cluster import Cluster, Workload
 from planner.cost_table import CostTable, LayerCost, Link
 from planner.tracing import TracedModel
 
-__all__ = ["CostBuilder", "allowed_tp_degrees"]
+__all__ = ["CostBuilder", "candidate_tp_degrees"]
 
 
-def allowed_tp_degrees(traced: TracedModel, cluster: Cluster) -> tuple[int, ...]:
-    """TP degrees that divide the node and the model's heads and FFN width.
-
-    KV heads need not divide: with ``tp > kv_heads`` each KV head is replicated
-    ``tp / kv_heads`` times (recorded in the plan), provided ``kv_heads`` divides ``tp``.
-    Models without heads (MLP) split their hidden/FFN width; a CNN runs at tp 1.
-    """
+def candidate_tp_degrees(cluster: Cluster) -> tuple[int, ...]:
+    """The tp degrees a tensor-parallel group may have: divisors of the node's devices
+    (a group stays inside one node)."""
     per_node = cluster.devices_per_node
-    candidates = [t for t in range(1, per_node + 1) if per_node % t == 0]
-    arch = traced.arch
-    if arch is None or arch.family == "cnn":
-        return (1,)
-    out = []
-    for t in candidates:
-        if arch.num_heads is not None:
-            if arch.num_heads % t:
-                continue
-            kv = arch.num_kv_heads or arch.num_heads
-            if kv % t and t % kv:
-                continue
-        if arch.ffn_hidden_size and arch.ffn_hidden_size % t:
-            continue
-        out.append(t)
-    return tuple(out)
+    return tuple(t for t in range(1, per_node + 1) if per_node % t == 0)
 
 
 @dataclass
@@ -70,12 +59,91 @@ class CostBuilder:
                 f"{self.spec.name}: measured costs only apply to plans for the device they were "
                 "measured on (drop --profile, or profile on that device)"
             )
-        self.tp_degrees = allowed_tp_degrees(self.traced, self.cluster)
         self.traced_shape = TracedShape(self.traced.batch_size, self.traced.seq_len,
                                         _dtype_bytes(self.traced.dtype))
         self.calibration = load_calibration(self.spec.backend) if self.spec.name == "cpu" else None
         # Read once: efficiencies_for goes to the on-disk calibration on every call.
         self.efficiencies = efficiencies_for(self.spec)
+        self._analyse()
+
+    def _analyse(self) -> None:
+        """Choose every distinct layer's strategy at every candidate tp (``sharded``) and
+        keep the tp degrees that some layer can use (``tp_degrees``, ``excluded_tp``)."""
+        _, first = self._groups()
+        self.sharded: dict[tuple[int, int], ShardedLayer] = {}
+        self.records: dict[tuple[int, int], sharding.Analysis] = {}
+        self.excluded_tp: dict[int, str] = {}
+        allowed = [1]
+        layers, gm = self.traced.layers, self.traced.graph_module
+        for tp in candidate_tp_degrees(self.cluster)[1:]:
+            useful, why = False, "no layer has a parameter the analysis can shard"
+            chosen: dict = {}  # a parameter shared by layers (tied tables) is placed once
+            for g, j in enumerate(first):
+                layer = layers[j]
+                shared = {t: chosen[t] for t in sharding.same_params(gm, layer.tied_params)
+                          if t in chosen}
+                try:
+                    best, name, candidates = sharding.choose(
+                        self.traced, j, tp, lambda a, layer=layer, tp=tp: self._price(
+                            layer, tp, sharding.to_sharded(a, layer, gm=gm)),
+                        sequence_parallel=self.sequence_parallel, fixed=shared)
+                except Exception as exc:  # an analysis must never stop planning
+                    raise RuntimeError(f"sharding analysis of {layer.name} at tp {tp} "
+                                       f"failed: {exc}") from exc
+                chosen.update(best.params)
+                shard = sharding.to_sharded(best, layer, name, gm=gm)
+                self.sharded[(g, tp)] = shard
+                self.records[(g, tp)] = best
+                if best.sharded_params:
+                    whole = sharding.to_sharded(candidates["replicate"], layer, gm=gm)
+                    faster = self._price(layer, tp, shard) < self._price(layer, tp, whole)
+                    if faster or shard.param_bytes < whole.param_bytes:
+                        useful = True
+                    else:
+                        why = (f"sharding {layer.name} at tp {tp} is neither faster nor "
+                               "smaller than replicating it")
+            if useful:
+                allowed.append(tp)
+            else:
+                self.excluded_tp[tp] = why
+        self.tp_degrees = tuple(allowed)
+
+    def _price(self, layer, tp: int, shard: ShardedLayer) -> float:
+        """Seconds of one sequence through ``layer`` at ``tp`` under a candidate strategy."""
+        est = layer_cost(layer, self.traced.arch, tp, self.workload, self.spec, 1,
+                         traced=self.traced_shape, sharded=shard,
+                         efficiencies=self.efficiencies, calibration=self.calibration)
+        return est.compute_s + est.comm_s
+
+    def sharded_at(self, j: int, tp: int) -> ShardedLayer | None:
+        """Layer ``j``'s strategy at ``tp`` (``None`` at tp 1)."""
+        if tp <= 1:
+            return None
+        group, _ = self._groups()
+        return self.sharded[(group[j], tp)]
+
+    def record(self, j: int, tp: int, microbatch_size: int) -> sharding.LayerRecord:
+        """What the plan records for layer ``j`` at ``tp``: its sharded parameters
+        (relative to the block's path) and its collectives per microbatch."""
+        group, _ = self._groups()
+        g = group[j]
+        analysis = self.records[(g, tp)]
+        first_layer = self.traced.layers[self._groups()[1][g]]
+        prefix = first_layer.name + "." if first_layer.kind == "block" else ""
+        params = {}
+        for target, p in analysis.params.items():
+            if not isinstance(p, sharding.Shard):
+                continue
+            if prefix and not target.startswith(prefix):
+                continue
+            params[target[len(prefix):]] = p
+        scaled = collectives_at(self.sharded[(g, tp)], self.workload, microbatch_size,
+                                self.traced_shape)
+        collectives = tuple(sharding.Collective(kind, nbytes, c.value, c.after, c.reason,
+                                                c.batched)
+                            for (kind, nbytes), c in zip(scaled, analysis.collectives,
+                                                         strict=True))
+        return sharding.LayerRecord(g, params, collectives, self.sharded[(g, tp)].strategy)
 
     def __call__(self, microbatch_size: int, microbatches: int) -> CostTable:
         key = (microbatch_size, microbatches)
@@ -110,10 +178,11 @@ class CostBuilder:
             self._group_index = (group, first)
         return self._group_index
 
-    def _resident(self, layer, tp: int, mb: int, m: int) -> int:
+    def _resident(self, j: int, tp: int, mb: int, m: int) -> int:
         """``layer_cost(...).memory_bytes`` without pricing the time (same arguments)."""
-        return int(layer_memory_at(layer, self.traced.arch, tp, self.workload, mb, m,
-                                   self.traced_shape).resident)
+        return int(layer_memory_at(self.traced.layers[j], self.traced.arch, tp, self.workload,
+                                   mb, m, self.traced_shape,
+                                   sharded=self.sharded_at(j, tp)).resident)
 
     def _build(self, mb: int, m: int, memory_only: bool = False) -> CostTable:
         w, layers = self.workload, self.traced.layers
@@ -125,20 +194,20 @@ class CostBuilder:
             source = "predicted"
             for tp in self.tp_degrees:
                 if memory_only:
-                    row[tp] = LayerCost(0.0, 0.0, self._resident(layer, tp, mb, m))
+                    row[tp] = LayerCost(0.0, 0.0, self._resident(j, tp, mb, m))
                     continue
                 # Times do not depend on the microbatch count: priced once per size.
                 timed = self._times.get((j, tp, mb))
                 if timed is None:
                     est = layer_cost(layer, self.traced.arch, tp, w, self.spec, mb, m,
                                      traced=self.traced_shape,
-                                     sequence_parallel=self.sequence_parallel,
+                                     sharded=self.sharded_at(j, tp),
                                      efficiencies=self.efficiencies,
                                      calibration=self.calibration, measured=measured[j])
                     timed = self._times[(j, tp, mb)] = (est.compute_s, est.comm_s, est.source)
                     memory = int(est.memory_bytes)
                 else:
-                    memory = self._resident(layer, tp, mb, m)
+                    memory = self._resident(j, tp, mb, m)
                 row[tp] = LayerCost(timed[0], timed[1], memory)
                 source = timed[2]
             rows.append(row)
@@ -151,16 +220,26 @@ class CostBuilder:
         boundary = tuple(int(c.bytes * ratio * dtype_scale) for c in self.traced.cuts)
         # one layer of each group has every group's peak and output (identical layers)
         distinct = [layers[j] for j in first]
-        workspace = {tp: stage_workspace_bytes(distinct, tp, m, token_ratio=ratio,
-                                               dtype_scale=dtype_scale)
-                     for tp in self.tp_degrees}
-        arch = self.traced.arch
+        workspace = {}
+        for tp in self.tp_degrees:
+            fractions = [self.sharded[(g, tp)].activation_fraction if tp > 1 else 1.0
+                         for g in range(len(first))]
+            workspace[tp] = stage_workspace_bytes(distinct, m, fractions=fractions,
+                                                  token_ratio=ratio, dtype_scale=dtype_scale)
         replicated = {}
-        if arch is not None and arch.num_kv_heads:
-            for tp in self.tp_degrees:
-                per_device = kv_heads_per_device(arch.num_kv_heads, tp)
-                if per_device * tp > arch.num_kv_heads:
-                    replicated[tp] = per_device * tp // arch.num_kv_heads
+        for tp in self.tp_degrees[1:]:
+            kv = [self.sharded[(g, tp)].kv_fraction for g, j in enumerate(first)
+                  if layers[j].kind == "block"]
+            factor = round(min(kv) * tp) if kv else 1
+            if factor > 1:
+                replicated[tp] = factor
+        records = {} if memory_only else {
+            j: {tp: self.record(j, tp, mb) for tp in self.tp_degrees[1:]}
+            for j in range(len(layers))}
+        hidden = sharding.hidden_values(self.traced)
+        hidden_bytes = tuple(
+            tuple(int(t.bytes * ratio * dtype_scale) for t in c.tensors if t.name in hidden)
+            for c in self.traced.cuts)
         intra = link_alpha_beta(self.spec, "intra")
         inter = link_alpha_beta(self.spec, "inter")
         if not memory_only:
@@ -177,6 +256,8 @@ class CostBuilder:
             layer_names=tuple(layer.name for layer in layers),
             param_bytes=tuple(layer.param_bytes for layer in layers),
             sequence_parallel=self.sequence_parallel,
+            sharding=records,
+            hidden_boundary_bytes=hidden_bytes,
         )
 
 

@@ -100,6 +100,11 @@ class CostTable:
         layer_names: optional names, ``"layer{j}"`` when empty.
         param_bytes: optional unsharded parameter bytes per layer (for the plan file).
         sequence_parallel: whether the costs assume sequence parallelism.
+        sharding: ``sharding[j][tp]``: layer ``j``'s tensor-parallel strategy at ``tp`` as
+            the plan records it (a ``planner.sharding.LayerRecord``; absent for tables
+            built without a traced model).
+        hidden_boundary_bytes: per cut, the bytes of each hidden state crossing it (what a
+            sequence-parallel stage all-gathers before sending).
     """
 
     costs: tuple[Mapping[int, LayerCost], ...]
@@ -113,6 +118,8 @@ class CostTable:
     layer_names: tuple[str, ...] = ()
     param_bytes: tuple[int, ...] = ()
     sequence_parallel: bool = False
+    sharding: Mapping[int, Mapping[int, object]] = field(default_factory=dict)
+    hidden_boundary_bytes: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "costs", tuple(dict(c) for c in self.costs))

@@ -1,4 +1,8 @@
-"""The plan file: schema ``fx-planner/plan/v1`` (documented key by key in docs/plan-format.md).
+"""The plan file: schema ``fx-planner/plan/v2`` (documented key by key in docs/plan-format.md).
+
+v2 records each stage's tensor-parallel strategy (``stages[i].sharding``: which parameter
+is split how, and the collectives each layer runs), which codegen applies as written. A
+v1 file (an integer ``tp`` only) is refused with a "re-plan" message.
 
 >>> plan = Plan.load("plan.json")            # doctest: +SKIP
 >>> plan.parallelism.dp, [s.tp for s in plan.stages]   # doctest: +SKIP
@@ -29,6 +33,7 @@ from planner.cluster import (
     Workload,
 )
 from planner.cost_table import CostTable, LayerCost, Link
+from planner.sharding import Collective, StageSharding, TemplateSharding
 from planner.units import fmt_value as _show
 
 __all__ = [
@@ -42,6 +47,7 @@ __all__ = [
     "StageCosts",
     "PlanStage",
     "PlanLayer",
+    "stage_sharding",
     "Predicted",
     "BaselineFigures",
     "SolverInfo",
@@ -52,11 +58,12 @@ __all__ = [
     "write_atomic",
 ]
 
-SCHEMA = "fx-planner/plan/v1"
+SCHEMA = "fx-planner/plan/v2"
+OLD_SCHEMAS = ("fx-planner/plan/v1",)
 
 
 class PlanFormatError(ValueError):
-    """A plan file that is not a valid ``fx-planner/plan/v1`` plan; names the key to fix."""
+    """A plan file that is not a valid ``fx-planner/plan/v2`` plan; names the key to fix."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,7 @@ class PlanStage:
     devices: tuple[tuple[int, ...], ...]
     predicted: StageCosts
     kv_heads_replicated: int = 1
+    sharding: StageSharding | None = None  # None at tp 1
 
 
 @dataclass(frozen=True)
@@ -202,7 +210,10 @@ class Plan:
                                     solution.sequence_parallel, solution.microbatch_size),
             stages=tuple(PlanStage((st.first, st.last), st.tp, st.devices,
                                    StageCosts(st.compute_s, st.comm_s, st.memory_bytes),
-                                   st.kv_heads_replicated) for st in solution.stages),
+                                   st.kv_heads_replicated,
+                                   stage_sharding(table, st.first, st.last, st.tp,
+                                                  is_last=i == len(solution.stages) - 1))
+                         for i, st in enumerate(solution.stages)),
             layers=layers,
             boundaries=table.boundary_bytes,
             predicted=Predicted(solution.predicted.latency_s,
@@ -245,7 +256,10 @@ class Plan:
             "stages": [{"layers": list(s.layers), "tp": s.tp,
                         "devices": [list(r) for r in s.devices],
                         "predicted": asdict(s.predicted),
-                        "kv_heads_replicated": s.kv_heads_replicated} for s in self.stages],
+                        "kv_heads_replicated": s.kv_heads_replicated,
+                        "sharding": (s.sharding.to_json() if s.sharding is not None
+                                     else {"templates": [], "boundary": []})}
+                       for s in self.stages],
             "layers": [{"name": layer.name, "param_bytes": layer.param_bytes,
                         "costs": {str(t): asdict(c) for t, c in layer.costs.items()},
                         "source": layer.source}
@@ -308,6 +322,11 @@ class Plan:
             raise PlanFormatError(f"a plan file holds one JSON object, not {type(data).__name__} "
                                   f"{_show(data)}")
         schema = data.get("schema")
+        if schema in OLD_SCHEMAS:
+            raise PlanFormatError(
+                f"this plan is {schema}, written before each stage recorded its "
+                f"tensor-parallel strategy; {SCHEMA} plans record it and codegen applies it "
+                f"as written. Re-plan: run the same `plan MODEL ... --out` command again")
         if schema != SCHEMA:
             raise PlanFormatError(f"schema is {_show(schema) if not isinstance(schema, str) else repr(schema)}; "
                                   f"this planner reads {SCHEMA!r} "
@@ -326,7 +345,10 @@ class Plan:
             stages=tuple(PlanStage(layers=(s["layers"][0], s["layers"][1]), tp=s["tp"],
                                    devices=tuple(tuple(g) for g in s["devices"]),
                                    predicted=StageCosts(**s["predicted"]),
-                                   kv_heads_replicated=s["kv_heads_replicated"])
+                                   kv_heads_replicated=s["kv_heads_replicated"],
+                                   sharding=(StageSharding.from_json(
+                                       s["sharding"], s["tp"], d["parallelism"]["sequence_parallel"])
+                                       if s["tp"] > 1 and s["sharding"]["templates"] else None))
                          for s in d["stages"]),
             layers=tuple(PlanLayer(layer["name"], layer["param_bytes"],
                                    {t: StageCosts(**c) for t, c in layer["costs"].items()},
@@ -386,6 +408,12 @@ class Plan:
                 errors.append(f"stages[{i}].layers is [{first}, {last}]; stages must cover "
                               f"layers contiguously, this one should start at {expected}")
             expected = last + 1
+            if s.tp > 1 and s.sharding is not None and s.sharding.templates:
+                covered = sorted(j for t in s.sharding.templates for j in t.layers)
+                if covered != list(range(first, last + 1)):
+                    errors.append(f"stages[{i}].sharding.templates cover layers {covered}; a "
+                                  f"tp {s.tp} stage records the strategy of each of its layers "
+                                  f"{first}..{last} (re-plan with `plan MODEL --out`)")
             if len(s.devices) != par.dp:
                 errors.append(f"stages[{i}].devices lists {len(s.devices)} replicas; "
                               f"parallelism.dp is {par.dp}")
@@ -496,9 +524,12 @@ _RATE = _Value(float, 0, strict=True)
 _COUNT = _Value(int, 0)
 _SECONDS = _Value(float, 0)
 _COSTS = _Object({"compute_s": _SECONDS, "comm_s": _SECONDS, "memory_bytes": _COUNT})
+_COLLECTIVE = _Object({"kind": _Value(str, choices=("all_reduce", "all_gather",
+                                                    "reduce_scatter")),
+                       "bytes": _COUNT, "after": _Value(str, default="")})
 _LINK = _Object({"latency_s": _SECONDS, "bandwidth_bytes_per_s": _Value(float, 0, strict=True)})
 
-#: The one description of ``fx-planner/plan/v1``: ``Plan.from_dict`` (load) reads through it
+#: The one description of ``fx-planner/plan/v2``: ``Plan.from_dict`` (load) reads through it
 #: and ``Plan.validate`` (save, and plans built in code) checks through it; the table in
 #: docs/plan-format.md documents the same keys (a test keeps them in step).
 PLAN_SCHEMA = _Object({
@@ -521,6 +552,18 @@ PLAN_SCHEMA = _Object({
         "devices": _List(_List(_COUNT, min_length=1), min_length=1),
         "predicted": _COSTS,
         "kv_heads_replicated": _Value(int, 1, default=1),
+        "sharding": _Object({
+            "templates": _List(_Object({
+                "layers": _List(_COUNT, min_length=1),
+                "strategy": _Value(str, default="greedy"),
+                "params": _Map(_Object({
+                    "dim": _COUNT, "blocks": _List(_POS, min_length=1),
+                    "replicated_blocks": _List(_COUNT, default=[]),
+                })),
+                "collectives": _List(_COLLECTIVE),
+            })),
+            "boundary": _List(_COLLECTIVE, default=[]),
+        }, default={"templates": [], "boundary": []}),
     }), min_length=1),
     "layers": _List(_Object({
         "name": _Value(str), "param_bytes": _COUNT, "costs": _Map(_COSTS, int_keys=True),
@@ -565,9 +608,32 @@ EXTRA_SCHEMA = _Object({
         "latency_slo_s": _Value(float, 0, strict=True, nullable=True, default=None),
     }, default={}),
     "arch": _Value(object, default=None),
+    "tp_excluded": _Map(_Value(str), default={}),
 })
 
 _KNOWN_KEYS = frozenset(PLAN_SCHEMA.keys)
+
+
+def stage_sharding(table: CostTable, first: int, last: int, tp: int, *,
+                   is_last: bool) -> StageSharding | None:
+    """One stage's record from the table's per-layer strategies: layers of one template
+    share an entry; a sequence-parallel stage that is not the last all-gathers the hidden
+    states it sends (``boundary``)."""
+    if tp <= 1 or not table.sharding:
+        return None
+    groups: dict[int, list[int]] = {}
+    for j in range(first, last + 1):
+        groups.setdefault(table.sharding[j][tp].template, []).append(j)
+    templates = []
+    for js in groups.values():
+        rec = table.sharding[js[0]][tp]
+        templates.append(TemplateSharding(tuple(js), dict(rec.params), rec.collectives,
+                                          rec.strategy))
+    boundary: tuple[Collective, ...] = ()
+    if table.sequence_parallel and not is_last and table.hidden_boundary_bytes:
+        boundary = tuple(Collective("all_gather", b, "", "stage output", "boundary")
+                         for b in table.hidden_boundary_bytes[last])
+    return StageSharding(tp, tuple(templates), boundary, table.sequence_parallel)
 
 
 def _check(spec, value, key: str):

@@ -93,6 +93,7 @@ def render_plan(plan: Plan, console: Console) -> None:
                       fmt_seconds(s.predicted.comm_s), fmt_bytes(s.predicted.memory_bytes),
                       _memory_bar(s.predicted.memory_bytes, capacity))
     console.print(table)
+    _render_sharding(plan, console)
     console.print("[bold]pipeline timeline[/] (one replica; fill, steady state, drain):")
     for row in _timeline(plan):
         console.print(row, highlight=False)
@@ -122,6 +123,30 @@ def render_plan(plan: Plan, console: Console) -> None:
     )
 
 
+def _render_sharding(plan: Plan, console: Console) -> None:
+    """Each tp > 1 stage's strategy: per layer template, the sharded parameters (their
+    placement) and the collectives one layer runs per microbatch."""
+    for i, s in enumerate(plan.stages):
+        if s.sharding is None:
+            continue
+        console.print(f"[bold]tensor parallelism, stage {i}[/] (tp {s.tp}; per layer, per "
+                      "microbatch):", highlight=False)
+        for t in s.sharding.templates:
+            layers = (plan.layers[t.layers[0]].name if len(t.layers) == 1 else
+                      f"{plan.layers[t.layers[0]].name} .. {plan.layers[t.layers[-1]].name} "
+                      f"({len(t.layers)} layers)")
+            kinds: dict[tuple[str, int], int] = {}
+            for c in t.collectives:
+                kinds[(c.kind, c.bytes)] = kinds.get((c.kind, c.bytes), 0) + 1
+            comm = ", ".join(f"{n} {k} of {fmt_bytes(b)}" for (k, b), n in kinds.items()) or \
+                "no collective"
+            params = ", ".join(f"{name} {p}" for name, p in sorted(t.params.items())) or \
+                "every parameter replicated"
+            console.print(f"  {layers}: {t.candidate}; {comm}; {params}", highlight=False)
+        for c in s.sharding.boundary:
+            console.print(f"  stage output: {c.kind} of {fmt_bytes(c.bytes)}", highlight=False)
+
+
 def render_explain(plan: Plan, console: Console) -> None:
     """The best plan of each other (dp, pp, tp) family and why it lost."""
     alts = plan.extra.get("alternatives", [])
@@ -130,6 +155,8 @@ def render_explain(plan: Plan, console: Console) -> None:
         f"[bold]chosen:[/] dp {par.dp} x pp {par.pp} x tp {'/'.join(str(s.tp) for s in plan.stages)}, "
         f"objective {fmt_seconds(plan.solver.objective)} ({plan.solver.status})"
     )
+    for tp, why in plan.extra.get("tp_excluded", {}).items():
+        console.print(f"tp {tp} is not offered: {why}", highlight=False)
     if not alts:
         console.print("this plan file carries no alternatives (made with --alternatives 0)")
         return

@@ -374,8 +374,11 @@ def _shapes(
         allowed &= set(tp_degrees)
     if "tp" in pins:
         if pins["tp"] not in allowed:
-            raise PlanError(f"tp {pins['tp']} is not allowed by the model: the cost table allows "
-                            f"tp in {sorted(allowed)} (heads, KV heads and FFN width must divide)")
+            why = getattr(builder, "excluded_tp", {}).get(pins["tp"])
+            why = (f"{why}" if why else "tp must divide the devices per node and the model's "
+                   "sharding analysis must find a strategy that shards something")
+            raise PlanError(f"tp {pins['tp']} cannot be honoured: {why}; this model allows tp in "
+                            f"{sorted(allowed)} here (pin one of those, or drop --tp)")
         allowed = {pins["tp"]}
     if not allowed:
         raise PlanError(f"no tp degree of the model {list(probe.tp_degrees)} divides "

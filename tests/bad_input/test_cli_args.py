@@ -110,7 +110,7 @@ def test_out_existing_file_that_is_not_a_plan_needs_force(tmp_path, capsys):
     assert notes.read_text() == '{"mine": true}'
     code, _, err = call([*TINY, "--out", notes, "--force"], capsys)
     assert code == 0, err
-    assert json.loads(notes.read_text())["schema"] == "fx-planner/plan/v1"
+    assert json.loads(notes.read_text())["schema"] == "fx-planner/plan/v2"
     # an existing plan is overwritten without --force
     code, out, err = call([*TINY[:-1], "1", "--out", notes], capsys)
     assert code == 0, err
@@ -128,7 +128,7 @@ def test_out_creates_missing_folders(tmp_path, capsys):
     out = tmp_path / "a" / "b" / "plan.json"
     code, stdout, err = call([*TINY, "--out", out], capsys)
     assert code == 0, err
-    assert json.loads(out.read_text())["schema"] == "fx-planner/plan/v1"
+    assert json.loads(out.read_text())["schema"] == "fx-planner/plan/v2"
     assert f"plan written to {out}" in " ".join(stdout.split())
     assert [p.name for p in out.parent.iterdir()] == ["plan.json"]
 

@@ -97,7 +97,7 @@ CASES = [
     (lambda d: _drop(d, "alternatives.0.latency_s"), "missing key 'alternatives[0].latency_s'"),
     (lambda d: _set(d, "workload_full.memory_headroom", 2), "workload_full: invalid workload: memory headroom"),
     (lambda d: _set(d, "source", "x"), "key 'source' must be an object"),
-    (lambda d: _set(d, "schema", "fx-planner/plan/v9"), "this planner reads 'fx-planner/plan/v1'"),
+    (lambda d: _set(d, "schema", "fx-planner/plan/v9"), "this planner reads 'fx-planner/plan/v2'"),
     (lambda d: _set(d, "model", {"name": "m", "num_layers": 6}), "missing key 'model.fingerprint'"),
     (lambda d: _set(d, "model.num_layers", 0), "key 'model.num_layers' must be int >= 1"),
 ]

@@ -29,10 +29,17 @@ def traced_for(model: str, overrides: dict | None, batch: int, seq: int):
 
 def pinned_plan(traced, layout: ParallelLayout, batch: int, seq: int) -> Plan:
     """A valid ``Plan`` carrying ``layout``; its costs are nominal (these plans are not solved)."""
+    from planner.sharding import greedy_stage_sharding
+
     tps = sorted({s.tp for s in layout.stages} | {1})
     n = len(traced.layers)
+    ratio = 1 / (layout.dp * layout.microbatches)  # the traced batch is the global batch
+    records = [greedy_stage_sharding(traced, s.layers[0], s.layers[1], s.tp,
+                                     sequence_parallel=layout.sequence_parallel, ratio=ratio,
+                                     is_last=i == layout.pp - 1)
+               for i, s in enumerate(layout.stages)]
     d = {
-        "schema": "fx-planner/plan/v1",
+        "schema": "fx-planner/plan/v2",
         "model": {"name": traced.name, "num_layers": n, "fingerprint": traced.fingerprint},
         "cluster": {"num_devices": layout.world_size, "nodes": 1,
                     "devices_per_node": layout.world_size, "device": "cpu"},
@@ -43,8 +50,9 @@ def pinned_plan(traced, layout: ParallelLayout, batch: int, seq: int) -> Plan:
                         "microbatch_size": batch // (layout.dp * layout.microbatches)},
         "stages": [{"layers": list(s.layers), "tp": s.tp,
                     "devices": [list(g) for g in s.devices],
-                    "predicted": dict(_NOMINAL, compute_s=_LAYER_S * (s.layers[1] - s.layers[0] + 1))}
-                   for s in layout.stages],
+                    "predicted": dict(_NOMINAL, compute_s=_LAYER_S * (s.layers[1] - s.layers[0] + 1)),
+                    **({"sharding": r.to_json()} if r is not None else {})}
+                   for s, r in zip(layout.stages, records, strict=True)],
         "layers": [{"name": layer.name, "param_bytes": layer.param_bytes,
                     "costs": {str(t): _NOMINAL for t in tps}} for layer in traced.layers],
         "boundaries": [c.bytes for c in traced.cuts],

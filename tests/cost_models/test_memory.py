@@ -4,13 +4,10 @@ import pytest
 import torch
 
 from cost_models.devices import lookup
-from cost_models.memory import (
-    kv_cache_bytes,
-    kv_heads_per_device,
-    param_bytes_per_device,
-    usable_bytes,
-)
+from cost_models.memory import kv_cache_bytes, layer_memory, usable_bytes
+from cost_models.sharded import ShardedLayer
 from planner.arch import ModelArch
+from planner.cluster import Workload
 from planner.layers import Layer
 
 
@@ -36,34 +33,43 @@ def test_kv_cache_formula_equals_a_real_hf_llama_cache(llama_cache):
         + layer.values.numel() * layer.values.element_size()
         for layer in cache.layers
     )
-    assert kv_cache_bytes(arch, batch=3, context_len=7, tp=1, dtype_bytes=4) == real
+    assert kv_cache_bytes(arch, batch=3, context_len=7, dtype_bytes=4) == real
     assert real == 3 * 7 * 3 * 2 * 2 * 8 * 4
 
 
-def test_kv_cache_per_device_under_tp_shards_heads_then_replicates(llama_cache):
+def test_kv_cache_per_rank_is_the_analysed_share_of_the_real_cache(llama_cache):
+    """The share of the keys/values a rank holds comes from the sharding analysis of the
+    block (K/V projections split at tp 2; replicated at tp 4, with 2 KV heads)."""
+    import planner
+    from planner.models import load_model
+    from planner.sharding import analyse_layer, to_sharded
+
     arch, cache = llama_cache
-    # Per device, tp=2 holds one of the 2 KV heads of each layer: the real tensors' head slice.
+    lm = load_model("llama-tiny", batch_size=1, seq_len=8)
+    traced = planner.trace(lm.model, lm.args, lm.kwargs)
+    at2 = to_sharded(analyse_layer(traced, 1, tp=2), traced.layers[1])
+    at4 = to_sharded(analyse_layer(traced, 1, tp=4), traced.layers[1])
+    assert (at2.kv_fraction, at4.kv_fraction) == (0.5, 1.0)
     one_head = sum(layer.keys[:, :1].numel() * 4 * 2 for layer in cache.layers)
-    assert kv_cache_bytes(arch, 3, 7, tp=2, dtype_bytes=4) == one_head
-    # tp=4 > 2 KV heads: each device still holds one whole head (replicated twice).
-    assert kv_cache_bytes(arch, 3, 7, tp=4, dtype_bytes=4) == one_head
-    assert kv_heads_per_device(2, 4) == 1
-    assert kv_heads_per_device(8, 2) == 4
+    assert kv_cache_bytes(arch, 3, 7, dtype_bytes=4) * at2.kv_fraction == one_head
 
 
-def test_params_per_device_shards_weights_but_not_replicated_kv_heads():
+def test_layer_memory_holds_the_analysed_parameter_pieces():
     arch = ModelArch("llama", hidden_size=64, num_layers=1, num_heads=8, num_kv_heads=2,
                      head_dim=8, ffn_hidden_size=128, vocab_size=100)
-    kv_w = 2 * 64 * 2 * 8 * 4  # K and V projections, float32
-    norms = 4 * 64 * 4
-    other = 100_000
-    layer = Layer(1, "b", "block", (), kv_w + norms + other, 0, 0, 0, 0, {})
-    assert param_bytes_per_device(layer, arch, 1) == layer.param_bytes
-    assert param_bytes_per_device(layer, arch, 2) == other / 2 + kv_w / 2 + norms
-    # tp 8 > 2 KV heads: one KV head per device = kv_w / 2.
-    assert param_bytes_per_device(layer, arch, 8) == other / 8 + kv_w / 2 + norms
-    # bfloat16 workload of a float32 trace halves every term.
-    assert param_bytes_per_device(layer, arch, 1, dtype_bytes=2) == layer.param_bytes // 2
+    layer = Layer(1, "b", "block", (), 100_000, 0, 0, 1000, 0, {})
+    work = Workload(batch_size=1, seq_len=8, dtype="float32")
+    whole = layer_memory(layer, arch, 1, work, 1)
+    assert whole.params == 100_000
+    piece = ShardedLayer(2, (), 52_000, activation_fraction=0.5)
+    half = layer_memory(layer, arch, 2, work, 1, sharded=piece)
+    assert half.params == 52_000
+    assert half.activations < whole.activations
+    bf16 = layer_memory(layer, arch, 2, Workload(batch_size=1, seq_len=8, dtype="bfloat16"), 1,
+                        sharded=piece)
+    assert bf16.params == 26_000
+    with pytest.raises(ValueError, match="sharding analysis"):
+        layer_memory(layer, arch, 2, work, 1)
 
 
 def test_usable_bytes_keeps_headroom():

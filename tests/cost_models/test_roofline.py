@@ -71,16 +71,20 @@ def _block(tokens: int = 32) -> Layer:
     return Layer(1, "model.layers.0", "block", (), 200_000, 1_150_000, 0, 40_000, 8_192, stats)
 
 
-def test_tp_splits_matmul_and_attention_but_replicates_norms():
+def test_tp_work_is_the_analysed_share_of_each_class():
+    from cost_models.sharded import ShardedLayer
+
     work = Workload(batch_size=2, seq_len=16, dtype="float32")
     one = layer_work(_block(), ARCH, 1, work, 2)
-    four = layer_work(_block(), ARCH, 4, work, 2)
+    shares = ShardedLayer(4, (), 0, {"matmul": (0.25, 0.3), "attention": (0.25, 0.25)})
+    four = layer_work(_block(), ARCH, 4, work, 2, sharded=shares)
     assert four["matmul"].flops == one["matmul"].flops / 4
+    assert four["matmul"].bytes_read == pytest.approx(one["matmul"].bytes_read * 0.3)
     assert four["attention"].flops == one["attention"].flops / 4
-    assert four["norm"] == one["norm"]
+    assert four["norm"] == one["norm"]  # no share given: run whole on every rank
     assert four["view"].count == one["view"].count
-    sp = layer_work(_block(), ARCH, 4, work, 2, sequence_parallel=True)
-    assert sp["norm"].flops == one["norm"].flops / 4
+    with pytest.raises(ValueError, match="sharding analysis"):
+        layer_work(_block(), ARCH, 4, work, 2)
 
 
 def test_prefill_scaling_keeps_weights_and_scales_tokens_and_attention_quadratically():

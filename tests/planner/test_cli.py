@@ -53,7 +53,7 @@ def test_llama_3_70b_plan_json_is_a_valid_plan_with_the_model_parameter_bytes():
     data = json.loads(r.stdout)
     plan = Plan.from_dict(data)
     plan.validate()
-    assert data["schema"] == "fx-planner/plan/v1"
+    assert data["schema"] == "fx-planner/plan/v2"
     assert data["model"]["num_layers"] == len(data["layers"]) == 82
     assert data["solver"]["status"] == "OPTIMAL"
     # Published parameter count of Llama-3-70B: 70.55e9, bf16 = 2 bytes each.
@@ -145,7 +145,7 @@ def test_malformed_plan_files_are_refused(tmp_path):
     bad_schema = tmp_path / "schema.json"
     bad_schema.write_text('{"schema": "fx-planner/plan/v0"}')
     r = run("show", str(bad_schema))
-    assert r.returncode == 2 and "fx-planner/plan/v1" in r.stderr
+    assert r.returncode == 2 and "fx-planner/plan/v2" in r.stderr
     not_json = tmp_path / "garbage.json"
     not_json.write_text("{not json")
     r = run("explain", str(not_json))

@@ -1,4 +1,4 @@
-"""Plan save/load round trip and every malformed-file error of fx-planner/plan/v1."""
+"""Plan save/load round trip and every malformed-file error of fx-planner/plan/v2."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def _set(d, dotted, value):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda d: _set(d, "schema", "fx-planner/plan/v0"),
-     "schema is 'fx-planner/plan/v0'; this planner reads 'fx-planner/plan/v1'"),
+     "schema is 'fx-planner/plan/v0'; this planner reads 'fx-planner/plan/v2'"),
     (lambda d: d["workload"].pop("seq_len"), "missing key 'workload.seq_len'"),
     (lambda d: d.pop("solver"), "missing key 'solver.status'"),
     (lambda d: _set(d, "parallelism.dp", "1"), "key 'parallelism.dp' must be int, got str '1'"),

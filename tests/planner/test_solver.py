@@ -141,7 +141,7 @@ def test_contradictory_pins_raise_with_every_factor(pins, message):
 
 
 def test_tp_pin_the_model_does_not_allow_is_named():
-    with pytest.raises(PlanError, match=r"tp 8 is not allowed by the model: .*\[1, 2, 4\]"):
+    with pytest.raises(PlanError, match=r"tp 8 cannot be honoured: .*\[1, 2, 4\]"):
         solve(_uniform(tps=(1, 2, 4)), Cluster(1, 8, "H100"), Workload(batch_size=8),
               pins={"tp": 8})
 
