@@ -344,22 +344,27 @@ def layer_work(
     out: dict[str, OpWork] = {}
     for op_class, stats in layer.op_stats.items():
         w = _as_work(stats)
+        flops_f, bytes_f = sharded.fraction(op_class) if sharded is not None else (1.0, 1.0)
         if op_class == "matmul":
             weights = _matmul_weight_bytes(layer, arch, traced)
             acts = max(w.bytes_read - weights, 0.0)
-            w = OpWork(w.count, w.flops * r, (weights + acts * r) * d, w.bytes_written * r * d)
+            wf = sharded.weight_fraction if sharded is not None else 1.0
+            w = OpWork(w.count, w.flops * r * flops_f, (weights * wf + acts * r * bytes_f) * d,
+                       w.bytes_written * r * d * bytes_f)
+            out[op_class] = w
+            continue
         elif op_class == "attention":
             if decode and arch is not None and arch.is_transformer:
                 w = _decode_attention(arch, layer, microbatch_size, workload, stats.count)
+                if sharded is not None:  # the step reads this rank's share of the KV cache
+                    out[op_class] = w.scaled(flops_f, sharded.kv_fraction)
+                    continue
             else:
                 ra = microbatch_size * seq * seq / (traced.batch_size * traced.seq_len**2)
                 w = OpWork(w.count, w.flops * ra, w.bytes_read * r * d, w.bytes_written * r * d)
         else:
             w = w.scaled(r, r * d)
-        if sharded is not None:
-            flops, nbytes = sharded.fraction(op_class)
-            w = w.scaled(flops, nbytes)
-        out[op_class] = w
+        out[op_class] = w.scaled(flops_f, bytes_f)
     return out
 
 

@@ -8,8 +8,9 @@ tensor-parallel group does. ``ShardedLayer`` carries, for one layer at one degre
 - the exact collectives the generated code runs (kind and bytes of the whole tensor, at
   the traced shape; they scale with the tokens of the step);
 - the bytes of the parameters one rank holds;
-- for each op class, the fraction of the layer's FLOPs and bytes one rank computes (1 for
-  an op run replicated, ``1/tp`` for one whose output or contraction is split);
+- for each op class, the fraction of the layer's FLOPs and activation bytes one rank
+  computes (1 for an op run replicated, ``1/tp`` for one whose output or contraction is
+  split), and the fraction of the matmul weights it reads (its pieces);
 - the fraction of the transient activations and of the keys/values one rank holds.
 
 >>> one = ShardedLayer.replicated(param_bytes=1000)
@@ -36,7 +37,8 @@ class ShardedLayer:
             bytes; ``batched`` when the tensor has one row per token or sequence (its bytes
             scale with the batch), not when it is shared by the batch (a position table).
         param_bytes: bytes of the layer's own parameters one rank holds (traced dtype).
-        work: op class -> (fraction of FLOPs, fraction of bytes) one rank runs.
+        work: op class -> (fraction of FLOPs, fraction of activation bytes) one rank runs.
+        weight_fraction: share of the matmul weights one rank reads (its pieces).
         activation_fraction: share of the layer's activation bytes one rank holds.
         kv_fraction: share of the keys and values one rank caches (decode).
         strategy: the name of the chosen candidate (``greedy``, ``no-fallback``, ...).
@@ -48,6 +50,7 @@ class ShardedLayer:
     work: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     activation_fraction: float = 1.0
     kv_fraction: float = 1.0
+    weight_fraction: float = 1.0
     strategy: str = "replicate"
 
     @classmethod

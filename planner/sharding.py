@@ -249,7 +249,8 @@ class Analysis:
         fallbacks: node names whose sharded inputs had to be gathered (no rule kept them).
         guilty: parameters whose shards reached a fallback gather.
         param_bytes: local bytes of the parameters read, by target.
-        work: node name -> (op class, global flops, local flops, global bytes, local bytes).
+        work: node name -> (op class, global flops, local flops, global activation bytes,
+            local activation bytes, global weight bytes, local weight bytes).
         kv_fraction: local share of the keys/values attention reads (1 when replicated).
     """
 
@@ -261,7 +262,7 @@ class Analysis:
     fallbacks: list[str]
     guilty: set[str]
     param_bytes: dict[str, int]
-    work: dict[str, tuple[str, float, float, float, float]]
+    work: dict[str, tuple]
     kv_fraction: float = 1.0
 
     @property
@@ -1351,8 +1352,17 @@ def propagate(gm: fx.GraphModule, nodes: Sequence[fx.Node], tp: int, *,
                     walk.fallbacks, walk.guilty, param_bytes, work, kv)
 
 
-def _local_work(walk: _Walk, nodes) -> dict[str, tuple[str, float, float, float, float]]:
-    """Per node: (op class, global flops, local flops, global bytes, local bytes)."""
+def _is_weight(node) -> bool:
+    """A parameter, or a transpose of one (what a matmul reads as its weight)."""
+    while node.op == "call_function" and _packet(node) in ("t", "numpy_T", "transpose",
+                                                            "permute"):
+        node = node.args[0]
+    return node.op == "get_attr"
+
+
+def _local_work(walk: _Walk, nodes) -> dict[str, tuple]:
+    """Per node: (op class, global flops, local flops, global activation bytes, local
+    activation bytes, global weight bytes, local weight bytes) of its own work."""
     from planner.op_stats import node_work
 
     out = {}
@@ -1374,25 +1384,28 @@ def _local_work(walk: _Walk, nodes) -> dict[str, tuple[str, float, float, float,
             out_frac = sum(fr) / len(fr) if fr else 1.0
         else:
             out_frac = 1.0
-        total = local = 0.0
+        act = act_local = weight = weight_local = 0.0
         for a in _tensor_args(node):
             pa = plan.inputs.get(a.name) if plan is not None and a.name in plan.inputs else \
                 walk.place.get(a.name, REPLICATE)
             v = _val(a)
             if isinstance(v, torch.Tensor):
                 b = v.numel() * v.element_size()
-                total += b
-                local += b * local_fraction(tuple(v.shape), pa if not isinstance(
+                f = local_fraction(tuple(v.shape), pa if not isinstance(
                     pa, (_Pending, tuple)) else REPLICATE, tp)
-        in_frac = local / total if total else 1.0
+                if _is_weight(a):
+                    weight, weight_local = weight + b, weight_local + b * f
+                else:
+                    act, act_local = act + b, act_local + b * f
+        in_frac = act_local / act if act else 1.0
         flop_frac = out_frac
         if isinstance(place, Partial):  # contracted dim split: 1/tp of the products
             flop_frac = 1.0 / tp
             out_frac = 1.0
-        read = nw.bytes_read * in_frac
-        written = nw.bytes_written * out_frac
+        read = max(nw.bytes_read - weight, 0.0)
         out[node.name] = (nw.op_class, float(nw.flops), nw.flops * flop_frac,
-                          float(nw.bytes_read + nw.bytes_written), read + written)
+                          read + nw.bytes_written, read * in_frac + nw.bytes_written * out_frac,
+                          weight, weight_local)
     return out
 
 
@@ -1663,16 +1676,17 @@ def to_sharded(analysis: Analysis, layer, name: str = "", gm: fx.GraphModule | N
     local_own = sum(analysis.param_bytes[t] for t in targets)
     missing = layer.param_bytes - sum(_full_bytes(analysis, t) for t in targets)
     sums: dict[str, list[float]] = {}
-    act_total = act_local = 0.0
-    for op_class, gf, lf, gb, lb in analysis.work.values():
+    act_total = act_local = weight = weight_local = 0.0
+    for op_class, gf, lf, gb, lb, gw, lw in analysis.work.values():
         acc = sums.setdefault(op_class, [0.0, 0.0, 0.0, 0.0])
         acc[0] += gf
         acc[1] += lf
         acc[2] += gb
         acc[3] += lb
-    for w in analysis.work.values():
-        act_total += w[3]
-        act_local += w[4]
+        act_total += gb
+        act_local += lb
+        if op_class == "matmul":
+            weight, weight_local = weight + gw, weight_local + lw
     work = {c: (a[1] / a[0] if a[0] else 1.0, a[3] / a[2] if a[2] else 1.0)
             for c, a in sums.items()}
     return ShardedLayer(
@@ -1681,6 +1695,7 @@ def to_sharded(analysis: Analysis, layer, name: str = "", gm: fx.GraphModule | N
         param_bytes=int(local_own + max(missing, 0)),
         work=work,
         activation_fraction=act_local / act_total if act_total else 1.0,
+        weight_fraction=weight_local / weight if weight else 1.0,
         kv_fraction=analysis.kv_fraction,
         strategy=name,
     )

@@ -15,13 +15,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from planner.models.coverage import SUBSET
 
-#: One type per layout feature the issue names: fused qkv with unequal GQA slices and
-#: fused gate_up (phi3), MQA split with split_with_sizes (gpt_bigcode), separate q/k/v with
-#: biases (qwen2), learned positions with fc1/fc2 (opt), parallel residual and partial
-#: rotary (gpt_neox), alibi (bloom), q/k norms (qwen3), MoE (mixtral).
-SUBSET = ("phi3", "gpt_bigcode", "qwen2", "opt", "gpt_neox", "bloom", "qwen3", "mixtral")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _coverage():

@@ -76,10 +76,12 @@ def test_tp_work_is_the_analysed_share_of_each_class():
 
     work = Workload(batch_size=2, seq_len=16, dtype="float32")
     one = layer_work(_block(), ARCH, 1, work, 2)
-    shares = ShardedLayer(4, (), 0, {"matmul": (0.25, 0.3), "attention": (0.25, 0.25)})
+    shares = ShardedLayer(4, (), 0, {"matmul": (0.25, 0.3), "attention": (0.25, 0.25)},
+                          weight_fraction=0.25)
     four = layer_work(_block(), ARCH, 4, work, 2, sharded=shares)
     assert four["matmul"].flops == one["matmul"].flops / 4
-    assert four["matmul"].bytes_read == pytest.approx(one["matmul"].bytes_read * 0.3)
+    weights, acts = 200_000, 32 * 1000  # _block(): param bytes, activations read
+    assert four["matmul"].bytes_read == pytest.approx(weights * 0.25 + acts * 0.3)
     assert four["attention"].flops == one["attention"].flops / 4
     assert four["norm"] == one["norm"]  # no share given: run whole on every rank
     assert four["view"].count == one["view"].count
