@@ -470,7 +470,8 @@ class _Walk:
             fixed = self.fixed(target)
             if fixed != "decide":
                 chosen = fixed
-            elif target not in self.allowed or not isinstance(placement, Shard):
+            elif not ({target, pending.param.target} & self.allowed) or \
+                    not isinstance(placement, Shard):
                 chosen = REPLICATE
             else:
                 chosen = Shard(pending.perm[placement.dim], placement.blocks)
@@ -1502,7 +1503,7 @@ def choose(traced, index: int, tp: int, price: Callable[[Analysis], float], *,
     for _ in range(_MAX_FLIPS):
         if not current.guilty:
             break
-        allowed -= current.guilty
+        allowed -= same_params(traced.graph_module, current.guilty)  # every name of each
         current = analyse_layer(traced, index, tp, allowed=allowed, **kw)
     if current is not greedy and not current.guilty:
         candidates["no-fallback"] = current
@@ -1516,13 +1517,16 @@ def choose(traced, index: int, tp: int, price: Callable[[Analysis], float], *,
     best = pool[name]
     # a parameter another layer also reads (a tied table) is not flipped here: replicating
     # it would replicate it in that layer too, which this layer's price does not see
-    layer_of = traced.layer_of_node
-    shared = {n.target for n in _layer_nodes(traced, index) if n.op == "get_attr"
-              and any(layer_of.get(u.name) != index for u in n.users)}
+    layer_of, gm = traced.layer_of_node, traced.graph_module
+    here = {n.target for n in _layer_nodes(traced, index) if n.op == "get_attr"}
+    elsewhere = {u_target for n in gm.graph.nodes if n.op == "get_attr"
+                 for u_target in [n.target]
+                 if any(layer_of.get(u.name) != index for u in n.users)}
+    shared = same_params(gm, here) & same_params(gm, elsewhere)  # by tensor, not by name
     for target in best.sharded_params:
         if target in shared:
             continue
-        keep = set(best.sharded_params) - {target}
+        keep = set(best.sharded_params) - same_params(traced.graph_module, [target])
         flipped = analyse_layer(traced, index, tp, allowed=keep, **kw)
         if not flipped.sharded_params or flipped.guilty:
             continue
