@@ -198,8 +198,9 @@ def _bytes_ratio(plan, traced) -> float | None:
     if w.phase != "prefill" or traced.batch_size != plan.parallelism.microbatch_size \
             or traced.seq_len != w.seq_len:
         return None
-    sizes = {"float32": 4, "bfloat16": 2, "float16": 2}
-    return sizes.get(traced.dtype, 4) / sizes.get(w.dtype, 4)
+    from planner.cluster import DTYPES
+
+    return DTYPES[traced.dtype].itemsize / DTYPES[w.dtype].itemsize
 
 
 def _wait(work, timeout: datetime.timedelta, what: str) -> None:

@@ -422,17 +422,14 @@ class _Walk:
     """One pass over nodes in graph order (see ``propagate``)."""
 
     def __init__(self, gm, nodes, tp, *, sequence_parallel, strategy, allowed, inputs,
-                 boundary, hidden, prefix, layer_of):
+                 boundary, prefix):
         self.gm, self.tp, self.sp = gm, tp, sequence_parallel
         self.strategy = strategy  # target -> placement (fixed) or None (decide)
         self.allowed = allowed  # targets that may be sharded when deciding
-        self.members = {n.name for n in nodes}
         self.nodes = nodes
         self.inputs = inputs
         self.boundary = boundary  # name -> placement its producer must convert to
-        self.hidden = hidden
         self.prefix = prefix
-        self.layer_of = layer_of
         self.place: dict[str, object] = {}
         self.prov: dict[str, frozenset] = {}
         self.plans: dict[str, NodePlan] = {}
@@ -1337,8 +1334,7 @@ def propagate(gm: fx.GraphModule, nodes: Sequence[fx.Node], tp: int, *,
         n.target for n in nodes if n.op == "get_attr"}
     walk = _Walk(gm, list(nodes), tp, sequence_parallel=sequence_parallel,
                  strategy=strategy, allowed=allowed_set, inputs=dict(inputs or {}),
-                 boundary=dict(boundary or {}), hidden=set(hidden), prefix=prefix,
-                 layer_of=None)
+                 boundary=dict(boundary or {}), prefix=prefix)
     walk.batch, walk.seq = batch, seq
     walk.run()
     param_bytes = {}
@@ -1536,11 +1532,6 @@ def choose(traced, index: int, tp: int, price: Callable[[Analysis], float], *,
             best, cost[name] = flipped, c
             candidates[name] = flipped
     return best, name, candidates
-
-
-def relative(params: dict[str, Placement], prefix: str) -> dict[str, Placement]:
-    return {k[len(prefix):] if prefix and k.startswith(prefix) else k: v
-            for k, v in params.items()}
 
 
 # --------------------------------------------------------------------------- the record
