@@ -535,17 +535,21 @@ def _assign_layers(gm: fx.GraphModule, run: BlockRun | None) -> dict[str, int]:
     Block nodes are placed by their module path. Other nodes follow their inputs: a node
     fed only by pre-layer values is pre; one fed by the last block (or later) is post; one
     fed by an earlier block travels with that block. Parameters go to their first user.
+    Inputs are pre, except an input that only one block uses (a decode step's KV cache of
+    that block, ``planner.decode``): it belongs to that block.
     """
     num_blocks = run.count if run is not None else 0
     post = num_blocks + 1
     layer_of: dict[str, int] = {}
     deferred: list[fx.Node] = []
+    inputs: list[fx.Node] = []
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             deferred.append(node)
             continue
         if node.op == "placeholder":
             layer_of[node.name] = 0
+            inputs.append(node)
             continue
         if node.op == "output":
             layer_of[node.name] = post
@@ -560,7 +564,33 @@ def _assign_layers(gm: fx.GraphModule, run: BlockRun | None) -> dict[str, int]:
     for node in deferred:
         users = [layer_of[u.name] for u in node.users if u.name in layer_of]
         layer_of[node.name] = min(users, default=0)
+    for node in inputs:  # (export's input guard, ``_guards_fn``, computes no tensor)
+        users = {layer_of[u.name] for u in node.users if tensors_in(u.meta.get("val"))}
+        if len(users) == 1 and 1 <= min(users) <= num_blocks:
+            layer_of[node.name] = users.pop()
     return layer_of
+
+
+def _block_state_outputs(gm: fx.GraphModule, layer_of, n_layers: int) -> set[str]:
+    """Returned values that are a block's updated copy of its own input (a decode step's
+    KV cache written with ``scatter``/``index_copy``/``index_put``: the op's first argument
+    is an input of the same block) that no later layer reads. They are the block's state:
+    the stage holding the block keeps them, so they cross no cut. An input returned
+    untouched (the cache of a block dropped by folding) is state too."""
+    out = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    state: set[str] = set()
+    for node in out.all_input_nodes if out is not None else ():
+        if node.op == "placeholder" and not any(
+                u.op != "output" and tensors_in(u.meta.get("val")) for u in node.users):
+            state.add(node.name)
+            continue
+        j = layer_of[node.name]
+        base = node.args[0] if node.op == "call_function" and node.args else None
+        if (0 < j < n_layers - 1 and isinstance(base, fx.Node) and base.op == "placeholder"
+                and layer_of[base.name] == j
+                and all(u.op == "output" or layer_of[u.name] == j for u in node.users)):
+            state.add(node.name)
+    return state
 
 
 def _node_params(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, torch.Tensor]]:
@@ -602,6 +632,7 @@ def _build_layers(gm, graph: nx.DiGraph, layer_of, run: BlockRun | None) -> list
     for node in gm.graph.nodes:
         for src in node.all_input_nodes:
             last_use[src.name] = node
+    state = _block_state_outputs(gm, layer_of, n_layers)
 
     layers = []
     for index, nodes in enumerate(nodes_of):
@@ -639,7 +670,8 @@ def _build_layers(gm, graph: nx.DiGraph, layer_of, run: BlockRun | None) -> list
                 output_bytes=sum(
                     _crossing_bytes(graph, n)
                     for n in nodes
-                    if n.op != "get_attr" and any(layer_of[u.name] > index for u in n.users)
+                    if n.op != "get_attr" and n.name not in state
+                    and any(layer_of[u.name] > index for u in n.users)
                 ),
                 op_stats={c: stats[c] for c in OP_CLASSES if c in stats},
                 params=tuple(pn for pn, _ in owned.values()),
@@ -707,12 +739,15 @@ def _role(node: fx.Node, producer_layer: int, after: int) -> str:
 
 def _build_cuts(gm, graph: nx.DiGraph, layer_of, n_layers: int) -> list[CutPoint]:
     crossing: list[list[CrossingTensor]] = [[] for _ in range(n_layers - 1)]
+    state = _block_state_outputs(gm, layer_of, n_layers)
     for node in gm.graph.nodes:
         if node.op in ("get_attr", "output") or not tensors_in(node.meta.get("val")):
             continue
         src = layer_of[node.name]
         last = max((layer_of[u.name] for u in node.users), default=src)
-        if node.users and all(u.op == "output" for u in node.users):
+        if node.name in state:
+            last = src  # a block's updated KV cache stays with the block
+        elif node.users and all(u.op == "output" for u in node.users):
             last = n_layers - 1  # returned from the model: the post layer must hold it
         shape = node_shape(node)
         for after in range(src, min(last, n_layers - 1)):
