@@ -9,7 +9,7 @@ batch of cases (``codegen.check --cases``), and checks on every rank:
 - the outputs equal the unsharded model's within 1e-4 (last stage);
 - the collectives inserted in the stage's graph equal the plan's record, kind and bytes;
 - the rank's parameter bytes equal the plan's memory model (the sum of its layers'
-  parameter bytes at that tp), except a tied table the stage borrows from another stage;
+  parameter bytes at that tp, with a tied table the stage borrows from another stage);
 - every parameter the recorded strategy shards is sliced on the rank, and no other.
 
 It prints one row per (model, configuration) and, with ``--write``, puts the table into
@@ -81,6 +81,7 @@ def check(case, ranks) -> dict:
     gm = traced.graph_module
     errs = [r["max_abs_err"] for r in ranks if r["max_abs_err"] is not None]
     problems = []
+    table = plan.cost_table()  # per layer, with a tied table a stage borrows (Borrow)
     worst = max(errs) if errs else float("nan")
     if not errs or worst > TOL:
         problems.append(f"max abs err {worst:.2e}")
@@ -90,11 +91,9 @@ def check(case, ranks) -> dict:
         want = sorted(list(x) for x in (stage.sharding.collectives() if stage.sharding else []))
         if r["inserted"] != want:
             problems.append(f"rank {r['rank']} collectives {r['inserted']} != plan {want}")
-        own = [traced.layers[j] for j in range(first, last + 1)]
-        held = same_params(gm, [p for layer in own for p in layer.params])
-        borrowed = {p for layer in own for p in same_params(gm, layer.tied_params)} - held
-        predicted = sum(plan.layers[j].costs[stage.tp].memory_bytes for j in range(first, last + 1))
-        if not borrowed and r["param_bytes"] != predicted:
+        predicted = sum(table.layer_memory_bytes(j, first, stage.tp)
+                        for j in range(first, last + 1))
+        if r["param_bytes"] != predicted:
             problems.append(f"rank {r['rank']} holds {r['param_bytes']} parameter bytes, the "
                             f"plan's memory model {predicted}")
         strategy = stage.sharding.strategy([lay.name for lay in traced.layers],

@@ -123,6 +123,7 @@ def split_stages(traced, stage_layers: Sequence[Sequence[int]]) -> list[StageGra
     codegen = gm.graph._codegen
     out_spec = getattr(getattr(codegen, "pytree_info", None), "out_spec", None)
 
+    causal = causal_attention(gm)
     stages = []
     for s, (first, last) in enumerate(ranges):
         inputs = model_inputs if s == 0 else tuple(t.name for t in traced.cuts[first - 1].tensors)
@@ -132,6 +133,7 @@ def split_stages(traced, stage_layers: Sequence[Sequence[int]]) -> list[StageGra
             outputs = tuple(t.name for t in traced.cuts[last].tensors)
         module = _build_stage(gm, s, inputs, outputs, constants,
                               lambda n: stage_of_layer[layer_of[n.name]])
+        _use_causal_flag(module, causal)
         stages.append(StageGraph(s, (first, last), module, inputs, outputs,
                                  out_spec if s == len(ranges) - 1 else None))
     return stages
@@ -181,6 +183,109 @@ def _build_stage(gm: fx.GraphModule, s: int, inputs, outputs, constants, stage_o
     module = fx.GraphModule(root, graph, class_name=f"Stage{s}")
     module.graph.lint()
     return module
+
+
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_MAX_FOLDED = 1 << 26  # elements of a mask worth evaluating at compile time
+
+
+def causal_attention(gm: fx.GraphModule) -> set[str]:
+    """Names of the attention nodes (``aten.scaled_dot_product_attention``) whose mask is
+    the causal mask, computed from constants alone.
+
+    transformers builds its causal mask in the graph (``arange``, ``index``, ``le``) and
+    export keeps it, so the attention kernel gets a materialised ``[b, 1, L, L]`` mask where
+    the eager model takes the kernels' causal path (``is_causal=True``, which skips the
+    masked half). A mask that no input, parameter or buffer reaches is a function of the
+    traced shapes only: it is evaluated here once, and when it equals the lower-triangular
+    mask (boolean, or additive with 0 on and below the diagonal and -inf or the dtype's
+    minimum above) over every batch row and head, with as many queries as keys and no
+    dropout, the node may take ``is_causal=True`` instead. Any other mask (padding,
+    sliding windows, a mask that depends on the inputs) is left as it is.
+    """
+    values: dict[str, Any] = {}
+    out = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not _SDPA or len(node.args) < 4:
+            continue
+        mask_node = node.args[3]
+        dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+        is_causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+        if not isinstance(mask_node, fx.Node) or dropout or is_causal:
+            continue
+        q, k = node.args[0].meta.get("val"), node.args[1].meta.get("val")
+        if q is None or k is None or q.shape[-2] != k.shape[-2]:
+            continue
+        mask = _constant(mask_node, values)
+        if isinstance(mask, torch.Tensor) and _is_causal_mask(mask, q.shape[-2]):
+            out.add(node.name)
+    return out
+
+
+def _constant(node: fx.Node, values: dict[str, Any]):
+    """The value of ``node`` if it depends on no input, parameter or buffer (else None)."""
+    if node.name in values:
+        return values[node.name]
+    value = None
+    val = node.meta.get("val")
+    small = not isinstance(val, torch.Tensor) or val.numel() <= _MAX_FOLDED
+    if node.op == "call_function" and small:
+        args = []
+        ok = True
+
+        def arg(a):
+            nonlocal ok
+            if not ok:
+                return None
+            v = _constant(a, values)
+            ok = ok and v is not None
+            return v
+
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), arg)
+        if ok:
+            try:
+                with torch.no_grad():
+                    value = node.target(*args, **kwargs)
+            except Exception:  # an op that cannot run eagerly here: not a constant
+                value = None
+    values[node.name] = value
+    return value
+
+
+def _is_causal_mask(mask: torch.Tensor, n: int) -> bool:
+    if mask.dim() < 2 or tuple(mask.shape[-2:]) != (n, n):
+        return False
+    keep = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, keep.expand_as(mask)))
+    if not mask.dtype.is_floating_point:
+        return False
+    low = torch.finfo(mask.dtype).min
+    below = (mask == 0) | ~keep
+    above = (mask <= low) | keep
+    return bool(below.all()) and bool(above.all())
+
+
+def _use_causal_flag(module: fx.GraphModule, causal: set[str]) -> None:
+    """Run the attention nodes in ``causal`` with ``is_causal=True`` and no mask, and drop
+    the mask's computation where nothing else uses it (``causal_attention``)."""
+    changed = False
+    for node in module.graph.nodes:
+        if node.op == "call_function" and node.target is _SDPA and node.name in causal:
+            node.args = (*node.args[:3], None, 0.0, True)
+            changed = True
+    if not changed:
+        return
+    while True:  # export's dtype asserts on the dead mask keep it alive: drop them with it
+        module.graph.eliminate_dead_code()
+        asserts = [n for n in module.graph.nodes
+                   if n.target is torch.ops.aten._assert_tensor_metadata.default
+                   and isinstance(n.args[0], fx.Node) and len(n.args[0].users) == 1]
+        if not asserts:
+            break
+        for n in asserts:
+            module.graph.erase_node(n)
+    module.recompile()
 
 
 def _install(root: nn.Module, target: str, obj) -> None:

@@ -15,6 +15,7 @@ time or in memory; the others are listed with the reason in ``excluded_tp``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from cost_models.collectives import link_alpha_beta, load_calibration
@@ -24,7 +25,7 @@ from cost_models.roofline import efficiencies_for
 from cost_models.sharded import ShardedLayer
 from planner import sharding
 from planner.cluster import Cluster, Workload
-from planner.cost_table import CostTable, LayerCost, Link
+from planner.cost_table import Borrow, CostTable, LayerCost, Link
 from planner.tracing import TracedModel
 
 __all__ = ["CostBuilder", "candidate_tp_degrees"]
@@ -107,6 +108,35 @@ class CostBuilder:
             else:
                 self.excluded_tp[tp] = why
         self.tp_degrees = tuple(allowed)
+        self.borrows = self._borrows()
+
+    def _borrows(self) -> list[tuple[int, int, str, dict[int, int]]]:
+        """``(layer, previous reader, param, {tp: local bytes as traced})`` for every tensor
+        a layer reads but an earlier layer owns (``CostTable.borrowed``): at tp 1 the whole
+        tensor, above it the borrower's share under its chosen placement."""
+        layers, gm = self.traced.layers, self.traced.graph_module
+        group, _ = self._groups()
+        readers: dict[str, list[int]] = {}  # canonical name -> layers reading the tensor
+        for j, layer in enumerate(layers):
+            for name in (*layer.params, *layer.tied_params):
+                key = min(sharding.same_params(gm, [name]))
+                if j not in readers.setdefault(key, []):
+                    readers[key].append(j)
+        out = []
+        for j, layer in enumerate(layers):
+            for name in layer.tied_params:
+                names = sharding.same_params(gm, [name])
+                seen = readers[min(names)]
+                earlier = [i for i in seen if i < j]
+                if not earlier:
+                    continue
+                p = gm.get_parameter(name)
+                by_tp = {1: p.numel() * p.element_size()}
+                for tp in self.tp_degrees[1:]:
+                    local = self.records[(group[j], tp)].param_bytes
+                    by_tp[tp] = next((local[n] for n in names if n in local), by_tp[1])
+                out.append((j, max(earlier), name, by_tp))
+        return out
 
     def _price(self, layer, tp: int, shard: ShardedLayer) -> float:
         """Seconds of one sequence through ``layer`` at ``tp`` under a candidate strategy."""
@@ -258,6 +288,10 @@ class CostBuilder:
             sequence_parallel=self.sequence_parallel,
             sharding=records,
             hidden_boundary_bytes=hidden_bytes,
+            borrowed=tuple(Borrow(j, prev, name, {t: int(math.ceil(b * dtype_scale))
+                                                  for t, b in by_tp.items()
+                                                  if t in self.tp_degrees})
+                           for j, prev, name, by_tp in self.borrows),
         )
 
 

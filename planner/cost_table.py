@@ -17,6 +17,11 @@ A table describes one *microbatch size* (``batch_size / (dp * microbatches)`` sa
   ``latency_s + bytes / bandwidth``.
 - ``stage_workspace_bytes[tp]`` — memory added once per stage (allocator workspace,
   communication buffers), on top of the per-layer sum.
+- ``borrowed`` — parameters a layer reads but an earlier layer owns (a head tied to the
+  embedding table). ``costs`` charges such a tensor to its owner only; a stage that holds a
+  borrower without the layer before it that reads the tensor holds its own copy, so
+  ``stage_memory_bytes`` adds it (``Borrow``). The stage's memory is still a sum over its
+  layers, but a borrower's share depends on where the stage starts.
 
 Because per-layer cost depends on the microbatch size, the solver takes a builder:
 
@@ -36,7 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["LayerCost", "Link", "CostTable", "CostTableBuilder", "TICK_S", "to_ticks"]
+__all__ = ["LayerCost", "Link", "Borrow", "CostTable", "CostTableBuilder", "TICK_S", "to_ticks"]
 
 # Times are optimised as integers of this many seconds (0.1 ns). Both solvers round every
 # table entry with ``to_ticks`` and nothing else, so their integer objectives agree exactly.
@@ -83,6 +88,23 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Borrow:
+    """Layer ``layer`` reads parameter ``param`` that layer ``previous`` (< ``layer``) also
+    reads, and that tensor is not in ``layer``'s own memory.
+
+    A stage that holds ``layer`` but starts after ``previous`` holds its own copy:
+    ``bytes[tp]`` per device (the borrower's local share at ``tp``). Chained through
+    ``previous``, a tensor is charged once per stage: to the first reader in the stage
+    when its owner is elsewhere, never when the owner is in the stage.
+    """
+
+    layer: int
+    previous: int
+    param: str
+    bytes: Mapping[int, int]
+
+
+@dataclass(frozen=True)
 class CostTable:
     """Per-layer costs for one microbatch size (see the module docstring).
 
@@ -105,6 +127,7 @@ class CostTable:
             built without a traced model).
         hidden_boundary_bytes: per cut, the bytes of each hidden state crossing it (what a
             sequence-parallel stage all-gathers before sending).
+        borrowed: the ``Borrow`` records of layers reading a tensor an earlier layer owns.
     """
 
     costs: tuple[Mapping[int, LayerCost], ...]
@@ -120,9 +143,15 @@ class CostTable:
     sequence_parallel: bool = False
     sharding: Mapping[int, Mapping[int, object]] = field(default_factory=dict)
     hidden_boundary_bytes: tuple[tuple[int, ...], ...] = ()
+    borrowed: tuple[Borrow, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "costs", tuple(dict(c) for c in self.costs))
+        object.__setattr__(self, "borrowed", tuple(self.borrowed))
+        by_layer: dict[int, list[Borrow]] = {}
+        for b in self.borrowed:
+            by_layer.setdefault(b.layer, []).append(b)
+        object.__setattr__(self, "_borrows", {j: tuple(v) for j, v in by_layer.items()})
         object.__setattr__(self, "boundary_bytes", tuple(int(b) for b in self.boundary_bytes))
         n = len(self.costs)
         problems = []
@@ -142,6 +171,10 @@ class CostTable:
             problems.append(f"param_bytes has {len(self.param_bytes)} entries for {n} layers")
         if self.microbatch_size < 1 or self.microbatches < 1:
             problems.append("microbatch_size and microbatches must be >= 1")
+        for b in self.borrowed:
+            if not 0 <= b.previous < b.layer < n:
+                problems.append(f"borrowed {b.param}: layer {b.layer} reads it after layer "
+                                f"{b.previous}; both must be layers and previous < layer")
         if problems:
             raise ValueError("invalid cost table: " + "; ".join(problems))
 
@@ -164,10 +197,22 @@ class CostTable:
         """Compute + TP communication of layers ``first..last`` (inclusive), one microbatch."""
         return sum(self.costs[j][tp].time_s for j in range(first, last + 1))
 
+    def borrowed_bytes(self, j: int, first: int, tp: int) -> int:
+        """Bytes per device layer ``j`` adds for tensors it borrows, in a stage starting at
+        layer ``first`` with degree ``tp`` (0 when their previous reader is in the stage)."""
+        borrows = self._borrows.get(j)
+        if not borrows:
+            return 0
+        return sum(int(b.bytes.get(tp, 0)) for b in borrows if b.previous < first)
+
+    def layer_memory_bytes(self, j: int, first: int, tp: int) -> int:
+        """Layer ``j``'s memory per device in a stage starting at ``first``."""
+        return self.costs[j][tp].memory_bytes + self.borrowed_bytes(j, first, tp)
+
     def stage_memory_bytes(self, first: int, last: int, tp: int) -> int:
         """Per-device memory of a stage holding layers ``first..last`` at degree ``tp``."""
         return self.workspace(tp) + sum(
-            self.costs[j][tp].memory_bytes for j in range(first, last + 1)
+            self.layer_memory_bytes(j, first, tp) for j in range(first, last + 1)
         )
 
     def p2p_s(self, after_layer: int, inter_node: bool) -> float:

@@ -32,7 +32,7 @@ from planner.cluster import (
     SpecError,
     Workload,
 )
-from planner.cost_table import CostTable, LayerCost, Link
+from planner.cost_table import Borrow, CostTable, LayerCost, Link
 from planner.sharding import Collective, StageSharding, TemplateSharding
 from planner.units import fmt_value as _show
 
@@ -170,6 +170,7 @@ class Plan:
     solver: SolverInfo
     links: Mapping[str, Link] = field(default_factory=dict)
     stage_workspace_bytes: Mapping[int, int] = field(default_factory=dict)
+    borrowed: tuple[Borrow, ...] = ()
     provenance: str = "predicted"
     schema: str = SCHEMA
     # Further top-level keys (alternatives for `plan explain`, how to rebuild the model,
@@ -225,6 +226,7 @@ class Plan:
             solver=SolverInfo(s.status, s.objective, s.bound, s.wall_s, s.gap, s.solver),
             links={"intra_node": table.intra_node, "inter_node": table.inter_node},
             stage_workspace_bytes=dict(table.stage_workspace_bytes),
+            borrowed=tuple(table.borrowed),
         )
 
     def cost_table(self) -> CostTable:
@@ -238,6 +240,7 @@ class Plan:
             microbatch_size=self.parallelism.microbatch_size,
             microbatches=self.parallelism.microbatches,
             stage_workspace_bytes=dict(self.stage_workspace_bytes),
+            borrowed=self.borrowed,
             kv_heads_replicated={s.tp: s.kv_heads_replicated for s in self.stages},
             layer_names=tuple(layer.name for layer in self.layers),
             param_bytes=tuple(layer.param_bytes for layer in self.layers),
@@ -270,6 +273,9 @@ class Plan:
             "solver": asdict(self.solver),
             "links": {k: asdict(v) for k, v in self.links.items()},
             "stage_workspace_bytes": {str(t): b for t, b in self.stage_workspace_bytes.items()},
+            "borrowed": [{"layer": b.layer, "previous": b.previous, "param": b.param,
+                          "bytes": {str(t): n for t, n in sorted(b.bytes.items())}}
+                         for b in self.borrowed],
             "provenance": self.provenance,
         }
         for key, value in self.extra.items():
@@ -360,6 +366,8 @@ class Plan:
             links={k: Link(v["latency_s"], v["bandwidth_bytes_per_s"])
                    for k, v in d["links"].items()},
             stage_workspace_bytes=dict(d["stage_workspace_bytes"]),
+            borrowed=tuple(Borrow(b["layer"], b["previous"], b["param"], dict(b["bytes"]))
+                           for b in d["borrowed"]),
             provenance=d["provenance"],
             extra=extra,
         )
@@ -584,6 +592,10 @@ PLAN_SCHEMA = _Object({
                        "name": _Value(str, choices=("cp-sat", "reference"), default="cp-sat")}),
     "links": _Object({"intra_node": _LINK, "inter_node": _LINK}, default={}),
     "stage_workspace_bytes": _Map(_COUNT, int_keys=True, default={}),
+    "borrowed": _List(_Object({
+        "layer": _COUNT, "previous": _COUNT, "param": _Value(str),
+        "bytes": _Map(_COUNT, int_keys=True),
+    }), default=[]),
     "provenance": _Value(str, choices=("predicted", "measured", "mixed"), default="predicted"),
 })
 

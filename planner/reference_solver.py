@@ -95,7 +95,7 @@ def _best_path(combo: _Combo, objective: str, per_node: int, worse_than: int | N
                     if t not in combo.ticks[b]:
                         break
                     time_acc += combo.ticks[b][t]
-                    mem_acc += combo.mem[b][t]
+                    mem_acc += combo.mem_at(b, j, t)
                     if mem_acc > combo.cap:
                         break
                     if worse_than is not None and m * time_acc > worse_than:

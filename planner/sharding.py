@@ -1513,12 +1513,7 @@ def choose(traced, index: int, tp: int, price: Callable[[Analysis], float], *,
     best = pool[name]
     # a parameter another layer also reads (a tied table) is not flipped here: replicating
     # it would replicate it in that layer too, which this layer's price does not see
-    layer_of, gm = traced.layer_of_node, traced.graph_module
-    here = {n.target for n in _layer_nodes(traced, index) if n.op == "get_attr"}
-    elsewhere = {u_target for n in gm.graph.nodes if n.op == "get_attr"
-                 for u_target in [n.target]
-                 if any(layer_of.get(u.name) != index for u in n.users)}
-    shared = same_params(gm, here) & same_params(gm, elsewhere)  # by tensor, not by name
+    shared = _shared_params(traced, index)
     for target in best.sharded_params:
         if target in shared:
             continue
@@ -1532,6 +1527,19 @@ def choose(traced, index: int, tp: int, price: Callable[[Analysis], float], *,
             best, cost[name] = flipped, c
             candidates[name] = flipped
     return best, name, candidates
+
+
+def _shared_params(traced, index: int) -> set[str]:
+    """Parameters layer ``index`` reads that another layer also reads, by every name."""
+    gm = traced.graph_module
+    memo = _CACHE.setdefault(gm, {}).setdefault("shared", {})
+    if index not in memo:
+        layer_of = traced.layer_of_node
+        here = {n.target for n in _layer_nodes(traced, index) if n.op == "get_attr"}
+        elsewhere = {n.target for n in gm.graph.nodes if n.op == "get_attr"
+                     if any(layer_of.get(u.name) != index for u in n.users)}
+        memo[index] = same_params(gm, here) & same_params(gm, elsewhere)  # by tensor
+    return memo[index]
 
 
 # --------------------------------------------------------------------------- the record
@@ -1643,16 +1651,23 @@ def hidden_values(traced) -> set[str]:
 def same_params(gm: fx.GraphModule, names: Iterable[str]) -> set[str]:
     """Every name under which ``gm`` holds the parameters ``names`` (a tied table is
     ``wte.weight`` to the module tree and ``lm_head.weight`` to the exported graph)."""
-    by_id: dict[int, set[str]] = {}
-    for n, p in gm.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), set()).add(n)
+    aliases = _aliases(gm)
     out: set[str] = set()
     for n in names:
-        try:
-            out |= by_id.get(id(gm.get_parameter(n)), {n})
-        except AttributeError:
-            out.add(n)
+        out |= aliases.get(n, {n})
     return out
+
+
+def _aliases(gm: fx.GraphModule) -> dict[str, frozenset[str]]:
+    """Parameter name -> every name of the same tensor, read once per graph module (the
+    cost builder asks for thousands of names while it searches)."""
+    cache = _CACHE.setdefault(gm, {})
+    if "aliases" not in cache:
+        by_id: dict[int, set[str]] = {}
+        for n, p in gm.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(p), set()).add(n)
+        cache["aliases"] = {n: frozenset(names) for names in by_id.values() for n in names}
+    return cache["aliases"]
 
 
 def to_sharded(analysis: Analysis, layer, name: str = "", gm: fx.GraphModule | None = None,
@@ -1660,11 +1675,25 @@ def to_sharded(analysis: Analysis, layer, name: str = "", gm: fx.GraphModule | N
     """The plain data the cost model prices (``cost_models.sharded.ShardedLayer``):
     collectives, this rank's bytes of the layer's own parameters, and per op class the
     share of the layer's work one rank runs."""
+    if gm is not None:  # a pure function of its arguments: priced once per candidate
+        memo = _CACHE.setdefault(gm, {}).setdefault("to_sharded", {})
+        hit = memo.get((id(analysis), layer.name, name))
+        if hit is not None and hit[0] is analysis:
+            return hit[1]
+        out = _to_sharded(analysis, layer, name, gm)
+        memo[(id(analysis), layer.name, name)] = (analysis, out)
+        return out
+    return _to_sharded(analysis, layer, name, None)
+
+
+def _to_sharded(analysis: Analysis, layer, name: str, gm: fx.GraphModule | None,
+                ) -> ShardedLayer:
+    aliases = _aliases(gm) if gm is not None else {}
     own = same_params(gm, layer.params) if gm is not None else set(layer.params)
-    seen: set[int] = set()
+    seen: set[str] = set()
     targets = []  # one name per tensor: a tied table may be fetched under two names
     for t in analysis.param_bytes:
-        key = id(gm.get_parameter(t)) if gm is not None else id(t)
+        key = min(aliases.get(t, (t,)))
         if t in own and key not in seen:
             seen.add(key)
             targets.append(t)

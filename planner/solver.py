@@ -269,6 +269,11 @@ class _Combo:
     def s_max(self) -> int:
         return max(self.sizes)
 
+    def mem_at(self, j: int, first: int, t: int) -> int:
+        """Layer ``j``'s memory at ``t`` in a stage starting at layer ``first`` (a tensor
+        it borrows from a layer before ``first`` is held again: ``CostTable.borrowed``)."""
+        return self.mem[j][t] + self.table.borrowed_bytes(j, first, t)
+
 
 @dataclass
 class _Space:
@@ -446,7 +451,7 @@ def _min_devices(combo: _Combo) -> int:
             for b in range(a, L):
                 if t not in combo.mem[b]:
                     break
-                mem += combo.mem[b][t]
+                mem += combo.mem_at(b, a, t)
                 if mem > combo.cap:
                     break
                 fewest[b + 1] = min(fewest[b + 1], fewest[a] + t)
@@ -567,7 +572,7 @@ def _path_value(combo: _Combo, path, objective: str, per_node: int) -> int | Non
             return None
         if any(t not in combo.ticks[j] for j in range(a, b + 1)):
             return None
-        memory = combo.table.workspace(t) + sum(combo.mem[j][t] for j in range(a, b + 1))
+        memory = combo.table.workspace(t) + sum(combo.mem_at(j, a, t) for j in range(a, b + 1))
         if memory > combo.cap:
             return None
         values.append(sum(combo.ticks[j][t] for j in range(a, b + 1)))
@@ -668,7 +673,7 @@ def _arcs(combo: _Combo, objective: str, cutoff: int | None):
                 if t not in combo.ticks[b]:
                     break
                 time_acc += combo.ticks[b][t]
-                mem_acc += combo.mem[b][t]
+                mem_acc += combo.mem_at(b, a, t)
                 if mem_acc > combo.cap:
                     break
                 if cutoff is not None:
@@ -962,6 +967,13 @@ class _MemRows:
 
     num_layers: int
     rows: dict[int, tuple[list[int], list[int], int]]
+    table: CostTable | None = None  # for the bytes of borrowed tensors (CostTable.borrowed)
+
+    def _extra(self, a: int, b: int, t: int) -> int:
+        """Borrowed bytes of the stage of layers ``a..b-1`` (boundaries ``a``, ``b``)."""
+        if self.table is None or not self.table.borrowed:
+            return 0
+        return sum(self.table.borrowed_bytes(j, a, t) for j in range(a, b))
 
     @classmethod
     def of(cls, table: CostTable) -> _MemRows:
@@ -975,7 +987,7 @@ class _MemRows:
                 for j in range(L - 1, -1, -1):
                     until[j] = j if cells[j] is None else until[j + 1]
             rows[t] = (prefix, until, table.workspace(t))
-        return cls(L, rows)
+        return cls(L, rows, table)
 
     def ends(self, t: int, cap: int) -> list[int] | None:
         """Per start boundary ``a``, the furthest end boundary of a stage at ``tp = t``
@@ -986,8 +998,14 @@ class _MemRows:
         room = cap - workspace
         if room < 0:
             return None
-        return [bisect.bisect_right(prefix, prefix[a] + room, a, until[a] + 1) - 1
+        ends = [bisect.bisect_right(prefix, prefix[a] + room, a, until[a] + 1) - 1
                 for a in range(self.num_layers)]
+        if self.table is not None and self.table.borrowed:  # borrowed tensors only add
+            for a, e in enumerate(ends):
+                while e > a and prefix[e] - prefix[a] + self._extra(a, e, t) > room:
+                    e -= 1
+                ends[a] = e
+        return ends
 
     def floor(self, tps: Sequence[int], s_max: int) -> int:
         """A lower bound on the peak memory per device of any plan of at most ``s_max``
@@ -1013,10 +1031,14 @@ class _MemRows:
             if t not in self.rows:
                 continue
             prefix, until, workspace = self.rows[t]
+            borrows = self.table is not None and bool(self.table.borrowed)
             for a in range(self.num_layers):
-                first = bisect.bisect_left(prefix, prefix[a] + lo - workspace, a + 1, until[a] + 1)
+                first = a + 1 if borrows else bisect.bisect_left(
+                    prefix, prefix[a] + lo - workspace, a + 1, until[a] + 1)
                 for b in range(first, until[a] + 1):
-                    v = prefix[b] - prefix[a] + workspace
+                    v = prefix[b] - prefix[a] + workspace + self._extra(a, b, t)
+                    if v < lo:
+                        continue
                     if v >= hi:
                         break
                     out.add(v)

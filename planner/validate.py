@@ -112,8 +112,7 @@ def check_plan(
         nodes_of.append(stage_nodes)
         compute = math.fsum(table.costs[j][tp].compute_s for j in range(first, last + 1))
         comm = math.fsum(table.costs[j][tp].comm_s for j in range(first, last + 1))
-        memory = int(table.stage_workspace_bytes.get(tp, 0)) + sum(
-            table.costs[j][tp].memory_bytes for j in range(first, last + 1))
+        memory = table.stage_memory_bytes(first, last, tp)
         if memory > cap:
             problems.append(f"stage {i}: {memory} bytes per device > capacity {cap} "
                             f"(memory x (1 - headroom))")

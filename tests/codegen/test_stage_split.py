@@ -95,3 +95,51 @@ def test_rotary_and_mask_tensors_cross_llama_cuts():
 def test_bad_ranges_are_explained(bad, message):
     with pytest.raises(StageSplitError, match=message):
         check_stage_ranges(6, bad)
+
+
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
+
+
+def _attention(stage):
+    return [n for n in stage.module.graph.nodes if n.target is _SDPA]
+
+
+def test_a_constant_causal_mask_becomes_the_causal_flag():
+    from codegen.stage_split import causal_attention
+
+    lm = load_model("hf:llama", _LLAMA, batch_size=2, seq_len=16)
+    traced = planner.trace(lm.model, lm.args, lm.kwargs)
+    sdpa = {n.name for n in traced.graph_module.graph.nodes if n.target is _SDPA}
+    assert len(sdpa) == 2 and causal_attention(traced.graph_module) == sdpa
+    for split in ([(0, len(traced.layers) - 1)], [(0, 1), (2, len(traced.layers) - 1)]):
+        stages = split_stages(traced, split)
+        nodes = [n for s in stages for n in _attention(s)]
+        assert len(nodes) == 2
+        assert all(n.args[3] is None and n.args[5] is True for n in nodes)
+        out = run_stages(stages, model_tensor_inputs(lm.args, lm.kwargs))
+        with torch.no_grad():
+            ref = lm.model(*lm.args, **lm.kwargs).logits
+        assert (out[0] - ref).abs().max().item() < 1e-5
+    # the single-stage graph no longer builds the [b, 1, L, L] mask at all
+    assert not any(n.target is torch.ops.aten.index.Tensor
+                   for n in split_stages(traced, [(0, len(traced.layers) - 1)])[0]
+                   .module.graph.nodes)
+
+
+def test_a_padding_mask_from_the_inputs_is_kept():
+    from codegen.stage_split import causal_attention
+
+    lm = load_model("hf:llama", _LLAMA, batch_size=2, seq_len=16)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, :5] = 0  # left padding: the mask depends on an input
+    kwargs = {**lm.kwargs, "attention_mask": mask}
+    traced = planner.trace(lm.model, lm.args, kwargs)
+    assert causal_attention(traced.graph_module) == set()
+    (stage,) = split_stages(traced, [(0, len(traced.layers) - 1)])
+    assert all(isinstance(n.args[3], torch.fx.Node) for n in _attention(stage))
+    out = run_stages([stage], model_tensor_inputs(lm.args, kwargs))
+    with torch.no_grad():
+        ref = lm.model(*lm.args, **kwargs).logits
+    assert (out[0][1, 5:] - ref[1, 5:]).abs().max().item() < 1e-5

@@ -141,3 +141,32 @@ def test_fingerprint_mismatch_is_refused_with_the_fix():
     other = load_model("gpt-tiny", batch_size=2, seq_len=64)
     with pytest.raises(PlanFormatError, match="re-plan with `plan MODEL --out plan.json`"):
         check_fingerprint(plan, planner.trace(other.model, other.args))
+
+
+def test_a_tied_head_in_its_own_stage_is_charged_its_table_and_recorded(tmp_path):
+    import planner
+    from planner.api import plan_traced
+    from planner.models import load_model
+
+    lm = load_model("gpt2-tiny", batch_size=2, seq_len=8)
+    traced = planner.trace(lm.model, lm.args, lm.kwargs)
+    last = len(traced.layers) - 1
+    table_bytes = traced.graph_module.get_parameter(traced.layers[last].tied_params[0])
+    table_bytes = table_bytes.numel() * table_bytes.element_size()
+    plan = plan_traced(traced, planner.Cluster.parse("4xcpu"),
+                       planner.Workload(batch_size=2, seq_len=8, dtype="float32"),
+                       pins={"pp": 2, "tp": 2}, alternatives=0)
+    (borrow,) = plan.borrowed
+    assert (borrow.layer, borrow.previous) == (last, 0)
+    assert borrow.bytes[1] == table_bytes and borrow.bytes[2] == table_bytes // 2
+    head = plan.stages[-1]
+    first, _ = head.layers
+    costs = [plan.layers[j].costs[head.tp].memory_bytes for j in range(first, last + 1)]
+    workspace = plan.stage_workspace_bytes.get(head.tp, 0)
+    assert head.predicted.memory_bytes == workspace + sum(costs) + borrow.bytes[head.tp]
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    again = Plan.load(path)
+    assert again.borrowed == plan.borrowed
+    assert again.cost_table().stage_memory_bytes(first, last, head.tp) == \
+        head.predicted.memory_bytes

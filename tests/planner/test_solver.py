@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planner.cluster import Cluster, Workload
-from planner.cost_table import TICK_S, CostTable, LayerCost, Link, to_ticks
+from planner.cost_table import TICK_S, Borrow, CostTable, LayerCost, Link, to_ticks
 from planner.reference_solver import solve_reference
 from planner.solver import (
     InfeasiblePlanError,
@@ -39,13 +39,21 @@ def instances(draw):
                            min_size=L, max_size=L))
     bounds = draw(st.lists(st.integers(0, 10**8), min_size=L - 1, max_size=L - 1))
     ws = draw(st.integers(0, 3)) * 10**8
+    # the last layer may read a table an earlier one owns (a tied head): held again by a
+    # stage that starts after its owner
+    borrowed = ()
+    if L >= 2 and draw(st.booleans()):
+        size = draw(st.integers(1, 20)) * 10**8
+        borrowed = (Borrow(L - 1, draw(st.integers(0, L - 2)), "table",
+                           {t: size // t for t in allowed}),)
 
     def build(mbs: int, m: int) -> CostTable:
         costs = tuple({t: LayerCost(c * mbs / t * (1 + 0.1 * (t - 1)), k * (t > 1) * mbs,
                                     w * 10**8 // t + a * 10**7 * mbs * m // t)
                        for t in allowed} for c, k, w, a in layers)
         return CostTable(costs, tuple(b * mbs for b in bounds), Link(3e-6, 4.5e11),
-                         Link(2e-5, 5e10), mbs, m, stage_workspace_bytes={t: ws for t in allowed})
+                         Link(2e-5, 5e10), mbs, m, stage_workspace_bytes={t: ws for t in allowed},
+                         borrowed=borrowed)
 
     cluster = Cluster(nodes, per_node, "H100", memory_bytes=draw(st.integers(5, 60)) * 10**8)
     work = Workload(batch_size=draw(st.sampled_from([1, 2, 3, 4, 6, 8])),
@@ -257,3 +265,32 @@ def test_best_per_family_solves_each_family_under_its_pins():
             build, cluster, work, pins={"dp": dp, "pp": pp, "tp": tp}).solver.objective_ticks
     assert fams[2][1] == ("pins contradict the request: dp 4 × pp 3 × tp 8 = 96 > 8 devices "
                           "(1 node(s) × 8); lower a pin or add devices")
+
+
+def test_a_stage_holding_a_borrowed_table_without_its_owner_holds_it_again():
+    # 4 layers of 10 GiB; the last reads a 30 GiB table the first owns (a tied head)
+    def build(mbs, m):
+        row = {1: LayerCost(1e-3, 0.0, 10 * GiB)}
+        return CostTable((row,) * 4, (1024,) * 3, Link(1e-6, 1e11), Link(1e-5, 1e10), mbs, m,
+                         borrowed=(Borrow(3, 0, "lm_head.weight", {1: 30 * GiB}),))
+    table = build(1, 1)
+    assert table.stage_memory_bytes(0, 3, 1) == 40 * GiB  # the owner is in the stage
+    assert table.stage_memory_bytes(2, 3, 1) == 50 * GiB  # a copy of the table
+    assert table.stage_memory_bytes(0, 2, 1) == 30 * GiB
+    work = Workload(batch_size=1, objective="throughput", memory_headroom=0.0)
+    # two stages of two layers would hold 20 GiB each without the copy; with it, the best
+    # split of two stages is 30 + 40 GiB, so 39 GiB devices hold no plan
+    small, fits = (Cluster(1, 2, "H100", memory_bytes=n * GiB) for n in (39, 40))
+    with pytest.raises(PlanError):
+        solve(build, small, work, pins={"pp": 2}, diagnose=False)
+    with pytest.raises(PlanError):
+        solve_reference(build, small, work, pins={"pp": 2})
+    with pytest.raises(InfeasiblePlanError) as err:  # the diagnosis sees the copy too
+        solve(build, small, work, pins={"pp": 2})
+    assert "per-device memory >= 40.00 GiB" in str(err.value)
+    for sol in (solve(build, fits, work, pins={"pp": 2}),
+                solve_reference(build, fits, work, pins={"pp": 2})):
+        assert [(s.first, s.last) for s in sol.stages] == [(0, 2), (3, 3)]
+        assert [s.memory_bytes for s in sol.stages] == [30 * GiB, 40 * GiB]
+        assert sol.predicted.peak_memory_bytes == 40 * GiB
+        assert check_plan(sol, build, fits, work) == []
