@@ -52,7 +52,9 @@ from planner.sharding import (
     Shard,
     StageSharding,
     analyse_stage,
+    block_state,
     hidden_values,
+    local_shape,
 )
 
 __all__ = ["ShardingError", "TPReport", "shard_stage", "count_collectives", "stage_strategy"]
@@ -72,12 +74,16 @@ class TPReport:
     Attributes:
         tp: the degree.
         sharded: parameter target -> (global shape, local shape).
+        state: state input (a decode step's KV cache) -> (global shape, local shape): the
+            piece of the cache this rank allocates and feeds (the graph's input then has
+            the local shape).
         collectives: ``(kind, bytes of the whole tensor)`` of every collective inserted.
         analysis: the analysis the rewrite followed.
     """
 
     tp: int
     sharded: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    state: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     collectives: list[tuple[str, int]] = field(default_factory=list)
     analysis: Analysis | None = None
 
@@ -102,8 +108,8 @@ def stage_strategy(traced, stage_layers: tuple[int, int], sharding: StageShardin
 
     out: dict = {}
     for j in range(stage_layers[0], stage_layers[1] + 1):
-        for target, p in analyse_layer(traced, j, tp,
-                                       sequence_parallel=sequence_parallel).params.items():
+        analysis = analyse_layer(traced, j, tp, sequence_parallel=sequence_parallel)
+        for target, p in (*analysis.params.items(), *analysis.state.items()):
             out.setdefault(target, p)
     return out
 
@@ -129,10 +135,18 @@ def shard_stage(stage, traced, tp: int, tp_rank: int, group_name: str, *,
         raise ShardingError(f"tp_rank {tp_rank} is outside 0..{tp - 1}")
     module = stage.module
     strategy = stage_strategy(traced, stage.layers, sharding, tp, sequence_parallel)
+    state, state_out = block_state(traced)
     analysis = analyse_stage(module, traced.layer_of_node, hidden_values(traced), tp, strategy,
-                             sequence_parallel=sequence_parallel)
+                             sequence_parallel=sequence_parallel, state=state,
+                             state_out=state_out)
     report.analysis = analysis
     _Rewrite(module, analysis, tp, tp_rank, group_name, report).run()
+    for node in module.graph.nodes:  # each rank feeds its piece of the cache
+        if node.op == "placeholder" and node.name in analysis.state:
+            val = node.meta["val"]
+            local = local_shape(tuple(val.shape), analysis.state[node.name], tp)
+            report.state[node.name] = (tuple(val.shape), local)
+            node.meta["val"] = torch.empty(local, dtype=val.dtype, device="meta")
     module.graph.lint()
     module.recompile()
     return report

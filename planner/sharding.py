@@ -64,7 +64,7 @@ __all__ = [
     "NodePlan", "Analysis", "propagate", "analyse_layer", "choose", "local_shape",
     "local_fraction", "placement_to_json", "placement_from_json", "LayerRecord",
     "TemplateSharding", "StageSharding", "analyse_stage", "hidden_values", "to_sharded",
-    "same_params", "greedy_stage_sharding",
+    "same_params", "greedy_stage_sharding", "block_state",
 ]
 
 aten = torch.ops.aten
@@ -252,6 +252,10 @@ class Analysis:
         work: node name -> (op class, global flops, local flops, global activation bytes,
             local activation bytes, global weight bytes, local weight bytes).
         kv_fraction: local share of the keys/values attention reads (1 when replicated).
+        state: state input (a decode step's KV cache, ``planner.decode``) -> placement: the
+            layout each rank keeps its piece of the cache in (it never crosses a cut and is
+            never gathered).
+        state_bytes: local bytes of each state input.
     """
 
     tp: int
@@ -264,6 +268,8 @@ class Analysis:
     param_bytes: dict[str, int]
     work: dict[str, tuple]
     kv_fraction: float = 1.0
+    state: dict[str, Placement] = field(default_factory=dict)
+    state_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def sharded_params(self) -> list[str]:
@@ -422,8 +428,10 @@ class _Walk:
     """One pass over nodes in graph order (see ``propagate``)."""
 
     def __init__(self, gm, nodes, tp, *, sequence_parallel, strategy, allowed, inputs,
-                 boundary, prefix):
+                 boundary, prefix, state=()):
         self.gm, self.tp, self.sp = gm, tp, sequence_parallel
+        self.state = set(state)  # state inputs (KV caches): placed by their first consumer
+        self.state_out: set[str] = set()  # their updated copies: kept as they are
         self.strategy = strategy  # target -> placement (fixed) or None (decide)
         self.allowed = allowed  # targets that may be sharded when deciding
         self.nodes = nodes
@@ -467,7 +475,7 @@ class _Walk:
             fixed = self.fixed(target)
             if fixed != "decide":
                 chosen = fixed
-            elif not ({target, pending.param.target} & self.allowed) or \
+            elif not ({target, pending.param.target} & (self.allowed | self.state)) or \
                     not isinstance(placement, Shard):
                 chosen = REPLICATE
             else:
@@ -545,7 +553,14 @@ class _Walk:
     def run(self) -> None:
         for node in self.nodes:
             self._cur = node
-            if node.op == "placeholder":
+            if node.op == "placeholder" and node.name in self.state:
+                fixed = self.fixed(node.name)
+                if fixed != "decide":
+                    self.params[node.name] = fixed
+                    self.place[node.name] = fixed
+                else:
+                    self.place[node.name] = _Pending(node, tuple(range(len(_shape(node)))))
+            elif node.op == "placeholder":
                 self.place[node.name] = self.inputs.get(node.name, REPLICATE)
             elif node.op == "get_attr":
                 val = _val(node)
@@ -564,6 +579,8 @@ class _Walk:
                     self.place[node.name] = REPLICATE
             elif node.op == "output":
                 for a in _tensor_args(node):
+                    if a.name in self.state_out:
+                        continue
                     if not isinstance(self.resolve(a), Replicate):
                         self.convert(node, a, REPLICATE, "boundary")
                 continue
@@ -1011,6 +1028,38 @@ def _cat(w: _Walk, node: fx.Node):
     return _make_shard(dim, blocks)
 
 
+def _scatter(w: _Walk, node: fx.Node):
+    """``scatter(self, dim, index, src)`` and ``index_copy(self, dim, index, src)``: write
+    ``src`` into ``self`` at ``index`` along ``dim`` (a decode step's KV-cache update).
+    Sharded along any other dim (the cache's heads), ``self``, ``src`` and a same-rank
+    ``index`` take one shard: a replicated operand is sliced locally, an undecided state
+    input (the cache) takes the source's shard. A 1-D ``index_copy`` index stays whole."""
+    base, dim, index = node.args[0], node.args[1], node.args[2]
+    src = node.args[3] if len(node.args) > 3 else None
+    nd = len(_shape(node))
+    dim %= nd
+    operands = [a for a in (base, index, src) if isinstance(a, fx.Node)
+                and len(_shape(a)) == nd]
+    target = next((p for p in (w.p(a) for a in operands)
+                   if isinstance(p, Shard) and p.dim != dim), None)
+    if target is None or any(_shape(a)[target.dim] != _shape(node)[target.dim]
+                             for a in operands):
+        return None
+    if isinstance(index, fx.Node) and index not in operands and \
+            not isinstance(w.resolve(index), Replicate):
+        return None
+    for a in operands:
+        pending = w.param(a)
+        if pending is not None:
+            w.place[a.name] = w.decide(pending, target)
+        pa = w.resolve(a)
+        if pa != target:
+            if isinstance(pa, Shard):
+                return None
+            w.convert(node, a, target, "slice")
+    return target
+
+
 def _embedding(w: _Walk, node: fx.Node):
     weight, ids = node.args[0], node.args[1]
     pending = w.param(weight)
@@ -1203,6 +1252,7 @@ _RULES: dict[str, Callable] = {
     "split": _split, "split_with_sizes": _split, "chunk": _split,
     "select": _select, "getitem": _getitem,
     "cat": _cat, "stack": _cat,
+    "scatter": _scatter, "index_copy": _scatter,
     "layer_norm": _norm, "rms_norm": _norm, "native_layer_norm": _norm,
     "mean": _reduction(1, 2), "sum": _reduction(1, 2), "amax": _reduction(1, 2),
     "amin": _reduction(1, 2), "softmax": _softmax, "_softmax": _softmax,
@@ -1258,6 +1308,14 @@ def _follow(node, dim, scale, cuts, units, depth) -> None:
             for a, b in groups:
                 if dim in a and a[-1] == dim:
                     dst = _shape(user)
+                    real = [t for t in b if dst[t] != 1]
+                    if len(a) == 1 and len(real) == 1 and dst[real[0]] == _shape(node)[dim] \
+                            and len(dst) <= 3:
+                        # only size-1 dims inserted while restoring [b, t, C] from a
+                        # [b * t, C] matmul at one token ([2, 3C] -> [2, 1, 3C]): the dim
+                        # itself. (Into >= 4 dims a size-1 dim is one head: [b, t, 1, d].)
+                        _follow(user, real[0], scale, cuts, units, depth + 1)
+                        continue
                     first = b[0]  # the heads dim, even when there is one head
                     inner = math.prod(dst[t] for t in b if t > first)
                     if inner > 1:
@@ -1316,7 +1374,8 @@ def propagate(gm: fx.GraphModule, nodes: Sequence[fx.Node], tp: int, *,
               inputs: dict[str, Placement] | None = None,
               boundary: dict[str, Placement] | None = None,
               hidden: Iterable[str] = (), prefix: str = "",
-              batch: int | None = None, seq: int | None = None) -> Analysis:
+              batch: int | None = None, seq: int | None = None,
+              state: Iterable[str] = (), state_out: Iterable[str] = ()) -> Analysis:
     """Placements of ``nodes`` (graph order) on a tensor-parallel group of ``tp``.
 
     Args:
@@ -1329,14 +1388,26 @@ def propagate(gm: fx.GraphModule, nodes: Sequence[fx.Node], tp: int, *,
         inputs: placements of values coming from outside (default replicated).
         boundary: node name -> placement the value must have when it leaves the piece.
         prefix: stripped from module paths in the collectives' ``after``.
+        state, state_out: state inputs among ``nodes`` (a decode step's KV caches) and
+            their updated copies (``block_state``): a state input is placed by its first
+            consumer, like a parameter (``strategy`` may fix it by name); an updated copy
+            keeps its placement where it leaves (each rank keeps its piece).
     """
     allowed_set = set(allowed) if allowed is not None else {
         n.target for n in nodes if n.op == "get_attr"}
     walk = _Walk(gm, list(nodes), tp, sequence_parallel=sequence_parallel,
                  strategy=strategy, allowed=allowed_set, inputs=dict(inputs or {}),
-                 boundary=dict(boundary or {}), prefix=prefix)
+                 boundary=dict(boundary or {}), prefix=prefix, state=state)
+    walk.state_out = set(state_out)
     walk.batch, walk.seq = batch, seq
     walk.run()
+    states = {t: walk.params.pop(t) for t in list(walk.params) if t in walk.state}
+    state_bytes = {}
+    for node in nodes:
+        if node.name in states:
+            val = _val(node)
+            state_bytes[node.name] = int(val.numel() * val.element_size() * local_fraction(
+                tuple(val.shape), states[node.name], tp))
     param_bytes = {}
     for node in nodes:
         if node.op == "get_attr" and node.target in walk.params:
@@ -1346,7 +1417,8 @@ def propagate(gm: fx.GraphModule, nodes: Sequence[fx.Node], tp: int, *,
     work = _local_work(walk, nodes)
     kv = min(walk.kv) if walk.kv else 1.0
     return Analysis(tp, sequence_parallel, dict(walk.params), walk.plans, walk.collectives,
-                    walk.fallbacks, walk.guilty, param_bytes, work, kv)
+                    walk.fallbacks, walk.guilty - set(states), param_bytes, work, kv,
+                    states, state_bytes)
 
 
 def _is_weight(node) -> bool:
@@ -1416,13 +1488,34 @@ def _layer_nodes(traced, index: int) -> list[fx.Node]:
     return list(borrowed.values()) + nodes
 
 
+def block_state(traced) -> tuple[frozenset[str], frozenset[str]]:
+    """``(inputs, outputs)``: a decode step's state (``planner.decode``), by node name: the
+    model inputs that belong to one block (its KV cache) and the block's updated copies of
+    them that the model returns. Both empty for a plain forward pass."""
+    gm = traced.graph_module
+    memo = _CACHE.setdefault(gm, {})
+    if "state" not in memo:
+        from planner.tracing import _block_state_outputs
+
+        last = len(traced.layers) - 1
+        layer_of = traced.layer_of_node
+        inputs = frozenset(n.name for n in gm.graph.nodes if n.op == "placeholder"
+                           and 0 < layer_of.get(n.name, 0) < last)
+        outputs = frozenset(n for n in _block_state_outputs(gm, layer_of, len(traced.layers))
+                            if n not in inputs and layer_of.get(n, 0) > 0)
+        memo["state"] = (inputs, outputs)
+    return memo["state"]
+
+
 def layer_boundaries(traced, index: int, sequence_parallel: bool, tp: int):
     """Input and output placements of layer ``index``'s values at its edges: replicated,
-    or sequence-sharded hidden states under sequence parallelism."""
+    or sequence-sharded hidden states under sequence parallelism (a block's updated KV
+    cache, which stays with the block, has none)."""
     hidden = set()
     for cut in traced.cuts:
         hidden |= {t.name for t in cut.tensors if t.role == "hidden"}
     layer_of = traced.layer_of_node
+    _, state_out = block_state(traced)
     inputs, boundary = {}, {}
     nodes = _layer_nodes(traced, index)
     for node in nodes:
@@ -1430,7 +1523,7 @@ def layer_boundaries(traced, index: int, sequence_parallel: bool, tp: int):
             if layer_of.get(a.name) != index and _is_tensor(a) and a.op != "get_attr":
                 inputs[a.name] = _boundary_placement(a, hidden, sequence_parallel, tp)
         if any(layer_of.get(u.name) != index for u in node.users) and _is_tensor(node) and \
-                node.op != "get_attr":
+                node.op != "get_attr" and node.name not in state_out:
             boundary[node.name] = _boundary_placement(node, hidden, sequence_parallel, tp)
     return nodes, inputs, boundary, hidden
 
@@ -1466,10 +1559,12 @@ def _analyse_layer(traced, index, tp, sequence_parallel, strategy, allowed) -> A
     nodes, inputs, boundary, hidden = layer_boundaries(traced, index, sequence_parallel, tp)
     layer = traced.layers[index]
     prefix = layer.name + "." if layer.kind == "block" else ""
+    state, state_out = block_state(traced)
     return propagate(traced.graph_module, nodes, tp, strategy=strategy, allowed=allowed,
                      sequence_parallel=sequence_parallel, inputs=inputs, boundary=boundary,
                      hidden=hidden, prefix=prefix, batch=traced.batch_size,
-                     seq=traced.seq_len)
+                     seq=traced.seq_len, state={n.name for n in nodes} & state,
+                     state_out=state_out)
 
 
 def choose(traced, index: int, tp: int, price: Callable[[Analysis], float], *,
@@ -1617,13 +1712,18 @@ class StageSharding:
 
 
 def analyse_stage(gm: fx.GraphModule, layer_of: dict[str, int], hidden: Iterable[str], tp: int,
-                  strategy: dict[str, Placement], *, sequence_parallel: bool = False) -> Analysis:
+                  strategy: dict[str, Placement], *, sequence_parallel: bool = False,
+                  state: Iterable[str] = (), state_out: Iterable[str] = ()) -> Analysis:
     """``propagate`` over one stage's graph with a fixed strategy: what codegen applies.
 
     Values crossing between the stage's layers take the layers' boundary placements;
     hidden states the stage receives are sliced to the sequence shard under sequence
-    parallelism; every stage output is made whole.
+    parallelism; every stage output is made whole, except a block's updated KV cache
+    (``state_out``; ``block_state``), which each rank keeps as its piece. A state input's
+    placement comes from ``strategy`` (by input name) or, absent there, from its consumer.
     """
+    names = {n.name for n in gm.graph.nodes}
+    state, state_out = set(state) & names, set(state_out) & names
     hidden = set(hidden)
     nodes = list(gm.graph.nodes)
     boundary: dict[str, Placement] = {}
@@ -1638,9 +1738,12 @@ def analyse_stage(gm: fx.GraphModule, layer_of: dict[str, int], hidden: Iterable
         mine = layer_of.get(node.name)
         if any(u.op != "output" and layer_of.get(u.name) != mine for u in node.users):
             boundary[node.name] = _boundary_placement(node, hidden, sequence_parallel, tp)
+        if node.name in state_out:
+            boundary.pop(node.name, None)
     # the strategy is complete: a parameter it does not shard is replicated
     return propagate(gm, nodes, tp, strategy=strategy, allowed=(),
-                     sequence_parallel=sequence_parallel, boundary=boundary, hidden=hidden)
+                     sequence_parallel=sequence_parallel, boundary=boundary, hidden=hidden,
+                     state=state, state_out=state_out)
 
 
 def hidden_values(traced) -> set[str]:

@@ -1,0 +1,85 @@
+"""Tensor-parallel generation: the decode step's KV cache sharded by the analysis.
+
+Two gloo ranks (CPU, one thread each) shard the traced prefill and decode graphs of a
+``planner.decode.DecodeStep`` (``shard_stage``: the cache inputs take the placement of the
+keys/values written into them) and generate greedily, each with its own piece of the cache.
+Every rank's tokens must equal transformers' ``generate(do_sample=False)`` on the unsharded
+model, for left-padded prompts of different lengths with an EOS mid-generation; the cache
+must really be split by KV heads where the KV heads divide tp, and whole where they do not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from planner.decode import DecodeStep, greedy_generate
+from planner.models import load_model
+
+pytest.importorskip("transformers")
+
+PROMPT, NEW, CONTEXT, PAD = 6, 8, 16, 0
+_BASE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "vocab_size": 256, "max_position_embeddings": 64}
+CASES = {
+    # (model type, config, KV heads per rank at tp 2: the cache's share)
+    "llama-gqa": ("llama", {**_BASE, "num_key_value_heads": 2}, 1),
+    "llama-mqa": ("llama", {**_BASE, "num_key_value_heads": 1}, 1),  # kv < tp: whole
+    "gpt2": ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128,
+                      "vocab_size": 256, "n_positions": 64, "initializer_range": 0.3}, 2),
+    "qwen2": ("qwen2", {**_BASE, "num_key_value_heads": 2}, 1),
+}
+
+
+def _case(model_type: str, config: dict) -> dict:
+    """Prompts of lengths 6 and 4 (left-padded) and an EOS id that one sequence produces
+    at a step k >= 1 and the other never does."""
+    model = load_model("hf:" + model_type, config).model.eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, config["vocab_size"], (2, PROMPT), generator=g)
+    mask = torch.ones(2, PROMPT, dtype=torch.long)
+    ids[1, :2], mask[1, :2] = PAD, 0
+    free = greedy_generate(DecodeStep(model, context_len=CONTEXT), ids, mask, NEW)
+    for k in range(1, NEW - 2):
+        for a in (0, 1):
+            tok = int(free[a, k])
+            if tok not in free[a, :k].tolist() and tok not in free[1 - a].tolist() and tok != PAD:
+                return {"type": model_type, "config": config, "ids": ids.tolist(),
+                        "mask": mask.tolist(), "prompt": PROMPT, "new": NEW,
+                        "context": CONTEXT, "eos": tok, "pad": PAD, "stop": [a, k]}
+    raise AssertionError(f"no mid-generation EOS in {free.tolist()}; change the seed")
+
+
+def test_tp2_generation_equals_hf_generate_with_the_cache_split_by_kv_heads(tmp_path):
+    cases = [_case(t, c) for t, c, _ in CASES.values()]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    worker = Path(__file__).with_name("generate_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "--max-restarts=0", str(worker), str(tmp_path / "cases.json"), str(tmp_path)]
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for i, (name, (_, config, kv_local)) in enumerate(CASES.items()):
+        case, r0, r1 = cases[i], ranks[0][i], ranks[1][i]
+        reference = r0["reference"]
+        a, k = case["stop"]
+        assert len(reference[0]) == NEW and reference[a][k] == case["eos"], name
+        assert r0["tokens"] == reference and r1["tokens"] == reference, name
+        # one all-reduce after attention and one after the MLP per block; no gather of
+        # the cache (the head's logits are gathered once)
+        kinds = [kind for kind, _ in r0["collectives"]]
+        blocks = config.get("num_hidden_layers", config.get("n_layer"))
+        assert kinds.count("all_reduce") >= 2 * blocks, (name, kinds)
+        assert len(r0["state"]) == 2 * blocks, name
+        for full, local in r0["state"].values():  # [b, kv heads, context, head_dim]
+            assert local == [full[0], kv_local, full[2], full[3]], (name, full, local)
+        assert r0["state"] == r1["state"] and r0["sharded"], name
