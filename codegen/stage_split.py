@@ -58,6 +58,10 @@ class StageGraph:
         outputs: names of the values the stage returns, in order.
         output_spec: for the last stage, the pytree spec that rebuilds the model's output
             type (``CausalLMOutputWithPast``...) from the flat outputs; ``None`` otherwise.
+        state_inputs, state_outputs: a decode step's KV cache of this stage's blocks
+            (``planner.sharding.block_state``): model inputs the stage takes directly and
+            model outputs it returns (after its cut tensors), kept by the stage, never sent.
+        model_inputs, model_outputs: the whole model's tensor inputs and flat outputs.
     """
 
     index: int
@@ -66,6 +70,10 @@ class StageGraph:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     output_spec: Any = None
+    state_inputs: tuple[str, ...] = ()
+    state_outputs: tuple[str, ...] = ()
+    model_inputs: tuple[str, ...] = ()
+    model_outputs: tuple[str, ...] = ()
 
 
 def check_stage_ranges(num_layers: int, stage_layers: Sequence[Sequence[int]]) -> None:
@@ -124,18 +132,32 @@ def split_stages(traced, stage_layers: Sequence[Sequence[int]]) -> list[StageGra
     out_spec = getattr(getattr(codegen, "pytree_info", None), "out_spec", None)
 
     causal = causal_attention(gm)
+    from planner.sharding import block_state
+
+    state_in, state_out = block_state(traced)
     stages = []
     for s, (first, last) in enumerate(ranges):
-        inputs = model_inputs if s == 0 else tuple(t.name for t in traced.cuts[first - 1].tensors)
-        if s == len(ranges) - 1:
-            outputs = out_names
+        # a decode step's KV cache: each stage takes and returns its own blocks' (it never
+        # crosses a cut); everything else as for a forward pass
+        own_in = tuple(n for n in model_inputs
+                       if n in state_in and stage_of_layer[layer_of[n]] == s)
+        own_out = tuple(n for n in out_names
+                        if n in state_out and stage_of_layer[layer_of[n]] == s)
+        if s == 0:
+            inputs = tuple(n for n in model_inputs if n not in state_in) + own_in
         else:
-            outputs = tuple(t.name for t in traced.cuts[last].tensors)
+            inputs = tuple(t.name for t in traced.cuts[first - 1].tensors) + own_in
+        if s == len(ranges) - 1:
+            outputs = tuple(n for n in out_names if n not in state_out) + own_out
+        else:
+            outputs = tuple(t.name for t in traced.cuts[last].tensors) + own_out
         module = _build_stage(gm, s, inputs, outputs, constants,
                               lambda n: stage_of_layer[layer_of[n.name]])
         _use_causal_flag(module, causal)
+        whole = s == len(ranges) - 1 and outputs == out_names  # the model's output type
         stages.append(StageGraph(s, (first, last), module, inputs, outputs,
-                                 out_spec if s == len(ranges) - 1 else None))
+                                 out_spec if whole else None, own_in, own_out,
+                                 model_inputs, out_names))
     return stages
 
 
@@ -311,16 +333,21 @@ def run_stages(stages: Sequence[StageGraph], model_inputs: Sequence[torch.Tensor
 
     Args:
         stages: from ``split_stages`` (possibly sharded).
-        model_inputs: the model's tensor inputs in ``stages[0].inputs`` order.
+        model_inputs: the model's tensor inputs, in the order of the model's inputs
+            (``stages[0].model_inputs``; for a forward pass, ``stages[0].inputs``).
 
     Returns:
-        The last stage's flat outputs.
+        The model's flat outputs (the last stage's, with every stage's KV cache where the
+        stages keep one).
     """
-    values: dict[str, Any] = dict(zip(stages[0].inputs, model_inputs, strict=True))
+    names = stages[0].model_inputs or stages[0].inputs
+    values: dict[str, Any] = dict(zip(names, model_inputs, strict=True))
     out: tuple = ()
     for stage in stages:
         out = stage.module(*(values[name] for name in stage.inputs))
         values.update(zip(stage.outputs, out, strict=True))
+    if stages[-1].model_outputs:  # with a KV cache, every stage returns its own part
+        return tuple(values[name] for name in stages[-1].model_outputs)
     return tuple(out)
 
 

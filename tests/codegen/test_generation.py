@@ -56,24 +56,35 @@ def _case(model_type: str, config: dict) -> dict:
     raise AssertionError(f"no mid-generation EOS in {free.tolist()}; change the seed")
 
 
-def test_tp2_generation_equals_hf_generate_with_the_cache_split_by_kv_heads(tmp_path):
-    cases = [_case(t, c) for t, c, _ in CASES.values()]
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
+def _run(cases: list[dict], nproc: int, workdir: Path) -> list[list[dict]]:
+    """The cases in one torchrun job of ``nproc`` gloo ranks: results[rank][case]."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "cases.json").write_text(json.dumps(cases))
     worker = Path(__file__).with_name("generate_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "--max-restarts=0", str(worker), str(tmp_path / "cases.json"), str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "--max-restarts=0", str(worker),
+           str(workdir / "cases.json"), str(workdir)]
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((workdir / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def _same_as_generate(case: dict, ranks: list[dict], name: str) -> None:
+    reference = ranks[0]["reference"]
+    a, k = case["stop"]
+    assert len(reference[0]) == NEW and reference[a][k] == case["eos"], name
+    assert all(r["tokens"] == reference for r in ranks), (name, [r["tokens"] for r in ranks])
+
+
+def test_tp2_generation_equals_hf_generate_with_the_cache_split_by_kv_heads(tmp_path):
+    cases = [_case(t, c) for t, c, _ in CASES.values()]
+    ranks = _run(cases, 2, tmp_path)
     for i, (name, (_, config, kv_local)) in enumerate(CASES.items()):
-        case, r0, r1 = cases[i], ranks[0][i], ranks[1][i]
-        reference = r0["reference"]
-        a, k = case["stop"]
-        assert len(reference[0]) == NEW and reference[a][k] == case["eos"], name
-        assert r0["tokens"] == reference and r1["tokens"] == reference, name
+        r0, r1 = ranks[0][i], ranks[1][i]
+        _same_as_generate(cases[i], [r0, r1], name)
         # one all-reduce after attention and one after the MLP per block; no gather of
         # the cache (the head's logits are gathered once)
         kinds = [kind for kind, _ in r0["collectives"]]
@@ -83,3 +94,26 @@ def test_tp2_generation_equals_hf_generate_with_the_cache_split_by_kv_heads(tmp_
         for full, local in r0["state"].values():  # [b, kv heads, context, head_dim]
             assert local == [full[0], kv_local, full[2], full[3]], (name, full, local)
         assert r0["state"] == r1["state"] and r0["sharded"], name
+
+
+def test_pipelined_generation_keeps_each_stage_cache_and_equals_hf_generate(tmp_path):
+    """pp 2 on 2 ranks and tp 2 x pp 2 on 4: each stage holds only its own blocks' cache
+    (its piece of it at tp 2); every rank returns the tokens of ``generate``."""
+    gqa, gpt2 = CASES["llama-gqa"], CASES["gpt2"]
+    pp2 = [{**_case(gqa[0], gqa[1]), "pp": 2}]
+    ranks = _run(pp2, 2, tmp_path / "pp2")
+    _same_as_generate(pp2[0], [r[0] for r in ranks], "llama pp2")
+    assert [r[0]["stage"] for r in ranks] == [0, 1]
+    assert [r[0]["cache_inputs"] for r in ranks] == [2, 2]  # one block of 2 per stage
+    assert all(not r[0]["state"] and not r[0]["collectives"] for r in ranks)  # tp 1
+
+    both = [{**_case(t, c), "pp": 2} for t, c, _ in (gqa, gpt2)]
+    ranks = _run(both, 4, tmp_path / "tp2pp2")
+    for i, (name, (_, _, kv_local)) in enumerate((("llama tp2pp2", gqa), ("gpt2 tp2pp2", gpt2))):
+        rows = [r[i] for r in ranks]
+        _same_as_generate(both[i], rows, name)
+        assert [r["stage"] for r in rows] == [0, 0, 1, 1]
+        for r in rows:
+            assert r["cache_inputs"] == 2 and len(r["state"]) == 2, name
+            for full, local in r["state"].values():
+                assert local == [full[0], kv_local, full[2], full[3]], (name, full, local)

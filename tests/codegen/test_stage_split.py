@@ -143,3 +143,31 @@ def test_a_padding_mask_from_the_inputs_is_kept():
     with torch.no_grad():
         ref = lm.model(*lm.args, **kwargs).logits
     assert (out[0][1, 5:] - ref[1, 5:]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("split", [[(0, 1), (2, 3)], [(0, 0), (1, 2), (3, 3)], [(0, 2), (3, 3)]],
+                         ids=lambda s: "-".join(f"{a}:{b}" for a, b in s))
+def test_decode_step_stages_keep_their_own_kv_cache(split):
+    from planner.decode import DecodeStep
+
+    lm = load_model("hf:llama", _LLAMA, batch_size=2, seq_len=4)
+    step = DecodeStep(lm.model.eval(), context_len=8)
+    inputs = step.example_inputs(batch=2, tokens=1)
+    traced = planner.trace(step, inputs)
+    names = [n.name for n in traced.graph_module.graph.nodes if n.op == "placeholder"]
+    (whole,) = split_stages(traced, [(0, len(traced.layers) - 1)])
+    assert whole.inputs == tuple(names)  # one stage: the model's own call order
+    stages = split_stages(traced, split)
+    for stage in stages:
+        first, last = stage.layers
+        blocks = [j for j in range(first, last + 1) if traced.layers[j].kind == "block"]
+        assert len(stage.state_inputs) == len(stage.state_outputs) == 2 * len(blocks)
+        assert set(stage.state_inputs) <= {n for j in blocks for n in traced.layers[j].nodes}
+        sent = set(stage.outputs) - set(stage.state_outputs)
+        assert not sent & set(stage.state_outputs)
+    values = model_tensor_inputs(inputs)
+    want = whole.module(*values)
+    got = run_stages(stages, values)
+    assert len(got) == len(want) == 1 + 2 * _LLAMA["num_hidden_layers"]
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
