@@ -719,12 +719,21 @@ def _pointwise(w: _Walk, node: fx.Node):
             if isinstance(pa, Shard):
                 return None
             continue
-        want = target.at(d)
-        if pa != want:
-            if isinstance(pa, Shard):
-                return None
-            w.convert(node, a, want, "slice")
+        if not _slice_to(w, node, a, target.at(d)):
+            return None
     return target
+
+
+def _slice_to(w: _Walk, node: fx.Node, a: fx.Node, want: Placement) -> bool:
+    """Request operand ``a`` of ``node`` as ``want``: a replicated operand is sliced
+    locally (no communication); False when it is sharded some other way."""
+    have = w.resolve(a)
+    if have == want:
+        return True
+    if isinstance(have, Shard):
+        return False
+    w.convert(node, a, want, "slice")
+    return True
 
 
 def _unary(w: _Walk, node: fx.Node):
@@ -1052,11 +1061,8 @@ def _scatter(w: _Walk, node: fx.Node):
         pending = w.param(a)
         if pending is not None:
             w.place[a.name] = w.decide(pending, target)
-        pa = w.resolve(a)
-        if pa != target:
-            if isinstance(pa, Shard):
-                return None
-            w.convert(node, a, target, "slice")
+        if not _slice_to(w, node, a, target):
+            return None
     return target
 
 
