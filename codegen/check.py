@@ -38,6 +38,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import re
 import signal
@@ -278,8 +279,14 @@ def torchrun_command(nproc: int, worker_args: list[str]) -> list[str]:
 def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, *,
               tol: float = 1e-4, seed: int = 0, timeout_s: float = 600,
               collective_timeout_s: float = 60, repeats: int = 5, check_first: bool = True,
-              log_path: str | Path | None = None, error_prefix: str = "") -> int:
+              log_path: str | Path | None = None, error_prefix: str = "",
+              prompt_len: int | None = None, new_tokens: int = 16) -> int:
     """Launch ``plan_path`` with torchrun on this machine and check it against the model.
+
+    A decode plan generates instead (``generate_case``): a prefill of ``prompt_len`` tokens
+    (default the plan's context minus ``new_tokens``), then up to ``new_tokens`` greedy
+    steps, every token compared with the unsharded model's ``generate`` (a finite ``tol``
+    makes the first mismatch fail the run).
 
     Args:
         plan_path: a ``fx-planner/plan/v2`` file.
@@ -322,7 +329,9 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
     with tempfile.TemporaryDirectory(prefix="fx-planner-check-") as status_dir:
         args = ["--plan", str(plan_path), "--model", model, "--tol", str(tol), "--seed",
                 str(seed), "--timeout", str(collective_timeout_s), "--status-dir", status_dir,
-                "--repeats", str(repeats)]
+                "--repeats", str(repeats), "--new-tokens", str(new_tokens)]
+        if plan.workload.phase == "decode":
+            args += ["--prompt-len", str(generation_lengths(plan, prompt_len, new_tokens)[0])]
         for key, value in (overrides or {}).items():
             args += ["--set", f"{key}={json.dumps(value)}"]
         rc, seconds = _launch(torchrun_command(nproc, args), timeout_s, log_path)
@@ -336,6 +345,26 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
         elif not keep_log:
             log_path.unlink(missing_ok=True)
         return rc
+
+
+def generation_lengths(plan, prompt_len: int | None, new_tokens: int) -> tuple[int, int]:
+    """``(prompt_len, context)`` of a decode plan's run: the plan's KV-cache context holds
+    the prompt and the new tokens, so the prompt defaults to the context minus them.
+
+    Raises:
+        ValueError: the prompt and the new tokens do not fit the context, or either is < 1.
+    """
+    context = (plan.extra.get("workload_full") or {}).get("context_len") or plan.workload.seq_len
+    if new_tokens < 1:
+        raise ValueError(f"--new-tokens must be >= 1, got {new_tokens}")
+    prompt = context - new_tokens if prompt_len is None else prompt_len
+    if prompt < 1 or prompt + new_tokens > context:
+        raise ValueError(
+            f"a prompt of {prompt} tokens and {new_tokens} new tokens do not fit this plan's "
+            f"KV cache of {context} tokens (its --context): give --prompt-len and "
+            f"--new-tokens that add up to at most {context}, or re-plan with a larger "
+            "--context")
+    return prompt, context
 
 
 def _launch(cmd: list[str], timeout_s: float, log_path: Path) -> tuple[int, float]:
@@ -620,6 +649,163 @@ def check_case(model_spec: str, overrides: dict, plan, *, seed: int = 0,
             "sharded": sharded, "seconds": seconds, "repeat_seconds": repeat_seconds}
 
 
+def _prompts(vocab: int, batch: int, prompt_len: int, pad: int, seed: int):
+    """``batch`` prompts of lengths ``prompt_len``, ``prompt_len - 1``, ``prompt_len - 2``
+    (repeating; at least 1), left-padded with ``pad``, and their attention mask."""
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(min(3, vocab - 1), vocab, (batch, prompt_len), generator=g)
+    mask = torch.ones(batch, prompt_len, dtype=torch.long)
+    for i in range(batch):
+        short = min(i % 3, prompt_len - 1)
+        ids[i, :short], mask[i, :short] = pad, 0
+    return ids, mask
+
+
+def _token_id(config, key: str) -> int | None:
+    value = getattr(config, key, None)
+    value = value[0] if isinstance(value, (list, tuple)) and value else value
+    vocab = getattr(config, "vocab_size", None)
+    return value if isinstance(value, int) and vocab and 0 <= value < vocab else None
+
+
+def generate_case(model_spec: str, overrides: dict, plan, *, prompt_len: int, new_tokens: int,
+                  seed: int = 0, timeout: datetime.timedelta = _TIMEOUT) -> dict:
+    """Generate with a decode plan on this rank (inside torchrun): prefill ``prompt_len``
+    tokens, then up to ``new_tokens`` greedy steps (``codegen.generate``).
+
+    Every rank builds the model and the same left-padded prompts; each dp replica generates
+    its rows; every stage holds its blocks' KV cache for the plan's context, of it this
+    rank's piece (the sharding analysis places it; the plan's recorded strategy shards the
+    weights, and the inserted collectives are checked against its record). Rank 0 also
+    runs transformers' ``generate`` on the unsharded model.
+
+    Returns:
+        This rank's result: coordinates, its replica's rows, the tokens (on the rank that
+        broadcasts them), the reference (rank 0), step times, its KV-cache bytes.
+    """
+    from codegen.generate import generate_stage
+    from codegen.layout import ParallelLayout
+    from codegen.runtime import build_process_groups
+    from codegen.stage_split import split_stages
+    from codegen.tensor_parallel import check_against, shard_stage
+    from planner.decode import DecodeStep
+    from planner.models import GPT, load_model
+    from planner.tracing import trace
+
+    w = plan.workload
+    context = (plan.extra.get("workload_full") or {}).get("context_len") or w.seq_len
+    layout = ParallelLayout.from_plan(plan)
+    rank = dist.get_rank()
+    me = layout.coords(rank)
+    groups = build_process_groups(layout, rank, timeout)
+    replicas = [dist.new_group(sorted(d for s in layout.stages for d in s.devices[r]),
+                               timeout=timeout) for r in range(layout.dp)]
+    rows = w.batch_size // layout.dp
+    lo = me.replica * rows
+    _set_status(phase="build model")
+    lm = load_model(model_spec, overrides, batch_size=w.batch_size, seq_len=prompt_len,
+                    seed=seed)
+    model = lm.model.eval()
+    config = getattr(model, "config", None)
+    eos, pad = _token_id(config, "eos_token_id"), _token_id(config, "pad_token_id")
+    pad = pad if pad is not None else 0
+    ids, mask = _prompts(config.vocab_size, w.batch_size, prompt_len, pad, seed)
+    reference = None
+    if rank == 0:
+        _set_status(phase="eager reference")
+        with torch.no_grad():
+            if isinstance(model, GPT):  # the zoo's own loop
+                full = model.generate(ids, new_tokens, attention_mask=mask, eos_token_id=eos,
+                                      pad_token_id=pad)
+            else:
+                full = model.generate(ids, attention_mask=mask, do_sample=False,
+                                      max_new_tokens=new_tokens, eos_token_id=eos,
+                                      pad_token_id=pad)
+            reference = full[:, prompt_len:].tolist()
+    _set_status(phase="parallelize")
+    step = DecodeStep(model, context_len=context)
+    stage_layout = layout.stages[me.stage]
+    group = groups.tp.group_name if stage_layout.tp > 1 else ""
+    stages, cache_bytes = {}, 0
+    for name, tokens in (("prefill", prompt_len), ("decode", 1)):
+        traced = trace(step, step.example_inputs(batch=rows, tokens=tokens))
+        stage = split_stages(traced, layout.stage_layers)[me.stage]
+        report = shard_stage(stage, traced, stage_layout.tp, me.tp_rank, group,
+                             sharding=stage_layout.sharding)
+        if stage_layout.sharding is not None:
+            check_against(report, stage_layout.sharding, None)
+        stages[name] = stage
+    for node in stages["decode"].module.graph.nodes:
+        if node.op == "placeholder" and node.name in stages["decode"].state_inputs:
+            v = node.meta["val"]
+            cache_bytes += v.numel() * v.element_size()
+    lm.model = model = step = None  # this rank keeps its stage's (sharded) graphs only
+    recv_from, send_to = layout.boundary_peers(rank)
+    source = layout.stages[-1].devices[me.replica][0]
+    _set_status(coords=[me.stage, me.replica, me.tp_rank], phase="generate")
+    dist.barrier()
+    times: list[float] = []
+    out = generate_stage(stages["prefill"], stages["decode"], ids[lo:lo + rows],
+                         mask[lo:lo + rows], new_tokens, eos, pad, context_len=context,
+                         recv_from=recv_from, send_to=send_to, source=source,
+                         group=replicas[me.replica], timeout_s=timeout.total_seconds(),
+                         times=times)
+    return {"rank": rank, "stage": me.stage, "replica": me.replica, "tp_rank": me.tp_rank,
+            "rows": [lo, lo + rows], "tokens": out.tolist() if rank == source else None,
+            "reference": reference, "eos": eos, "times": times, "cache_bytes": cache_bytes,
+            "context": context}
+
+
+def _report_generation(plan, results: list[dict], check: bool) -> int:
+    """Rank 0: tokens against the unsharded model's, TTFT and TPOT per replica."""
+    ref = results[0]["reference"]
+    eos = results[0]["eos"]
+    got = [None] * plan.workload.batch_size
+    for r in results:
+        if r["tokens"] is not None:
+            lo, _ = r["rows"]
+            for i, row in enumerate(r["tokens"]):
+                got[lo + i] = row
+    identical = total = 0
+    first_mismatch = None
+    for i, (mine, want) in enumerate(zip(got, ref, strict=True)):
+        n = len(want)
+        if eos is not None and eos in want:
+            n = want.index(eos) + 1  # up to and including the sequence's EOS
+        for j in range(n):
+            total += 1
+            if j < len(mine) and mine[j] == want[j]:
+                identical += 1
+            elif first_mismatch is None:
+                first_mismatch = (i, j, mine[j] if j < len(mine) else None, want[j])
+    print(f"{'stage':>5} {'ranks':>10} {'cache bytes/rank':>17}")
+    for i in range(len(plan.stages)):
+        ranks = [r for r in results if r["stage"] == i]
+        print(f"{i:>5} {','.join(str(r['rank']) for r in ranks):>10} "
+              f"{max(r['cache_bytes'] for r in ranks):>17}")
+    sources = [r for r in results if r["tokens"] is not None]
+    ttft = max(r["times"][0] for r in sources)
+    steps = sorted(t for r in sources for t in r["times"][1:])
+    if steps:
+        q = statistics.quantiles(steps, n=10) if len(steps) > 1 else [steps[0]] * 9
+        tpot = (f"TPOT median {statistics.median(steps):.4f} s (p10 {q[0]:.4f} - p90 "
+                f"{q[-1]:.4f} s) over {len(steps)} steps")
+    else:
+        tpot = "TPOT - (one token)"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"measured: TTFT {ttft:.4f} s (prefill of {results[0]['context']}-slot caches), "
+          f"{tpot}; plan predicts {plan.predicted.latency_s:.6f} s per decode step "
+          f"(for {plan.cluster.device}; this run is on {device}); no TTFT prediction yet")
+    print(f"tokens identical: {identical}/{total}")
+    if first_mismatch is not None and check:
+        i, j, mine, want = first_mismatch
+        print(f"FAILED: sequence {i}, new token {j}: {mine} where the unsharded model "
+              f"generates {want}", file=sys.stderr)
+        _set_status(state="accuracy", error=f"token mismatch at sequence {i}, step {j}")
+        return 1
+    return 0
+
+
 def _set_status(**fields) -> None:
     """Record this rank's state in the status dir (atomically), if one was given."""
     _STATUS.update(fields, t=time.time())
@@ -653,6 +839,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status-dir", help="where each rank records its state (run_check)")
     p.add_argument("--repeats", type=int, default=0,
                    help="timed forward passes after the first (checked) one")
+    p.add_argument("--prompt-len", type=int, default=None, help="decode plans: prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=16, help="decode plans: tokens to generate")
     a = p.parse_args(argv)
     timeout = datetime.timedelta(seconds=a.timeout)
     rank = int(os.environ.get("RANK", 0))
@@ -687,13 +875,20 @@ def _main(a, rank: int, timeout: datetime.timedelta) -> int:
             Path(a.out, f"rank{rank}.json").write_text(json.dumps(results))
             return 0
         plan = Plan.load(a.plan)
-        result = check_case(a.model, parse_set(a.set), plan, seed=a.seed, timeout=timeout,
-                            repeats=a.repeats)
+        decode = plan.workload.phase == "decode"
+        if decode:
+            result = generate_case(a.model, parse_set(a.set), plan, prompt_len=a.prompt_len,
+                                   new_tokens=a.new_tokens, seed=a.seed, timeout=timeout)
+        else:
+            result = check_case(a.model, parse_set(a.set), plan, seed=a.seed,
+                                timeout=timeout, repeats=a.repeats)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, result)
         if rank != 0:
             return 0
         _set_status(phase="report")
+        if decode:
+            return _report_generation(plan, gathered, math.isfinite(a.tol))
         return _report(plan, gathered, a.tol)
     finally:
         dist.destroy_process_group()

@@ -21,6 +21,7 @@ pipeline); docs/generation.md says what is missing.
 from __future__ import annotations
 
 import datetime
+import time
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,8 @@ def generate_stage(prefill: StageGraph, decode: StageGraph, input_ids: torch.Ten
                    eos_token_id: int | None = None, pad_token_id: int | None = None, *,
                    context_len: int,
                    recv_from: int | None = None, send_to: tuple[int, ...] = (),
-                   source: int = 0, timeout_s: float = 60.0) -> torch.Tensor:
+                   source: int = 0, group=None, timeout_s: float = 60.0,
+                   times: list[float] | None = None) -> torch.Tensor:
     """Generate greedily with this rank's stage; every rank returns the same tokens.
 
     Args:
@@ -50,7 +52,11 @@ def generate_stage(prefill: StageGraph, decode: StageGraph, input_ids: torch.Ten
         recv_from: the global rank this stage receives its inputs from (None: first stage).
         send_to: the ranks of the next stage this rank sends to (empty: last stage).
         source: the global rank whose tokens every rank takes (one of the last stage).
+        group: the ranks that generate these sequences together (one dp replica's; default
+            every rank): the token broadcast runs on it.
         timeout_s: limit of every send, receive and broadcast.
+        times: when given, gets the seconds of the prefill step, then of each decode step,
+            each up to its token being known on this rank.
 
     Returns:
         The new tokens ``[b, n]``, ``n <= max_new_tokens``.
@@ -98,7 +104,7 @@ def generate_stage(prefill: StageGraph, decode: StageGraph, input_ids: torch.Ten
             token = logits.argmax(-1)
         if eos_token_id is not None:
             token = torch.where(done, torch.full_like(token, pad), token)
-        _wait(dist.broadcast(token, src=source, async_op=True), timeout,
+        _wait(dist.broadcast(token, src=source, group=group, async_op=True), timeout,
               f"rank {rank} waiting for the next token from rank {source}")
         return token
 
@@ -106,12 +112,17 @@ def generate_stage(prefill: StageGraph, decode: StageGraph, input_ids: torch.Ten
     lengths = real.sum(-1)
     slots = torch.arange(context)
     valid = slots[None, :] < lengths[:, None]
+    clock = time.perf_counter()
     logits = step(prefill, input_ids, positions, valid, 0)
     done = torch.zeros(b, dtype=torch.bool)
     position = lengths.clone()
     out = []
     for n in range(max_new_tokens):
         token = share(logits, done)
+        if times is not None:
+            now = time.perf_counter()
+            times.append(now - clock)
+            clock = now
         if eos_token_id is not None:
             done = done | (token == eos_token_id)
         out.append(token)

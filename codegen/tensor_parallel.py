@@ -103,7 +103,7 @@ def stage_strategy(traced, stage_layers: tuple[int, int], sharding: StageShardin
     names = [layer.name for layer in traced.layers]
     kinds = [layer.kind for layer in traced.layers]
     if sharding is not None:
-        return sharding.strategy(names, kinds)
+        return _named_in(traced.graph_module, sharding.strategy(names, kinds))
     from planner.sharding import analyse_layer
 
     out: dict = {}
@@ -111,6 +111,23 @@ def stage_strategy(traced, stage_layers: tuple[int, int], sharding: StageShardin
         analysis = analyse_layer(traced, j, tp, sequence_parallel=sequence_parallel)
         for target, p in (*analysis.params.items(), *analysis.state.items()):
             out.setdefault(target, p)
+    return out
+
+
+def _named_in(gm: fx.GraphModule, strategy: dict) -> dict:
+    """The recorded strategy under ``gm``'s parameter names: a plan made for a model applies
+    to a wrapper of it (``planner.decode.DecodeStep`` holds the model as ``model``, so the
+    recorded ``lm_head.weight`` is ``model.lm_head.weight`` there). A name that is not a
+    parameter of ``gm`` is matched by path suffix when exactly one parameter ends with it."""
+    params = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+    have = set(params)
+    out = {}
+    for name, placement in strategy.items():
+        if name not in have:
+            found = [q for q in params if q.endswith("." + name)]
+            if len(found) == 1:
+                name = found[0]
+        out[name] = placement
     return out
 
 

@@ -450,6 +450,11 @@ def _run(argv: list[str]) -> int:
                    help="seconds a collective may wait before the job fails")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed steps after the first (checked) one: median and best reported")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="decode plans: prompt tokens (default: the plan's context minus "
+                   "--new-tokens)")
+    p.add_argument("--new-tokens", type=int, default=16,
+                   help="decode plans: greedy tokens to generate after the prompt")
     args = p.parse_args(argv)
     if args.repeats < 0:
         raise _UsageError(f"--repeats must be >= 0, got {args.repeats}")
@@ -460,12 +465,20 @@ def _run(argv: list[str]) -> int:
             raise _UsageError(f"{flag} must be a number of seconds > 0, got {value}")
     try:
         plan = Plan.load(args.plan_file)
+        if plan.workload.phase == "decode":
+            from codegen.check import generation_lengths
+
+            try:
+                generation_lengths(plan, args.prompt_len, args.new_tokens)
+            except ValueError as e:
+                raise _UsageError(str(e)) from None
         model, overrides = _planned_model(args, plan)
         _check_runnable_here(plan, model, overrides)
         status = run_check(args.plan_file, model, overrides,
                            tol=args.tol if args.check else math.inf, timeout_s=args.timeout,
                            collective_timeout_s=args.collective_timeout, repeats=args.repeats,
-                           check_first=False, error_prefix="error: ")
+                           check_first=False, error_prefix="error: ",
+                           prompt_len=args.prompt_len, new_tokens=args.new_tokens)
     except RunInterrupted as e:  # every rank process has been ended
         print(f"error: {e}", file=sys.stderr)
         return 130

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,33 @@ def test_pipelined_generation_keeps_each_stage_cache_and_equals_hf_generate(tmp_
             assert r["cache_inputs"] == 2 and len(r["state"]) == 2, name
             for full, local in r["state"].values():
                 assert local == [full[0], kv_local, full[2], full[3]], (name, full, local)
+
+
+def _cli(*args, cwd):
+    env = dict(os.environ, COLUMNS="160")
+    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd, env=env)
+
+
+_MODEL = ["hf:llama", "--set", "hidden_size=64", "--set", "intermediate_size=128",
+          "--set", "num_hidden_layers=2", "--set", "num_attention_heads=4",
+          "--set", "num_key_value_heads=2", "--set", "vocab_size=256"]
+
+
+def test_plan_run_check_generates_a_decode_plan_token_for_token(tmp_path):
+    """`plan run --check` on a tp-2 decode plan: prefill, 8 greedy steps on 2 gloo ranks,
+    every token equal to the unsharded model's ``generate``; each rank holds half the KV
+    cache (2 blocks x k, v x [2, 1, 24, 16] fp32 = 12288 bytes of 24576)."""
+    made = _cli(*_MODEL, "--cluster", "2xcpu", "--phase", "decode", "--batch", "2",
+                "--seq", "8", "--context", "24", "--tp", "2", "--out", "plan.json",
+                cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    ran = _cli("run", "plan.json", "--check", "--new-tokens", "8", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "tokens identical: 16/16" in ran.stdout, ran.stdout
+    assert re.search(r"^\s+0\s+0,1\s+12288$", ran.stdout, re.M), ran.stdout
+    assert re.search(r"TTFT [0-9.]+ s .*TPOT median [0-9.]+ s", ran.stdout), ran.stdout
+    # a prompt and new tokens beyond the plan's KV cache: refused before anything starts
+    bad = _cli("run", "plan.json", "--prompt-len", "20", "--new-tokens", "8", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: "), bad.stderr
+    assert "KV cache of 24 tokens" in bad.stderr and "Traceback" not in bad.stderr
