@@ -683,30 +683,21 @@ def generate_case(model_spec: str, overrides: dict, plan, *, prompt_len: int, ne
         This rank's result: coordinates, its replica's rows, the tokens (on the rank that
         broadcasts them), the reference (rank 0), step times, its KV-cache bytes.
     """
-    from codegen.generate import generate_stage
+    from codegen.generate import Generator
     from codegen.layout import ParallelLayout
     from codegen.runtime import build_process_groups
-    from codegen.stage_split import split_stages
-    from codegen.tensor_parallel import check_against, shard_stage
-    from planner.decode import DecodeStep
     from planner.models import GPT, load_model
-    from planner.tracing import trace
 
     w = plan.workload
-    context = (plan.extra.get("workload_full") or {}).get("context_len") or w.seq_len
     layout = ParallelLayout.from_plan(plan)
     rank = dist.get_rank()
     me = layout.coords(rank)
     groups = build_process_groups(layout, rank, timeout)
-    replicas = [dist.new_group(sorted(d for s in layout.stages for d in s.devices[r]),
-                               timeout=timeout) for r in range(layout.dp)]
-    rows = w.batch_size // layout.dp
-    lo = me.replica * rows
     _set_status(phase="build model")
     lm = load_model(model_spec, overrides, batch_size=w.batch_size, seq_len=prompt_len,
                     seed=seed)
     model = lm.model.eval()
-    config = getattr(model, "config", None)
+    config = model.config
     eos, pad = _token_id(config, "eos_token_id"), _token_id(config, "pad_token_id")
     pad = pad if pad is not None else 0
     ids, mask = _prompts(config.vocab_size, w.batch_size, prompt_len, pad, seed)
@@ -723,37 +714,17 @@ def generate_case(model_spec: str, overrides: dict, plan, *, prompt_len: int, ne
                                       pad_token_id=pad)
             reference = full[:, prompt_len:].tolist()
     _set_status(phase="parallelize")
-    step = DecodeStep(model, context_len=context)
-    stage_layout = layout.stages[me.stage]
-    group = groups.tp.group_name if stage_layout.tp > 1 else ""
-    stages, cache_bytes = {}, 0
-    for name, tokens in (("prefill", prompt_len), ("decode", 1)):
-        traced = trace(step, step.example_inputs(batch=rows, tokens=tokens))
-        stage = split_stages(traced, layout.stage_layers)[me.stage]
-        report = shard_stage(stage, traced, stage_layout.tp, me.tp_rank, group,
-                             sharding=stage_layout.sharding)
-        if stage_layout.sharding is not None:
-            check_against(report, stage_layout.sharding, None)
-        stages[name] = stage
-    for node in stages["decode"].module.graph.nodes:
-        if node.op == "placeholder" and node.name in stages["decode"].state_inputs:
-            v = node.meta["val"]
-            cache_bytes += v.numel() * v.element_size()
-    lm.model = model = step = None  # this rank keeps its stage's (sharded) graphs only
-    recv_from, send_to = layout.boundary_peers(rank)
-    source = layout.stages[-1].devices[me.replica][0]
+    generator = Generator(model, plan, tp_group=groups.tp,
+                          timeout_s=timeout.total_seconds())
     _set_status(coords=[me.stage, me.replica, me.tp_rank], phase="generate")
     dist.barrier()
     times: list[float] = []
-    out = generate_stage(stages["prefill"], stages["decode"], ids[lo:lo + rows],
-                         mask[lo:lo + rows], new_tokens, eos, pad, context_len=context,
-                         recv_from=recv_from, send_to=send_to, source=source,
-                         group=replicas[me.replica], timeout_s=timeout.total_seconds(),
-                         times=times)
+    out = generator.generate(ids, new_tokens, mask, eos, pad, times=times)
+    source = layout.stages[-1].devices[me.replica][0]
     return {"rank": rank, "stage": me.stage, "replica": me.replica, "tp_rank": me.tp_rank,
-            "rows": [lo, lo + rows], "tokens": out.tolist() if rank == source else None,
-            "reference": reference, "eos": eos, "times": times, "cache_bytes": cache_bytes,
-            "context": context}
+            "rows": list(generator.rows), "tokens": out.tolist() if rank == source else None,
+            "reference": reference, "eos": eos, "times": times,
+            "cache_bytes": generator.cache_bytes, "context": generator.context_len}
 
 
 def _report_generation(plan, results: list[dict], check: bool) -> int:

@@ -133,3 +133,89 @@ def generate_stage(prefill: StageGraph, decode: StageGraph, input_ids: torch.Ten
         position = position + 1
     return torch.stack(out, dim=1) if out else input_ids.new_zeros(b, 0)
 
+
+
+class Generator:
+    """One rank's part of a decode plan, generating (``planner.parallelize(...).generate``).
+
+    Built on every rank of the job (it creates one process group per dp replica, so every
+    rank must build it, in the same order). ``generate`` traces the model's
+    ``planner.decode.DecodeStep`` at the prompt length and at one token for this replica's
+    rows (cached per prompt length), cuts the plan's stages, shards this rank's stage with
+    the plan's recorded strategy (the inserted collectives are checked against the record:
+    kinds and counts) and runs ``generate_stage``. It keeps a reference to the full model
+    to trace new prompt lengths: the memory of the whole model stays on every rank.
+
+    Attributes:
+        context_len: the plan's KV-cache context (prompt + new tokens fit in it).
+        cache_bytes: this rank's KV-cache bytes, once ``generate`` ran.
+    """
+
+    def __init__(self, model, plan, *, tp_group=None, timeout_s: float = 60.0) -> None:
+        from codegen.layout import ParallelLayout
+        from planner.decode import DecodeStep
+
+        self.plan = plan
+        self.layout = ParallelLayout.from_plan(plan)
+        self.rank = dist.get_rank()
+        self.me = self.layout.coords(self.rank)
+        self.timeout_s = timeout_s
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.replicas = [dist.new_group(sorted(d for s in self.layout.stages
+                                               for d in s.devices[r]), timeout=timeout)
+                         for r in range(self.layout.dp)]
+        self.tp_group = tp_group
+        w = plan.workload
+        self.context_len = (plan.extra.get("workload_full") or {}).get("context_len") \
+            or w.seq_len
+        self.step = DecodeStep(model, context_len=self.context_len)
+        self._stages: dict[tuple[int, int], StageGraph] = {}
+        self.cache_bytes = 0
+
+    def _stage(self, rows: int, tokens: int) -> StageGraph:
+        from codegen.stage_split import split_stages
+        from codegen.tensor_parallel import check_against, shard_stage
+        from planner.tracing import trace
+
+        key = (rows, tokens)
+        if key not in self._stages:
+            stage_layout = self.layout.stages[self.me.stage]
+            traced = trace(self.step, self.step.example_inputs(batch=rows, tokens=tokens))
+            stage = split_stages(traced, self.layout.stage_layers)[self.me.stage]
+            group = self.tp_group.group_name if stage_layout.tp > 1 else ""
+            report = shard_stage(stage, traced, stage_layout.tp, self.me.tp_rank, group,
+                                 sharding=stage_layout.sharding)
+            if stage_layout.sharding is not None:
+                check_against(report, stage_layout.sharding, None)
+            self._stages[key] = stage
+        return self._stages[key]
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 attention_mask: torch.Tensor | None = None, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None, *,
+                 times: list[float] | None = None) -> torch.Tensor:
+        """Greedy generation for the global batch ``input_ids`` ``[B, T]`` (left-padded,
+        the same on every rank): this rank's replica generates its rows; returns their new
+        tokens ``[B / dp, n]`` on every rank of the replica (``rows`` says which)."""
+        B, T = input_ids.shape
+        dp = self.layout.dp
+        if B % dp:
+            raise ValueError(f"batch {B} is not divisible by the plan's dp {dp}")
+        rows = B // dp
+        lo = self.me.replica * rows
+        self.rows = (lo, lo + rows)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prefill, decode = self._stage(rows, T), self._stage(rows, 1)
+        self.cache_bytes = sum(
+            n.meta["val"].numel() * n.meta["val"].element_size()
+            for n in decode.module.graph.nodes
+            if n.op == "placeholder" and n.name in decode.state_inputs)
+        recv_from, send_to = self.layout.boundary_peers(self.rank)
+        return generate_stage(prefill, decode, input_ids[lo:lo + rows],
+                              attention_mask[lo:lo + rows], max_new_tokens, eos_token_id,
+                              pad_token_id, context_len=self.context_len,
+                              recv_from=recv_from, send_to=send_to,
+                              source=self.layout.stages[-1].devices[self.me.replica][0],
+                              group=self.replicas[self.me.replica],
+                              timeout_s=self.timeout_s, times=times)

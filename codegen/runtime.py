@@ -105,6 +105,20 @@ class LocalModule(nn.Module):
         self.groups, self.tp_report, self.device = groups, tp_report, device
         self.timeout = timeout
         self._schedule = None
+        self.generator = None  # codegen.generate.Generator, for a decode plan
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 attention_mask: torch.Tensor | None = None, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy generation with a decode plan, on every rank at once: prefill, then up to
+        ``max_new_tokens`` steps with each stage's (sharded) KV cache. Returns this rank's
+        replica's rows of new tokens (``self.generator.rows``; every rank of the replica
+        gets them). See ``codegen.generate.Generator``."""
+        if self.generator is None:
+            raise ValueError("generate() needs a decode plan (`plan MODEL --phase decode`); "
+                             "this plan is for one forward pass: call the module instead")
+        return self.generator.generate(input_ids, max_new_tokens, attention_mask,
+                                       eos_token_id, pad_token_id)
 
     @property
     def is_first(self) -> bool:
@@ -273,5 +287,10 @@ def parallelize(model: nn.Module, plan, args: tuple = (), kwargs: dict | None = 
         device = (torch.device("cuda", torch.cuda.current_device())
                   if dist.get_backend() == "nccl" else torch.device("cpu"))
     stage.module.to(device)
-    return LocalModule(stage, layout, coords, groups, report, torch.device(device),
-                       timeout)
+    local = LocalModule(stage, layout, coords, groups, report, torch.device(device), timeout)
+    if not is_layout and plan.workload.phase == "decode":
+        from codegen.generate import Generator
+
+        local.generator = Generator(model, plan, tp_group=groups.tp,
+                                    timeout_s=timeout.total_seconds())
+    return local

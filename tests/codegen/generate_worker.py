@@ -63,7 +63,41 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     return result
 
 
+def run_api(plan_path: Path, out: Path) -> None:
+    """``planner.parallelize(model, plan, ...).generate(...)`` on a decode plan file made by
+    ``plan MODEL --out``: every rank's replica rows, and rank 0's ``generate``."""
+    import planner
+    from planner.plan import Plan
+
+    plan = Plan.load(plan_path)
+    source = plan.extra["source"]
+    w = plan.workload
+    lm = load_model(source["model"], source["overrides"], batch_size=w.batch_size,
+                    seq_len=w.seq_len)
+    model = lm.model.eval()
+    local = planner.parallelize(model, plan, lm.args, lm.kwargs)
+    ids = torch.randint(3, model.config.vocab_size, (w.batch_size, 5),
+                        generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0  # left padding
+    got = local.generate(ids, 6, attention_mask=mask)
+    result = {"rows": list(local.generator.rows), "tokens": got.tolist()}
+    if dist.get_rank() == 0:
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=6,
+                                 pad_token_id=0)
+        result["reference"] = ref[:, 5:].tolist()
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+
+
 def main() -> None:
+    if sys.argv[1] == "--api":
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+        run_api(Path(sys.argv[2]), Path(sys.argv[3]))
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     cases_path, out = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))

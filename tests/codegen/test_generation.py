@@ -148,3 +148,26 @@ def test_plan_run_check_generates_a_decode_plan_token_for_token(tmp_path):
     bad = _cli("run", "plan.json", "--prompt-len", "20", "--new-tokens", "8", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: "), bad.stderr
     assert "KV cache of 24 tokens" in bad.stderr and "Traceback" not in bad.stderr
+
+    # the Python API on the same plan: planner.parallelize(...).generate on every rank
+    dp = _cli(*_MODEL, "--cluster", "2xcpu", "--phase", "decode", "--batch", "2",
+              "--seq", "8", "--context", "24", "--dp", "2", "--out", "dp.json", cwd=tmp_path)
+    assert dp.returncode == 0, dp.stderr
+    for name in ("dp.json",):  # (the tp plan's generation path is the one `plan run` took)
+        out = tmp_path / name.replace(".json", "")
+        out.mkdir()
+        worker = Path(__file__).with_name("generate_worker.py")
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc-per-node=2", "--max-restarts=0", str(worker), "--api",
+                               str(tmp_path / name), str(out)],
+                              env=env, timeout=300, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        reference = ranks[0]["reference"]
+        for r in ranks:
+            lo, hi = r["rows"]
+            assert r["tokens"] == reference[lo:hi], (name, r, reference)
+        assert [r["rows"] for r in ranks] == [[0, 1], [1, 2]]  # one sequence per replica
