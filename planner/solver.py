@@ -272,6 +272,8 @@ class _Combo:
     def mem_at(self, j: int, first: int, t: int) -> int:
         """Layer ``j``'s memory at ``t`` in a stage starting at layer ``first`` (a tensor
         it borrows from a layer before ``first`` is held again: ``CostTable.borrowed``)."""
+        if not self.table.borrowed:  # the common case, in the solver's inner loops
+            return self.mem[j][t]
         return self.mem[j][t] + self.table.borrowed_bytes(j, first, t)
 
 
@@ -342,9 +344,11 @@ def check_pins(pins: Mapping[str, int], batch_size: int, num_layers: int, nodes:
     if pp is not None and pp > num_layers:
         problems.append(f"pp {pp} > {num_layers} layers: every stage needs at least one layer")
     if m is not None:
-        per_replica = batch_size // dp if dp and batch_size % dp == 0 else None
-        if m > batch_size or (per_replica and per_replica % m):
-            where = f"batch {batch_size} / dp {dp} = {per_replica}" if per_replica \
+        # with dp free, some replica count works only if m divides the batch (dp = 1)
+        split = bool(dp) and batch_size % dp == 0
+        per_replica = batch_size // dp if split else batch_size
+        if per_replica % m:
+            where = f"batch {batch_size} / dp {dp} = {per_replica}" if split \
                 else f"batch size {batch_size}"
             problems.append(f"microbatches {m} does not divide {where} samples per replica")
     product = _pin_product_message(clean, nodes, devices_per_node)

@@ -80,9 +80,17 @@ def _same_as_generate(case: dict, ranks: list[dict], name: str) -> None:
     assert all(r["tokens"] == reference for r in ranks), (name, [r["tokens"] for r in ranks])
 
 
-def test_tp2_generation_equals_hf_generate_with_the_cache_split_by_kv_heads(tmp_path):
-    cases = [_case(t, c) for t, c, _ in CASES.values()]
+def test_tp2_and_pp2_generation_equal_hf_generate_with_the_cache_split_by_kv_heads(tmp_path):
+    """One 2-rank job: every model at tp 2, then HF llama at pp 2 (each stage holds one
+    block's cache, no collectives)."""
+    gqa = CASES["llama-gqa"]
+    cases = [_case(t, c) for t, c, _ in CASES.values()] + [{**_case(gqa[0], gqa[1]), "pp": 2}]
     ranks = _run(cases, 2, tmp_path)
+    pp2 = [r[-1] for r in ranks]
+    _same_as_generate(cases[-1], pp2, "llama pp2")
+    assert [r["stage"] for r in pp2] == [0, 1]
+    assert [r["cache_inputs"] for r in pp2] == [2, 2]  # one block of 2 per stage
+    assert all(not r["state"] and not r["collectives"] for r in pp2)  # tp 1
     for i, (name, (_, config, kv_local)) in enumerate(CASES.items()):
         r0, r1 = ranks[0][i], ranks[1][i]
         _same_as_generate(cases[i], [r0, r1], name)
@@ -97,27 +105,18 @@ def test_tp2_generation_equals_hf_generate_with_the_cache_split_by_kv_heads(tmp_
         assert r0["state"] == r1["state"] and r0["sharded"], name
 
 
-def test_pipelined_generation_keeps_each_stage_cache_and_equals_hf_generate(tmp_path):
-    """pp 2 on 2 ranks and tp 2 x pp 2 on 4: each stage holds only its own blocks' cache
-    (its piece of it at tp 2); every rank returns the tokens of ``generate``."""
-    gqa, gpt2 = CASES["llama-gqa"], CASES["gpt2"]
-    pp2 = [{**_case(gqa[0], gqa[1]), "pp": 2}]
-    ranks = _run(pp2, 2, tmp_path / "pp2")
-    _same_as_generate(pp2[0], [r[0] for r in ranks], "llama pp2")
-    assert [r[0]["stage"] for r in ranks] == [0, 1]
-    assert [r[0]["cache_inputs"] for r in ranks] == [2, 2]  # one block of 2 per stage
-    assert all(not r[0]["state"] and not r[0]["collectives"] for r in ranks)  # tp 1
-
-    both = [{**_case(t, c), "pp": 2} for t, c, _ in (gqa, gpt2)]
-    ranks = _run(both, 4, tmp_path / "tp2pp2")
-    for i, (name, (_, _, kv_local)) in enumerate((("llama tp2pp2", gqa), ("gpt2 tp2pp2", gpt2))):
-        rows = [r[i] for r in ranks]
-        _same_as_generate(both[i], rows, name)
-        assert [r["stage"] for r in rows] == [0, 0, 1, 1]
-        for r in rows:
-            assert r["cache_inputs"] == 2 and len(r["state"]) == 2, name
-            for full, local in r["state"].values():
-                assert local == [full[0], kv_local, full[2], full[3]], (name, full, local)
+def test_tp2_pp2_generation_keeps_each_rank_piece_of_its_stage_cache(tmp_path):
+    """tp 2 x pp 2 on 4 ranks (HF llama, GQA): each rank holds its stage's block's cache
+    split by KV heads; every rank returns the tokens of ``generate``."""
+    gqa = CASES["llama-gqa"]
+    case = {**_case(gqa[0], gqa[1]), "pp": 2}
+    rows = [r[0] for r in _run([case], 4, tmp_path)]
+    _same_as_generate(case, rows, "llama tp2pp2")
+    assert [r["stage"] for r in rows] == [0, 0, 1, 1]
+    for r in rows:
+        assert r["cache_inputs"] == 2 and len(r["state"]) == 2
+        for full, local in r["state"].values():
+            assert local == [full[0], gqa[2], full[2], full[3]], (full, local)
 
 
 def _cli(*args, cwd):
@@ -150,24 +149,17 @@ def test_plan_run_check_generates_a_decode_plan_token_for_token(tmp_path):
     assert "KV cache of 24 tokens" in bad.stderr and "Traceback" not in bad.stderr
 
     # the Python API on the same plan: planner.parallelize(...).generate on every rank
-    dp = _cli(*_MODEL, "--cluster", "2xcpu", "--phase", "decode", "--batch", "2",
-              "--seq", "8", "--context", "24", "--dp", "2", "--out", "dp.json", cwd=tmp_path)
-    assert dp.returncode == 0, dp.stderr
-    for name in ("dp.json",):  # (the tp plan's generation path is the one `plan run` took)
-        out = tmp_path / name.replace(".json", "")
-        out.mkdir()
-        worker = Path(__file__).with_name("generate_worker.py")
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ, OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               "--nproc-per-node=2", "--max-restarts=0", str(worker), "--api",
-                               str(tmp_path / name), str(out)],
-                              env=env, timeout=300, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-        reference = ranks[0]["reference"]
-        for r in ranks:
-            lo, hi = r["rows"]
-            assert r["tokens"] == reference[lo:hi], (name, r, reference)
-        assert [r["rows"] for r in ranks] == [[0, 1], [1, 2]]  # one sequence per replica
+    out = tmp_path / "api"
+    out.mkdir()
+    worker = Path(__file__).with_name("generate_worker.py")
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", "--max-restarts=0", str(worker), "--api",
+                           str(tmp_path / "plan.json"), str(out)],
+                          env=env, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["rows"] for r in ranks] == [[0, 2], [0, 2]]  # dp 1: both ranks, both rows
+    assert all(r["tokens"] == ranks[0]["reference"] for r in ranks), ranks
