@@ -72,10 +72,9 @@ def generate_stage(prefill: StageGraph, decode: StageGraph, input_ids: torch.Ten
              for s in (prefill, decode)}
     cache = [torch.zeros(shape, dtype=dtype) for shape, dtype in
              specs[id(decode)][len(decode.inputs) - len(decode.state_inputs):]]
-    context = context_len
-    if T + max_new_tokens > context:
+    if T + max_new_tokens > context_len:
         raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed the cache's "
-                         f"{context} slots")
+                         f"{context_len} slots")
     pad = eos_token_id if pad_token_id is None else pad_token_id
     rank = dist.get_rank()
 
@@ -110,7 +109,7 @@ def generate_stage(prefill: StageGraph, decode: StageGraph, input_ids: torch.Ten
 
     positions = prompt_positions(real)
     lengths = real.sum(-1)
-    slots = torch.arange(context)
+    slots = torch.arange(context_len)
     valid = slots[None, :] < lengths[:, None]
     clock = time.perf_counter()
     logits = step(prefill, input_ids, positions, valid, 0)

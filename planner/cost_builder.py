@@ -289,8 +289,7 @@ class CostBuilder:
             sharding=records,
             hidden_boundary_bytes=hidden_bytes,
             borrowed=tuple(Borrow(j, prev, name, {t: int(math.ceil(b * dtype_scale))
-                                                  for t, b in by_tp.items()
-                                                  if t in self.tp_degrees})
+                                                  for t, b in by_tp.items()})
                            for j, prev, name, by_tp in self.borrows),
         )
 

@@ -448,7 +448,6 @@ class _Walk:
         self.guilty: set[str] = set()
         self.kv: list[float] = []
         self._cur: fx.Node | None = None
-        self._aliases: dict[str, str] | None = None
         self.batch: int | None = None  # the traced batch and sequence (for ``batched``)
         self.seq: int | None = None
 
@@ -486,21 +485,16 @@ class _Walk:
     def key(self, target: str) -> str:
         """One name per parameter tensor (a tied table is fetched as ``wte.weight`` and as
         ``lm_head.weight``): its placement is decided once, for every name."""
-        if self._aliases is None:
-            self._aliases = {}
-            first: dict[int, str] = {}
-            for name, p in self.gm.named_parameters(remove_duplicate=False):
-                self._aliases[name] = first.setdefault(id(p), name)
-        return self._aliases.get(target, target)
+        return _aliases(self.gm).get(target, (target,))[0]
 
     def fixed(self, target: str):
         """The strategy's placement for a parameter under any of its names, or "decide"."""
         if not self.strategy:
             return "decide"
-        for name, canon in (self._aliases or {}).items():
-            if canon == target and name in self.strategy:
+        for name in _aliases(self.gm).get(target, (target,)):
+            if name in self.strategy:
                 return self.strategy[name]
-        return self.strategy.get(target, "decide")
+        return "decide"
 
     def resolve(self, node) -> Placement:
         """The placement of an input, deciding a pending parameter as replicated."""
@@ -1763,19 +1757,20 @@ def same_params(gm: fx.GraphModule, names: Iterable[str]) -> set[str]:
     aliases = _aliases(gm)
     out: set[str] = set()
     for n in names:
-        out |= aliases.get(n, {n})
+        out.update(aliases.get(n, (n,)))
     return out
 
 
-def _aliases(gm: fx.GraphModule) -> dict[str, frozenset[str]]:
-    """Parameter name -> every name of the same tensor, read once per graph module (the
-    cost builder asks for thousands of names while it searches)."""
+def _aliases(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
+    """Parameter name -> every name of the same tensor, in ``named_parameters`` order (the
+    first is the one the walk decides it under, ``_Walk.key``). Read once per graph module:
+    every walk and the cost builder's search ask for it thousands of times."""
     cache = _CACHE.setdefault(gm, {})
     if "aliases" not in cache:
-        by_id: dict[int, set[str]] = {}
+        by_id: dict[int, list[str]] = {}
         for n, p in gm.named_parameters(remove_duplicate=False):
-            by_id.setdefault(id(p), set()).add(n)
-        cache["aliases"] = {n: frozenset(names) for names in by_id.values() for n in names}
+            by_id.setdefault(id(p), []).append(n)
+        cache["aliases"] = {n: tuple(names) for names in by_id.values() for n in names}
     return cache["aliases"]
 
 
