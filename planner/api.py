@@ -23,10 +23,19 @@ from planner.cost_builder import CostBuilder
 from planner.cost_table import CostTable
 from planner.plan import Plan
 from planner.reference_solver import solve_reference
-from planner.solver import InfeasiblePlanError, Solution, best_per_family, solve
+from planner.solver import (
+    InfeasiblePlanError,
+    Prediction,
+    Solution,
+    Stage,
+    best_per_family,
+    predict,
+    solve,
+)
 from planner.tracing import TracedModel, trace
 
-__all__ = ["plan", "plan_traced", "check_request", "default_workload", "SOLVERS"]
+__all__ = ["plan", "plan_traced", "check_request", "default_workload", "prefill_prediction",
+           "with_prefill", "SOLVERS"]
 
 SOLVERS = ("cp-sat", "reference")
 
@@ -107,12 +116,19 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
     ``source`` records how to rebuild the model (the CLI's MODEL and ``--set``);
     ``adjust_costs`` transforms every cost table before the solver sees it (what-if
     analysis; the plan-quality tests use it to perturb the cost model).
+
+    A decode plan also gets its time to first token (``predicted.ttft_s``,
+    ``stages[i].prefill_s``): the prefill of the traced prompt priced on the plan's own
+    stages by ``prefill_prediction``.
     """
     check_request(traced, cluster, workload, pins=pins, solver=solver,
                   alternatives=alternatives, time_limit_s=time_limit_s, num_workers=num_workers)
 
-    def make_builder(w: Workload, sp: bool):
-        b = CostBuilder(traced, cluster, w, sequence_parallel=sp, profile=profile)
+    def make_builder(w: Workload, sp: bool, strategies=None):
+        if isinstance(strategies, _AdjustedBuilder):
+            strategies = strategies.inner
+        b = CostBuilder(traced, cluster, w, sequence_parallel=sp, profile=profile,
+                        strategies=strategies)
         return _AdjustedBuilder(b, adjust_costs) if adjust_costs is not None else b
 
     if sequence_parallel is None:
@@ -147,6 +163,11 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
     sources = builder.sources(solution.microbatch_size, solution.microbatches)
     result = replace(result, layers=tuple(replace(layer, source=src)
                                           for layer, src in zip(result.layers, sources)))
+    if workload.phase == "decode":
+        prefill = make_builder(replace(workload, phase="prefill"), solution.sequence_parallel,
+                               strategies=builder)
+        result = with_prefill(result, prefill_prediction(prefill, solution, workload.batch_size,
+                                                         cluster.devices_per_node))
     kinds = set(sources)
     provenance = "measured" if kinds == {"measured"} else "mixed" if "measured" in kinds else "predicted"
     extra = {
@@ -158,6 +179,53 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
         "tp_excluded": {str(t): why for t, why in sorted(builder.excluded_tp.items())},
     }
     return replace(result, provenance=provenance, extra=extra)
+
+
+def prefill_prediction(prefill_builder, solution: Solution, batch_size: int,
+                       devices_per_node: int) -> tuple[tuple[Stage, ...], Prediction, CostTable]:
+    """Price the prefill of a decode solution's prompt on the solution's own placement.
+
+    The stages (layer ranges, tp per stage), dp, microbatch size and count are the
+    solution's; the table is ``prefill_builder``'s at that microbatch size and count, and
+    the pricing is the solver's own for a fixed path (``planner.solver.predict``): stage
+    ``s`` takes ``t'_s`` (compute + TP collectives of one prefill microbatch), the cut after
+    it ``c'_s`` (its boundary tensors over the link the placement crosses), and
+    ``latency_s`` is the pipeline fill of ``m`` microbatches,
+    ``sum(t') + sum(c') + (m - 1) * max(t' + c')`` (the max over stages and transfers, as
+    for a prefill plan's ``latency_s``).
+
+    Args:
+        prefill_builder: a cost builder for the workload with ``phase="prefill"``, built
+            with ``strategies=`` the decode builder so it prices the recorded strategy.
+        solution: the decode plan's ``Solution``.
+        batch_size: the global batch.
+        devices_per_node: node size (the placement and which cuts cross nodes).
+
+    Returns:
+        ``(stages, prediction, table)``: ``predict``'s stages and ``Prediction`` on the
+        prefill table, and that table.
+    """
+    table = prefill_builder(solution.microbatch_size, solution.microbatches)
+    path = [(st.first, st.last, st.tp) for st in solution.stages]
+    stages, prediction = predict(table, path, solution.dp, batch_size, devices_per_node)
+    return stages, prediction, table
+
+
+def with_prefill(plan: Plan, prefill: tuple[tuple[Stage, ...], Prediction, CostTable]) -> Plan:
+    """``plan`` with its time to first token from ``prefill_prediction``'s result:
+    ``predicted.ttft_s`` (the prefill's latency) and per stage ``prefill_s`` (its
+    ``t'_s``) and ``prefill_boundary_bytes`` (what it sends per microbatch; 0 for the last).
+    """
+    stages, prediction, table = prefill
+    last = len(plan.stages) - 1
+    return replace(
+        plan,
+        predicted=replace(plan.predicted, ttft_s=prediction.latency_s),
+        stages=tuple(replace(s, prefill_s=p.compute_s + p.comm_s,
+                             prefill_boundary_bytes=(table.boundary_bytes[p.last]
+                                                     if i < last else 0))
+                     for i, (s, p) in enumerate(zip(plan.stages, stages, strict=True))),
+    )
 
 
 def default_workload(traced: TracedModel, cluster: Cluster) -> Workload:

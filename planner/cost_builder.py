@@ -11,6 +11,10 @@ divides the node, ``planner.sharding.choose`` picks the layer's strategy (priced
 with ``layer_cost``) and the table prices exactly that strategy. A tp degree is offered
 when some layer has a strategy that shards something and beats replicating that layer in
 time or in memory; the others are listed with the reason in ``excluded_tp``.
+
+``CostBuilder(traced, cluster, other_workload, strategies=builder)`` prices the strategies
+``builder`` chose instead of choosing again: a decode plan's time to first token is its
+prompt's prefill on the same placement, run with the strategy the plan records.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 
 from cost_models.collectives import link_alpha_beta, load_calibration
 from cost_models.layer_cost import TracedShape, collectives_at, layer_cost, layer_memory_at
-from cost_models.memory import stage_workspace_bytes
+from cost_models.memory import LayerMemory, stage_workspace_bytes
 from cost_models.roofline import efficiencies_for
 from cost_models.sharded import ShardedLayer
 from planner import sharding
@@ -40,13 +44,26 @@ def candidate_tp_degrees(cluster: Cluster) -> tuple[int, ...]:
 
 @dataclass
 class CostBuilder:
-    """Builds ``CostTable``s for ``traced`` on ``cluster`` under ``workload``."""
+    """Builds ``CostTable``s for ``traced`` on ``cluster`` under ``workload``.
+
+    Attributes:
+        traced: the traced model.
+        cluster: the cluster (its device and links).
+        workload: phase, lengths, dtype.
+        sequence_parallel: whether the tables assume sequence parallelism.
+        profile: a ``cost_models.profiler.ModelProfile`` measured on this device, or None.
+        strategies: another builder for the same traced model, cluster, sequence
+            parallelism and profile (typically another phase) whose tensor-parallel
+            strategies, tp degrees and borrowed tensors this one prices as they are,
+            instead of choosing its own for ``workload``; None chooses.
+    """
 
     traced: TracedModel
     cluster: Cluster
     workload: Workload
     sequence_parallel: bool = False
     profile: object | None = None  # cost_models.profiler.ModelProfile of this device
+    strategies: CostBuilder | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
     _sources: dict = field(default_factory=dict, repr=False)
     _times: dict = field(default_factory=dict, repr=False)
@@ -65,7 +82,26 @@ class CostBuilder:
         self.calibration = load_calibration(self.spec.backend) if self.spec.name == "cpu" else None
         # Read once: efficiencies_for goes to the on-disk calibration on every call.
         self.efficiencies = efficiencies_for(self.spec)
-        self._analyse()
+        if self.strategies is None:
+            self._analyse()
+        else:
+            self._reuse(self.strategies)
+
+    def _reuse(self, other: CostBuilder) -> None:
+        """Take ``other``'s chosen strategies (``sharded``, ``records``), tp degrees and
+        borrowed tensors as they are; they are keyed by layer group, so the groups are
+        ``other``'s too."""
+        if other.traced is not self.traced or other.cluster != self.cluster \
+                or other.sequence_parallel != self.sequence_parallel \
+                or other.profile is not self.profile:
+            raise ValueError("a builder reuses the strategies of a builder for the same traced "
+                             "model, cluster, sequence parallelism and profile")
+        self._group_index = other._groups()
+        self.sharded = dict(other.sharded)
+        self.records = dict(other.records)
+        self.excluded_tp = dict(other.excluded_tp)
+        self.tp_degrees = other.tp_degrees
+        self.borrows = list(other.borrows)
 
     def _analyse(self) -> None:
         """Choose every distinct layer's strategy at every candidate tp (``sharded``) and
@@ -208,11 +244,10 @@ class CostBuilder:
             self._group_index = (group, first)
         return self._group_index
 
-    def _resident(self, j: int, tp: int, mb: int, m: int) -> int:
-        """``layer_cost(...).memory_bytes`` without pricing the time (same arguments)."""
-        return int(layer_memory_at(self.traced.layers[j], self.traced.arch, tp, self.workload,
-                                   mb, m, self.traced_shape,
-                                   sharded=self.sharded_at(j, tp)).resident)
+    def _memory(self, j: int, tp: int, mb: int, m: int) -> LayerMemory:
+        """``layer_cost(...).memory`` without pricing the time (same arguments)."""
+        return layer_memory_at(self.traced.layers[j], self.traced.arch, tp, self.workload,
+                               mb, m, self.traced_shape, sharded=self.sharded_at(j, tp))
 
     def _build(self, mb: int, m: int, memory_only: bool = False) -> CostTable:
         w, layers = self.workload, self.traced.layers
@@ -224,7 +259,8 @@ class CostBuilder:
             source = "predicted"
             for tp in self.tp_degrees:
                 if memory_only:
-                    row[tp] = LayerCost(0.0, 0.0, self._resident(j, tp, mb, m))
+                    mem = self._memory(j, tp, mb, m)
+                    row[tp] = LayerCost(0.0, 0.0, int(mem.resident), int(mem.kv_cache))
                     continue
                 # Times do not depend on the microbatch count: priced once per size.
                 timed = self._times.get((j, tp, mb))
@@ -235,10 +271,10 @@ class CostBuilder:
                                      efficiencies=self.efficiencies,
                                      calibration=self.calibration, measured=measured[j])
                     timed = self._times[(j, tp, mb)] = (est.compute_s, est.comm_s, est.source)
-                    memory = int(est.memory_bytes)
+                    mem = est.memory
                 else:
-                    memory = self._resident(j, tp, mb, m)
-                row[tp] = LayerCost(timed[0], timed[1], memory)
+                    mem = self._memory(j, tp, mb, m)
+                row[tp] = LayerCost(timed[0], timed[1], int(mem.resident), int(mem.kv_cache))
                 source = timed[2]
             rows.append(row)
             sources.append(source)

@@ -9,7 +9,8 @@ A table describes one *microbatch size* (``batch_size / (dp * microbatches)`` sa
 - ``costs[j][tp]`` — one microbatch through layer ``j`` on a tensor-parallel group of
   ``tp`` devices: ``compute_s`` (kernels), ``comm_s`` (the TP collectives), and
   ``memory_bytes`` (what each device of the group holds for that layer: its weight shard,
-  activations in flight, KV cache of every microbatch the stage serves). A ``tp`` missing
+  activations in flight, KV cache of every microbatch the stage serves), of which
+  ``kv_cache_bytes`` is the KV cache (decode tables; 0 otherwise). A ``tp`` missing
   from ``costs[j]`` means layer ``j`` cannot run at that degree (heads do not divide).
 - ``boundary_bytes[j]`` — bytes sent from the stage holding layer ``j`` to the next one
   when a pipeline cut sits after layer ``j``, for one microbatch.
@@ -61,15 +62,22 @@ class LayerCost:
         compute_s: kernel time on each device of the group, seconds.
         comm_s: time of the layer's tensor-parallel collectives (0 at tp 1), seconds.
         memory_bytes: bytes each device of the group holds for this layer.
+        kv_cache_bytes: the part of ``memory_bytes`` that is the layer's KV cache (the
+            cache of every sequence the stage serves, this device's share of it); 0 for a
+            layer without a cache and for prefill tables.
     """
 
     compute_s: float
     comm_s: float
     memory_bytes: int
+    kv_cache_bytes: int = 0
 
     def __post_init__(self) -> None:
-        if self.compute_s < 0 or self.comm_s < 0 or self.memory_bytes < 0:
+        if self.compute_s < 0 or self.comm_s < 0 or self.memory_bytes < 0 \
+                or self.kv_cache_bytes < 0:
             raise ValueError(f"layer costs must be non-negative, got {self}")
+        if self.kv_cache_bytes > self.memory_bytes:
+            raise ValueError(f"kv_cache_bytes is a part of memory_bytes, got {self}")
 
     @property
     def time_s(self) -> float:
@@ -214,6 +222,11 @@ class CostTable:
         return self.workspace(tp) + sum(
             self.layer_memory_bytes(j, first, tp) for j in range(first, last + 1)
         )
+
+    def stage_kv_cache_bytes(self, first: int, last: int, tp: int) -> int:
+        """Per-device KV cache of a stage holding layers ``first..last`` at degree ``tp``
+        (a part of ``stage_memory_bytes``)."""
+        return sum(self.costs[j][tp].kv_cache_bytes for j in range(first, last + 1))
 
     def p2p_s(self, after_layer: int, inter_node: bool) -> float:
         """Time to send one microbatch's boundary tensors across the cut after a layer."""

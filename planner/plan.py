@@ -45,6 +45,7 @@ __all__ = [
     "PlanWorkload",
     "Parallelism",
     "StageCosts",
+    "LayerCosts",
     "PlanStage",
     "PlanLayer",
     "stage_sharding",
@@ -107,28 +108,81 @@ class StageCosts:
 
 
 @dataclass(frozen=True)
+class LayerCosts:
+    """``layers[j].costs["<tp>"]``: one microbatch through layer ``j`` at that degree.
+
+    Attributes:
+        compute_s: kernel time, seconds.
+        comm_s: tensor-parallel collectives, seconds.
+        memory_bytes: bytes each device of the group holds for the layer.
+        kv_cache_bytes: the part of ``memory_bytes`` that is the layer's KV cache (decode
+            plans; 0 otherwise and in files written before the key existed).
+    """
+
+    compute_s: float
+    comm_s: float
+    memory_bytes: int
+    kv_cache_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class PlanStage:
+    """One pipeline stage of the plan (docs/plan-format.md, ``stages[i]``).
+
+    Attributes:
+        layers: ``(first, last)``, inclusive.
+        tp: tensor-parallel degree.
+        devices: ``devices[r]``: the ``tp`` device ids of replica ``r``.
+        predicted: one microbatch through the stage (decode step for decode plans).
+        kv_heads_replicated: copies of each KV head kept because ``tp > kv_heads``.
+        sharding: the recorded tensor-parallel strategy (None at tp 1).
+        kv_cache_bytes: KV cache each device of the stage holds (a part of
+            ``predicted.memory_bytes``; 0 for prefill plans).
+        prefill_s: decode plans: one microbatch of the prompt's prefill through the stage
+            (compute and TP collectives), what ``predicted.ttft_s`` sums; None otherwise.
+        prefill_boundary_bytes: decode plans: bytes this stage sends to the next one for
+            one microbatch of the prefill (0 for the last stage); None otherwise.
+    """
+
     layers: tuple[int, int]
     tp: int
     devices: tuple[tuple[int, ...], ...]
     predicted: StageCosts
     kv_heads_replicated: int = 1
     sharding: StageSharding | None = None  # None at tp 1
+    kv_cache_bytes: int = 0
+    prefill_s: float | None = None
+    prefill_boundary_bytes: int | None = None
 
 
 @dataclass(frozen=True)
 class PlanLayer:
     name: str
     param_bytes: int
-    costs: Mapping[int, StageCosts]
+    costs: Mapping[int, LayerCosts]
     source: str = "predicted"  # "measured" (profiled on this device) or "predicted"
 
 
 @dataclass(frozen=True)
 class Predicted:
+    """The plan's predicted figures (docs/plan-format.md, ``predicted``).
+
+    Attributes:
+        latency_s: one batch (prefill) or one decode step of every microbatch (decode).
+        throughput_samples_per_s: ``batch_size / period``.
+        peak_memory_bytes: the largest stage memory per device.
+        ttft_s: decode plans: time to first token, the pipelined prefill of the plan's
+            microbatches of ``workload.seq_len``-token prompts on the same stages; None for
+            prefill plans and decode plans built without a prefill table.
+        tpot_s: decode plans: time per output token of one sequence, one round in which
+            every microbatch advances one token (the solver's period); None for prefill.
+    """
+
     latency_s: float
     throughput_samples_per_s: float
     peak_memory_bytes: int
+    ttft_s: float | None = None
+    tpot_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +238,10 @@ class Plan:
                       fingerprint: str, baselines: Mapping | None = None) -> Plan:
         """Assemble a plan from a ``Solution`` and the table of its microbatch size.
 
+        A decode plan gets ``predicted.tpot_s`` (the solution's period) and per stage the
+        KV cache bytes of its layers; ``ttft_s`` and ``stages[i].prefill_s`` need a prefill
+        table (``planner.api.plan_traced`` adds them).
+
         Args:
             solution: ``planner.solver.Solution``.
             table: the ``CostTable`` the solution was priced with.
@@ -193,8 +251,8 @@ class Plan:
             fingerprint: hash of the traced graph and shapes.
             baselines: ``planner.baselines.baselines(...)`` output, optional.
         """
-        def costs(c: LayerCost) -> StageCosts:
-            return StageCosts(c.compute_s, c.comm_s, c.memory_bytes)
+        def costs(c: LayerCost) -> LayerCosts:
+            return LayerCosts(c.compute_s, c.comm_s, c.memory_bytes, c.kv_cache_bytes)
 
         layers = tuple(
             PlanLayer(table.name(j), table.param_bytes[j] if table.param_bytes else 0,
@@ -213,13 +271,17 @@ class Plan:
                                    StageCosts(st.compute_s, st.comm_s, st.memory_bytes),
                                    st.kv_heads_replicated,
                                    stage_sharding(table, st.first, st.last, st.tp,
-                                                  is_last=i == len(solution.stages) - 1))
+                                                  is_last=i == len(solution.stages) - 1),
+                                   kv_cache_bytes=table.stage_kv_cache_bytes(st.first, st.last,
+                                                                             st.tp))
                          for i, st in enumerate(solution.stages)),
             layers=layers,
             boundaries=table.boundary_bytes,
             predicted=Predicted(solution.predicted.latency_s,
                                 solution.predicted.throughput_samples_per_s,
-                                solution.predicted.peak_memory_bytes),
+                                solution.predicted.peak_memory_bytes,
+                                tpot_s=(solution.predicted.period_s
+                                        if workload.phase == "decode" else None)),
             baselines={name: BaselineFigures(b.latency_s, b.throughput_samples_per_s,
                                              b.feasible, b.needs_memory_bytes)
                        for name, b in (baselines or {}).items()},
@@ -232,7 +294,8 @@ class Plan:
     def cost_table(self) -> CostTable:
         """The cost table stored in the plan (what the solver saw), for audits and re-solves."""
         return CostTable(
-            costs=tuple({t: LayerCost(c.compute_s, c.comm_s, c.memory_bytes)
+            costs=tuple({t: LayerCost(c.compute_s, c.comm_s, c.memory_bytes,
+                                      getattr(c, "kv_cache_bytes", 0))
                          for t, c in layer.costs.items()} for layer in self.layers),
             boundary_bytes=self.boundaries,
             intra_node=self.links["intra_node"],
@@ -261,7 +324,10 @@ class Plan:
                         "predicted": asdict(s.predicted),
                         "kv_heads_replicated": s.kv_heads_replicated,
                         "sharding": (s.sharding.to_json() if s.sharding is not None
-                                     else {"templates": [], "boundary": []})}
+                                     else {"templates": [], "boundary": []}),
+                        "kv_cache_bytes": s.kv_cache_bytes,
+                        "prefill_s": s.prefill_s,
+                        "prefill_boundary_bytes": s.prefill_boundary_bytes}
                        for s in self.stages],
             "layers": [{"name": layer.name, "param_bytes": layer.param_bytes,
                         "costs": {str(t): asdict(c) for t, c in layer.costs.items()},
@@ -354,10 +420,13 @@ class Plan:
                                    kv_heads_replicated=s["kv_heads_replicated"],
                                    sharding=(StageSharding.from_json(
                                        s["sharding"], s["tp"], d["parallelism"]["sequence_parallel"])
-                                       if s["tp"] > 1 and s["sharding"]["templates"] else None))
+                                       if s["tp"] > 1 and s["sharding"]["templates"] else None),
+                                   kv_cache_bytes=s["kv_cache_bytes"],
+                                   prefill_s=s["prefill_s"],
+                                   prefill_boundary_bytes=s["prefill_boundary_bytes"])
                          for s in d["stages"]),
             layers=tuple(PlanLayer(layer["name"], layer["param_bytes"],
-                                   {t: StageCosts(**c) for t, c in layer["costs"].items()},
+                                   {t: LayerCosts(**c) for t, c in layer["costs"].items()},
                                    layer["source"]) for layer in d["layers"]),
             boundaries=tuple(d["boundaries"]),
             predicted=Predicted(**d["predicted"]),
@@ -440,6 +509,26 @@ class Plan:
                     errors.append(f"stages[{i}].tp is {s.tp} but layers[{j}].costs has no "
                                   f"\"{s.tp}\" entry")
                     break
+            else:
+                kv = sum(getattr(self.layers[j].costs[s.tp], "kv_cache_bytes", 0)
+                         for j in range(first, min(last, L - 1) + 1))
+                if s.kv_cache_bytes != kv:
+                    errors.append(f"stages[{i}].kv_cache_bytes is {s.kv_cache_bytes}; its "
+                                  f"layers' costs[\"{s.tp}\"].kv_cache_bytes sum to {kv}")
+            if self.workload.phase != "decode" and (s.prefill_s is not None or
+                                                   s.prefill_boundary_bytes is not None):
+                errors.append(f"stages[{i}] has prefill_s or prefill_boundary_bytes; only "
+                              f"decode plans have them (this plan is {self.workload.phase})")
+        for j, layer in enumerate(self.layers):
+            for t, c in layer.costs.items():
+                if getattr(c, "kv_cache_bytes", 0) > c.memory_bytes:
+                    errors.append(f"layers[{j}].costs.\"{t}\".kv_cache_bytes is "
+                                  f"{c.kv_cache_bytes}, more than its memory_bytes "
+                                  f"{c.memory_bytes} (the KV cache is a part of it)")
+        if self.workload.phase != "decode" and (self.predicted.ttft_s is not None
+                                                or self.predicted.tpot_s is not None):
+            errors.append(f"predicted.ttft_s and predicted.tpot_s are null for a "
+                          f"{self.workload.phase} plan; only decode plans have them")
         if self.stages and expected != L:
             errors.append(f"stages end at layer {expected - 1}; layers[] has {L} layers, the "
                           f"last stage should end at {L - 1}")
@@ -532,6 +621,8 @@ _RATE = _Value(float, 0, strict=True)
 _COUNT = _Value(int, 0)
 _SECONDS = _Value(float, 0)
 _COSTS = _Object({"compute_s": _SECONDS, "comm_s": _SECONDS, "memory_bytes": _COUNT})
+_LAYER_COSTS = _Object({"compute_s": _SECONDS, "comm_s": _SECONDS, "memory_bytes": _COUNT,
+                        "kv_cache_bytes": _Value(int, 0, default=0)})
 _COLLECTIVE = _Object({"kind": _Value(str, choices=("all_reduce", "all_gather",
                                                     "reduce_scatter")),
                        "bytes": _COUNT, "after": _Value(str, default="")})
@@ -572,14 +663,19 @@ PLAN_SCHEMA = _Object({
             })),
             "boundary": _List(_COLLECTIVE, default=[]),
         }, default={"templates": [], "boundary": []}),
+        "kv_cache_bytes": _Value(int, 0, default=0),
+        "prefill_s": _Value(float, 0, nullable=True, default=None),
+        "prefill_boundary_bytes": _Value(int, 0, nullable=True, default=None),
     }), min_length=1),
     "layers": _List(_Object({
-        "name": _Value(str), "param_bytes": _COUNT, "costs": _Map(_COSTS, int_keys=True),
+        "name": _Value(str), "param_bytes": _COUNT, "costs": _Map(_LAYER_COSTS, int_keys=True),
         "source": _Value(str, choices=("predicted", "measured"), default="predicted"),
     }), min_length=1),
     "boundaries": _List(_COUNT),
     "predicted": _Object({"latency_s": _SECONDS, "throughput_samples_per_s": _RATE,
-                          "peak_memory_bytes": _COUNT}),
+                          "peak_memory_bytes": _COUNT,
+                          "ttft_s": _Value(float, 0, nullable=True, default=None),
+                          "tpot_s": _Value(float, 0, nullable=True, default=None)}),
     "baselines": _Map(_Object({
         "latency_s": _Value(float, 0, nullable=True),
         "throughput_samples_per_s": _Value(float, 0, nullable=True),

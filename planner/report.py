@@ -103,6 +103,8 @@ def render_plan(plan: Plan, console: Console) -> None:
         f"{p.throughput_samples_per_s:.2f} samples/s, peak memory {fmt_bytes(p.peak_memory_bytes)} "
         f"per device (usable {fmt_bytes(capacity)}); numbers are {plan.provenance}"
     )
+    if w.phase == "decode":
+        console.print(_decode_line(plan), highlight=False)
     if plan.baselines:
         bt = Table(title=f"baselines ({w.objective}: ratio = baseline / this plan)")
         for col in ("baseline", "latency", "throughput", "ratio"):
@@ -121,6 +123,17 @@ def render_plan(plan: Plan, console: Console) -> None:
         f"[bold]solver:[/] {s.name} {s.status}, objective {fmt_seconds(s.objective)}, bound "
         f"{fmt_seconds(s.bound)}, gap {s.gap:.2%}, {s.wall_s:.2f} s"
     )
+
+
+def _decode_line(plan: Plan) -> str:
+    """A decode plan's generation figures: TTFT (its prompt's prefill on the plan's
+    stages), TPOT (one round of every microbatch) and the KV cache each device holds."""
+    p, w = plan.predicted, plan.workload
+    ttft = (f"TTFT {fmt_seconds(p.ttft_s)} (prefill of {w.seq_len}-token prompts)"
+            if p.ttft_s is not None else "TTFT not priced (no prefill table)")
+    tpot = f"TPOT {fmt_seconds(p.tpot_s)}" if p.tpot_s is not None else "TPOT not priced"
+    kv = " / ".join(fmt_bytes(s.kv_cache_bytes) for s in plan.stages)
+    return f"decode: {ttft}, {tpot} per token; KV cache per device by stage: {kv}"
 
 
 def _render_sharding(plan: Plan, console: Console) -> None:

@@ -69,12 +69,44 @@ def test_file_has_every_documented_key(plan_and_case, tmp_path):
     assert {"dp", "pp", "microbatches", "sequence_parallel"} <= set(d["parallelism"])
     assert {"layers", "tp", "devices", "predicted"} <= set(d["stages"][0])
     assert set(d["stages"][0]["predicted"]) == {"compute_s", "comm_s", "memory_bytes"}
+    assert {"kv_cache_bytes", "prefill_s", "prefill_boundary_bytes"} <= set(d["stages"][0])
     assert set(d["layers"][0]["costs"]) == {"1", "2", "4"}
+    assert set(d["layers"][0]["costs"]["1"]) == {"compute_s", "comm_s", "memory_bytes",
+                                                 "kv_cache_bytes"}
     assert len(d["boundaries"]) == 5
-    assert set(d["predicted"]) == {"latency_s", "throughput_samples_per_s", "peak_memory_bytes"}
+    assert set(d["predicted"]) == {"latency_s", "throughput_samples_per_s", "peak_memory_bytes",
+                                   "ttft_s", "tpot_s"}
+    assert d["predicted"]["ttft_s"] is None and d["predicted"]["tpot_s"] is None  # prefill
     assert set(d["baselines"]) == {"even_tp_node", "pure_tp", "pure_pp", "pure_dp"}
     assert {"latency_s", "throughput_samples_per_s", "feasible"} <= set(d["baselines"]["pure_tp"])
     assert {"status", "objective", "bound", "wall_s"} <= set(d["solver"])
+
+
+def test_a_decode_table_s_kv_cache_and_period_are_recorded_and_round_trip(tmp_path):
+    """``LayerCost.kv_cache_bytes`` travels to ``layers[j].costs`` and sums into
+    ``stages[i].kv_cache_bytes``; a decode plan's ``tpot_s`` is the solution's period."""
+    def build(mbs, m):
+        rows = tuple({t: LayerCost(1e-3 * mbs / t, 2e-5 * (t > 1), 10**9 // t + 3 * mbs * m,
+                                   3 * mbs * m) for t in (1, 2)} for _ in range(4))
+        return CostTable(rows, (2**10 * mbs,) * 3, Link(1e-6, 1e11), Link(1e-5, 1e10), mbs, m)
+
+    cluster = Cluster(1, 2, "H100")
+    work = Workload(batch_size=4, phase="decode", context_len=16, objective="throughput")
+    sol = solve(build, cluster, work, pins={"pp": 2, "microbatches": 2})
+    table = build(sol.microbatch_size, sol.microbatches)
+    plan = Plan.from_solution(sol, table, cluster, work, model_name="toy", fingerprint="f")
+    for s in plan.stages:
+        first, last = s.layers
+        assert s.kv_cache_bytes == 3 * 4 * (last - first + 1) \
+            == table.stage_kv_cache_bytes(first, last, s.tp)
+    assert plan.predicted.tpot_s == sol.predicted.period_s == 4 / sol.predicted.throughput_samples_per_s
+    assert plan.predicted.ttft_s is None  # no prefill table given
+    path = tmp_path / "decode.json"
+    plan.save(path)
+    loaded = Plan.load(path)
+    assert loaded == plan
+    assert loaded.cost_table().costs == table.costs
+    assert check_plan(loaded, loaded.cost_table(), cluster, work) == []
 
 
 def _write(tmp_path, plan, edit):
@@ -110,6 +142,14 @@ def _set(d, dotted, value):
     (lambda d: d["boundaries"].pop(), "boundaries has 4 entries; 6 layers have 5 cuts"),
     (lambda d: _set(d, "cluster.num_devices", 5),
      "cluster.num_devices 5 != nodes 1 × devices_per_node 4"),
+    (lambda d: _set(d, "stages.0.kv_cache_bytes", 5),
+     "stages[0].kv_cache_bytes is 5; its layers' costs"),
+    (lambda d: d["layers"][0]["costs"]["1"].update(kv_cache_bytes=10**11),
+     "kv_cache_bytes is 100000000000, more than its memory_bytes"),
+    (lambda d: _set(d, "predicted.tpot_s", 1e-3),
+     "predicted.ttft_s and predicted.tpot_s are null for a prefill plan"),
+    (lambda d: _set(d, "stages.0.prefill_s", 1e-3), "only decode plans have them"),
+    (lambda d: _set(d, "predicted.ttft_s", -1.0), "key 'predicted.ttft_s' must be number >= 0"),
 ])
 def test_malformed_plan_files_raise_naming_the_key(plan_and_case, tmp_path, edit, message):
     path = _write(tmp_path, plan_and_case[0], edit)
