@@ -129,11 +129,11 @@ def _decode_line(plan: Plan) -> str:
     """A decode plan's generation figures: TTFT (its prompt's prefill on the plan's
     stages), TPOT (one round of every microbatch) and the KV cache each device holds."""
     p, w = plan.predicted, plan.workload
-    ttft = (f"TTFT {fmt_seconds(p.ttft_s)} (prefill of {w.seq_len}-token prompts)"
-            if p.ttft_s is not None else "TTFT not priced (no prefill table)")
-    tpot = f"TPOT {fmt_seconds(p.tpot_s)}" if p.tpot_s is not None else "TPOT not priced"
+    ttft = (f"TTFT {fmt_seconds(p.ttft_s)} ({w.seq_len}-token prompts)"
+            if p.ttft_s is not None else "TTFT not priced")
+    tpot = f"TPOT {fmt_seconds(p.tpot_s)}/token" if p.tpot_s is not None else "TPOT not priced"
     kv = " / ".join(fmt_bytes(s.kv_cache_bytes) for s in plan.stages)
-    return f"decode: {ttft}, {tpot} per token; KV cache per device by stage: {kv}"
+    return f"decode: {ttft}, {tpot}; KV cache per device by stage: {kv}"
 
 
 def _render_sharding(plan: Plan, console: Console) -> None:

@@ -227,5 +227,5 @@ def test_plan_summary_shows_ttft_and_tpot_for_decode_plans(gqa):
     render_plan(plan, console)
     text = console.export_text()
     line = next(x for x in text.splitlines() if x.startswith("decode:"))
-    assert f"prefill of {SEQ}-token prompts" in line and "TPOT" in line and "TTFT" in line
+    assert f"({SEQ}-token prompts)" in line and "TPOT" in line and "TTFT" in line
     assert "KV cache per device by stage: 24.00 KiB / 24.00 KiB" in line
