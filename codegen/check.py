@@ -280,7 +280,8 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
               tol: float = 1e-4, seed: int = 0, timeout_s: float = 600,
               collective_timeout_s: float = 60, repeats: int = 5, check_first: bool = True,
               log_path: str | Path | None = None, error_prefix: str = "",
-              prompt_len: int | None = None, new_tokens: int = 16) -> int:
+              prompt_len: int | None = None, new_tokens: int = 16,
+              json_output: bool = False) -> int:
     """Launch ``plan_path`` with torchrun on this machine and check it against the model.
 
     A decode plan generates instead (``generate_case``): a prefill of ``prompt_len`` tokens
@@ -303,6 +304,9 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
         log_path: where the job's stderr (all ranks and torchrun) goes; default a new
             ``fx-planner-run-*.log`` in the temp dir, removed when the job succeeds.
         error_prefix: put before the failure paragraph (``"error: "`` from the CLI).
+        prompt_len, new_tokens: decode plans: the prompt and the tokens to generate.
+        json_output: print rank 0's report as one JSON object (``check_report`` or
+            ``generation_report``) instead of its tables.
 
     Returns:
         0 when every output is within ``tol``; otherwise non-zero (torchrun's exit status,
@@ -334,7 +338,12 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
             args += ["--prompt-len", str(generation_lengths(plan, prompt_len, new_tokens)[0])]
         for key, value in (overrides or {}).items():
             args += ["--set", f"{key}={json.dumps(value)}"]
+        report = Path(status_dir, "report.json")
+        if json_output:
+            args += ["--json-out", str(report)]
         rc, seconds = _launch(torchrun_command(nproc, args), timeout_s, log_path)
+        if json_output and report.exists():
+            print(report.read_text())
         if rc != 0:
             status = _read_status(status_dir, nproc)
             stderr = log_path.read_text(errors="replace")
@@ -717,20 +726,45 @@ def generate_case(model_spec: str, overrides: dict, plan, *, prompt_len: int, ne
     generator = Generator(model, plan, tp_group=groups.tp,
                           timeout_s=timeout.total_seconds())
     _set_status(coords=[me.stage, me.replica, me.tp_rank], phase="generate")
+    # warm-up: traces both graphs and opens every send/recv pair and the token broadcast,
+    # so that TTFT is the prefill's, not the first connection's
+    generator.generate(ids, min(2, new_tokens), mask, eos, pad)
     dist.barrier()
     times: list[float] = []
-    out = generator.generate(ids, new_tokens, mask, eos, pad, times=times)
+    stage_times: dict[str, list[float]] = {"prefill": [], "decode": []}
+    out = generator.generate(ids, new_tokens, mask, eos, pad, times=times,
+                             stage_times=stage_times)
     source = layout.stages[-1].devices[me.replica][0]
     return {"rank": rank, "stage": me.stage, "replica": me.replica, "tp_rank": me.tp_rank,
             "rows": list(generator.rows), "tokens": out.tolist() if rank == source else None,
-            "reference": reference, "eos": eos, "times": times,
-            "cache_bytes": generator.cache_bytes, "context": generator.context_len}
+            "reference": reference, "eos": eos, "times": times, "stage_times": stage_times,
+            "cache_bytes": generator.cache_bytes, "context": generator.context_len,
+            "prompt_len": prompt_len, "new_tokens": new_tokens}
 
 
-def _report_generation(plan, results: list[dict], check: bool) -> int:
-    """Rank 0: tokens against the unsharded model's, TTFT and TPOT per replica."""
-    ref = results[0]["reference"]
-    eos = results[0]["eos"]
+def _stage_call_s(ranks: list[dict], phase: str) -> float | None:
+    """Median seconds of one call of a stage's module in ``phase``: the i-th calls of a
+    replica's tp ranks end with the slowest; every replica's calls pooled."""
+    calls = []
+    for replica in sorted({r["replica"] for r in ranks}):
+        lists = [r["stage_times"][phase] for r in ranks if r["replica"] == replica]
+        calls += [max(c) for c in zip(*lists)]
+    return statistics.median(calls) if calls else None
+
+
+def _quantiles(values: list[float]) -> dict:
+    if not values:
+        return {"median": None, "p10": None, "p90": None, "n": 0}
+    q = statistics.quantiles(values, n=10) if len(values) > 1 else [values[0]] * 9
+    return {"median": statistics.median(values), "p10": q[0], "p90": q[-1], "n": len(values)}
+
+
+def generation_report(plan, results: list[dict]) -> dict:
+    """What a decode plan's run measured next to what the plan predicts (``plan run
+    --json`` prints it): tokens against the unsharded model's up to each sequence's EOS,
+    per stage the KV-cache bytes a rank allocated and the seconds of its prefill and decode
+    calls, end to end TTFT and TPOT (a round: every unfinished microbatch one token on)."""
+    ref, eos = results[0]["reference"], results[0]["eos"]
     got = [None] * plan.workload.batch_size
     for r in results:
         if r["tokens"] is not None:
@@ -740,39 +774,88 @@ def _report_generation(plan, results: list[dict], check: bool) -> int:
     identical = total = 0
     first_mismatch = None
     for i, (mine, want) in enumerate(zip(got, ref, strict=True)):
-        n = len(want)
-        if eos is not None and eos in want:
-            n = want.index(eos) + 1  # up to and including the sequence's EOS
-        for j in range(n):
+        n = want.index(eos) + 1 if eos is not None and eos in want else len(want)
+        for j in range(n):  # up to and including the sequence's EOS
             total += 1
             if j < len(mine) and mine[j] == want[j]:
                 identical += 1
             elif first_mismatch is None:
-                first_mismatch = (i, j, mine[j] if j < len(mine) else None, want[j])
-    print(f"{'stage':>5} {'ranks':>10} {'cache bytes/rank':>17}")
-    for i in range(len(plan.stages)):
+                first_mismatch = {"sequence": i, "token": j,
+                                  "got": mine[j] if j < len(mine) else None, "want": want[j]}
+    stages = []
+    for i, stage in enumerate(plan.stages):
         ranks = [r for r in results if r["stage"] == i]
-        print(f"{i:>5} {','.join(str(r['rank']) for r in ranks):>10} "
-              f"{max(r['cache_bytes'] for r in ranks):>17}")
+        stages.append({
+            "stage": i, "ranks": [r["rank"] for r in ranks], "tp": stage.tp,
+            "kv_cache_bytes": {"allocated": max(r["cache_bytes"] for r in ranks),
+                               "predicted": stage.kv_cache_bytes},
+            "prefill_s": {"measured": _stage_call_s(ranks, "prefill"),
+                          "predicted": stage.prefill_s},
+            "decode_step_s": {"measured": _stage_call_s(ranks, "decode"),
+                              "predicted": stage.predicted.compute_s + stage.predicted.comm_s},
+        })
     sources = [r for r in results if r["tokens"] is not None]
-    ttft = max(r["times"][0] for r in sources)
-    steps = sorted(t for r in sources for t in r["times"][1:])
-    if steps:
-        q = statistics.quantiles(steps, n=10) if len(steps) > 1 else [steps[0]] * 9
-        tpot = (f"TPOT median {statistics.median(steps):.4f} s (p10 {q[0]:.4f} - p90 "
-                f"{q[-1]:.4f} s) over {len(steps)} steps")
+    rounds = sorted(t for r in sources for t in r["times"][1:])
+    first = results[0]
+    return {
+        "phase": "decode", "plan_device": plan.cluster.device,
+        "run_device": "cuda" if torch.cuda.is_available() else "cpu",
+        "batch": plan.workload.batch_size, "dp": plan.parallelism.dp,
+        "microbatches": plan.parallelism.microbatches, "context": first["context"],
+        "prompt_len": first["prompt_len"], "new_tokens": first["new_tokens"],
+        "tokens": {"identical": identical, "total": total, "first_mismatch": first_mismatch},
+        "stages": stages,
+        "ttft_s": {"measured": max(r["times"][0] for r in sources),
+                   "predicted": plan.predicted.ttft_s,
+                   "predicted_prompt_len": plan.workload.seq_len},
+        "tpot_s": {**_quantiles(rounds), "predicted": plan.predicted.tpot_s},
+        "decode_step_s": {"predicted": plan.predicted.latency_s},
+    }
+
+
+def _fmt_s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _print_generation(report: dict) -> None:
+    print(f"{'stage':>5} {'ranks':>10} {'cache bytes/rank':>17} {'predicted':>10} "
+          f"{'prefill s':>10} {'predicted':>10} {'decode step s':>14} {'predicted':>10}")
+    for st in report["stages"]:
+        kv, pre, dec = st["kv_cache_bytes"], st["prefill_s"], st["decode_step_s"]
+        print(f"{st['stage']:>5} {','.join(map(str, st['ranks'])):>10} {kv['allocated']:>17} "
+              f"{kv['predicted']:>10} {_fmt_s(pre['measured']):>10} "
+              f"{_fmt_s(pre['predicted']):>10} {_fmt_s(dec['measured']):>14} "
+              f"{_fmt_s(dec['predicted']):>10}")
+    ttft, tpot = report["ttft_s"], report["tpot_s"]
+    predicted_ttft = ("no TTFT prediction" if ttft["predicted"] is None else
+                      f"predicted {ttft['predicted']:.4f} s for {ttft['predicted_prompt_len']} "
+                      "tokens")
+    if tpot["n"]:
+        measured = (f"TPOT median {tpot['median']:.4f} s (p10 {tpot['p10']:.4f} - p90 "
+                    f"{tpot['p90']:.4f} s) over {tpot['n']} rounds")
     else:
-        tpot = "TPOT - (one token)"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"measured: TTFT {ttft:.4f} s (prefill of {results[0]['context']}-slot caches), "
-          f"{tpot}; plan predicts {plan.predicted.latency_s:.6f} s per decode step "
-          f"(for {plan.cluster.device}; this run is on {device}); no TTFT prediction yet")
-    print(f"tokens identical: {identical}/{total}")
-    if first_mismatch is not None and check:
-        i, j, mine, want = first_mismatch
-        print(f"FAILED: sequence {i}, new token {j}: {mine} where the unsharded model "
-              f"generates {want}", file=sys.stderr)
-        _set_status(state="accuracy", error=f"token mismatch at sequence {i}, step {j}")
+        measured = "TPOT - (one token)"
+    predicted_tpot = "" if tpot["predicted"] is None else f", predicted {tpot['predicted']:.4f} s"
+    print(f"end to end: TTFT {ttft['measured']:.4f} s for {report['prompt_len']}-token prompts "
+          f"({predicted_ttft}), {measured}{predicted_tpot}; the plan is for "
+          f"{report['plan_device']}, this run is on {report['run_device']}")
+    tokens = report["tokens"]
+    print(f"tokens identical: {tokens['identical']}/{tokens['total']}")
+
+
+def _report_generation(plan, results: list[dict], check: bool, json_path: str | None) -> int:
+    """Rank 0: the run's ``generation_report``, printed (or written to ``json_path``)."""
+    report = generation_report(plan, results)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    else:
+        _print_generation(report)
+    bad = report["tokens"]["first_mismatch"]
+    if bad is not None and check:
+        print(f"FAILED: sequence {bad['sequence']}, new token {bad['token']}: {bad['got']} "
+              f"where the unsharded model generates {bad['want']}", file=sys.stderr)
+        _set_status(state="accuracy",
+                    error=f"token mismatch at sequence {bad['sequence']}, step {bad['token']}")
         return 1
     return 0
 
@@ -812,6 +895,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed forward passes after the first (checked) one")
     p.add_argument("--prompt-len", type=int, default=None, help="decode plans: prompt tokens")
     p.add_argument("--new-tokens", type=int, default=16, help="decode plans: tokens to generate")
+    p.add_argument("--json-out", default=None, help="rank 0 writes its report here as JSON "
+                   "instead of printing it")
     a = p.parse_args(argv)
     timeout = datetime.timedelta(seconds=a.timeout)
     rank = int(os.environ.get("RANK", 0))
@@ -859,8 +944,8 @@ def _main(a, rank: int, timeout: datetime.timedelta) -> int:
             return 0
         _set_status(phase="report")
         if decode:
-            return _report_generation(plan, gathered, math.isfinite(a.tol))
-        return _report(plan, gathered, a.tol)
+            return _report_generation(plan, gathered, math.isfinite(a.tol), a.json_out)
+        return _report(plan, gathered, a.tol, a.json_out)
     finally:
         dist.destroy_process_group()
 
@@ -877,28 +962,53 @@ def _fmt_steps(steps: list[float]) -> tuple[str, str]:
     return f"{statistics.median(steps):10.4f}", f"{min(steps):10.4f}"
 
 
-def _report(plan, results: list[dict], tol: float) -> int:
+def check_report(plan, results: list[dict], tol: float) -> dict:
+    """What a forward plan's run measured next to what the plan predicts (``plan run
+    --json`` prints it): the worst error against the unsharded model, per stage its first
+    call and repeated steps, end to end."""
     errs = [r["max_abs_err"] for r in results if r["max_abs_err"] is not None]
-    worst = max(errs)
-    print(f"{'stage':>5} {'ranks':>10} {'first call s':>13} {'median s':>10} {'best s':>10} "
-          f"{'predicted compute s':>20}")  # fmt: skip
+    stages = []
     for i, stage in enumerate(plan.stages):
         ranks = [r for r in results if r["stage"] == i]
-        first = max(r["seconds"] for r in ranks)
-        median, best = _fmt_steps(_step_times(ranks))
-        print(f"{i:>5} {','.join(str(r['rank']) for r in ranks):>10} {first:>13.4f} {median} "
-              f"{best} {stage.predicted.compute_s:>20.6f}")  # fmt: skip
+        steps = _step_times(ranks)
+        stages.append({"stage": i, "ranks": [r["rank"] for r in ranks],
+                       "first_call_s": max(r["seconds"] for r in ranks),
+                       "median_s": statistics.median(steps) if steps else None,
+                       "best_s": min(steps) if steps else None,
+                       "predicted_compute_s": stage.predicted.compute_s})
     steps = _step_times(results)
-    first = max(r["seconds"] for r in results)
-    if steps:
-        measured = (f"best {min(steps):.4f} s, median {statistics.median(steps):.4f} s over "
-                    f"{len(steps)} steps after a first call of {first:.4f} s")  # fmt: skip
+    return {"phase": plan.workload.phase, "plan_device": plan.cluster.device,
+            "run_device": "cuda" if torch.cuda.is_available() else "cpu",
+            "max_abs_err": max(errs), "tol": tol, "stages": stages,
+            "step_s": {"first_call": max(r["seconds"] for r in results),
+                       "median": statistics.median(steps) if steps else None,
+                       "best": min(steps) if steps else None, "n": len(steps),
+                       "predicted": plan.predicted.latency_s}}
+
+
+def _report(plan, results: list[dict], tol: float, json_path: str | None) -> int:
+    report = check_report(plan, results, tol)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
     else:
-        measured = f"{first:.4f} s (one step)"
-    print(f"end to end: measured {measured}; plan predicts {plan.predicted.latency_s:.6f} s"
-          f" (prediction is for {plan.cluster.device}; this run is on "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'})")
-    print(f"max abs error vs the unsharded model: {worst:.3e} (tolerance {tol:.0e})")
+        print(f"{'stage':>5} {'ranks':>10} {'first call s':>13} {'median s':>10} {'best s':>10} "
+              f"{'predicted compute s':>20}")  # fmt: skip
+        for st in report["stages"]:
+            print(f"{st['stage']:>5} {','.join(map(str, st['ranks'])):>10} "
+                  f"{st['first_call_s']:>13.4f} {_fmt_s(st['median_s']):>10} "
+                  f"{_fmt_s(st['best_s']):>10} {st['predicted_compute_s']:>20.6f}")
+        step = report["step_s"]
+        if step["n"]:
+            measured = (f"best {step['best']:.4f} s, median {step['median']:.4f} s over "
+                        f"{step['n']} steps after a first call of {step['first_call']:.4f} s")
+        else:
+            measured = f"{step['first_call']:.4f} s (one step)"
+        print(f"end to end: measured {measured}; plan predicts {step['predicted']:.6f} s"
+              f" (prediction is for {report['plan_device']}; this run is on "
+              f"{report['run_device']})")
+        print(f"max abs error vs the unsharded model: {report['max_abs_err']:.3e} "
+              f"(tolerance {tol:.0e})")
+    worst = report["max_abs_err"]
     if worst > tol:
         print("FAILED: outputs differ beyond tolerance", file=sys.stderr)
         _set_status(state="accuracy", error=f"max abs error {worst:.3e} > tolerance {tol:.0e}")

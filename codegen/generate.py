@@ -1,21 +1,26 @@
-"""Greedy generation across pipeline stages and tensor-parallel groups (issue 12, part).
+"""Greedy generation across pipeline stages and tensor-parallel groups (issue 12).
 
 Every rank holds one stage of a traced ``planner.decode.DecodeStep``: its prefill graph
 (traced at the prompt length) and its decode graph (one token), both cut by
 ``codegen.stage_split.split_stages`` and sharded for the rank's tensor-parallel rank by
 ``codegen.tensor_parallel.shard_stage``, so the rank keeps only its stage's blocks' KV
-cache, and of it only its piece (split by KV heads where attention is). One step:
+cache, and of it only its piece (split by KV heads where attention is).
+
+A replica's sequences are split into ``microbatches`` groups, each with its own cache,
+kept in flight together: stage i runs group j's step while stage i + 1 runs group j - 1's.
+One step of one group:
 
 - the first stage runs on the step's tokens, positions and cache mask, every later stage on
   the tensors the stage before sends it (``recv_from``; the boundary values are replicated
   over a tp group, so one peer suffices), and sends its own on (``send_to``);
-- every stage keeps its updated cache;
-- the last stage picks the next token (greedy, with EOS and padding as transformers'
-  ``generate`` does) and broadcasts it from ``source`` to every rank, which all update the
-  positions and masks the same way.
+- every stage keeps the group's updated cache;
+- the last stage picks the group's next tokens (``planner.decode.GreedyState``: greedy, with
+  EOS and padding as transformers' ``generate`` does) and broadcasts them from ``source``
+  to every rank of the replica, asynchronously: a rank waits for group j's tokens only when
+  it is about to run group j's next step, and runs the other groups' steps meanwhile.
 
-Groups of sequences are not yet kept in flight across stages (each step drains the
-pipeline); docs/generation.md says what is missing.
+Every rank issues the broadcasts in the same order (round by round, group by group), and
+all know every token, so they stop each group at the same step.
 """
 
 from __future__ import annotations
@@ -28,110 +33,122 @@ import torch.distributed as dist
 
 from codegen.runtime import _wait
 from codegen.stage_split import StageGraph
-from planner.decode import prompt_positions
+from planner.decode import GreedyState
 
-__all__ = ["generate_stage"]
+__all__ = ["generate_stage", "Generator"]
+
+#: p2p tags of one group step: ``(round * groups + group) * _TAGS + i`` for its i-th tensor.
+_TAGS = 64
 
 
 @torch.no_grad()
 def generate_stage(prefill: StageGraph, decode: StageGraph, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None, max_new_tokens: int,
                    eos_token_id: int | None = None, pad_token_id: int | None = None, *,
-                   context_len: int,
+                   context_len: int, microbatches: int = 1,
                    recv_from: int | None = None, send_to: tuple[int, ...] = (),
                    source: int = 0, group=None, timeout_s: float = 60.0,
-                   times: list[float] | None = None) -> torch.Tensor:
+                   times: list[float] | None = None,
+                   stage_times: dict[str, list[float]] | None = None) -> torch.Tensor:
     """Generate greedily with this rank's stage; every rank returns the same tokens.
 
     Args:
-        prefill, decode: this rank's stage of the prompt-length and one-token graphs
-            (same layers, sharded alike: their cache inputs have the same local shapes).
-        input_ids, attention_mask: the prompts ``[b, T]``, left-padded (every rank).
+        prefill, decode: this rank's stage of the prompt-length and one-token graphs, traced
+            for one group (``b / microbatches`` rows) and sharded alike (their cache inputs
+            have the same local shapes).
+        input_ids, attention_mask: the replica's prompts ``[b, T]``, left-padded (every rank).
         max_new_tokens, eos_token_id, pad_token_id: as in transformers' ``generate``.
         context_len: the cache's slots (the ``DecodeStep``'s context).
+        microbatches: groups of ``b / microbatches`` sequences kept in flight.
         recv_from: the global rank this stage receives its inputs from (None: first stage).
         send_to: the ranks of the next stage this rank sends to (empty: last stage).
         source: the global rank whose tokens every rank takes (one of the last stage).
         group: the ranks that generate these sequences together (one dp replica's; default
             every rank): the token broadcast runs on it.
         timeout_s: limit of every send, receive and broadcast.
-        times: when given, gets the seconds of the prefill step, then of each decode step,
-            each up to its token being known on this rank.
+        times: when given, gets the seconds until every group's first token is known on this
+            rank (TTFT), then of each round (every unfinished group one token further).
+        stage_times: when given, ``{"prefill": [...], "decode": [...]}`` gets the seconds of
+            each call of this rank's stage module (its compute and collectives, not the
+            waits for the stage before).
 
     Returns:
-        The new tokens ``[b, n]``, ``n <= max_new_tokens``.
+        The new tokens ``[b, n]``, ``n <= max_new_tokens`` (a group that finished early is
+        filled with the pad id, as one batch would be).
     """
     timeout = datetime.timedelta(seconds=timeout_s)
     first, last = recv_from is None, not send_to
     b, T = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    real = attention_mask.bool()
-    specs = {id(s): [(tuple(n.meta["val"].shape), n.meta["val"].dtype)
-                     for n in s.module.graph.nodes if n.op == "placeholder"]
-             for s in (prefill, decode)}
-    cache = [torch.zeros(shape, dtype=dtype) for shape, dtype in
-             specs[id(decode)][len(decode.inputs) - len(decode.state_inputs):]]
+    m = microbatches
+    if m < 1 or b % m:
+        raise ValueError(f"{b} sequences cannot be split into {m} equal groups")
     if T + max_new_tokens > context_len:
         raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed the cache's "
                          f"{context_len} slots")
-    pad = eos_token_id if pad_token_id is None else pad_token_id
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    rows = b // m
+    ids = input_ids.split(rows)
+    seqs = [GreedyState(mask, context_len, max_new_tokens, eos_token_id, pad_token_id)
+            for mask in attention_mask.split(rows)]
+    specs = {id(s): [(tuple(n.meta["val"].shape), n.meta["val"].dtype)
+                     for n in s.module.graph.nodes if n.op == "placeholder"]
+             for s in (prefill, decode)}
+    caches = [[torch.zeros(shape, dtype=dtype) for shape, dtype in
+               specs[id(decode)][len(decode.inputs) - len(decode.state_inputs):]]
+              for _ in range(m)]
     rank = dist.get_rank()
+    pending: list = [None] * m  # per group: (broadcast work, its token tensor)
 
-    def step(stage: StageGraph, ids, pos, mask, tag: int):
-        nonlocal cache
+    def step(stage: StageGraph, g: int, inputs, tag: int) -> None:
+        """Group g's step through this stage, then its token's broadcast (issued, not
+        awaited)."""
         n_in = len(stage.inputs) - len(stage.state_inputs)
         if first:
-            args = [ids, pos, mask]
+            args = list(inputs)
         else:
             args = [torch.empty(shape, dtype=dtype) for shape, dtype in specs[id(stage)][:n_in]]
             for i, t in enumerate(args):
-                _wait(dist.irecv(t, src=recv_from, tag=tag * 64 + i), timeout,
+                _wait(dist.irecv(t, src=recv_from, tag=tag * _TAGS + i), timeout,
                       f"rank {rank} waiting for step {tag} from rank {recv_from}")
-        out = stage.module(*args, *cache)
+        start = time.perf_counter()
+        out = stage.module(*args, *caches[g])
+        if stage_times is not None:
+            stage_times["prefill" if stage is prefill else "decode"].append(
+                time.perf_counter() - start)
         n_out = len(out) - len(stage.state_outputs)
-        sent, cache = out[:n_out], list(out[n_out:])
-        works = [(dist.isend(t.contiguous(), dst=dst, tag=tag * 64 + i), dst)
+        sent, caches[g] = out[:n_out], list(out[n_out:])
+        works = [(dist.isend(t.contiguous(), dst=dst, tag=tag * _TAGS + i), dst)
                  for dst in send_to for i, t in enumerate(sent)]
         for w, dst in works:
             _wait(w, timeout, f"rank {rank} sending step {tag} to rank {dst}")
-        return sent[0][:, -1] if last else None
+        token = seqs[g].choose(sent[0][:, -1]) if last else torch.zeros(rows, dtype=torch.long)
+        pending[g] = (dist.broadcast(token, src=source, group=group, async_op=True), token)
 
-    def share(logits, done):
-        token = torch.zeros(b, dtype=torch.long)
-        if last:
-            token = logits.argmax(-1)
-        if eos_token_id is not None:
-            token = torch.where(done, torch.full_like(token, pad), token)
-        _wait(dist.broadcast(token, src=source, group=group, async_op=True), timeout,
-              f"rank {rank} waiting for the next token from rank {source}")
+    def token_of(g: int) -> torch.Tensor:
+        work, token = pending[g]
+        _wait(work, timeout, f"rank {rank} waiting for the next token from rank {source}")
         return token
 
-    positions = prompt_positions(real)
-    lengths = real.sum(-1)
-    slots = torch.arange(context_len)
-    valid = slots[None, :] < lengths[:, None]
     clock = time.perf_counter()
-    logits = step(prefill, input_ids, positions, valid, 0)
-    done = torch.zeros(b, dtype=torch.bool)
-    position = lengths.clone()
-    out = []
-    for n in range(max_new_tokens):
-        token = share(logits, done)
-        if times is not None:
-            now = time.perf_counter()
-            times.append(now - clock)
-            clock = now
-        if eos_token_id is not None:
-            done = done | (token == eos_token_id)
-        out.append(token)
-        if n == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
-            break
-        valid = valid | (slots[None, :] == position[:, None])
-        logits = step(decode, token[:, None], position[:, None], valid, n + 1)
-        position = position + 1
-    return torch.stack(out, dim=1) if out else input_ids.new_zeros(b, 0)
-
+    for g in range(m):
+        s = seqs[g]
+        step(prefill, g, (ids[g], s.positions, s.valid), g)
+    active, rounds = list(range(m)), 0
+    while active:
+        rounds += 1
+        for g in list(active):
+            token = token_of(g)
+            if g == active[-1] and times is not None:
+                now = time.perf_counter()
+                times.append(now - clock)
+                clock = now
+            if seqs[g].accept(token):
+                active.remove(g)
+                continue
+            step(decode, g, seqs[g].advance(token), rounds * m + g)
+    width = max(len(s.out) for s in seqs)
+    return torch.cat([s.tokens(width) for s in seqs], 0)
 
 
 class Generator:
@@ -139,15 +156,15 @@ class Generator:
 
     Built on every rank of the job (it creates one process group per dp replica, so every
     rank must build it, in the same order). ``generate`` traces the model's
-    ``planner.decode.DecodeStep`` at the prompt length and at one token for this replica's
-    rows (cached per prompt length), cuts the plan's stages, shards this rank's stage with
+    ``planner.decode.DecodeStep`` at the prompt length and at one token for one microbatch
+    of this replica's rows (cached per shape), cuts the plan's stages, shards this rank's stage with
     the plan's recorded strategy (the inserted collectives are checked against the record:
     kinds and counts) and runs ``generate_stage``. It keeps a reference to the full model
     to trace new prompt lengths: the memory of the whole model stays on every rank.
 
     Attributes:
         context_len: the plan's KV-cache context (prompt + new tokens fit in it).
-        cache_bytes: this rank's KV-cache bytes, once ``generate`` ran.
+        cache_bytes: this rank's KV-cache bytes (every microbatch's), once ``generate`` ran.
     """
 
     def __init__(self, model, plan, *, tp_group=None, timeout_s: float = 60.0) -> None:
@@ -192,21 +209,28 @@ class Generator:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
                  attention_mask: torch.Tensor | None = None, eos_token_id: int | None = None,
                  pad_token_id: int | None = None, *,
-                 times: list[float] | None = None) -> torch.Tensor:
+                 times: list[float] | None = None,
+                 stage_times: dict[str, list[float]] | None = None) -> torch.Tensor:
         """Greedy generation for the global batch ``input_ids`` ``[B, T]`` (left-padded,
-        the same on every rank): this rank's replica generates its rows; returns their new
-        tokens ``[B / dp, n]`` on every rank of the replica (``rows`` says which)."""
+        the same on every rank): this rank's replica generates its rows, in the plan's
+        microbatches kept in flight across the stages; returns their new tokens
+        ``[B / dp, n]`` on every rank of the replica (``rows`` says which). ``times`` and
+        ``stage_times`` as in ``generate_stage``."""
         B, T = input_ids.shape
         dp = self.layout.dp
         if B % dp:
             raise ValueError(f"batch {B} is not divisible by the plan's dp {dp}")
-        rows = B // dp
+        rows, m = B // dp, self.layout.microbatches
+        if rows % m:
+            raise ValueError(f"the {rows} sequences of a replica (batch {B} / dp {dp}) cannot "
+                             f"be split into the plan's {m} microbatches: use a batch that "
+                             f"dp x microbatches = {dp * m} divides")
         lo = self.me.replica * rows
         self.rows = (lo, lo + rows)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        prefill, decode = self._stage(rows, T), self._stage(rows, 1)
-        self.cache_bytes = sum(
+        prefill, decode = self._stage(rows // m, T), self._stage(rows // m, 1)
+        self.cache_bytes = m * sum(
             n.meta["val"].numel() * n.meta["val"].element_size()
             for n in decode.module.graph.nodes
             if n.op == "placeholder" and n.name in decode.state_inputs)
@@ -214,7 +238,8 @@ class Generator:
         return generate_stage(prefill, decode, input_ids[lo:lo + rows],
                               attention_mask[lo:lo + rows], max_new_tokens, eos_token_id,
                               pad_token_id, context_len=self.context_len,
-                              recv_from=recv_from, send_to=send_to,
+                              microbatches=m, recv_from=recv_from, send_to=send_to,
                               source=self.layout.stages[-1].devices[self.me.replica][0],
                               group=self.replicas[self.me.replica],
-                              timeout_s=self.timeout_s, times=times)
+                              timeout_s=self.timeout_s, times=times,
+                              stage_times=stage_times)

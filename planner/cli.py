@@ -455,6 +455,9 @@ def _run(argv: list[str]) -> int:
                    "--new-tokens)")
     p.add_argument("--new-tokens", type=int, default=16,
                    help="decode plans: greedy tokens to generate after the prompt")
+    p.add_argument("--json", action="store_true",
+                   help="print the report (error or tokens, measured and predicted times, "
+                   "per stage and end to end) as one JSON object")
     args = p.parse_args(argv)
     if args.repeats < 0:
         raise _UsageError(f"--repeats must be >= 0, got {args.repeats}")
@@ -478,7 +481,8 @@ def _run(argv: list[str]) -> int:
                            tol=args.tol if args.check else math.inf, timeout_s=args.timeout,
                            collective_timeout_s=args.collective_timeout, repeats=args.repeats,
                            check_first=False, error_prefix="error: ",
-                           prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+                           prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                           json_output=args.json)
     except RunInterrupted as e:  # every rank process has been ended
         print(f"error: {e}", file=sys.stderr)
         return 130

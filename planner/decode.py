@@ -55,6 +55,7 @@ import torch.nn as nn
 from planner.models.gpt import GPT
 
 __all__ = [
+    "GreedyState",
     "CacheSpec",
     "DecodeError",
     "DecodeStep",
@@ -380,6 +381,82 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(real, pos_real, pos_pad)
 
 
+
+class GreedyState:
+    """The bookkeeping of greedy generation for one batch of left-padded prompts, shared by
+    the single-process loop (``greedy_generate``) and the distributed one
+    (``codegen.generate.generate_stage``, one per group of sequences in flight).
+
+    A step's inputs are the tokens, their positions (= cache slots) and the cache mask of
+    the slots that hold a real token once the step's tokens are written. A sequence that
+    produced ``eos_token_id`` is finished: it is given ``pad_token_id`` from then on (as
+    transformers' ``generate`` does). Generation ends after ``max_new_tokens`` or when every
+    sequence finished.
+
+    >>> s = GreedyState(torch.tensor([[0, 1, 1], [1, 1, 1]]), 8, 2, eos_token_id=5,
+    ...                 pad_token_id=0)
+    >>> s.positions.tolist(), s.valid[:, :4].int().tolist()
+    ([[2, 0, 1], [0, 1, 2]], [[1, 1, 0, 0], [1, 1, 1, 0]])
+    >>> s.accept(torch.tensor([5, 7]))
+    False
+    >>> ids, pos, valid = s.advance(torch.tensor([5, 7]))
+    >>> pos.tolist(), s.choose(torch.eye(8)[[3, 4]]).tolist()
+    ([[2], [3]], [0, 4])
+    """
+
+    def __init__(self, attention_mask: torch.Tensor, context_len: int, max_new_tokens: int,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        real = attention_mask.bool()
+        if not bool(real.any(-1).all()):
+            raise ValueError("every prompt needs at least one token (attention_mask is all 0 "
+                             "in a row)")
+        self.max_new_tokens = max_new_tokens
+        self.eos = eos_token_id
+        self.pad = eos_token_id if pad_token_id is None else pad_token_id
+        if self.eos is not None and self.pad is None:
+            raise ValueError("pad_token_id is needed")
+        self.positions = prompt_positions(real)  # [b, T]: the prompt's slots
+        self.position = real.sum(-1)  # [b]: the next token's position per sequence
+        self.slots = torch.arange(context_len, device=real.device)
+        self.valid = self.slots[None, :] < self.position[:, None]  # the prompt's, once written
+        self.done = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
+        self.out: list[torch.Tensor] = []
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every sequence from its last logits ``[b, vocab]``: the argmax,
+        or the pad id for a finished sequence."""
+        token = logits.argmax(-1)
+        if self.eos is not None:
+            token = torch.where(self.done, torch.full_like(token, self.pad), token)
+        return token
+
+    def accept(self, token: torch.Tensor) -> bool:
+        """Record the chosen ``token`` ``[b]``; True when generation is over."""
+        if self.eos is not None:
+            self.done = self.done | (token == self.eos)
+        self.out.append(token)
+        return len(self.out) >= self.max_new_tokens or (
+            self.eos is not None and bool(self.done.all()))
+
+    def advance(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next decode step's ``(input_ids [b, 1], positions [b, 1], cache_mask)``."""
+        self.valid = self.valid | (self.slots[None, :] == self.position[:, None])
+        pos = self.position[:, None]
+        self.position = self.position + 1
+        return token[:, None], pos, self.valid
+
+    def tokens(self, width: int | None = None) -> torch.Tensor:
+        """The generated ids ``[b, n]``, right-filled with the pad id up to ``width``."""
+        b = self.done.shape[0]
+        out = torch.stack(self.out, 1) if self.out else self.done.new_zeros(b, 0, dtype=torch.long)
+        if width is not None and width > out.shape[1]:
+            fill = self.pad if self.pad is not None else 0
+            out = torch.cat([out, out.new_full((b, width - out.shape[1]), fill)], 1)
+        return out
+
+
 def _step_inputs(step: Any, batch: int, device: torch.device
                  ) -> tuple[StepFn, list[torch.Tensor], int, int | None]:
     """(the callable, an empty cache, the context length, the step's fixed tokens per call
@@ -439,20 +516,12 @@ def greedy_generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     real = attention_mask.bool()
-    if not bool(real.any(-1).all()):
-        raise ValueError("every prompt needs at least one token (attention_mask is all 0 in a row)")
     step, cache, context, tokens = _step_inputs(step, b, device)
     if T + max_new_tokens > context:
         raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed the step's context "
                          f"of {context} slots")
-    pad = eos_token_id if pad_token_id is None else pad_token_id
-    if eos_token_id is not None and pad is None:
-        raise ValueError("pad_token_id is needed")
-
-    positions = prompt_positions(real)  # [b, T]
-    lengths = real.sum(-1)  # [b]
-    slots = torch.arange(context, device=device)
-    valid = slots[None, :] < lengths[:, None]  # the prompt's slots, once written
+    seqs = GreedyState(attention_mask, context, max_new_tokens, eos_token_id, pad_token_id)
+    positions, valid = seqs.positions, seqs.valid
 
     def call(fn, ids, pos, mask, cache):
         out = fn(ids, pos, mask, *cache)
@@ -461,28 +530,15 @@ def greedy_generate(
     if tokens is None or prefill is not None:
         fn = step if prefill is None else _step_inputs(prefill, b, device)[0]
         logits, cache = call(fn, input_ids, positions, valid, cache)
-        last = logits[:, -1]
     else:  # the one-token graph: write the prompt column by column
         seen = torch.zeros_like(valid)
         for i in range(T):
             pos = positions[:, i : i + 1]
-            seen = seen | ((slots[None, :] == pos) & real[:, i : i + 1])
+            seen = seen | ((seqs.slots[None, :] == pos) & real[:, i : i + 1])
             logits, cache = call(step, input_ids[:, i : i + 1], pos, seen, cache)
-        last = logits[:, -1]
+    while True:
+        token = seqs.choose(logits[:, -1])
+        if seqs.accept(token):
+            return seqs.tokens()
+        logits, cache = call(step, *seqs.advance(token), cache)
 
-    out = []
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    position = lengths.clone()  # the next token's position per sequence
-    for n in range(max_new_tokens):
-        token = last.argmax(-1)
-        if eos_token_id is not None:
-            token = torch.where(done, torch.full_like(token, pad), token)
-            done = done | (token == eos_token_id)
-        out.append(token)
-        if n == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
-            break
-        valid = valid | (slots[None, :] == position[:, None])
-        logits, cache = call(step, token[:, None], position[:, None], valid, cache)
-        last = logits[:, -1]
-        position = position + 1
-    return torch.stack(out, dim=1) if out else input_ids.new_zeros(b, 0)
