@@ -266,7 +266,30 @@ def preflight(plan, model_spec: str, overrides: dict | None = None, *,
         given = f"{model_spec}" + "".join(f" --set {k}={json.dumps(v)}"
                                           for k, v in (overrides or {}).items())
         raise PlanFormatError(f"{e} (`plan run` built: {given})") from None
+    if w.phase == "decode":
+        _check_generates(plan, lm, model_spec)
     return need
+
+
+def _check_generates(plan, lm, model_spec: str) -> None:
+    """A decode plan's model must trace as a ``planner.decode.DecodeStep`` (its one-token
+    step with the KV cache as graph state), on the device it was built on; else
+    ``RunRefused`` naming the reason, before any rank starts."""
+    from planner.decode import DecodeError, DecodeStep
+    from planner.tracing import TraceError, trace
+
+    context = (plan.extra.get("workload_full") or {}).get("context_len") or plan.workload.seq_len
+    try:
+        step = DecodeStep(lm.model, context_len=context)
+        trace(step, step.example_inputs(batch=1, tokens=1))
+    except (DecodeError, TraceError, NotImplementedError, TypeError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise RunRefused(
+            f"{model_spec} cannot generate with fx-planner: its decode step (one token with "
+            f"the KV cache as graph state, planner.decode.DecodeStep) does not trace: {first}. "
+            "Models that generate: the zoo GPT presets and HF llama, gpt2, qwen2, phi3, "
+            "mistral and gemma (docs/generation.md); plan this model with --phase prefill to "
+            "run its forward pass.") from None
 
 
 def torchrun_command(nproc: int, worker_args: list[str]) -> list[str]:

@@ -96,6 +96,19 @@ def test_a_plan_with_an_empty_workload_is_refused_before_any_rank(tiny_plan, tmp
     assert f"batch_size is {value}" in err or key in err, err
 
 
+def test_a_decode_plan_of_a_model_that_cannot_generate_is_refused_before_any_rank(
+        tmp_path, capsys, no_launch):
+    """OPT's attention asks its cache for one sequence length, which a per-sequence cache
+    does not have: its decode step does not trace, and `plan run` says so before launch."""
+    plan = _make_plan(tmp_path / "opt.json", "hf:opt", "--set", "hidden_size=64", "--set",
+                      "ffn_dim=128", "--set", "num_hidden_layers=2", "--set",
+                      "num_attention_heads=4", "--set", "vocab_size=256", "--cluster", "2xcpu",
+                      "--phase", "decode", "--batch", "2", "--seq", "8", "--context", "24",
+                      "--alternatives", "0")
+    err = _refused(capsys, ["run", str(plan), "--check"])
+    assert "hf:opt cannot generate" in err and "--phase prefill" in err, err
+
+
 @pytest.mark.parametrize("flag", [["--tol", "-1"], ["--tol", "nan"], ["--timeout", "0"],
                                   ["--collective-timeout", "-5"]])
 def test_bad_run_flags_are_refused(tiny_plan, capsys, no_launch, flag):
