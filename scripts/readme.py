@@ -61,6 +61,10 @@ BLOCKS = (
     Block("run-check", ("plan llama-tiny --cluster 4xcpu --batch 4 --seq 32 --tp 2 --out plan.json",
                         "plan run plan.json --check"),
           volatile=(_FLOAT,)),
+    Block("generate", ("plan llama-tiny --cluster 2xcpu --phase decode --batch 4 --seq 16 "
+                       "--context 48 --pp 2 --microbatches 2 --alternatives 0 --out decode.json",
+                       "plan run decode.json --check"),
+          volatile=(_FLOAT,)),
     Block("errors", ("plan lama-3-70b",
                      "plan llama-3-70b --cluster 8xH100 --tp 16",
                      "plan llama-3-8b --cluster 1xH100 --phase decode --batch 64 --context 8192"),
