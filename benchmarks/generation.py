@@ -92,6 +92,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from dtensor_baseline import dtensor_llama  # noqa: E402  (this folder, sys.path[0])
 
 MODEL = "hf:llama"
 CONFIG = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4,
@@ -135,28 +136,6 @@ def _init(timeout_s: float) -> None:
 # --------------------------------------------------------------------------- part 1 worker
 
 
-def _dtensor_model(model, mesh):
-    """The torchtitan tp plan (see the module docstring)."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
-
-    plan = {f"self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")}
-    plan |= {"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
-             "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
-    for layer in model.model.layers:
-        parallelize_module(layer, mesh, plan)
-    parallelize_module(model, mesh, {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(),
-                                              output_layouts=Replicate()),
-        "lm_head": ColwiseParallel(output_layouts=Replicate()),
-    })
-    return model
-
-
 def _our_stages(model, batch: int, prompt: int, context: int, tp: int, rank: int,
                 group_name: str):
     """This rank's one-stage prefill and decode graphs, sharded for tp."""
@@ -189,7 +168,7 @@ def worker_compare(a) -> None:
     group = dist.new_group(list(range(world)), timeout=timeout)
     context = a.prompt + a.new_tokens
     model = load_model(MODEL, CONFIG, seed=SEED).model.eval()
-    dt_model = _dtensor_model(copy.deepcopy(model), DeviceMesh("cpu", list(range(world))))
+    dt_model = dtensor_llama(copy.deepcopy(model), DeviceMesh("cpu", list(range(world))))
     q = dt_model.model.layers[0].self_attn.q_proj.weight
     assert isinstance(q, DTensor) and q.to_local().shape[0] * world == q.shape[0]
     dt_step = DecodeStep(dt_model, context_len=context)  # probes: local KV heads

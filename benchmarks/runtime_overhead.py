@@ -38,30 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from dtensor_baseline import dtensor_llama  # noqa: E402  (this folder, sys.path[0])
 
 CONFIG = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
           "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 2048}
-
-
-def _dtensor_model(model, mesh):
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
-
-    plan = {f"self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")}
-    plan |= {"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
-             "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
-    for layer in model.model.layers:
-        parallelize_module(layer, mesh, plan)
-    parallelize_module(model, mesh, {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(),
-                                              output_layouts=Replicate()),
-        "lm_head": ColwiseParallel(output_layouts=Replicate()),
-    })
-    return model
 
 
 def _timed(fn, iters: int) -> float:
@@ -89,7 +69,7 @@ def worker(a) -> None:
     lm = load_model("hf:llama", CONFIG, batch_size=a.batch, seq_len=a.seq, seed=0)
     model = lm.model.eval()
     kwargs = dict(lm.kwargs)  # input_ids, use_cache=False
-    dtensor = _dtensor_model(copy.deepcopy(model), init_device_mesh(device.type, (world,))).to(
+    dtensor = dtensor_llama(copy.deepcopy(model), init_device_mesh(device.type, (world,))).to(
         device)
     ours = parallelize(model, ParallelLayout.simple(1, [(0, _layers(lm), world)]),
                        lm.args, lm.kwargs, device=device)

@@ -99,6 +99,15 @@ def generate_stage(prefill: StageGraph, decode: StageGraph, input_ids: torch.Ten
               for _ in range(m)]
     rank = dist.get_rank()
     pending: list = [None] * m  # per group: (broadcast work, its token tensor)
+    # Per group: its last step's sends, awaited lazily at the group's next step (its token
+    # came back by then, so the next stage has received them): a stage never waits for
+    # the next one to post its receive before it runs another group.
+    sends: list[list] = [[] for _ in range(m)]
+
+    def finish_sends(g: int) -> None:
+        for w, dst, tag in sends[g]:
+            _wait(w, timeout, f"rank {rank} sending step {tag} to rank {dst}")
+        sends[g] = []
 
     def step(stage: StageGraph, g: int, inputs, tag: int) -> None:
         """Group g's step through this stage, then its token's broadcast (issued, not
@@ -118,10 +127,9 @@ def generate_stage(prefill: StageGraph, decode: StageGraph, input_ids: torch.Ten
                 time.perf_counter() - start)
         n_out = len(out) - len(stage.state_outputs)
         sent, caches[g] = out[:n_out], list(out[n_out:])
-        works = [(dist.isend(t.contiguous(), dst=dst, tag=tag * _TAGS + i), dst)
-                 for dst in send_to for i, t in enumerate(sent)]
-        for w, dst in works:
-            _wait(w, timeout, f"rank {rank} sending step {tag} to rank {dst}")
+        finish_sends(g)
+        sends[g] = [(dist.isend(t.contiguous(), dst=dst, tag=tag * _TAGS + i), dst, tag)
+                    for dst in send_to for i, t in enumerate(sent)]
         token = seqs[g].choose(sent[0][:, -1]) if last else torch.zeros(rows, dtype=torch.long)
         pending[g] = (dist.broadcast(token, src=source, group=group, async_op=True), token)
 
@@ -147,6 +155,8 @@ def generate_stage(prefill: StageGraph, decode: StageGraph, input_ids: torch.Ten
                 active.remove(g)
                 continue
             step(decode, g, seqs[g].advance(token), rounds * m + g)
+    for g in range(m):
+        finish_sends(g)
     width = max(len(s.out) for s in seqs)
     return torch.cat([s.tokens(width) for s in seqs], 0)
 
