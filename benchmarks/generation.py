@@ -238,7 +238,7 @@ def worker_compare(a) -> None:
 
 def worker_plan(a) -> None:
     """One plan: generate with ``Generator`` (timed), then time the step's parts alone."""
-    from codegen.generate import Generator
+    from codegen.generate import Generator, decode_context
     from codegen.layout import ParallelLayout
     from codegen.runtime import build_process_groups
     from codegen.stage_split import split_stages
@@ -258,7 +258,7 @@ def worker_plan(a) -> None:
     world_group = dist.new_group(list(range(layout.world_size)), timeout=timeout)
     source = plan.extra["source"]
     w = plan.workload
-    context = (plan.extra.get("workload_full") or {}).get("context_len") or w.seq_len
+    context = decode_context(plan)
     prompt = context - a.new_tokens
     model = load_model(source["model"], source["overrides"], batch_size=w.batch_size,
                        seq_len=prompt, seed=SEED).model.eval()

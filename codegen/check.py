@@ -276,11 +276,11 @@ def _check_generates(plan, lm, model_spec: str) -> None:
     step with the KV cache as explicit state): one step on the device it was built on
     (``meta``: nothing computed, in well under a second; the ranks trace it); else
     ``RunRefused`` naming the reason, before any rank starts."""
+    from codegen.generate import decode_context
     from planner.decode import DecodeError, DecodeStep
 
-    context = (plan.extra.get("workload_full") or {}).get("context_len") or plan.workload.seq_len
     try:
-        step = DecodeStep(lm.model, context_len=context)
+        step = DecodeStep(lm.model, context_len=decode_context(plan))
         with torch.no_grad():
             step(*step.example_inputs(batch=1, tokens=1))
     except (DecodeError, NotImplementedError, TypeError, ValueError, AttributeError) as e:
@@ -387,7 +387,9 @@ def generation_lengths(plan, prompt_len: int | None, new_tokens: int) -> tuple[i
     Raises:
         ValueError: the prompt and the new tokens do not fit the context, or either is < 1.
     """
-    context = (plan.extra.get("workload_full") or {}).get("context_len") or plan.workload.seq_len
+    from codegen.generate import decode_context
+
+    context = decode_context(plan)
     if new_tokens < 1:
         raise ValueError(f"--new-tokens must be >= 1, got {new_tokens}")
     prompt = context - new_tokens if prompt_len is None else prompt_len

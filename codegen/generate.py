@@ -26,6 +26,7 @@ all know every token, so they stop each group at the same step.
 from __future__ import annotations
 
 import datetime
+import math
 import time
 
 import torch
@@ -35,7 +36,21 @@ from codegen.runtime import _wait
 from codegen.stage_split import StageGraph
 from planner.decode import GreedyState
 
-__all__ = ["generate_stage", "Generator"]
+__all__ = ["generate_stage", "Generator", "cache_specs", "decode_context"]
+
+def decode_context(plan) -> int:
+    """A decode plan's KV-cache context in tokens: its ``--context`` (recorded in
+    ``workload_full``), else its sequence length."""
+    return (plan.extra.get("workload_full") or {}).get("context_len") or plan.workload.seq_len
+
+
+def cache_specs(stage: StageGraph) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """``(shape, dtype)`` of a stage graph's cache inputs (its last ``state_inputs``
+    placeholders), as sharded: what one microbatch's cache on this rank allocates."""
+    placeholders = [n.meta["val"] for n in stage.module.graph.nodes if n.op == "placeholder"]
+    return [(tuple(v.shape), v.dtype)
+            for v in placeholders[len(placeholders) - len(stage.state_inputs):]]
+
 
 #: p2p tags of one group step: ``(round * groups + group) * _TAGS + i`` for its i-th tensor.
 _TAGS = 64
@@ -94,8 +109,7 @@ def generate_stage(prefill: StageGraph, decode: StageGraph, input_ids: torch.Ten
     specs = {id(s): [(tuple(n.meta["val"].shape), n.meta["val"].dtype)
                      for n in s.module.graph.nodes if n.op == "placeholder"]
              for s in (prefill, decode)}
-    caches = [[torch.zeros(shape, dtype=dtype) for shape, dtype in
-               specs[id(decode)][len(decode.inputs) - len(decode.state_inputs):]]
+    caches = [[torch.zeros(shape, dtype=dtype) for shape, dtype in cache_specs(decode)]
               for _ in range(m)]
     rank = dist.get_rank()
     pending: list = [None] * m  # per group: (broadcast work, its token tensor)
@@ -191,9 +205,7 @@ class Generator:
                                                for d in s.devices[r]), timeout=timeout)
                          for r in range(self.layout.dp)]
         self.tp_group = tp_group
-        w = plan.workload
-        self.context_len = (plan.extra.get("workload_full") or {}).get("context_len") \
-            or w.seq_len
+        self.context_len = decode_context(plan)
         self.step = DecodeStep(model, context_len=self.context_len)
         self._stages: dict[tuple[int, int], StageGraph] = {}
         self.cache_bytes = 0
@@ -240,10 +252,8 @@ class Generator:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         prefill, decode = self._stage(rows // m, T), self._stage(rows // m, 1)
-        self.cache_bytes = m * sum(
-            n.meta["val"].numel() * n.meta["val"].element_size()
-            for n in decode.module.graph.nodes
-            if n.op == "placeholder" and n.name in decode.state_inputs)
+        self.cache_bytes = m * sum(math.prod(shape) * dtype.itemsize
+                                   for shape, dtype in cache_specs(decode))
         recv_from, send_to = self.layout.boundary_peers(self.rank)
         return generate_stage(prefill, decode, input_ids[lo:lo + rows],
                               attention_mask[lo:lo + rows], max_new_tokens, eos_token_id,
