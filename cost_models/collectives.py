@@ -14,6 +14,13 @@ the collectives on the live backend (gloo on CPU, nccl on GPUs) and fits, per co
 and group size, ``time = alpha_fit + beta_fit · bus_factor · N`` (alpha_fit holds all of
 a call's latency steps), which then replaces the catalogue formula.
 
+What is measured is what a step pays: a step issues its collectives back to back between
+its ops, never after a barrier, and on a shared host some calls wait for a descheduled
+rank (gloo here: 0.4 ms, or 3-4 ms when a rank has to be woken). So each sample times a
+*chain* of ``chain`` back-to-back calls (one barrier before the chain) and the fit uses
+the median of the chains' per-call time: a step of several collectives pays their mean,
+tail included, which the best case of a call timed alone after a barrier leaves out.
+
 >>> round(collective_time("all_reduce", 2**20, 2, alpha_beta=AlphaBeta(1e-5, 1e-9)) * 1e6, 1)
 1068.6
 """
@@ -39,6 +46,8 @@ from cost_models.devices import DeviceSpec
 
 __all__ = [
     "COLLECTIVES",
+    "DEFAULT_CHAIN",
+    "DEFAULT_PERCENTILE",
     "LINK_CLASSES",
     "AlphaBeta",
     "CollectiveFit",
@@ -61,6 +70,8 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 LINK_CLASSES = ("intra", "inter")
 _SCHEMA = "fx-planner/collectives/v1"
 DEFAULT_SIZES = (4 * 1024, 64 * 1024, 1024 * 1024, 4 * 1024 * 1024)
+DEFAULT_CHAIN = 8  # back-to-back calls per calibration sample (a tp-2 decode step has ~10)
+DEFAULT_PERCENTILE = 50.0  # of the samples' per-call times: a step pays the typical call
 
 
 class CalibrationError(RuntimeError):
@@ -142,6 +153,7 @@ class CollectiveCalibration:
     fits: tuple[CollectiveFit, ...]
     percentile: float
     fingerprint: dict | None = None
+    chain: int = 1
 
     def fit_for(self, kind: str, group_size: int, link: str = "intra") -> CollectiveFit | None:
         """The fit for exactly this (kind, group size, link), else the nearest group size's
@@ -162,6 +174,7 @@ class CollectiveCalibration:
         return {
             "backend": self.backend,
             "percentile": self.percentile,
+            "chain": self.chain,
             "fits": [asdict(f) for f in self.fits],
         }
 
@@ -171,7 +184,8 @@ class CollectiveCalibration:
             CollectiveFit(**{**f, "sizes": tuple(f["sizes"]), "times_s": tuple(f["times_s"])})
             for f in data["fits"]
         )
-        return cls(data["backend"], fits, data["percentile"], fingerprint)
+        return cls(data["backend"], fits, data["percentile"], fingerprint,
+                   int(data.get("chain", 1)))
 
 
 def collective_time(
@@ -320,6 +334,7 @@ def _calibration_worker(
     warmup: int,
     timeout_s: float,
     out_path: str,
+    chain: int = 1,
 ) -> None:
     import torch.distributed as dist
 
@@ -343,8 +358,9 @@ def _calibration_worker(
             for kind, nbytes, op in ops:
                 dist.barrier()
                 t0 = time.perf_counter()
-                op()
-                elapsed = time.perf_counter() - t0
+                for _ in range(chain):
+                    op()
+                elapsed = (time.perf_counter() - t0) / chain
                 if i >= warmup:
                     times[kind, nbytes].append(elapsed / 2 if kind == "send_recv" else elapsed)
         for kind, nbytes, _ in ops:
@@ -367,8 +383,12 @@ def measure_collectives(
     reps: int = 40,
     warmup: int = 5,
     timeout_s: float = 60.0,
+    chain: int = 1,
 ) -> dict[str, dict[int, list[float]]]:
     """Run the collectives on ``world_size`` live processes and return raw timings.
+
+    Each repetition times ``chain`` back-to-back calls of one (kind, size) after a barrier
+    and records the time per call (``chain=1``: one call alone).
 
     Spawns ``world_size`` processes (``torch.multiprocessing``, start method ``spawn``),
     each with one intra-op thread, joined through ``tcp://127.0.0.1:<free port>``. Every
@@ -376,8 +396,8 @@ def measure_collectives(
     after ``timeout_s`` plus start-up time.
 
     Returns:
-        ``{kind: {nbytes: [seconds per repetition]}}``, each repetition's time being the
-        slowest rank's.
+        ``{kind: {nbytes: [seconds per call, one per repetition]}}``, each repetition's time
+        being the slowest rank's.
 
     Raises:
         CalibrationError: a rank failed or the run timed out.
@@ -389,7 +409,7 @@ def measure_collectives(
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "timings.json")
         args = (world_size, _free_port(), backend, tuple(kinds), tuple(sizes), reps, warmup,
-                timeout_s, out_path)  # fmt: skip
+                timeout_s, out_path, chain)  # fmt: skip
         ctx = mp.start_processes(
             _calibration_worker, args=args, nprocs=world_size, join=False, start_method="spawn"
         )
@@ -422,10 +442,12 @@ def fit_calibration(
     raw: dict[str, dict[int, list[float]]],
     world_size: int,
     backend: str = "gloo",
-    percentile: float = 10.0,
+    percentile: float = DEFAULT_PERCENTILE,
+    chain: int = 1,
 ) -> CollectiveCalibration:
     """Fit alpha/beta per collective to ``measure_collectives`` timings (every size in
-    ``raw``), using each size's ``percentile``-th timing."""
+    ``raw``, measured in chains of ``chain`` calls), using each size's ``percentile``-th
+    timing."""
     fits = []
     for kind, by_size in raw.items():
         ns = sorted(by_size)
@@ -433,7 +455,7 @@ def fit_calibration(
         alpha, beta = fit_alpha_beta(ns, ts, bus_factor(kind, world_size))
         fits.append(CollectiveFit(kind, world_size, "intra", alpha, beta, tuple(ns), tuple(ts)))
     return CollectiveCalibration(backend, tuple(fits), percentile,
-                                 device_fingerprint("cpu", threads=1))  # fmt: skip
+                                 device_fingerprint("cpu", threads=1), chain)  # fmt: skip
 
 
 def calibrate(
@@ -443,24 +465,28 @@ def calibrate(
     sizes: Sequence[int] = DEFAULT_SIZES,
     reps: int = 100,
     kinds: Sequence[str] = COLLECTIVES,
-    percentile: float = 10.0,
+    percentile: float = DEFAULT_PERCENTILE,
+    chain: int = DEFAULT_CHAIN,
     timeout_s: float = 60.0,
     cache: str | os.PathLike | None = None,
     save: bool = True,
 ) -> CollectiveCalibration:
     """Measure collectives on ``world_size`` live ranks, fit alpha/beta, store the fits.
 
-    gloo latency on a shared host is bimodal (scheduler wake-ups), so each size is timed
-    ``reps`` times and the ``percentile``-th (a low one) is fitted: it is the time the
-    link and the algorithm need, not the time a busy scheduler adds.
+    gloo latency on a shared host is bimodal (scheduler wake-ups), and a step pays it: each
+    size is timed ``reps`` times as a chain of ``chain`` back-to-back calls, and the
+    ``percentile``-th per-call time (the median) is fitted: what a step's collectives cost
+    on this host, wake-ups included (module docstring). ``chain=1, percentile=10`` fits
+    the best case of one call alone instead.
 
     Args:
         world_size: ranks (2 or more).
         backend: ``gloo`` (CPU).
         sizes: message sizes ``N`` in bytes used for the fit.
-        reps: timed repetitions per size (after 5 warm-up calls), sizes interleaved.
+        reps: timed repetitions per size (after 5 warm-up chains), sizes interleaved.
         kinds: the collectives to measure.
         percentile: the percentile of each size's timings that is fitted.
+        chain: back-to-back calls per repetition.
         timeout_s: per-collective timeout; the run is killed after this plus start-up.
         cache: cache directory (default: ``$FX_PLANNER_CACHE`` or ``.fx-planner-cache``).
         save: merge the fits into ``<cache>/collectives-<backend>.json``.
@@ -470,10 +496,9 @@ def calibrate(
     """
     if world_size < 2:
         raise ValueError(f"calibration needs at least 2 ranks, got {world_size}")
-    raw = measure_collectives(
-        world_size, backend=backend, kinds=kinds, sizes=sizes, reps=reps, timeout_s=timeout_s
-    )
-    result = fit_calibration(raw, world_size, backend, percentile)
+    raw = measure_collectives(world_size, backend=backend, kinds=kinds, sizes=sizes, reps=reps,
+                              timeout_s=timeout_s, chain=chain)
+    result = fit_calibration(raw, world_size, backend, percentile, chain)
     fits, fingerprint = result.fits, result.fingerprint
     if save:
         stored = load_calibration(backend, cache=cache)
@@ -481,7 +506,8 @@ def calibrate(
             f for f in stored.fits if (f.kind, f.group_size, f.link) not in
             {(g.kind, g.group_size, g.link) for g in fits}
         ]  # fmt: skip
-        result = CollectiveCalibration(backend, tuple(keep) + tuple(fits), percentile, fingerprint)
+        result = CollectiveCalibration(backend, tuple(keep) + tuple(fits), percentile, fingerprint,
+                                       chain)
         write_record(_calibration_path(backend, cache), _SCHEMA, result.to_dict(), fingerprint)
     return result
 

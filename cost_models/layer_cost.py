@@ -116,6 +116,8 @@ def layer_cost(
     calibration: CollectiveCalibration | None = None,
     measured: LayerProfile | None = None,
     link: str = "intra",
+    compute_layer: LayerLike | None = None,
+    compute_traced: TracedShape | None = None,
 ) -> LayerEstimate:
     """Cost of one microbatch through ``layer`` on a TP group of ``tp`` devices.
 
@@ -135,6 +137,11 @@ def layer_cost(
         measured: the profiler's measurement of this layer on this device; used when the
             workload runs the layer at the traced shape and dtype.
         link: ``"intra"`` (TP groups stay in a node).
+        compute_layer: the layer whose ops the step runs, when that is another graph than
+            ``layer``'s (a decode step's: ``planner.decode.DecodeStep`` traced at one token,
+            with its cache write and mask); its ``op_stats`` describe ``compute_traced``.
+            It prices the compute only: memory and collectives stay ``layer``'s.
+        compute_traced: the shape ``compute_layer`` was traced at.
 
     Returns:
         ``LayerEstimate(compute_s, comm_s, memory_bytes, source, memory)``; unpacks as
@@ -143,8 +150,12 @@ def layer_cost(
     spec = _spec(device)
     eff = efficiencies or efficiencies_for(spec)
     traced = traced or TracedShape(microbatch_size, workload.seq_len, workload.dtype_bytes)
-    compute = compute_time(layer, arch, tp, workload, eff, microbatch_size, traced,
-                           sharded=sharded)
+    if compute_layer is None:
+        compute = compute_time(layer, arch, tp, workload, eff, microbatch_size, traced,
+                               sharded=sharded)
+    else:
+        compute = compute_time(compute_layer, arch, tp, workload, eff, microbatch_size,
+                               compute_traced, sharded=sharded)
     source = "predicted"
     same_shape = (
         workload.phase == "prefill"

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch.nn as nn
@@ -35,7 +35,7 @@ from planner.solver import (
 from planner.tracing import TracedModel, trace
 
 __all__ = ["plan", "plan_traced", "check_request", "default_workload", "prefill_prediction",
-           "with_prefill", "SOLVERS"]
+           "with_prefill", "decode_step_for", "DecodeUnavailable", "SOLVERS"]
 
 SOLVERS = ("cp-sat", "reference")
 
@@ -97,16 +97,54 @@ def plan(
                         f"from planner.trace, not {type(model_or_traced).__name__}")
     if workload is None:
         workload = default_workload(traced, cluster)
+    decode_traced = None
+    if workload.phase == "decode" and isinstance(model_or_traced, nn.Module):
+        decode_traced = decode_step_for(model_or_traced, traced, workload, cluster)
     return plan_traced(traced, cluster, workload, pins=pins, solver=solver, profile=profile,
                        alternatives=alternatives, time_limit_s=time_limit_s,
-                       num_workers=num_workers, name=name, sequence_parallel=sequence_parallel)
+                       num_workers=num_workers, name=name, sequence_parallel=sequence_parallel,
+                       decode_traced=decode_traced)
+
+
+# Where the decode step's graph prices a decode plan: the devices on which ``plan run``
+# generates with that graph eagerly. The graph writes the KV cache functionally (a copy of
+# the whole cache per step) and HF's attention repeats grouped KV heads (another copy);
+# that is what the eager runtime here pays, but not what a CUDA runtime that updates its
+# cache in place and captures the step (issue 12 part 6, issue 13's runtime modes) would,
+# so GPU decode plans keep the prefill-shaped layers scaled to one token until one exists.
+DECODE_GRAPH_DEVICES = ("cpu",)
+_NOT_ON_GPU = ("the decode step's graph prices the eager runtime that plan run uses on cpu; "
+               "on GPUs, decode is priced for a runtime that writes the KV cache in place")
+
+
+def decode_step_for(model: nn.Module, traced: TracedModel, workload: Workload,
+                    cluster: Cluster):
+    """The decode step a decode plan of ``model`` on ``cluster`` is priced from
+    (``planner.decode.trace_decode_step`` at the traced batch and the workload's KV
+    context), or ``DecodeUnavailable`` with the reason: the model has no cache path, or
+    the cluster's device is not one of ``DECODE_GRAPH_DEVICES`` (nothing is traced)."""
+    from planner.decode import trace_decode_step
+
+    if cluster.device not in DECODE_GRAPH_DEVICES:
+        return DecodeUnavailable(_NOT_ON_GPU)
+    step, why = trace_decode_step(model, traced.batch_size, workload.kv_context_len,
+                                  name=traced.name)
+    return step if step is not None else DecodeUnavailable(why)
+
+
+@dataclass(frozen=True)
+class DecodeUnavailable:
+    """Why a decode plan is priced from the prefill-shaped layers (``plan_traced``'s
+    ``decode_traced``): the model's decode step could not be built or traced."""
+
+    reason: str
 
 
 def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pins=None,
                 solver="cp-sat", profile=None, alternatives=6, time_limit_s=60.0, num_workers=2,
                 name=None, source: dict | None = None,
                 adjust_costs: Callable[[CostTable], CostTable] | None = None,
-                sequence_parallel: bool | None = None) -> Plan:
+                sequence_parallel: bool | None = None, decode_traced=None) -> Plan:
     """``plan`` for an already traced model.
 
     ``sequence_parallel``: ``None`` solves with and without it (where it applies: prefill of a
@@ -120,15 +158,25 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
     A decode plan also gets its time to first token (``predicted.ttft_s``,
     ``stages[i].prefill_s``): the prefill of the traced prompt priced on the plan's own
     stages by ``prefill_prediction``.
+
+    ``decode_traced``: for a decode workload, the model's one-token step
+    (``decode_step_for``), whose ops price every layer's compute on the devices of
+    ``DECODE_GRAPH_DEVICES``; a ``DecodeUnavailable``, ``None`` or another device prices
+    the prefill-shaped layers scaled to one token instead. The plan says which in
+    ``extra["decode_pricing"]``.
     """
     check_request(traced, cluster, workload, pins=pins, solver=solver,
                   alternatives=alternatives, time_limit_s=time_limit_s, num_workers=num_workers)
+
+    if isinstance(decode_traced, TracedModel) and cluster.device not in DECODE_GRAPH_DEVICES:
+        decode_traced = DecodeUnavailable(_NOT_ON_GPU)
+    step = decode_traced if isinstance(decode_traced, TracedModel) else None
 
     def make_builder(w: Workload, sp: bool, strategies=None):
         if isinstance(strategies, _AdjustedBuilder):
             strategies = strategies.inner
         b = CostBuilder(traced, cluster, w, sequence_parallel=sp, profile=profile,
-                        strategies=strategies)
+                        strategies=strategies, decode_traced=step)
         return _AdjustedBuilder(b, adjust_costs) if adjust_costs is not None else b
 
     if sequence_parallel is None:
@@ -178,7 +226,17 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
         "arch": traced.arch.to_dict() if traced.arch else None,
         "tp_excluded": {str(t): why for t, why in sorted(builder.excluded_tp.items())},
     }
+    if workload.phase == "decode":
+        extra["decode_pricing"] = _decode_pricing(decode_traced)
     return replace(result, provenance=provenance, extra=extra)
+
+
+def _decode_pricing(decode_traced) -> str:
+    if isinstance(decode_traced, TracedModel):
+        return "decode step graph (planner.decode.DecodeStep at one token)"
+    why = decode_traced.reason if isinstance(decode_traced, DecodeUnavailable) else \
+        "no decode step given"
+    return f"prefill-shaped layers scaled to one token ({why})"
 
 
 def prefill_prediction(prefill_builder, solution: Solution, batch_size: int,

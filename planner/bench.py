@@ -62,7 +62,7 @@ def run_case(case: BenchCase, perturb: Callable | None = None) -> CaseResult:
     """Plan one case; ``perturb(table) -> table`` alters every cost table (for tests)."""
     import torch
 
-    from planner.api import plan_traced
+    from planner.api import decode_step_for, plan_traced
     from planner.cluster import Cluster, Workload
     from planner.models.loader import load_model
     from planner.report import baseline_ratios
@@ -74,9 +74,16 @@ def run_case(case: BenchCase, perturb: Callable | None = None) -> CaseResult:
     if key not in _TRACED:
         lm = load_model(case.model, batch_size=case.batch, seq_len=case.seq,
                         dtype=getattr(torch, case.dtype), device="meta")
-        _TRACED[key] = trace(lm.model, lm.args, lm.kwargs, name=case.model)
-    plan = plan_traced(_TRACED[key], Cluster.parse(case.cluster), work, alternatives=0,
-                       adjust_costs=perturb)
+        _TRACED[key] = (trace(lm.model, lm.args, lm.kwargs, name=case.model), lm.model)
+    traced, model = _TRACED[key]
+    cluster, step = Cluster.parse(case.cluster), None
+    if case.phase == "decode":  # the decode step `plan` prices with (traced on cpu only)
+        step_key = (*key, "decode", work.kv_context_len, cluster.device)
+        if step_key not in _TRACED:
+            _TRACED[step_key] = decode_step_for(model, traced, work, cluster)
+        step = _TRACED[step_key]
+    plan = plan_traced(traced, cluster, work, alternatives=0, adjust_costs=perturb,
+                       decode_traced=step)
     return CaseResult(
         name=case.name, status=plan.solver.status, objective=plan.solver.objective,
         wall_s=plan.solver.wall_s, dp=plan.parallelism.dp, pp=plan.parallelism.pp,

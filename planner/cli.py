@@ -218,7 +218,7 @@ def _console() -> Console:
 
 
 def _plan_model(args: argparse.Namespace) -> int:
-    from planner.api import plan_traced
+    from planner.api import decode_step_for, plan_traced
     from planner.cluster import Cluster, Workload
     from planner.models.loader import load_model, parse_set
     from planner.tracing import trace
@@ -252,11 +252,16 @@ def _plan_model(args: argparse.Namespace) -> int:
     pins = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp),
                                 ("microbatches", args.microbatches)) if v is not None}
     source = {"model": args.model, "overrides": overrides}
+    decode_traced = None
+    if workload.phase == "decode":
+        with _status(args, "tracing the decode step"):
+            decode_traced = decode_step_for(loaded.model, traced, workload, cluster)
     with _status(args, "solving"):
         plan = plan_traced(traced, cluster, workload, pins=pins, solver=args.solver,
                            profile=profile, alternatives=args.alternatives,
                            time_limit_s=args.time_limit, source=source,
-                           sequence_parallel={"auto": None, "on": True, "off": False}[args.sp])
+                           sequence_parallel={"auto": None, "on": True, "off": False}[args.sp],
+                           decode_traced=decode_traced)
     replaced = out is not None and out.exists()
     if out is not None:
         plan.save(out)  # atomic: a temporary file in the same folder, then renamed
@@ -678,7 +683,7 @@ def _calibrate(argv: list[str]) -> int:
                             "live backend of this machine and store alpha/beta fits.")
     p.add_argument("--cluster", required=True, help="Nxcpu: N gloo ranks on this machine")
     p.add_argument("--reps", type=_positive_int, default=100,
-                   help="timed repetitions per message size")
+                   help="timed chains of back-to-back calls per message size")
     p.add_argument("--repeats", type=_positive_int, default=150,
                    help="timed calls per calibration layer")
     p.add_argument("--json", action="store_true")
@@ -715,8 +720,8 @@ def _calibrate(argv: list[str]) -> int:
         f"roofline of this cpu: measured peak {eff.peak_flops['float32'] / 1e9:.1f} GFLOP/s, "
         f"copy bandwidth {eff.memory_bandwidth / 1e9:.1f} GB/s, layer scale {eff.layer_scale:.3f}"
     )
-    table = Table(title=f"gloo on {cluster.num_devices} ranks, p{result.percentile:g} of "
-                        f"{args.reps} repetitions per size")
+    table = Table(title=f"gloo on {cluster.num_devices} ranks, p{result.percentile:g} per call "
+                        f"of {args.reps} chains of {result.chain} back-to-back calls per size")
     for col in ("collective", "ranks", "alpha (latency)", "bus bandwidth", "sizes fitted"):
         table.add_column(col, justify="left" if col == "collective" else "right")
     for f in result.fits:

@@ -56,6 +56,11 @@ class CostBuilder:
             parallelism and profile (typically another phase) whose tensor-parallel
             strategies, tp degrees and borrowed tensors this one prices as they are,
             instead of choosing its own for ``workload``; None chooses.
+        decode_traced: for a decode workload, the model's one-token step
+            (``planner.decode.trace_decode_step``: the graph ``plan run`` generates with,
+            its cache write and mask included); every layer's compute is priced from its
+            ops, paired with ``traced``'s layers by position. ``None`` (or another
+            phase): the prefill-shaped layers scaled to one token.
     """
 
     traced: TracedModel
@@ -64,6 +69,7 @@ class CostBuilder:
     sequence_parallel: bool = False
     profile: object | None = None  # cost_models.profiler.ModelProfile of this device
     strategies: CostBuilder | None = field(default=None, repr=False)
+    decode_traced: TracedModel | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
     _sources: dict = field(default_factory=dict, repr=False)
     _times: dict = field(default_factory=dict, repr=False)
@@ -79,6 +85,16 @@ class CostBuilder:
             )
         self.traced_shape = TracedShape(self.traced.batch_size, self.traced.seq_len,
                                         _dtype_bytes(self.traced.dtype))
+        self.compute_layers, self.compute_shape = None, None
+        step = self.decode_traced
+        if step is not None and self.workload.phase == "decode":
+            if len(step.layers) != len(self.traced.layers):
+                raise ValueError(f"the decode step of {self.traced.name} has "
+                                 f"{len(step.layers)} layers and the model "
+                                 f"{len(self.traced.layers)}; they must pair one to one")
+            self.compute_layers = step.layers
+            self.compute_shape = TracedShape(step.batch_size, step.seq_len,
+                                             _dtype_bytes(step.dtype))
         self.calibration = load_calibration(self.spec.backend) if self.spec.name == "cpu" else None
         # Read once: efficiencies_for goes to the on-disk calibration on every call.
         self.efficiencies = efficiencies_for(self.spec)
@@ -178,8 +194,17 @@ class CostBuilder:
         """Seconds of one sequence through ``layer`` at ``tp`` under a candidate strategy."""
         est = layer_cost(layer, self.traced.arch, tp, self.workload, self.spec, 1,
                          traced=self.traced_shape, sharded=shard,
-                         efficiencies=self.efficiencies, calibration=self.calibration)
+                         efficiencies=self.efficiencies, calibration=self.calibration,
+                         **self._compute_of(layer))
         return est.compute_s + est.comm_s
+
+    def _compute_of(self, layer) -> dict:
+        """``layer_cost``'s ``compute_layer``/``compute_traced`` for ``layer``: its decode
+        step counterpart, when this builder prices decode from the step's graph."""
+        if self.compute_layers is None:
+            return {}
+        j = next(i for i, other in enumerate(self.traced.layers) if other is layer)
+        return {"compute_layer": self.compute_layers[j], "compute_traced": self.compute_shape}
 
     def sharded_at(self, j: int, tp: int) -> ShardedLayer | None:
         """Layer ``j``'s strategy at ``tp`` (``None`` at tp 1)."""
@@ -269,7 +294,8 @@ class CostBuilder:
                                      traced=self.traced_shape,
                                      sharded=self.sharded_at(j, tp),
                                      efficiencies=self.efficiencies,
-                                     calibration=self.calibration, measured=measured[j])
+                                     calibration=self.calibration, measured=measured[j],
+                                     **self._compute_of(layer))
                     timed = self._times[(j, tp, mb)] = (est.compute_s, est.comm_s, est.source)
                     mem = est.memory
                 else:

@@ -62,6 +62,7 @@ __all__ = [
     "greedy_generate",
     "kv_cache_nbytes",
     "prompt_positions",
+    "trace_decode_step",
 ]
 
 
@@ -348,6 +349,29 @@ class DecodeStep(nn.Module):
         writer = _SlotWriter(cache[0::2], cache[1::2], positions)
         logits = self._run(input_ids, positions, mask, writer)
         return (logits, *writer.tensors())
+
+
+def trace_decode_step(model: nn.Module, batch: int, context_len: int,
+                      name: str | None = None) -> tuple[Any, str | None]:
+    """``model``'s one-token decode step traced for pricing: ``(TracedModel, None)``, or
+    ``(None, reason)`` for a model without a cache path (``DecodeStep`` refuses it, or its
+    step cannot be traced).
+
+    A decode plan prices every layer's compute from this graph (``CostBuilder``'s
+    ``decode_traced``): the ops ``plan run`` generates with, the cache write and the mask
+    over the whole context included, which the prefill-shaped trace scaled to one token
+    does not have. Works on ``meta`` models (nothing is computed)."""
+    from planner.tracing import trace
+
+    try:
+        step = DecodeStep(model, context_len=context_len)
+        args = step.example_inputs(batch=batch, tokens=1)
+        traced = trace(step, args, name=f"{name or type(model).__name__} decode step")
+    except (DecodeError, NotImplementedError, TypeError, ValueError, AttributeError,
+            RuntimeError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        return None, f"its decode step (planner.decode.DecodeStep) fails: {first}"
+    return traced, None
 
 
 def kv_cache_nbytes(step: DecodeStep, batch: int, context_len: int | None = None,

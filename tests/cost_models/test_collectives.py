@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 
 from cost_models.collectives import (
+    DEFAULT_CHAIN,
+    DEFAULT_PERCENTILE,
     AlphaBeta,
+    CollectiveCalibration,
+    CollectiveFit,
     boundary_time,
     bus_factor,
     calibrate,
@@ -38,6 +42,16 @@ def test_link_classes_use_catalogue_intra_and_inter_figures():
     assert inter == pytest.approx(h100.inter_node_latency + 50e6 / 50e9)
 
 
+def test_a_calibration_round_trips_with_how_it_was_measured():
+    fit = CollectiveFit("all_reduce", 2, "intra", 2e-3, 2e-9, (4096, 65536), (2.0e-3, 2.2e-3))
+    cal = CollectiveCalibration("gloo", (fit,), 50.0, None, chain=8)
+    again = CollectiveCalibration.from_dict(cal.to_dict())
+    assert again == cal and again.chain == 8
+    # files written before chains were measured: one call per sample
+    old = {k: v for k, v in cal.to_dict().items() if k != "chain"}
+    assert CollectiveCalibration.from_dict(old).chain == 1
+
+
 def test_fit_alpha_beta_recovers_a_line():
     sizes = np.array([1e3, 1e4, 1e5, 1e6])
     alpha, beta = fit_alpha_beta(sizes, 3e-4 + 2e-9 * 1.5 * sizes, factor=1.5)
@@ -47,11 +61,14 @@ def test_fit_alpha_beta_recovers_a_line():
 
 @pytest.mark.slow
 def test_gloo_calibration_on_two_ranks_predicts_a_held_out_size(tmp_path):
-    cal = calibrate(2, sizes=(4096, 65536, 1 << 20, 4 << 20), reps=40,
+    cal = calibrate(2, sizes=(4096, 65536, 1 << 20, 4 << 20), reps=20,
                     kinds=("all_reduce",), cache=tmp_path)
     fit = cal.fit_for("all_reduce", 2)
     assert fit.alpha_s > 0 and fit.beta_s_per_byte > 0
-    assert load_calibration("gloo", cache=tmp_path).fit_for("all_reduce", 2) == fit
+    # what a step pays: the median per call of chains of back-to-back calls
+    assert (cal.chain, cal.percentile) == (DEFAULT_CHAIN, DEFAULT_PERCENTILE) == (8, 50.0)
+    stored = load_calibration("gloo", cache=tmp_path)
+    assert stored.fit_for("all_reduce", 2) == fit and stored.chain == cal.chain
     # The held-out size is measured in the same job as the sizes it is predicted from, its
     # repetitions interleaved with theirs, so that a shared machine's slow spells hit all
     # sizes alike. 150 repetitions: with 40, the 10th percentile of one size moved by 20%
