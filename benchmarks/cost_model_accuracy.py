@@ -164,7 +164,7 @@ def run(quick: bool, with_collectives: bool, cache: str) -> int:
         print(f"{name:<9} {shape:<8} {meas:11d} {pred:12d} {me * 100:6.1f}%")
 
     # --- 4. collectives at held-out sizes
-    coll_err = collectives_accuracy(50 if quick else 100) if with_collectives else []
+    coll_err = collectives_accuracy(20 if quick else 50) if with_collectives else []
 
     print("\nsummary")
     print(_summary("per-layer time", time_err, "median <= 15%"))
@@ -199,7 +199,7 @@ def main() -> int:
     a = parser.parse_args()
     torch.set_num_threads(1)
     if a.collectives_only:
-        errors = collectives_accuracy(50 if a.quick else 100)
+        errors = collectives_accuracy(20 if a.quick else 50)
         print(_summary("collectives", errors, "median <= 25%"))
         print("target: collectives " + ("met" if np.median(np.abs(errors)) <= 0.25 else "MISSED"))
         return 0

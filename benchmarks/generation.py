@@ -4,7 +4,7 @@ against measured.
 Usage:
     .venv/bin/python benchmarks/generation.py                      # both parts (minutes)
     .venv/bin/python benchmarks/generation.py --part compare --rounds 10
-    .venv/bin/python benchmarks/generation.py --part predict --reps 30 --repeats 40
+    .venv/bin/python benchmarks/generation.py --part predict --reps 20 --repeats 40
 
 The script launches ``python -m torch.distributed.run --standalone --nproc-per-node=N`` on
 itself for every measurement (gloo, CPU, ``torch.set_num_threads(1)`` per rank, every
@@ -754,7 +754,7 @@ def main() -> int:
     p.add_argument("--batches", type=_ints, default=[1, 4], help="part 1: batch sizes")
     p.add_argument("--prompt", type=int, default=32, help="part 1: prompt tokens")
     p.add_argument("--new-tokens", type=int, default=32, help="part 1: new tokens")
-    p.add_argument("--reps", type=int, default=100, help="part 2: plan calibrate --reps")
+    p.add_argument("--reps", type=int, default=40, help="part 2: plan calibrate --reps")
     p.add_argument("--repeats", type=int, default=150, help="part 2: plan calibrate --repeats")
     p.add_argument("--cache", default=None,
                    help="part 2: reuse this FX_PLANNER_CACHE (a temporary one made by an "

@@ -413,13 +413,18 @@ def measure_collectives(
         ctx = mp.start_processes(
             _calibration_worker, args=args, nprocs=world_size, join=False, start_method="spawn"
         )
-        deadline = time.monotonic() + timeout_s + 60.0
+        # Start-up, one collective's timeout, and 50 ms per call (a 4 MiB gloo all-reduce
+        # takes ~16 ms here, several times that on a loaded host): a safety net for a
+        # rank stuck outside a collective, which the process group's timeout cannot see.
+        calls = (warmup + reps) * chain * len(kinds) * len(sizes)
+        budget = timeout_s + 60.0 + 0.05 * calls
+        deadline = time.monotonic() + budget
         try:
             while not ctx.join(timeout=0.5):
                 if time.monotonic() > deadline:
                     raise CalibrationError(
                         f"collective calibration on {world_size} {backend} ranks did not finish "
-                        f"within {timeout_s + 60:.0f} s; lower reps/sizes or raise timeout_s"
+                        f"within {budget:.0f} s; lower reps/sizes or raise timeout_s"
                     )
         except mp.ProcessRaisedException as e:
             raise CalibrationError(f"a calibration rank failed: {e}") from None
@@ -463,7 +468,7 @@ def calibrate(
     backend: str = "gloo",
     *,
     sizes: Sequence[int] = DEFAULT_SIZES,
-    reps: int = 100,
+    reps: int = 40,
     kinds: Sequence[str] = COLLECTIVES,
     percentile: float = DEFAULT_PERCENTILE,
     chain: int = DEFAULT_CHAIN,

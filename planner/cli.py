@@ -682,7 +682,7 @@ def _calibrate(argv: list[str]) -> int:
                 description="Measure all-reduce, all-gather, reduce-scatter and send/recv on the "
                             "live backend of this machine and store alpha/beta fits.")
     p.add_argument("--cluster", required=True, help="Nxcpu: N gloo ranks on this machine")
-    p.add_argument("--reps", type=_positive_int, default=100,
+    p.add_argument("--reps", type=_positive_int, default=40,
                    help="timed chains of back-to-back calls per message size")
     p.add_argument("--repeats", type=_positive_int, default=150,
                    help="timed calls per calibration layer")
