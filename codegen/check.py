@@ -123,13 +123,14 @@ class JobMemory:
                 + self.process_bytes)
 
 
-def job_memory(plan, model) -> JobMemory:
+def job_memory(plan, model, ranks=None) -> JobMemory:
     """Peak memory of running ``plan`` with ``plan run`` on this machine.
 
     Args:
         plan: a ``planner.plan.Plan``.
         model: the model the ranks will build (any device; on ``meta`` nothing is allocated);
             its parameters and buffers are counted in float32, as every rank builds it.
+        ranks: the ranks this machine runs (one node of a multi-node run); default all.
     """
     def nbytes(t: torch.Tensor) -> int:
         return t.numel() * (4 if t.is_floating_point() else t.element_size())
@@ -143,7 +144,9 @@ def job_memory(plan, model) -> JobMemory:
     # On GPUs the shards, activations and the reference pass live in device memory; only
     # the ranks' full float32 builds and the processes are on this host.
     on_host = plan.cluster.device == "cpu"
-    plan_bytes = sum(s.predicted.memory_bytes * s.tp * par.dp for s in plan.stages) * on_host
+    stage_of = {d: i for i, s in enumerate(plan.stages) for g in s.devices for d in g}
+    here = sorted(stage_of if ranks is None else set(ranks) & set(stage_of))
+    plan_bytes = sum(plan.stages[stage_of[d]].predicted.memory_bytes for d in here) * on_host
     # Activations of one stage on one device: its predicted peak less its layers' resident
     # bytes. Unsharded (x tp) and for the global batch (x dp) that is what the reference
     # forward pass holds at most, on each last-stage rank.
@@ -153,11 +156,10 @@ def job_memory(plan, model) -> JobMemory:
                        for j in range(s.layers[0], s.layers[1] + 1)
                        if s.tp in plan.layers[j].costs)
         activations = max(activations, max(0, s.predicted.memory_bytes - resident) * s.tp)
-    reference_ranks = par.dp * plan.stages[-1].tp if plan.stages else 0
-    ranks = par.dp * sum(s.tp for s in plan.stages)
-    return JobMemory(ranks=ranks, model_bytes=model_bytes, plan_bytes=plan_bytes,
+    reference_ranks = sum(stage_of[d] == len(plan.stages) - 1 for d in here)
+    return JobMemory(ranks=len(here), model_bytes=model_bytes, plan_bytes=plan_bytes,
                      reference_bytes=activations * par.dp * reference_ranks * on_host,
-                     process_bytes=ranks * RANK_PROCESS_BYTES + LAUNCHER_BYTES,
+                     process_bytes=len(here) * RANK_PROCESS_BYTES + LAUNCHER_BYTES,
                      reference_ranks=reference_ranks)
 
 
@@ -190,13 +192,14 @@ def _fewer_ranks(need: JobMemory, available: int) -> str:
 
 
 def preflight(plan, model_spec: str, overrides: dict | None = None, *,
-              available: int | None = None) -> JobMemory:
+              available: int | None = None, nnodes: int = 1) -> JobMemory:
     """Everything ``plan run`` can check before starting a rank, in this process.
 
     The plan's sizes and device ids; the model built on ``meta`` (no weights) and traced
     there, against the plan's fingerprint; the job's peak memory (``job_memory``) against
     ``available`` (default: this machine's ``MemAvailable``; never the plan's claimed
-    device capacity).
+    device capacity). With ``nnodes`` > 1 this machine runs one node's ranks, the node
+    that needs the most (the rendezvous decides which node it runs).
 
     Returns:
         The job's memory estimate.
@@ -233,7 +236,12 @@ def preflight(plan, model_spec: str, overrides: dict | None = None, *,
                               seq_len=w.seq_len, dtype=DTYPES[w.dtype], device=device)
 
     lm = build("meta")
-    need = job_memory(plan, lm.model)
+    if nnodes > 1:
+        per_node = layout.world_size // nnodes
+        need = max((job_memory(plan, lm.model, range(n * per_node, (n + 1) * per_node))
+                    for n in range(nnodes)), key=lambda m: m.total_bytes)
+    else:
+        need = job_memory(plan, lm.model)
     available = available_memory_bytes() if available is None else available
     if available is not None and need.total_bytes > MEMORY_FRACTION * available:
         model = f"{plan.model.name} ({model_spec})" if plan.model.name != model_spec else model_spec
@@ -293,10 +301,14 @@ def _check_generates(plan, lm, model_spec: str) -> None:
             "run its forward pass.") from None
 
 
-def torchrun_command(nproc: int, worker_args: list[str]) -> list[str]:
-    """The ``python -m torch.distributed.run`` command line for ``codegen.rank`` (which runs ``codegen.check.main``)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "codegen.rank",
+def torchrun_command(nproc: int, worker_args: list[str],
+                     rendezvous: list[str] | None = None) -> list[str]:
+    """The ``python -m torch.distributed.run`` command line for ``codegen.rank`` (which runs
+    ``codegen.check.main``): ``--standalone`` on this machine, or one agent of a multi-node
+    job with ``rendezvous`` (``codegen.launch.rendezvous_args``)."""
+    where = rendezvous if rendezvous is not None else [
+        "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, "-m", "codegen.rank",
             *worker_args]
 
 
@@ -305,7 +317,8 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
               collective_timeout_s: float = 60, repeats: int = 5, check_first: bool = True,
               log_path: str | Path | None = None, error_prefix: str = "",
               prompt_len: int | None = None, new_tokens: int = 16,
-              json_output: bool = False) -> int:
+              json_output: bool = False, nnodes: int = 1, node_rank: int = 0,
+              rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> int:
     """Launch ``plan_path`` with torchrun on this machine and check it against the model.
 
     A decode plan generates instead (``generate_case``): a prefill of ``prompt_len`` tokens
@@ -331,6 +344,11 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
         prompt_len, new_tokens: decode plans: the prompt and the tokens to generate.
         json_output: print rank 0's report as one JSON object (``check_report`` or
             ``generation_report``) instead of its tables.
+        nnodes, node_rank, rdzv_endpoint, rdzv_id: a multi-node run (``codegen.launch``):
+            this machine is node ``node_rank`` of ``nnodes``, whose torchrun agents meet at
+            ``rdzv_endpoint`` (``HOST:PORT``) under the run id ``rdzv_id``; it starts the
+            plan's ``devices_per_node`` ranks of one node. The report is printed where rank
+            0 runs; every node exits with its verdict.
 
     Returns:
         0 when every output is within ``tol``; otherwise non-zero (torchrun's exit status,
@@ -348,6 +366,17 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
     if check_first:
         preflight(plan, model, overrides)
     nproc = plan.parallelism.dp * sum(s.tp for s in plan.stages)
+    rendezvous = None
+    if rdzv_endpoint is not None:
+        from codegen.launch import node_layout, parse_endpoint, rendezvous_args
+
+        parse_endpoint(rdzv_endpoint)
+        layout = node_layout(nproc, nodes=plan.cluster.nodes,
+                             devices_per_node=plan.cluster.devices_per_node, nnodes=nnodes)
+        rendezvous = rendezvous_args(layout, rdzv_endpoint,
+                                     rdzv_id or f"fx-planner-{plan.model.fingerprint[:12]}",
+                                     join_timeout_s=timeout_s)
+        rendezvous.insert(2, f"--node-rank={node_rank}")  # shown in torchrun's own logs
     keep_log = log_path is not None
     if log_path is None:
         fd, log_path = tempfile.mkstemp(prefix=f"fx-planner-run-{time.strftime('%Y%m%d-%H%M%S')}-",
@@ -365,11 +394,18 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
         report = Path(status_dir, "report.json")
         if json_output:
             args += ["--json-out", str(report)]
-        rc, seconds = _launch(torchrun_command(nproc, args), timeout_s, log_path)
+        rc, seconds = _launch(torchrun_command(nproc, args, rendezvous), timeout_s, log_path)
         if json_output and report.exists():
             print(report.read_text())
-        if rc != 0:
-            status = _read_status(status_dir, nproc)
+        status = _read_status(status_dir, None if rendezvous else nproc)
+        if rendezvous is not None and rc != 0 and not status:
+            print(f"{error_prefix}plan run failed: node {node_rank} waited {timeout_s:.0f} s "
+                  f"(--timeout) at the rendezvous {rdzv_endpoint} and the other "
+                  f"{nnodes - 1} node(s) of --nnodes {nnodes} did not all join, so no rank "
+                  "started here. Start `plan run` with the same plan, --nnodes and "
+                  "--rdzv-endpoint on every node (node 0's address, a port it can open). "
+                  f"Full log: {log_path}", file=sys.stderr)
+        elif rc != 0:
             stderr = log_path.read_text(errors="replace")
             print(error_prefix + diagnose_failure(
                 rc, stderr, status, nproc, seconds=seconds, timeout_s=timeout_s,
@@ -377,6 +413,12 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
                 log_path=log_path), file=sys.stderr)
         elif not keep_log:
             log_path.unlink(missing_ok=True)
+        if rendezvous is not None and rc == 0 and 0 not in status:
+            ranks = sorted(status)
+            stages = sorted({st["coords"][0] for st in status.values() if st.get("coords")})
+            print(f"node {node_rank}: ran ranks {ranks} of the plan (stage(s) {stages}) and "
+                  "they finished; the report is printed on the node that ran rank 0, and "
+                  "every node exits non-zero when the check failed", file=sys.stderr)
         return rc
 
 
@@ -515,9 +557,14 @@ def _stop_job(proc: subprocess.Popen, grace_s: float | None = None) -> int:
     return alive_at_start
 
 
-def _read_status(status_dir: str | Path, nproc: int) -> dict[int, dict]:
+def _read_status(status_dir: str | Path, nproc: int | None) -> dict[int, dict]:
+    """Each rank's last record: ranks ``0..nproc-1`` (a missing one is ``not started``),
+    or with ``nproc`` None (a node of a multi-node run, whose ranks the rendezvous chose)
+    the ranks that recorded something here."""
+    ranks = range(nproc) if nproc is not None else sorted(
+        int(p.stem[4:]) for p in Path(status_dir).glob("rank*.json") if p.stem[4:].isdigit())
     status = {}
-    for r in range(nproc):
+    for r in ranks:
         path = Path(status_dir, f"rank{r}.json")
         try:
             status[r] = json.loads(path.read_text())
@@ -966,12 +1013,20 @@ def _main(a, rank: int, timeout: datetime.timedelta) -> int:
                                 timeout=timeout, repeats=a.repeats)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, result)
-        if rank != 0:
-            return 0
-        _set_status(phase="report")
-        if decode:
-            return _report_generation(plan, gathered, math.isfinite(a.tol), a.json_out)
-        return _report(plan, gathered, a.tol, a.json_out)
+        code = 0
+        if rank == 0:
+            _set_status(phase="report")
+            if decode:
+                code = _report_generation(plan, gathered, math.isfinite(a.tol), a.json_out)
+            else:
+                code = _report(plan, gathered, a.tol, a.json_out)
+        # Every rank exits with rank 0's verdict, so that on several nodes every node's
+        # torchrun (and `plan run`) fails when the check failed, not only rank 0's.
+        verdict = [code, _STATUS.get("error")]
+        dist.broadcast_object_list(verdict, src=0)
+        if rank != 0 and verdict[0]:
+            _set_status(state="accuracy", error=f"{verdict[1]} (found by rank 0)")
+        return verdict[0]
     finally:
         dist.destroy_process_group()
 

@@ -463,7 +463,19 @@ def _run(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true",
                    help="print the report (error or tokens, measured and predicted times, "
                    "per stage and end to end) as one JSON object")
+    p.add_argument("--nnodes", type=_positive_int, default=1,
+                   help="machines the plan runs on; each runs `plan run` with the same plan, "
+                   "--nnodes and --rdzv-endpoint, and starts the ranks of one node")
+    p.add_argument("--node-rank", type=_count, default=0,
+                   help="this machine's node, 0..nnodes-1 (node 0 hosts the rendezvous)")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="where the nodes' torchrun agents meet (torchrun's c10d rendezvous): "
+                   "node 0's address and a free port; needed with --nnodes > 1")
+    p.add_argument("--rdzv-id", default=None,
+                   help="run id shared by the nodes of one job (default: from the plan's "
+                   "fingerprint)")
     args = p.parse_args(argv)
+    _check_nodes(args)
     if args.repeats < 0:
         raise _UsageError(f"--repeats must be >= 0, got {args.repeats}")
     if not args.tol >= 0:  # also refuses nan
@@ -481,13 +493,23 @@ def _run(argv: list[str]) -> int:
             except ValueError as e:
                 raise _UsageError(str(e)) from None
         model, overrides = _planned_model(args, plan)
-        _check_runnable_here(plan, model, overrides)
+        if args.rdzv_endpoint is not None:
+            from codegen.launch import LaunchError, node_layout
+
+            try:
+                node_layout(plan.parallelism.dp * sum(s.tp for s in plan.stages),
+                            nodes=plan.cluster.nodes,
+                            devices_per_node=plan.cluster.devices_per_node, nnodes=args.nnodes)
+            except LaunchError as e:
+                raise _UsageError(str(e)) from None
+        _check_runnable_here(plan, model, overrides, nnodes=args.nnodes)
         status = run_check(args.plan_file, model, overrides,
                            tol=args.tol if args.check else math.inf, timeout_s=args.timeout,
                            collective_timeout_s=args.collective_timeout, repeats=args.repeats,
                            check_first=False, error_prefix="error: ",
                            prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                           json_output=args.json)
+                           json_output=args.json, nnodes=args.nnodes, node_rank=args.node_rank,
+                           rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id)
     except RunInterrupted as e:  # every rank process has been ended
         print(f"error: {e}", file=sys.stderr)
         return 130
@@ -496,6 +518,26 @@ def _run(argv: list[str]) -> int:
               "had ended), none is left", file=sys.stderr)
         return 130
     return status  # on failure run_check has printed which rank failed and why, and the log
+
+
+def _check_nodes(args) -> None:
+    """``--nnodes``/``--node-rank``/``--rdzv-endpoint`` agree (before the plan is read)."""
+    from codegen.launch import LaunchError, parse_endpoint
+
+    if args.node_rank >= args.nnodes:
+        raise _UsageError(f"--node-rank {args.node_rank} is not a node of --nnodes "
+                          f"{args.nnodes}: node ranks are 0..{args.nnodes - 1}")
+    if args.nnodes > 1 and args.rdzv_endpoint is None:
+        raise _UsageError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT, where the "
+                          "nodes meet: node 0's address and a free port, the same on every node")
+    if args.rdzv_endpoint is None and (args.node_rank or args.rdzv_id):
+        raise _UsageError("--node-rank and --rdzv-id belong to a multi-node run: add "
+                          "--nnodes N --rdzv-endpoint HOST:PORT, or drop them")
+    if args.rdzv_endpoint is not None:
+        try:
+            parse_endpoint(args.rdzv_endpoint)
+        except LaunchError as e:
+            raise _UsageError(str(e)) from None
 
 
 def _planned_model(args, plan) -> tuple[str, dict]:
@@ -511,7 +553,7 @@ def _planned_model(args, plan) -> tuple[str, dict]:
     return model, overrides
 
 
-def _check_runnable_here(plan, model: str, overrides: dict) -> None:
+def _check_runnable_here(plan, model: str, overrides: dict, nnodes: int = 1) -> None:
     """Refuse, before any rank starts, a plan that cannot run here: the wrong device or
     dtype, an invalid plan, a model that does not trace to its fingerprint, or a job larger
     than this machine's available memory (``codegen.check.preflight``)."""
@@ -534,13 +576,59 @@ def _check_runnable_here(plan, model: str, overrides: dict) -> None:
             "re-plan with --dtype float32"
         )
     try:
-        preflight(plan, model, overrides)
+        preflight(plan, model, overrides, nnodes=nnodes)
     except RunRefused as e:
         raise _UsageError(str(e)) from None
     cores = os.cpu_count() or 1
+    ranks //= nnodes  # this machine's share
     if plan.cluster.device == "cpu" and ranks > cores:
         print(f"note: {ranks} ranks share {cores} cores here, so the measured times are "
               "slower than one core per rank would give", file=sys.stderr)
+
+
+@_subcommand("launch")
+def _launch_scripts(argv: list[str]) -> int:
+    from codegen.launch import DEFAULT_PORT, LaunchError, launch_files, parse_endpoint, write_launch
+    from planner.plan import Plan
+
+    p = _Parser(prog="plan launch", description="Write the scripts that run a plan on its "
+                "nodes: node<R>.sh (one torchrun agent per node, c10d rendezvous), "
+                "slurm.sbatch (the same under SLURM: sbatch DIR/slurm.sbatch) and a copy of "
+                "the plan.")
+    p.add_argument("plan_file")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder to create (refused if it exists and is not empty)")
+    p.add_argument("--rdzv-endpoint", default=f"node0:{DEFAULT_PORT}", metavar="HOST:PORT",
+                   help="where the agents meet; the scripts read $RDZV_ENDPOINT first")
+    p.add_argument("--rdzv-id", default=None,
+                   help="run id of the job (default: from the plan's fingerprint)")
+    p.add_argument("--model", default=None, help="MODEL (default: recorded in the plan file)")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="config overrides (default: those recorded in the plan file)")
+    p.add_argument("--collective-timeout", type=_positive_float, default=60,
+                   help="seconds a collective may wait before the job fails")
+    p.add_argument("--join-timeout", type=_positive_float, default=600,
+                   help="seconds an agent waits for the other nodes at the rendezvous")
+    args = p.parse_args(argv)
+    if not args.out.strip():
+        raise _UsageError("--out is empty; give the folder to create, e.g. --out launch/")
+    try:
+        parse_endpoint(args.rdzv_endpoint)
+    except LaunchError as e:
+        raise _UsageError(str(e)) from None
+    plan = Plan.load(args.plan_file)
+    model, overrides = _planned_model(args, plan)
+    run_id = args.rdzv_id or f"fx-planner-{plan.model.fingerprint[:12]}"
+    try:
+        files = launch_files(plan, model, overrides, args.out, endpoint=args.rdzv_endpoint,
+                             run_id=run_id, collective_timeout_s=args.collective_timeout,
+                             join_timeout_s=args.join_timeout)
+        paths = write_launch(args.out, files)
+    except LaunchError as e:
+        raise _UsageError(str(e)) from None
+    for path in paths:
+        print(path)
+    return 0
 
 
 @_subcommand("compile")
