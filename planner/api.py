@@ -25,6 +25,7 @@ from planner.plan import Plan
 from planner.reference_solver import solve_reference
 from planner.solver import (
     InfeasiblePlanError,
+    PlanError,
     Prediction,
     Solution,
     Stage,
@@ -144,8 +145,14 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
                 solver="cp-sat", profile=None, alternatives=6, time_limit_s=60.0, num_workers=2,
                 name=None, source: dict | None = None,
                 adjust_costs: Callable[[CostTable], CostTable] | None = None,
-                sequence_parallel: bool | None = None, decode_traced=None) -> Plan:
+                sequence_parallel: bool | None = None, decode_traced=None,
+                target: str | None = None) -> Plan:
     """``plan`` for an already traced model.
+
+    ``target`` (``vllm``, ``sglang``, ``tensorrt-llm``) searches only the plans that engine
+    can express (``planner.engines.restriction``: one tp for every stage, the tp degrees its
+    head split allows, sequence parallelism only where it has it, its own layer split where
+    it has no option for another), proven optimal within them.
 
     ``sequence_parallel``: ``None`` solves with and without it (where it applies: prefill of a
     transformer whose sequence every TP degree divides) and keeps the better plan; ``True`` /
@@ -183,6 +190,20 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
         options = [False, True] if sequence_parallel_applies(traced, cluster, workload) else [False]
     else:
         options = [sequence_parallel]
+    restriction, tp_degrees = None, None
+    if target is not None and solver == "reference":
+        raise PlanError("--target searches with the cp-sat solver; drop --solver reference")
+    if target is not None:
+        from planner.engines import restriction as engine_restriction
+
+        restriction, tp_degrees, sp_allowed = engine_restriction(
+            target, [layer.name for layer in traced.layers],
+            traced.arch.to_dict() if traced.arch else None,
+            range(1, cluster.devices_per_node + 1))
+        options = [sp for sp in options if sp_allowed or not sp]
+        if not options:
+            raise PlanError(f"--sp on asks for sequence parallelism, which {target} has no "
+                            "option for: drop --sp on or choose another --target")
     best, failure = None, None
     for sp in options:
         builder = make_builder(workload, sp)
@@ -192,7 +213,8 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
             else:
                 solution = solve(builder, cluster, workload, pins=pins, num_workers=num_workers,
                                  time_limit_s=time_limit_s,
-                                 rebuild=lambda w, sp=sp: make_builder(w, sp))
+                                 rebuild=lambda w, sp=sp: make_builder(w, sp),
+                                 tp_degrees=tp_degrees, restriction=restriction)
         except InfeasiblePlanError as e:
             failure = failure or e
             continue

@@ -136,6 +136,12 @@ def _model_parser() -> argparse.ArgumentParser:
     p.add_argument("--sp", default="auto", choices=["auto", "on", "off"],
                    help="sequence parallelism: auto searches both (prefill), on/off forces it")
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of device memory kept free")
+    from planner.engines import TARGETS
+
+    p.add_argument("--target", default=None, choices=list(TARGETS),
+                   help="search only the plans this engine can express (one tp for every "
+                   "stage, its head split, its sequence parallelism and layer split), and "
+                   "report what the unrestricted plan would gain")
     p.add_argument("--solver", default="cp-sat", choices=["cp-sat", "reference"],
                    help="cp-sat or the exact dynamic-programming reference")
     p.add_argument("--time-limit", type=_positive_float, default=60.0,
@@ -231,6 +237,14 @@ def _plan_model(args: argparse.Namespace) -> int:
                         context_len=args.context, memory_headroom=args.headroom)
     if args.out is not None and args.layers_only:
         raise _UsageError("--out writes a plan and --layers-only stops before planning: drop one")
+    if args.target is not None:
+        from planner.engines import TRAINING_TARGETS, training_error
+
+        if args.target in TRAINING_TARGETS:
+            raise _UsageError(str(training_error(args.target, args.phase, "this request")))
+        if args.solver == "reference":
+            raise _UsageError("--target searches with the cp-sat solver (one proof per "
+                              "restricted family); drop --solver reference")
     out = _check_out_file(args.out, args.force)  # before the slow part, so it fails fast
     loaded = load_model(args.model, overrides, batch_size=args.batch, seq_len=args.seq,
                         dtype=workload.torch_dtype, device=args.device,
@@ -256,12 +270,20 @@ def _plan_model(args: argparse.Namespace) -> int:
     if workload.phase == "decode":
         with _status(args, "tracing the decode step"):
             decode_traced = decode_step_for(loaded.model, traced, workload, cluster)
+    sp = {"auto": None, "on": True, "off": False}[args.sp]
     with _status(args, "solving"):
         plan = plan_traced(traced, cluster, workload, pins=pins, solver=args.solver,
                            profile=profile, alternatives=args.alternatives,
                            time_limit_s=args.time_limit, source=source,
-                           sequence_parallel={"auto": None, "on": True, "off": False}[args.sp],
-                           decode_traced=decode_traced)
+                           sequence_parallel=sp, decode_traced=decode_traced,
+                           target=args.target)
+        if args.target is not None:  # what the restriction costs: the unrestricted optimum
+            free = plan_traced(traced, cluster, workload, pins=pins, solver=args.solver,
+                               profile=profile, alternatives=0, time_limit_s=args.time_limit,
+                               source=source, sequence_parallel=sp,
+                               decode_traced=decode_traced)
+            plan = replace(plan, extra={**plan.extra, "target": _target_record(plan, free,
+                                                                               args.target)})
     replaced = out is not None and out.exists()
     if out is not None:
         plan.save(out)  # atomic: a temporary file in the same folder, then renamed
@@ -271,10 +293,43 @@ def _plan_model(args: argparse.Namespace) -> int:
         from planner.report import render_plan
 
         render_plan(plan, _console())
+        if args.target is not None:
+            _console().print(_target_line(plan.extra["target"]), highlight=False)
         if out is not None:
             what = "replacing the plan that was there; " if replaced else ""
             _console().print(f"plan written to {out} ({what}show it again with `plan show {out}`)")
     return 0
+
+
+def _target_record(plan, free, target: str) -> dict:
+    """``plan.extra["target"]``: the engine, and the unrestricted plan next to this one."""
+    def family(p) -> dict:
+        return {"dp": p.parallelism.dp, "pp": p.parallelism.pp,
+                "tp": [s.tp for s in p.stages], "sequence_parallel":
+                p.parallelism.sequence_parallel, "objective": p.solver.objective,
+                "status": p.solver.status}
+
+    return {"name": target, "restricted": family(plan), "unrestricted": family(free),
+            "ratio": plan.solver.objective / free.solver.objective}
+
+
+def _target_line(record: dict) -> str:
+    from planner.units import fmt_seconds
+
+    mine, free = record["restricted"], record["unrestricted"]
+
+    def shape(f: dict) -> str:
+        tps = sorted(set(f["tp"]))
+        tp = "/".join(map(str, f["tp"])) if len(tps) > 1 else str(tps[0])
+        return (f"dp {f['dp']} x pp {f['pp']} x tp {tp}"
+                + (", sequence parallel" if f["sequence_parallel"] else ""))
+
+    gain = ("the restriction costs nothing here" if record["ratio"] <= 1 else
+            f"without the restriction the objective would be {record['ratio']:.3f}x smaller")
+    return (f"target {record['name']}: this plan ({shape(mine)}, {fmt_seconds(mine['objective'])}"
+            f", {mine['status']}) is the best {record['name']} can express; the unrestricted "
+            f"optimum is {shape(free)}, {fmt_seconds(free['objective'])} ({free['status']}): "
+            f"{gain}")
 
 
 def _check_out_file(out: str | None, force: bool):
@@ -628,6 +683,26 @@ def _launch_scripts(argv: list[str]) -> int:
         raise _UsageError(str(e)) from None
     for path in paths:
         print(path)
+    return 0
+
+
+@_subcommand("export")
+def _export(argv: list[str]) -> int:
+    from planner.engines import TARGETS, ExportError, export_plan
+    from planner.plan import Plan
+
+    p = _Parser(prog="plan export", description="Print the command line that deploys a "
+                "plan's parallelism with an inference engine (vllm, sglang, tensorrt-llm); "
+                "training targets (torchtitan, megatron, deepspeed) need training plans.")
+    p.add_argument("plan_file")
+    p.add_argument("--to", required=True, choices=list(TARGETS), help="the engine")
+    args = p.parse_args(argv)
+    plan = Plan.load(args.plan_file)
+    try:
+        text = export_plan(plan, args.to, what=args.plan_file)
+    except ExportError as e:
+        raise _UsageError(str(e)) from None
+    sys.stdout.write(text)
     return 0
 
 

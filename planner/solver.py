@@ -47,6 +47,7 @@ __all__ = [
     "SolverStats",
     "Solution",
     "PINNABLE",
+    "Restriction",
     "check_pins",
     "solve",
     "best_per_family",
@@ -56,6 +57,22 @@ __all__ = [
 ]
 
 PINNABLE = ("dp", "pp", "tp", "microbatches")
+
+
+@dataclass(frozen=True)
+class Restriction:
+    """Plans a serving engine can express (``plan MODEL --target``; ``planner.engines``).
+
+    Attributes:
+        uniform_tp: every stage has the same tp (whichever the solver picks).
+        split: ``pp -> [(first, last), ...]``, the only layer ranges the engine gives ``pp``
+            stages (``None`` for a pp it cannot run); ``None``: any contiguous split.
+        name: shown in messages.
+    """
+
+    uniform_tp: bool = False
+    split: Callable[[int], list[tuple[int, int]] | None] | None = None
+    name: str = ""
 GiB = 2**30
 
 
@@ -258,6 +275,7 @@ class _Combo:
     cap: int
     sizes: tuple[int, ...]
     pp: int | None
+    allowed: frozenset | None = None  # the only (first, last) stages (Restriction.split)
     lb: int = 0
     bottleneck: int | None = None  # _bottleneck_bound, computed when the combo is solved
 
@@ -416,6 +434,7 @@ def _build_space(
     tp_degrees: Iterable[int] | None,
     max_microbatches: int | None,
     capacity_bytes: int | None = None,
+    restriction: Restriction | None = None,
 ) -> tuple[_Space, dict[str, int]]:
     cap = capacity_bytes if capacity_bytes is not None else int(
         cluster.device_spec.memory_bytes * (1.0 - workload.memory_headroom))
@@ -427,7 +446,24 @@ def _build_space(
         key = (batch // dp // m, m)
         if key not in tables:
             tables[key] = builder(*key)
-        combos.append(_make_combo(tables[key], dp, m, tps, cap, sizes, pins.get("pp")))
+        if restriction is None or not (restriction.uniform_tp or restriction.split):
+            combos.append(_make_combo(tables[key], dp, m, tps, cap, sizes, pins.get("pp")))
+            continue
+        # One combo per degree (and per stage count, for an engine's own split): the outer
+        # search bounds and solves each, so the best of them is proven optimal as before.
+        for t in tps if restriction.uniform_tp else [tps]:
+            degrees = (t,) if restriction.uniform_tp else tps
+            if restriction.split is None:
+                combos.append(_make_combo(tables[key], dp, m, degrees, cap, sizes,
+                                          pins.get("pp")))
+                continue
+            L = tables[key].num_layers
+            for pp in [pins["pp"]] if "pp" in pins else range(1, L + 1):
+                ranges = restriction.split(pp)
+                if ranges is None or pp * min(degrees) > max(sizes):
+                    continue
+                combos.append(replace(_make_combo(tables[key], dp, m, degrees, cap, sizes, pp),
+                                      allowed=frozenset(ranges)))
     return _Space(batch, cluster.nodes, cluster.devices_per_node, cap, workload.objective,
                   combos, pins=dict(pins)), pins
 
@@ -646,6 +682,8 @@ def _heuristic(combo: _Combo, objective: str, per_node: int):
             if len(parts) != k:
                 continue
             path = [(a, b, t) for a, b in parts]
+            if combo.allowed is not None and any((a, b) not in combo.allowed for a, b in parts):
+                path = sorted((a, b, t) for a, b in combo.allowed)  # the engine's own split
             value = _path_value(combo, path, objective, per_node)
             if value is not None and (best is None or value < best[0]):
                 best = (value, path)
@@ -680,6 +718,8 @@ def _arcs(combo: _Combo, objective: str, cutoff: int | None):
                 mem_acc += combo.mem_at(b, a, t)
                 if mem_acc > combo.cap:
                     break
+                if combo.allowed is not None and (a, b) not in combo.allowed:
+                    continue
                 if cutoff is not None:
                     if m * time_acc > cutoff:
                         break
@@ -829,6 +869,7 @@ def solve(
     time_limit_s: float = 60.0,
     diagnose: bool = True,
     rebuild: Callable[[Workload], CostTableBuilder] | None = None,
+    restriction: Restriction | None = None,
 ) -> Solution:
     """Find the plan minimising the workload's objective, proven optimal by CP-SAT.
 
@@ -846,6 +887,8 @@ def solve(
             memory-feasibility searches, no CP-SAT, within the same ``time_limit_s``).
         rebuild: makes the builder for another workload (dtype, context length); lets the
             diagnosis try lower precision and, for decode, a shorter KV context.
+        restriction: only plans a target engine can express (one tp for every stage, its
+            own layer split); optimal, and proven so, within them.
 
     Returns:
         The best ``Solution``; ``solution.solver.status`` is ``OPTIMAL`` when proven.
@@ -857,7 +900,7 @@ def solve(
     start = time.perf_counter()
     deadline = start + time_limit_s
     space, clean_pins = _build_space(cost_table, cluster, workload, pins, tp_degrees,
-                                     max_microbatches)
+                                     max_microbatches, restriction=restriction)
     result = _search(space, num_workers, deadline)
     if result is None:
         if time.perf_counter() >= deadline:
