@@ -530,7 +530,23 @@ def _run(argv: list[str]) -> int:
                    help="run id shared by the nodes of one job (default: from the plan's "
                    "fingerprint)")
     args = p.parse_args(argv)
-    _check_nodes(args)
+    # --nnodes/--node-rank/--rdzv-endpoint agree, before the plan is read
+    if args.node_rank >= args.nnodes:
+        raise _UsageError(f"--node-rank {args.node_rank} is not a node of --nnodes "
+                          f"{args.nnodes}: node ranks are 0..{args.nnodes - 1}")
+    if args.nnodes > 1 and args.rdzv_endpoint is None:
+        raise _UsageError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT, where the "
+                          "nodes meet: node 0's address and a free port, the same on every node")
+    if args.rdzv_endpoint is None and (args.node_rank or args.rdzv_id):
+        raise _UsageError("--node-rank and --rdzv-id belong to a multi-node run: add "
+                          "--nnodes N --rdzv-endpoint HOST:PORT, or drop them")
+    if args.rdzv_endpoint is not None:
+        from codegen.launch import LaunchError, parse_endpoint
+
+        try:
+            parse_endpoint(args.rdzv_endpoint)
+        except LaunchError as e:
+            raise _UsageError(str(e)) from None
     if args.repeats < 0:
         raise _UsageError(f"--repeats must be >= 0, got {args.repeats}")
     if not args.tol >= 0:  # also refuses nan
@@ -573,26 +589,6 @@ def _run(argv: list[str]) -> int:
               "had ended), none is left", file=sys.stderr)
         return 130
     return status  # on failure run_check has printed which rank failed and why, and the log
-
-
-def _check_nodes(args) -> None:
-    """``--nnodes``/``--node-rank``/``--rdzv-endpoint`` agree (before the plan is read)."""
-    from codegen.launch import LaunchError, parse_endpoint
-
-    if args.node_rank >= args.nnodes:
-        raise _UsageError(f"--node-rank {args.node_rank} is not a node of --nnodes "
-                          f"{args.nnodes}: node ranks are 0..{args.nnodes - 1}")
-    if args.nnodes > 1 and args.rdzv_endpoint is None:
-        raise _UsageError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT, where the "
-                          "nodes meet: node 0's address and a free port, the same on every node")
-    if args.rdzv_endpoint is None and (args.node_rank or args.rdzv_id):
-        raise _UsageError("--node-rank and --rdzv-id belong to a multi-node run: add "
-                          "--nnodes N --rdzv-endpoint HOST:PORT, or drop them")
-    if args.rdzv_endpoint is not None:
-        try:
-            parse_endpoint(args.rdzv_endpoint)
-        except LaunchError as e:
-            raise _UsageError(str(e)) from None
 
 
 def _planned_model(args, plan) -> tuple[str, dict]:
