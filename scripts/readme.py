@@ -58,6 +58,7 @@ BLOCKS = (
     Block("demo", ("plan llama-3-70b --cluster 2x8xH100 --batch 8 --seq 2048 --out plan70b.json",),
           volatile=(rf"(?<=gap \d\.\d\d%, ){_FLOAT} s",)),
     Block("explain", ("plan explain plan70b.json",)),
+    Block("export", ("plan export plan70b.json --to vllm",)),
     Block("run-check", ("plan llama-tiny --cluster 4xcpu --batch 4 --seq 32 --tp 2 --out plan.json",
                         "plan run plan.json --check"),
           volatile=(_FLOAT,)),
