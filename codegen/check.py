@@ -364,7 +364,7 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
 
     plan = Plan.load(plan_path)
     if check_first:
-        preflight(plan, model, overrides)
+        preflight(plan, model, overrides, nnodes=nnodes if rdzv_endpoint else 1)
     nproc = plan.parallelism.dp * sum(s.tp for s in plan.stages)
     rendezvous = None
     if rdzv_endpoint is not None:
@@ -399,12 +399,13 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
             print(report.read_text())
         status = _read_status(status_dir, None if rendezvous else nproc)
         if rendezvous is not None and rc != 0 and not status:
-            print(f"{error_prefix}plan run failed: node {node_rank} waited {timeout_s:.0f} s "
-                  f"(--timeout) at the rendezvous {rdzv_endpoint} and the other "
-                  f"{nnodes - 1} node(s) of --nnodes {nnodes} did not all join, so no rank "
-                  "started here. Start `plan run` with the same plan, --nnodes and "
-                  "--rdzv-endpoint on every node (node 0's address, a port it can open). "
-                  f"Full log: {log_path}", file=sys.stderr)
+            print(f"{error_prefix}plan run failed: no rank started on node {node_rank}: the "
+                  f"rendezvous at {rdzv_endpoint} did not complete (torchrun ended with status "
+                  f"{rc} after {seconds:.1f} s; wall limit {timeout_s:.0f} s): the other "
+                  f"{nnodes - 1} node(s) of --nnodes {nnodes} did not all join, or the "
+                  "endpoint cannot be reached. Start `plan run` with the same plan, --nnodes "
+                  "and --rdzv-endpoint on every node (node 0's address and a port it can "
+                  f"open). Full log: {log_path}", file=sys.stderr)
         elif rc != 0:
             stderr = log_path.read_text(errors="replace")
             print(error_prefix + diagnose_failure(
