@@ -266,11 +266,27 @@ def export_plan(plan, target: str, what: str = "the plan") -> str:
             env = f"VLLM_PP_LAYER_PARTITION={','.join(map(str, blocks))} "
         args = ["--tensor-parallel-size", tp, "--pipeline-parallel-size", pp,
                 "--data-parallel-size", dp, "--dtype", w.dtype, "--max-model-len", context]
-        if tp * pp > plan.cluster.devices_per_node:
-            args += ["--distributed-executor-backend", "ray"]
         if par.sequence_parallel:
             args += ["--compilation-config",
                      json.dumps({"pass_config": {"enable_sequence_parallelism": True}})]
+        per_node = plan.cluster.devices_per_node
+        if tp * pp > per_node:  # one replica spans nodes: vLLM's Ray executor
+            head.append("# one replica spans nodes: start a Ray cluster over them, then run "
+                        "this on its head node")
+            args += ["--distributed-executor-backend", "ray"]
+        elif dp * tp * pp > per_node:  # whole replicas per node: vLLM's multi-node dp
+            local = per_node // (tp * pp)
+            head.append(f"# {dp} replicas, {local} per node: run line n on node n; HEAD is "
+                        "node 0's address, DP_RPC_PORT a port it can open")
+            lines = []
+            for node, start in enumerate(range(0, dp, local)):
+                extra = ["--data-parallel-size-local", min(local, dp - start),
+                         "--data-parallel-address", '"$HEAD"', "--data-parallel-rpc-port",
+                         '"$DP_RPC_PORT"']
+                if node:
+                    extra += ["--data-parallel-start-rank", start, "--headless"]
+                lines.append(env + 'vllm serve "$MODEL" ' + _join(args + extra))
+            return "\n".join(head + lines) + "\n"
         return "\n".join(head + [env + 'vllm serve "$MODEL" ' + _join(args)]) + "\n"
     if target == "sglang":
         if pp > 1 and blocks != own:

@@ -44,27 +44,35 @@ def plans(tmp_path_factory) -> dict:
             "even": split(2),  # blocks [2, 2]
             "mixed_tp": replace(base, stages=(stage0, replace(stage1, tp=1))),
             "sp": replace(base, parallelism=replace(base.parallelism, sequence_parallel=True)),
-            "dp2": replace(base, parallelism=replace(base.parallelism, dp=2))}
+            "dp2": replace(base, parallelism=replace(base.parallelism, dp=2),
+                           cluster=replace(base.cluster, devices_per_node=8, num_devices=8))}
 
 
-def _command(text: str) -> tuple[dict[str, str], str, dict[str, str]]:
-    """(environment, program, {option: value}) of an export's one command line."""
-    lines = [x for x in text.splitlines() if x and not x.startswith("#")]
-    assert len(lines) == 1, text
-    words = shlex.split(lines[0])
+def _parse(line: str) -> tuple[dict[str, str], str, dict[str, str | None]]:
+    """(environment, program, {option: value, or None for a flag}) of one command line."""
+    words = shlex.split(line)
     env = {}
     while "=" in words[0] and not words[0].startswith("-"):
         key, value = words.pop(0).split("=", 1)
         env[key] = value
     cut = next(i for i, w in enumerate(words) if w.startswith("--"))
-    program, rest = " ".join(words[:cut]), words[cut:]
-    assert len(rest) % 2 == 0, rest
-    return env, program, dict(zip(rest[::2], rest[1::2]))
+    program, rest, options = " ".join(words[:cut]), words[cut:], {}
+    while rest:
+        option = rest.pop(0)
+        options[option] = rest.pop(0) if rest and not rest[0].startswith("--") else None
+    return env, program, options
 
 
-def _checked(target: str, text: str) -> tuple[dict, dict]:
-    """The export's env and options, after asserting each is in the checked list."""
-    env, program, options = _command(text)
+def _lines(text: str) -> list[str]:
+    return [x for x in text.splitlines() if x and not x.startswith("#")]
+
+
+def _checked(target: str, text: str, line: int | None = None) -> tuple[dict, dict]:
+    """The env and options of the export's command (of its ``line``-th one when it has one
+    per node), after asserting each is in the checked list."""
+    lines = _lines(text)
+    assert line is not None or len(lines) == 1, text
+    env, program, options = _parse(lines[line or 0])
     flags = checked_flags()[target]
     assert program.replace(' "$MODEL"', "").replace(" $MODEL", "") == flags["command"]
     assert set(options) <= set(flags["options"]), set(options) - set(flags["options"])
@@ -87,6 +95,27 @@ def test_vllm_gets_the_plans_degrees_and_its_uneven_split(plans):
     assert json.loads(options["--compilation-config"]) == {
         "pass_config": {"enable_sequence_parallelism": True}}
     assert _checked("vllm", export_plan(plans["dp2"], "vllm"))[1]["--data-parallel-size"] == "2"
+
+
+def test_vllm_on_several_nodes(plans):
+    """Two replicas of tp 2 x pp 2 on 2 nodes of 4: vLLM's multi-node dp, one line per node;
+    a replica larger than a node: the Ray executor."""
+    base = plans["dp2"]
+    two_nodes = replace(base, cluster=replace(base.cluster, nodes=2, devices_per_node=4,
+                                              num_devices=8))
+    text = export_plan(two_nodes, "vllm")
+    assert len(_lines(text)) == 2
+    common = {"--tensor-parallel-size": "2", "--pipeline-parallel-size": "2",
+              "--data-parallel-size": "2", "--dtype": "bfloat16", "--max-model-len": "64",
+              "--data-parallel-size-local": "1", "--data-parallel-address": "$HEAD",
+              "--data-parallel-rpc-port": "$DP_RPC_PORT"}
+    assert _checked("vllm", text, 0)[1] == common
+    assert _checked("vllm", text, 1)[1] == {**common, "--data-parallel-start-rank": "1",
+                                            "--headless": None}
+    small = replace(base, cluster=replace(base.cluster, nodes=4, devices_per_node=2,
+                                          num_devices=8))
+    assert _checked("vllm", export_plan(small, "vllm"))[1]["--distributed-executor-backend"] \
+        == "ray"
 
 
 def test_sglang_gets_the_plans_degrees_and_its_uneven_split(plans):
