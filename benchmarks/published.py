@@ -47,12 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 __all__ = ["Row", "ROWS", "SOURCES", "MODEL_SHAPES", "not_modelled", "predict_rows", "main"]
 
-# --------------------------------------------------------------------------- what the planner models today
-# The runtime the cost model charges (per-kernel launch overhead, kernels one by one), the
-# all-reduce algorithm of its collective model (ring alpha-beta), its dtypes. Part 3 and 4
-# of issue 13 extend these; a row whose conditions fall outside them is "not modelled".
-MODELLED_RUNTIMES = ("eager",)
-MODELLED_COLLECTIVE_ALGOS = ("nccl ring",)
+# --------------------------------------------------------------------------- what the planner models
+# The runtimes the cost model prices (cost_models.runtime), the collectives it models
+# (cost_models.nccl: NCCL's algorithms and protocols, the custom intra-node all-reduce),
+# its dtypes. A row whose conditions fall outside them is "not modelled".
+_CG = "cuda graphs (torch.compile reduce-overhead)"
+_CUSTOM_AR = "intra-node custom all-reduce (ENABLE_INTRA_NODE_COMM=1)"
+RUNTIME_OF = {"eager": "eager", "torch.compile": "compiled", _CG: "cudagraphs"}
+COLLECTIVE_ALGOS = {"nccl ring": ("ring",), "nccl nvls": ("nvls",), "nccl default (nvls)": None}
+MODELLED_COMMS = ("", _CUSTOM_AR, "nccl")
 MODELLED_DTYPES = ("float32", "bfloat16", "float16")
 
 # Shapes of the presets used, as the sources' models have them (checked against
@@ -186,8 +189,6 @@ class Row:
 
 _A100_GPT_FAST = "A100-SXM 80GB, power limited to 330 W"
 _CUBE_MESH = "NVLink, hybrid cube mesh (not NVSwitch)"
-_CG = "cuda graphs (torch.compile reduce-overhead)"
-_CUSTOM_AR = "intra-node custom all-reduce (ENABLE_INTRA_NODE_COMM=1)"
 
 
 def _gpt_fast(id_, model, source_model, tp, tok_s, split, bw):
@@ -360,23 +361,18 @@ ROWS: tuple[Row, ...] = (
 
 
 def not_modelled(row: Row) -> list[str]:
-    """What the planner does not model today about ``row`` (empty: fully modelled)."""
+    """What the planner does not model about ``row`` (empty: fully modelled)."""
     reasons = []
     if row.kind == "collective":
-        if row.runtime not in MODELLED_COLLECTIVE_ALGOS:
-            reasons.append(f"{row.runtime}: the collective model is a ring (alpha-beta); "
-                           "predicted as a ring")
+        if row.runtime not in COLLECTIVE_ALGOS:
+            reasons.append(f"{row.runtime}: not an NCCL algorithm the model has")
         return reasons
-    if row.runtime not in MODELLED_RUNTIMES:
-        if row.runtime.startswith("cuda graphs"):
-            reasons.append("CUDA graphs: the cost model charges eager per-kernel launch "
-                           "overhead on every op")
-        else:
-            reasons.append(f"{row.runtime}: fused engine kernels; the cost model prices "
-                           "PyTorch ops one by one with eager launch overhead")
-    if row.comm and row.comm not in MODELLED_COLLECTIVE_ALGOS:
-        reasons.append(f"{row.comm}: the collective model is NCCL-ring alpha-beta with the "
-                       "catalogue's link latency")
+    if row.runtime not in RUNTIME_OF:
+        reasons.append(f"{row.runtime}: an engine's own fused kernels and plugins, not a "
+                       "PyTorch runtime; predicted as compiled (prefill) and cudagraphs "
+                       "(decode)")
+    if row.comm not in MODELLED_COMMS:
+        reasons.append(f"{row.comm}: not modelled; predicted with NCCL")
     if row.dtype not in MODELLED_DTYPES:
         reasons.append(f"{row.dtype}: not a planner dtype; predicted in bfloat16")
     return reasons
@@ -398,14 +394,23 @@ def _check_shapes() -> None:
                                  f"published model has {v}; update MODEL_SHAPES or the row")
 
 
+def _runtime(row: Row, phase: str) -> str:
+    """The runtime the row is priced in: its own, or the nearest modelled one."""
+    if row.runtime in RUNTIME_OF:
+        return RUNTIME_OF[row.runtime]
+    return "cudagraphs" if phase == "decode" else "compiled"
+
+
 def _workload(row: Row, phase: str):
     from planner.cluster import Workload
 
     dtype = row.dtype if row.dtype in MODELLED_DTYPES else "bfloat16"
+    runtime = _runtime(row, phase)
     if phase == "decode":
         return Workload(batch_size=row.batch, seq_len=row.tokens, dtype=dtype, phase="decode",
-                        context_len=row.context)
-    return Workload(batch_size=row.batch, seq_len=row.tokens, dtype=dtype, phase="prefill")
+                        context_len=row.context, runtime=runtime)
+    return Workload(batch_size=row.batch, seq_len=row.tokens, dtype=dtype, phase="prefill",
+                    runtime=runtime)
 
 
 def _predict_model(row: Row, traces: dict) -> dict:
@@ -450,22 +455,52 @@ def _predict_step(row: Row, phase: str, traces: dict) -> dict:
                     num_workers=1, time_limit_s=30.0, diagnose=False)
     except PlanError as e:  # InfeasiblePlanError included
         return {"predicted_s": None, "error": str(e).split(";")[0]}
-    return {
+    comm = sum(s.comm_s for s in sol.stages)
+    out = {
         "predicted_s": sol.predicted.latency_s,
         "compute_s": sum(s.compute_s for s in sol.stages),
-        "comm_s": sum(s.comm_s for s in sol.stages),
+        "comm_s": comm,
         "peak_memory_gib": sol.predicted.peak_memory_bytes / 2**30,
+        "all_reduces": 0,
     }
+    if row.comm == _CUSTOM_AR and row.tp > 1:
+        # The planner prices its own runtime's NCCL calls; gpt-fast's all-reduces are its
+        # one-shot/two-shot kernel instead: the same collectives, priced by that model.
+        custom, calls = _custom_comm(builder, row.tp, w, cluster)
+        out.update(predicted_s=sol.predicted.latency_s - comm + custom, comm_s=custom,
+                   all_reduces=calls)
+    return out
+
+
+def _custom_comm(builder, tp: int, w, cluster) -> tuple[float, int]:
+    """Seconds of every layer's collectives at ``tp`` with all-reduces priced as the
+    custom intra-node all-reduce (others by NCCL), and the number of all-reduces."""
+    from cost_models.layer_cost import collectives_at, comm_time
+    from cost_models.nccl import custom_all_reduce_time
+
+    spec = cluster.device_spec
+    total, calls = 0.0, 0
+    for j in range(len(builder.traced.layers)):
+        for kind, nbytes in collectives_at(builder.sharded_at(j, tp), w, 1, builder.traced_shape):
+            if kind == "all_reduce":
+                total += custom_all_reduce_time(nbytes, tp, spec)
+                calls += 1
+            else:
+                total += comm_time(kind, nbytes, tp, spec)
+    return total, calls
 
 
 def _predict_collective(row: Row) -> dict:
-    from cost_models.collectives import bus_factor, collective_time
+    from cost_models.collectives import bus_factor
     from cost_models.devices import lookup
+    from cost_models.nccl import ALGORITHMS, choose
 
     spec = lookup(row.gpu)
-    seconds = collective_time("all_reduce", row.nbytes, row.tp, device=spec, link="intra")
-    return {"predicted_s": seconds,
-            "predicted_busbw_gbs": bus_factor("all_reduce", row.tp) * row.nbytes / seconds / 1e9}
+    algos = COLLECTIVE_ALGOS.get(row.runtime) or ALGORITHMS
+    pick = choose("all_reduce", row.nbytes, row.tp, spec, algorithms=algos)
+    return {"predicted_s": pick.seconds, "algorithm": f"{pick.algorithm}/{pick.protocol}",
+            "predicted_busbw_gbs": bus_factor("all_reduce", row.tp) * row.nbytes
+            / pick.seconds / 1e9}
 
 
 def _published_seconds(row: Row) -> float:
@@ -511,6 +546,97 @@ def predict_rows(rows=ROWS) -> list[dict]:
     return out
 
 
+# --------------------------------------------------------------------------- fitting
+
+# The decode rows the GPU constants are fitted to: the fit set's rows whose runtime and
+# collectives the cost model models (never an evaluation row).
+FIT_KINDS = ("decode",)
+
+
+def fit_rows(rows=ROWS) -> list[Row]:
+    return [r for r in rows if r.split == "fit" and r.kind == "model" and r.phase in FIT_KINDS
+            and not not_modelled(r)]
+
+
+def _with_constants(hbm: float, kernel_s: float, ar: float, ar_peer: float):
+    """Set the fitted constants for the following predictions (fitting only)."""
+    import cost_models.nccl as nccl
+    import cost_models.roofline as roofline
+
+    roofline.GPU_HBM_EFFICIENCY, roofline.GPU_KERNEL_S = hbm, kernel_s
+    nccl.CUSTOM_AR_LATENCY_S, nccl.CUSTOM_AR_LATENCY_PER_PEER_S = ar, ar_peer
+
+
+def fit() -> int:
+    """Least squares in relative error of the decode fit rows' step times over
+    (GPU_KERNEL_S, 1 / GPU_HBM_EFFICIENCY, CUSTOM_AR_LATENCY_S, CUSTOM_AR_LATENCY_PER_PEER_S).
+
+    A batch-1 decode step is memory-bound and its time is linear in these four: kernels ·
+    kernel_s + bytes / (bandwidth · e) + all-reduces · (a + b (n - 1)) + the rest. The
+    coefficients of each row are read off the cost model itself at three settings of the
+    constants (exact for a linear function), then the 4-parameter fit is solved.
+    """
+    import numpy as np
+
+    rows = fit_rows()
+    traces: dict = {}
+
+    def step(hbm, kernel_s, ar=0.0, ar_peer=0.0):
+        _with_constants(hbm, kernel_s, ar, ar_peer)
+        return [_predict_step(r, "decode", traces) for r in rows]
+
+    base = step(1.0, 0.0)
+    with_k = step(1.0, 1e-6)
+    half = step(0.5, 0.0)
+    a, y = [], []
+    for r, p0, pk, ph in zip(rows, base, with_k, half):
+        kernels = (pk["predicted_s"] - p0["predicted_s"]) / 1e-6
+        mem = ph["predicted_s"] - p0["predicted_s"]  # bytes / bandwidth at e = 1
+        rest = p0["predicted_s"] - mem
+        n_ar = p0["all_reduces"]
+        target = _published_seconds(r)  # a decode row: one step (tokens/s: 1 / rate)
+        a.append([kernels / target, mem / target, n_ar / target, n_ar * (r.tp - 1) / target])
+        y.append(1.0 - rest / target)
+        print(f"{r.id:<16} kernels {kernels:7.0f}  bytes/bw {1e3 * mem:7.3f} ms  "
+              f"all-reduces {n_ar:4d}  rest {1e3 * rest:6.3f} ms  published "
+              f"{1e3 * target:7.3f} ms")
+    a, y = np.array(a), np.array(y)
+    theta = _nnls(a, y)
+    kernel_s, inv_e, ar, ar_peer = theta
+    hbm = 1.0 / inv_e
+    print(f"\nfitted on {len(rows)} rows ({', '.join(r.id for r in rows)}):")
+    print(f"  GPU_HBM_EFFICIENCY           {hbm:.3f}")
+    print(f"  GPU_KERNEL_S                 {kernel_s * 1e6:.2f} us")
+    print(f"  CUSTOM_AR_LATENCY_S          {ar * 1e6:.2f} us")
+    print(f"  CUSTOM_AR_LATENCY_PER_PEER_S {ar_peer * 1e6:.2f} us")
+    fitted = step(hbm, kernel_s, ar, ar_peer)
+    print("\nfit rows with these constants:")
+    for r, p in zip(rows, fitted):
+        pub = _published_seconds(r)
+        print(f"  {r.id:<16} predicted {1e3 * p['predicted_s']:7.3f} ms  published "
+              f"{1e3 * pub:7.3f} ms  err {100 * (p['predicted_s'] / pub - 1):+6.1f}%")
+    return 0
+
+
+def _nnls(a, y):
+    """Non-negative least squares (all four constants are times or a reciprocal)."""
+    import numpy as np
+
+    try:
+        from scipy.optimize import nnls
+
+        return nnls(a, y)[0]
+    except ImportError:  # active-set by hand: drop negative coefficients and re-solve
+        free = list(range(a.shape[1]))
+        while True:
+            sol = np.linalg.lstsq(a[:, free], y, rcond=None)[0]
+            if (sol >= 0).all():
+                out = np.zeros(a.shape[1])
+                out[free] = sol
+                return out
+            free.pop(int(np.argmin(sol)))
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -537,8 +663,10 @@ def summary(results: list[dict]) -> list[str]:
         for phase in PHASES:
             groups.append((f"  {split}, phase {phase}", [r for r in part if r["phase"] == phase]))
     modelled = [r for r in results if not r["not_modelled"]]
-    groups.append(("runtime modelled today (all sets)", modelled))
-    groups.append(("runtime modelled today, set eval", [r for r in modelled if r["split"] == "eval"]))
+    groups.append(("runtime modelled (all sets)", modelled))
+    groups.append(("runtime modelled, set fit", [r for r in modelled if r["split"] == "fit"]))
+    groups.append(("runtime modelled, set eval (the target)",
+                   [r for r in modelled if r["split"] == "eval"]))
     for label, part in groups:
         lines.append(_summary_line(label, part))
     return lines
@@ -575,14 +703,18 @@ def render(results: list[dict]) -> str:
             f"{err:>8}{mark}{r['split']:<4} {r['source']:<14}")
     lines.append("")
     lines.append("err = predicted time / published time - 1 (rates compared as the time they "
-                 "imply); * = not modelled today (below)")
+                 "imply); * = not modelled (below)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print every row as JSON")
+    parser.add_argument("--fit", action="store_true",
+                        help="fit the GPU constants to the modelled fit rows and print them")
     args = parser.parse_args(argv)
+    if args.fit:
+        return fit()
     start = time.perf_counter()
     results = predict_rows()
     wall = time.perf_counter() - start
@@ -591,9 +723,9 @@ def main(argv: list[str] | None = None) -> int:
                           "sources": SOURCES}, indent=2))
         return 0
     print(f"{len(results)} published measurements; predictions by the planner's cost model "
-          "on main, nothing fitted\n")
+          "(constants fitted to the fit rows only: `--fit`)\n")
     print(render(results))
-    print("\nnot modelled today:")
+    print("\nnot modelled:")
     for r in results:
         if r["not_modelled"]:
             print(f"  {r['id']:<22} " + "; ".join(r["not_modelled"]))

@@ -7,8 +7,11 @@ strategy as the sharding analysis found it (``ShardedLayer``; none at tp 1):
   rank's share of each op class), or the profiler's measurement when one exists for this
   exact shape on this device (then scaled by the roofline's own tp-1 → tp ratio);
 - communication: the strategy's collectives, exactly the ones the generated code runs,
-  scaled to the step's tokens and dtype and priced by the alpha-beta model
-  (``collectives.collective_time``), calibrated where measured;
+  scaled to the step's tokens and dtype and priced by ``comm_time``: NCCL's algorithm and
+  protocol choice on GPUs (``cost_models.nccl``), the alpha-beta model
+  (``collectives.collective_time``) calibrated where measured otherwise;
+- the runtime (``workload.runtime``: eager, compiled, cudagraphs; ``cost_models.runtime``)
+  decides which kernels run and which pay a CPU launch;
 - memory: ``memory.layer_memory`` (this rank's parameter pieces, KV cache share).
 
 The transient activations of a stage (its largest layer peak plus boundary buffers) are
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING
 from cost_models.collectives import CollectiveCalibration, boundary_time, collective_time
 from cost_models.devices import DeviceSpec
 from cost_models.memory import LayerMemory, layer_memory
+from cost_models.nccl import choose as nccl_choose
 from cost_models.roofline import Efficiencies, TracedShape, efficiencies_for, layer_work, work_time
 from cost_models.sharded import ShardedLayer
 
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
     from cost_models.types import ArchLike, ClusterLike, LayerLike, WorkloadLike
 
 __all__ = ["LayerEstimate", "layer_cost", "layer_memory_at", "collectives_at", "boundary_time",
-           "compute_time"]
+           "compute_time", "comm_time", "runtime_of"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,21 @@ def collectives_at(
             for kind, nbytes, is_batched in sharded.collectives]
 
 
+def runtime_of(workload: WorkloadLike) -> str:
+    """The workload's runtime (``eager`` when it names none)."""
+    return getattr(workload, "runtime", None) or "eager"
+
+
+def comm_time(kind: str, nbytes: float, group_size: int, device: DeviceSpec, *,
+              link: str = "intra", calibration: CollectiveCalibration | None = None) -> float:
+    """One tensor-parallel collective: measured fits where they exist, NCCL's best algorithm
+    and protocol on GPUs (``cost_models.nccl``), else the catalogue's alpha-beta ring."""
+    if calibration is None and device.backend == "nccl" and group_size > 1 and nbytes > 0:
+        return nccl_choose(kind, nbytes, group_size, device, link=link).seconds
+    return collective_time(kind, nbytes, group_size, device=device, link=link,
+                           calibration=calibration)
+
+
 def compute_time(
     layer: LayerLike,
     arch: ArchLike | None,
@@ -98,7 +117,7 @@ def compute_time(
 ) -> float:
     """Roofline seconds of one microbatch through ``layer`` on one rank of the TP group."""
     work = layer_work(layer, arch, tp, workload, microbatch_size, traced, sharded=sharded)
-    return work_time(work, efficiencies, workload.dtype)
+    return work_time(work, efficiencies, workload.dtype, runtime_of(workload))
 
 
 def layer_cost(
@@ -168,7 +187,7 @@ def layer_cost(
         compute = measured.time_s * (compute / one if one > 0 else 1.0)
         source = "measured"
     comm = sum(
-        collective_time(kind, nbytes, tp, device=spec, link=link, calibration=calibration)
+        comm_time(kind, nbytes, tp, spec, link=link, calibration=calibration)
         for kind, nbytes in collectives_at(sharded, workload, microbatch_size, traced)
     )
     mem = layer_memory_at(layer, arch, tp, workload, microbatch_size, microbatches, traced,

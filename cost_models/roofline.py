@@ -50,6 +50,7 @@ from cost_models.cache import (
     write_record,
 )
 from cost_models.devices import DeviceSpec
+from cost_models.runtime import kernels as kernels_of
 from cost_models.sharded import ShardedLayer
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ __all__ = [
     "ClassEfficiency",
     "Efficiencies",
     "GPU_EFFICIENCIES",
+    "GPU_HBM_EFFICIENCY",
+    "GPU_KERNEL_S",
     "TracedShape",
     "OpSample",
     "matmul_work",
@@ -171,23 +174,35 @@ class ClassEfficiency:
     overhead_s: float
 
 
-# Defaults for catalogue GPUs (not measured here). Sources:
+# Defaults for catalogue GPUs (not measured here). Compute fractions (sources):
 # - matmul 0.70: large BF16 GEMMs reach ~70% of dense peak on H100/A100 (cuBLAS figures in
 #   NVIDIA's H100 tuning guide; Megatron-LM reports 50-60% end-to-end MFU, GEMMs higher).
 # - attention 0.50: FlashAttention-2 forward reaches 50-73% of A100 peak (Dao 2023) and
 #   ~35-50% of H100 peak; FlashAttention-3 ~75% on H100. 0.5 sits between.
-# - memory 0.80-0.85: achieved HBM bandwidth in copy/elementwise kernels is 80-90% of the
-#   datasheet figure (NVIDIA CUDA best-practices guide, "effective bandwidth").
-# overhead_s is the catalogue's launch_overhead_s (filled in by efficiencies_for).
-GPU_EFFICIENCIES: dict[str, ClassEfficiency] = {
-    "matmul": ClassEfficiency(0.70, 0.80, 0.0),
-    "attention": ClassEfficiency(0.50, 0.80, 0.0),
-    "elementwise": ClassEfficiency(0.50, 0.85, 0.0),
-    "norm": ClassEfficiency(0.50, 0.80, 0.0),
-    "embedding": ClassEfficiency(0.50, 0.70, 0.0),
-    "reduction": ClassEfficiency(0.50, 0.80, 0.0),
+# Memory fraction: GPU_HBM_EFFICIENCY for every class (fitted, below). A kernel's fixed GPU
+# time is GPU_KERNEL_S, so the achieved fraction of bandwidth and FLOP/s depends on the
+# kernel's size: e(S) = S / (bw · (GPU_KERNEL_S + S / (bw · e))) for S bytes, which is what
+# makes small decode GEMVs (and everything at high tp) reach less of HBM than large ones.
+# overhead_s is the catalogue's launch_overhead_s (filled in by efficiencies_for), charged
+# per CPU launch only (cost_models.runtime).
+#
+# Fitted by `benchmarks/published.py --fit` (least squares in relative error) to the FIT
+# rows of benchmarks/published.py that the cost model models: gf-l2-7b-tp1/2/4/8,
+# gf-l2-70b-tp2/8 and ao-l2-7b-a100 (bf16 decode, batch 1, A100-80GB, CUDA graphs), jointly
+# with the custom all-reduce latency of cost_models.nccl. The A100 fraction is used for
+# every catalogue GPU (no other GPU has a modelled fit row); the evaluation rows were never
+# used. Output of that command: docs/cost-model.md, "Published GPU measurements".
+GPU_HBM_EFFICIENCY = 0.784
+GPU_KERNEL_S = 1.98e-6
+GPU_EFFICIENCIES: dict[str, ClassEfficiency] = {  # memory: GPU_HBM_EFFICIENCY (efficiencies_for)
+    "matmul": ClassEfficiency(0.70, 1.0, 0.0),
+    "attention": ClassEfficiency(0.50, 1.0, 0.0),
+    "elementwise": ClassEfficiency(0.50, 1.0, 0.0),
+    "norm": ClassEfficiency(0.50, 1.0, 0.0),
+    "embedding": ClassEfficiency(0.50, 1.0, 0.0),
+    "reduction": ClassEfficiency(0.50, 1.0, 0.0),
     "view": ClassEfficiency(1.0, 1.0, 0.0),
-    "other": ClassEfficiency(0.50, 0.80, 0.0),
+    "other": ClassEfficiency(0.50, 1.0, 0.0),
 }
 # View ops are metadata-only: no kernel launch on GPU, a Python dispatch on CPU (fitted).
 _NO_LAUNCH = {"view"}
@@ -211,6 +226,9 @@ class Efficiencies:
         class_scales: per op class refinement of ``layer_scale`` (``fit_class_scales``):
             how much slower or faster a class runs inside a layer than alone. Classes
             missing here use ``layer_scale``.
+        kernel_s: the device's own fixed time per kernel, charged per kernel in every
+            runtime (``cost_models.runtime``); 0 where the per-op ``overhead_s`` already
+            holds all fixed cost (the CPU calibration).
     """
 
     device: str
@@ -221,6 +239,7 @@ class Efficiencies:
     samples: int = 0
     layer_scale: float = 1.0
     class_scales: Mapping[str, float] = field(default_factory=dict)
+    kernel_s: float = 0.0
 
     def for_class(self, op_class: str) -> ClassEfficiency:
         return self.classes.get(op_class) or self.classes["other"]
@@ -238,6 +257,7 @@ class Efficiencies:
             "samples": self.samples,
             "layer_scale": self.layer_scale,
             "class_scales": dict(self.class_scales),
+            "kernel_s": self.kernel_s,
         }
 
     @classmethod
@@ -251,29 +271,42 @@ class Efficiencies:
             d.get("samples", 0),
             d.get("layer_scale", 1.0),
             dict(d.get("class_scales", {})),
+            d.get("kernel_s", 0.0),
         )
 
 
-def op_time(work: OpWork, eff: ClassEfficiency, peak_flops: float, bandwidth: float) -> float:
-    """Roofline time of one op class's aggregated work (see the module docstring)."""
+def op_time(work: OpWork, eff: ClassEfficiency, peak_flops: float, bandwidth: float,
+            *, kernels: float | None = None, launches: float | None = None,
+            kernel_s: float = 0.0) -> float:
+    """Roofline time of one op class's aggregated work (see the module docstring):
+    ``launches · overhead + kernels · kernel_s + max(compute, memory)``; both counts
+    default to the work's op count (eager)."""
     compute = work.flops / (peak_flops * eff.compute) if work.flops else 0.0
     memory = work.bytes / (bandwidth * eff.memory) if work.bytes else 0.0
-    return work.count * eff.overhead_s + max(compute, memory)
+    launches = work.count if launches is None else launches
+    kernels = work.count if kernels is None else kernels
+    return launches * eff.overhead_s + kernels * kernel_s + max(compute, memory)
 
 
 def class_times(
-    work: Mapping[str, OpWork], efficiencies: Efficiencies, dtype: str
+    work: Mapping[str, OpWork], efficiencies: Efficiencies, dtype: str, runtime: str = "eager"
 ) -> dict[str, float]:
-    """Roofline seconds of each op class's work, before the in-layer scales."""
+    """Roofline seconds of each op class's work under ``runtime`` (``cost_models.runtime``:
+    which kernels run and which pay a CPU launch), before the in-layer scales."""
     peak = efficiencies.peak_flops.get(dtype) or efficiencies.peak_flops["float32"]
-    return {c: op_time(w, efficiencies.for_class(c), peak, efficiencies.memory_bandwidth)
-            for c, w in work.items()}  # fmt: skip
+    if runtime == "eager" and not efficiencies.kernel_s:  # the calibrated (CPU) path
+        return {c: op_time(w, efficiencies.for_class(c), peak, efficiencies.memory_bandwidth)
+                for c, w in work.items()}  # fmt: skip
+    return {c: op_time(k.work, efficiencies.for_class(c), peak, efficiencies.memory_bandwidth,
+                       kernels=k.kernels, launches=k.launches, kernel_s=efficiencies.kernel_s)
+            for c, k in kernels_of(work, runtime).items()}  # fmt: skip
 
 
-def work_time(work: Mapping[str, OpWork], efficiencies: Efficiencies, dtype: str) -> float:
+def work_time(work: Mapping[str, OpWork], efficiencies: Efficiencies, dtype: str,
+              runtime: str = "eager") -> float:
     """Seconds for a layer's per-class work on the device ``efficiencies`` describes."""
     return sum(efficiencies.scale_for(c) * t
-               for c, t in class_times(work, efficiencies, dtype).items())  # fmt: skip
+               for c, t in class_times(work, efficiencies, dtype, runtime).items())  # fmt: skip
 
 
 # ------------------------------------------------------------------ scaling a traced layer
@@ -588,11 +621,13 @@ def efficiencies_for(
     if stored is not None:
         return stored
     classes = {
-        c: replace(e, overhead_s=0.0 if c in _NO_LAUNCH else device.launch_overhead_s)
+        c: e if c in _NO_LAUNCH else replace(e, memory=GPU_HBM_EFFICIENCY,
+                                             overhead_s=device.launch_overhead_s)
         for c, e in GPU_EFFICIENCIES.items()
     }
     return Efficiencies(
-        device.name, dict(device.peak_flops), device.memory_bandwidth, classes, "default"
+        device.name, dict(device.peak_flops), device.memory_bandwidth, classes, "default",
+        kernel_s=GPU_KERNEL_S if device.backend == "nccl" else 0.0,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch.nn as nn
 
 from planner.baselines import baselines as compute_baselines
+from cost_models.runtime import prefill_runtime
 from planner.cluster import DEFAULT_CLUSTER, Cluster, SpecError, Workload
 from planner.cost_builder import CostBuilder
 from planner.cost_table import CostTable
@@ -174,6 +175,7 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
     """
     check_request(traced, cluster, workload, pins=pins, solver=solver,
                   alternatives=alternatives, time_limit_s=time_limit_s, num_workers=num_workers)
+    workload = workload.with_runtime(cluster)  # the runtime the plan records and is priced for
 
     if isinstance(decode_traced, TracedModel) and cluster.device not in DECODE_GRAPH_DEVICES:
         decode_traced = DecodeUnavailable(_NOT_ON_GPU)
@@ -234,7 +236,9 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
     result = replace(result, layers=tuple(replace(layer, source=src)
                                           for layer, src in zip(result.layers, sources)))
     if workload.phase == "decode":
-        prefill = make_builder(replace(workload, phase="prefill"), solution.sequence_parallel,
+        prefill = make_builder(replace(workload, phase="prefill",
+                                       runtime=prefill_runtime(workload.runtime)),
+                               solution.sequence_parallel,
                                strategies=builder)
         result = with_prefill(result, prefill_prediction(prefill, solution, workload.batch_size,
                                                          cluster.devices_per_node))

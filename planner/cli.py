@@ -111,6 +111,7 @@ def _model_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL",
                    help="preset (gpt2, llama-3-70b, ...), hf:<model_type>, file.py:factory or module:factory")
+    from cost_models.runtime import RUNTIMES
     from planner.cluster import DEFAULT_CLUSTER, OBJECTIVES, PHASES
 
     p.add_argument("--cluster", default=DEFAULT_CLUSTER,
@@ -125,6 +126,11 @@ def _model_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", default="latency", choices=list(OBJECTIVES),
                    help="latency of one batch or steady-state throughput")
     p.add_argument("--context", type=int, default=None, help="KV-cache length for decode (default: --seq)")
+    p.add_argument("--runtime", default=None, choices=list(RUNTIMES),
+                   help="how the step runs, which the cost model prices: eager, compiled "
+                        "(torch.compile) or cudagraphs (compiled and captured; no CPU launch "
+                        "per kernel) (default: cudagraphs for decode and eager for prefill on "
+                        "GPU clusters, eager on cpu clusters)")
     p.add_argument("--tp", type=_positive_int, default=None,
                    help="pin the tensor-parallel degree of every stage (default: chosen by the solver)")
     p.add_argument("--pp", type=_positive_int, default=None,
@@ -234,7 +240,8 @@ def _plan_model(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("float32" if cluster.device == "cpu" else "bfloat16")
     workload = Workload(batch_size=args.batch, seq_len=args.seq if args.seq is not None else 2048,
                         dtype=dtype, phase=args.phase, objective=args.objective,
-                        context_len=args.context, memory_headroom=args.headroom)
+                        context_len=args.context, memory_headroom=args.headroom,
+                        runtime=args.runtime).with_runtime(cluster)
     if args.out is not None and args.layers_only:
         raise _UsageError("--out writes a plan and --layers-only stops before planning: drop one")
     if args.target is not None:

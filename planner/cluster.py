@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from cost_models.devices import DeviceSpec, UnknownDeviceError, lookup
+from cost_models.runtime import RUNTIMES, default_runtime
 from planner.units import fmt_value as _show
 
 __all__ = ["Cluster", "Workload", "SpecError", "DTYPES", "DEFAULT_CLUSTER", "PHASES", "OBJECTIVES"]
@@ -273,6 +274,10 @@ class Workload:
         context_len: KV cache length for decode; defaults to ``seq_len``.
         memory_headroom: fraction of device memory kept free (allocator, fragmentation).
         latency_slo_s: optional upper bound on the latency of one batch.
+        runtime: how the step runs: ``eager``, ``compiled`` or ``cudagraphs``
+            (``cost_models.runtime``: which kernels run, which pay a CPU launch); ``None``
+            takes the cluster's default (``with_runtime``): on GPUs ``cudagraphs`` for
+            decode and ``eager`` for prefill; on the CPU ``eager``, the only one it runs.
     """
 
     batch_size: int = 1
@@ -283,6 +288,7 @@ class Workload:
     context_len: int | None = None
     memory_headroom: float = 0.1
     latency_slo_s: float | None = None
+    runtime: str | None = None
 
     def __post_init__(self) -> None:
         dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
@@ -315,8 +321,26 @@ class Workload:
                                                    and self.latency_slo_s > 0):
             problems.append(f"latency SLO must be a positive number of seconds (got "
                             f"{_show(self.latency_slo_s)})")
+        if self.runtime is not None and self.runtime not in RUNTIMES:
+            problems.append(f"runtime (--runtime) {_show(self.runtime)} must be one of "
+                            f"{', '.join(RUNTIMES)}")
         if problems:
             raise SpecError("invalid workload: " + "; ".join(problems))
+
+    def with_runtime(self, cluster: Cluster) -> Workload:
+        """This workload with its runtime decided for ``cluster``: the one given, checked
+        against the devices, or the default (``cost_models.runtime.default_runtime``).
+
+        Raises:
+            SpecError: a GPU runtime (compiled, cudagraphs) asked of CPU devices.
+        """
+        backend = cluster.device_spec.backend
+        if self.runtime is None:
+            return replace(self, runtime=default_runtime(backend, self.phase))
+        if backend != "nccl" and self.runtime != "eager":
+            raise SpecError(f"runtime {self.runtime!r} needs GPUs; the {cluster.device} devices "
+                            f"of this cluster run eager (drop --runtime or pass --runtime eager)")
+        return self
 
     @property
     def torch_dtype(self) -> torch.dtype:

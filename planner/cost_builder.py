@@ -77,6 +77,8 @@ class CostBuilder:
 
     def __post_init__(self) -> None:
         self.spec = self.cluster.device_spec
+        if isinstance(self.workload, Workload):  # the runtime priced: given, or the default
+            self.workload = self.workload.with_runtime(self.cluster)
         if self.profile is not None and not _same_device(self.profile.device, self.spec.name):
             raise ValueError(
                 f"the profile was measured on {self.profile.device} but the cluster's devices are "

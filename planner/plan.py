@@ -32,6 +32,7 @@ from planner.cluster import (
     SpecError,
     Workload,
 )
+from cost_models.runtime import RUNTIMES
 from planner.cost_table import Borrow, CostTable, LayerCost, Link
 from planner.sharding import Collective, StageSharding, TemplateSharding
 from planner.units import fmt_value as _show
@@ -89,6 +90,7 @@ class PlanWorkload:
     dtype: str
     phase: str
     objective: str
+    runtime: str = "eager"  # what the cost model priced (cost_models.runtime); older files: eager
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,8 @@ class Plan:
             cluster=PlanCluster(cluster.num_devices, cluster.nodes, cluster.devices_per_node,
                                 cluster.device),
             workload=PlanWorkload(workload.batch_size, workload.seq_len, workload.dtype,
-                                  workload.phase, workload.objective),
+                                  workload.phase, workload.objective,
+                                  getattr(workload, "runtime", None) or "eager"),
             parallelism=Parallelism(solution.dp, solution.pp, solution.microbatches,
                                     solution.sequence_parallel, solution.microbatch_size),
             stages=tuple(PlanStage((st.first, st.last), st.tp, st.devices,
@@ -641,7 +644,8 @@ PLAN_SCHEMA = _Object({
                          "seq_len": _Value(int, 1, maximum=MAX_TOKENS),
                          "dtype": _Value(str, choices=tuple(DTYPES)),
                          "phase": _Value(str, choices=PHASES),
-                         "objective": _Value(str, choices=OBJECTIVES)}),
+                         "objective": _Value(str, choices=OBJECTIVES),
+                         "runtime": _Value(str, choices=RUNTIMES, default="eager")}),
     "parallelism": _Object({"dp": _POS, "pp": _POS, "microbatches": _POS,
                             "sequence_parallel": _Value(bool),
                             "microbatch_size": _Value(int, 1, default=1)}),
@@ -714,6 +718,7 @@ EXTRA_SCHEMA = _Object({
         "context_len": _Value(int, 1, nullable=True, default=None),
         "memory_headroom": _Value(float, 0, default=0.1),
         "latency_slo_s": _Value(float, 0, strict=True, nullable=True, default=None),
+        "runtime": _Value(str, choices=RUNTIMES, nullable=True, default=None),
     }, default={}),
     "arch": _Value(object, default=None),
     "tp_excluded": _Map(_Value(str), default={}),

@@ -70,7 +70,7 @@ def render_plan(plan: Plan, console: Console) -> None:
     console.print(
         f"[bold]{plan.model.name}[/] on {c.nodes}x{c.devices_per_node}x{c.device} "
         f"({c.num_devices} devices) | {w.phase} batch {w.batch_size} seq {w.seq_len} {w.dtype} | "
-        f"objective: {w.objective}"
+        f"objective: {w.objective} | runtime: {w.runtime}"
     )
     used = par.dp * sum(s.tp for s in plan.stages)
     console.print(
