@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from cost_models.collectives import link_alpha_beta, load_calibration
 from cost_models.layer_cost import TracedShape, collectives_at, layer_cost, layer_memory_at
 from cost_models.memory import LayerMemory, stage_workspace_bytes
+from cost_models.nccl import choose as nccl_choose
 from cost_models.roofline import efficiencies_for
 from cost_models.sharded import ShardedLayer
 from planner import sharding
@@ -233,10 +234,18 @@ class CostBuilder:
         scaled = collectives_at(self.sharded[(g, tp)], self.workload, microbatch_size,
                                 self.traced_shape)
         collectives = tuple(sharding.Collective(kind, nbytes, c.value, c.after, c.reason,
-                                                c.batched)
+                                                c.batched, self._algorithm(kind, nbytes, tp))
                             for (kind, nbytes), c in zip(scaled, analysis.collectives,
                                                          strict=True))
         return sharding.LayerRecord(g, params, collectives, self.sharded[(g, tp)].strategy)
+
+    def _algorithm(self, kind: str, nbytes: int, tp: int) -> str:
+        """NCCL's (algorithm, protocol) that ``layer_cost`` priced this collective with
+        (``comm_time``), for the plan to record; ``""`` where no choice was made."""
+        if self.calibration is not None or self.spec.backend != "nccl" or nbytes <= 0:
+            return ""
+        pick = nccl_choose(kind, nbytes, tp, self.spec)
+        return f"{pick.algorithm}/{pick.protocol}"
 
     def __call__(self, microbatch_size: int, microbatches: int) -> CostTable:
         key = (microbatch_size, microbatches)

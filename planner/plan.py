@@ -628,7 +628,8 @@ _LAYER_COSTS = _Object({"compute_s": _SECONDS, "comm_s": _SECONDS, "memory_bytes
                         "kv_cache_bytes": _Value(int, 0, default=0)})
 _COLLECTIVE = _Object({"kind": _Value(str, choices=("all_reduce", "all_gather",
                                                     "reduce_scatter")),
-                       "bytes": _COUNT, "after": _Value(str, default="")})
+                       "bytes": _COUNT, "after": _Value(str, default=""),
+                       "algorithm": _Value(str, default="")})
 _LINK = _Object({"latency_s": _SECONDS, "bandwidth_bytes_per_s": _Value(float, 0, strict=True)})
 
 #: The one description of ``fx-planner/plan/v2``: ``Plan.from_dict`` (load) reads through it

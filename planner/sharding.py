@@ -197,6 +197,8 @@ class Collective:
         reason: ``reduce`` (a partial sum), ``gather`` (a rule needs it whole: the
             fallback), ``sequence`` (sequence parallelism gathers before a matmul),
             ``boundary`` (a layer or stage output must be whole).
+        algorithm: how the cost model priced it, where it chose: NCCL's
+            ``"<algorithm>/<protocol>"`` on GPUs (``cost_models.nccl``); ``""`` otherwise.
     """
 
     kind: str
@@ -205,6 +207,7 @@ class Collective:
     after: str
     reason: str
     batched: bool = True  # the tensor's leading dim is the batch (its bytes scale with it)
+    algorithm: str = ""
 
     def scaled(self, ratio: float) -> Collective:
         """The same collective for a batch ``ratio`` times the analysed one."""
@@ -212,7 +215,10 @@ class Collective:
         return Collective(self.kind, nbytes, self.value, self.after, self.reason, self.batched)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "bytes": self.bytes, "after": self.after}
+        out = {"kind": self.kind, "bytes": self.bytes, "after": self.after}
+        if self.algorithm:
+            out["algorithm"] = self.algorithm
+        return out
 
 
 @dataclass
@@ -1666,7 +1672,8 @@ class TemplateSharding:
     def from_json(cls, d: dict) -> TemplateSharding:
         return cls(tuple(int(i) for i in d["layers"]),
                    {k: placement_from_json(v) for k, v in d["params"].items()},
-                   tuple(Collective(c["kind"], int(c["bytes"]), "", c.get("after", ""), "")
+                   tuple(Collective(c["kind"], int(c["bytes"]), "", c.get("after", ""), "",
+                                    algorithm=c.get("algorithm", ""))
                          for c in d["collectives"]), d.get("strategy", "greedy"))
 
 

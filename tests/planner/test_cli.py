@@ -105,6 +105,7 @@ def test_reference_solver_flag_gives_the_same_objective():
         (["show", "/nonexistent/plan.json"], "does not exist"),
         (["calibrate", "--cluster", "8xH100"], "is not here"),
         (["gpt-tiny", "--cluster", "4xcpu", "--bogus"], "unrecognized arguments: --bogus"),
+        (["gpt-tiny", "--cluster", "2xcpu", "--runtime", "cudagraphs"], "needs GPUs"),
         (["shwo", "plan.json"], "Did you mean `plan show`?"),
     ],
 )
@@ -113,6 +114,27 @@ def test_bad_input_is_one_clear_error_with_exit_2(args, expected):
     assert r.returncode == 2
     assert expected in " ".join(r.stderr.split())
     assert "Traceback" not in r.stderr
+
+
+def test_runtime_flag_is_recorded_and_priced(tmp_path, capsys):
+    """In process (the flag's errors are in the exit-2 cases above): the plan records the
+    runtime it was priced for, and the NCCL algorithm of each collective."""
+    from planner.cli import main
+    from planner.plan import Plan
+
+    out = str(tmp_path / "plan.json")
+    args = ["llama-tiny", "--cluster", "8xH100", "--phase", "decode", "--tp", "2",
+            "--alternatives", "0", "--out", out]
+    assert main(args) == 0  # the default for decode on GPUs
+    graphs = Plan.load(out)
+    assert main([*args, "--runtime", "eager"]) == 0
+    eager = Plan.load(out)
+    assert (graphs.workload.runtime, eager.workload.runtime) == ("cudagraphs", "eager")
+    assert "runtime: eager" in capsys.readouterr().out
+    assert eager.predicted.latency_s > graphs.predicted.latency_s  # launches are not free
+    algorithms = {c.algorithm for t in graphs.stages[0].sharding.templates
+                  for c in t.collectives}
+    assert algorithms == {"ring/LL"}  # tiny messages: NCCL's low-latency protocol
 
 
 def test_factory_forms(tmp_path):

@@ -57,6 +57,23 @@ def test_a_file_without_microbatch_size_gets_the_one_its_sizes_imply(plan_and_ca
     assert loaded.parallelism.microbatch_size * par.dp * par.microbatches == 4
 
 
+def test_a_file_without_runtime_loads_as_the_eager_it_was_priced_for(plan_and_case, tmp_path):
+    plan, *_ = plan_and_case
+    assert plan.workload.runtime == "eager"  # its Workload names none
+    d = plan.to_dict()
+    d["workload"]["runtime"] = "cudagraphs"
+    path = tmp_path / "graphs.json"
+    path.write_text(json.dumps(d))
+    assert Plan.load(path).workload.runtime == "cudagraphs"
+    del d["workload"]["runtime"]  # files written before the key existed
+    path.write_text(json.dumps(d))
+    assert Plan.load(path).workload.runtime == "eager"
+    d["workload"]["runtime"] = "jit"
+    path.write_text(json.dumps(d))
+    with pytest.raises(PlanFormatError, match="workload.runtime"):
+        Plan.load(path)
+
+
 def test_file_has_every_documented_key(plan_and_case, tmp_path):
     plan = plan_and_case[0]
     path = tmp_path / "plan.json"
@@ -65,7 +82,8 @@ def test_file_has_every_documented_key(plan_and_case, tmp_path):
     assert d["schema"] == SCHEMA
     assert set(d["model"]) == {"name", "num_layers", "fingerprint"}
     assert set(d["cluster"]) == {"num_devices", "nodes", "devices_per_node", "device"}
-    assert set(d["workload"]) == {"batch_size", "seq_len", "dtype", "phase", "objective"}
+    assert set(d["workload"]) == {"batch_size", "seq_len", "dtype", "phase", "objective",
+                                  "runtime"}
     assert {"dp", "pp", "microbatches", "sequence_parallel"} <= set(d["parallelism"])
     assert {"layers", "tp", "devices", "predicted"} <= set(d["stages"][0])
     assert set(d["stages"][0]["predicted"]) == {"compute_s", "comm_s", "memory_bytes"}
