@@ -1,25 +1,27 @@
-"""The cost model's GPU predictions against published measurements (issue 13, part 1).
+"""The cost model's GPU predictions against published measurements (issue 13).
 
 Usage:
     .venv/bin/python benchmarks/published.py            # the table, then the error summary
     .venv/bin/python benchmarks/published.py --json     # every row, prediction and error
+    .venv/bin/python benchmarks/published.py --fit      # refit the GPU constants (fit rows)
 
 ``ROWS`` below is a table of figures measured and published by others (READMEs, docs
 pages, GitHub issue threads), each quoted exactly from its source with the conditions the
-source states; where a condition is not stated, the row says so (``ambiguity``). Nothing
-in this file is fitted: every prediction is the planner's cost model as it is on main
-(device catalogue, ``GPU_EFFICIENCIES``, catalogue link figures), obtained through its
-public code:
+source states; where a condition is not stated, the row says so (``ambiguity``). Every
+prediction is the planner's cost model through its public code:
 
 - model rows: the preset is built on ``meta`` (``planner.models.load_model``), traced
   (``planner.trace``) at the row's batch and prompt length, priced by
   ``planner.cost_builder.CostBuilder`` for the row's workload (prefill of the prompt, or one
-  decode step against a KV cache of ``context`` tokens) and solved by
+  decode step against a KV cache of ``context`` tokens) in the row's runtime
+  (``workload.runtime``: CUDA graphs for gpt-fast/torchao) and solved by
   ``planner.solver.solve`` with tp / pp / dp pinned and one microbatch; the prediction is
   the plan's latency (``Prediction.latency_s``); a ``request`` row (a whole request timed
-  end to end) is one prefill plus ``generated - 1`` decode steps priced that way;
-- collective rows: ``cost_models.collectives.collective_time`` for the all-reduce of the
-  row's message size over the row's GPU count with the catalogue device's intra-node link,
+  end to end) is one prefill plus ``generated - 1`` decode steps priced that way; rows run
+  with gpt-fast's custom all-reduce get the same collectives priced by that model
+  (``cost_models.nccl.custom_all_reduce_time``) instead of NCCL;
+- collective rows: ``cost_models.nccl.choose`` for the all-reduce of the row's message
+  size over the row's GPU count (the algorithm the source forced, else NCCL's pick),
   turned into nccl-tests' bus bandwidth (``busbw = 2(n-1)/n * bytes / time``).
 
 Error: ``predicted time / published time - 1`` for every row (a rate such as tokens/s or
@@ -27,10 +29,13 @@ GB/s is compared as the time it implies: ``published rate / predicted rate - 1``
 positive error means the cost model predicts it slower than measured.
 
 Each row is in the fitting set (``split="fit"``) or the evaluation set (``"eval"``), fixed
-here before any fitting. ``not_modelled`` lists, per row, what the planner does not model
-today (the runtime: CUDA graphs, TensorRT-LLM engines, custom all-reduce, NVLS; the dtype:
-FP8); such a row still gets a prediction (the nearest thing the planner models, said in
-the reason) and its error is shown, but the summary reports modelled rows apart.
+here before any fitting. The GPU constants fitted (``roofline.GPU_HBM_EFFICIENCY``,
+``roofline.GPU_KERNEL_S``, ``nccl.CUSTOM_AR_LATENCY_S``, ``nccl.CUSTOM_AR_LATENCY_PER_PEER_S``
+by ``--fit``; ``nccl.RING_LINK_EFFICIENCY`` from the two NCCL ring fit rows) use fit rows
+only. ``not_modelled`` lists, per row, what the planner does not model (TensorRT-LLM
+engines and their all-reduce plugin, FP8); such a row still gets a prediction (the nearest
+thing the planner models, said in the reason) and its error is shown, but the summary
+reports modelled rows apart: the target is the evaluation rows whose runtime is modelled.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from planner.baselines import baselines as compute_baselines
 from cost_models.runtime import prefill_runtime
+from planner.baselines import baselines as compute_baselines
 from planner.cluster import DEFAULT_CLUSTER, Cluster, SpecError, Workload
 from planner.cost_builder import CostBuilder
 from planner.cost_table import CostTable

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cost_models.runtime import RUNTIMES
 from planner.cluster import (
     DTYPES,
     MAX_BATCH,
@@ -32,7 +33,6 @@ from planner.cluster import (
     SpecError,
     Workload,
 )
-from cost_models.runtime import RUNTIMES
 from planner.cost_table import Borrow, CostTable, LayerCost, Link
 from planner.sharding import Collective, StageSharding, TemplateSharding
 from planner.units import fmt_value as _show
