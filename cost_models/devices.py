@@ -51,7 +51,9 @@ class DeviceSpec:
         intra_node_link: the intra-node interconnect, in words (``"NVLink 4"``).
         inter_node_link: the inter-node interconnect assumed, in words.
         launch_overhead_s: fixed cost of launching one op (kernel launch + framework
-            dispatch in eager PyTorch); the roofline adds it per op.
+            dispatch in eager PyTorch); the roofline adds it per kernel launched from the
+            CPU (every op eager, every fused kernel compiled, none in a CUDA graph:
+            ``cost_models.runtime``).
         backend: the torch.distributed backend for this device (``nccl`` or ``gloo``).
     """
 
