@@ -100,7 +100,8 @@ def plan(
     if workload is None:
         workload = default_workload(traced, cluster)
     decode_traced = None
-    if workload.phase == "decode" and isinstance(model_or_traced, nn.Module):
+    if isinstance(workload, Workload) and workload.phase == "decode" \
+            and isinstance(model_or_traced, nn.Module):  # plan_traced checks a bad workload
         decode_traced = decode_step_for(model_or_traced, traced, workload, cluster)
     return plan_traced(traced, cluster, workload, pins=pins, solver=solver, profile=profile,
                        alternatives=alternatives, time_limit_s=time_limit_s,
