@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from cost_models.types import ArchLike, ClusterLike, LayerLike, WorkloadLike
 
 __all__ = ["LayerEstimate", "layer_cost", "layer_memory_at", "collectives_at", "boundary_time",
-           "compute_time", "comm_time", "runtime_of"]
+           "compute_time", "comm_time", "nccl_pick", "runtime_of"]
 
 
 @dataclass(frozen=True)
@@ -94,12 +94,23 @@ def runtime_of(workload: WorkloadLike) -> str:
     return getattr(workload, "runtime", None) or "eager"
 
 
+def nccl_pick(kind: str, nbytes: float, group_size: int, device: DeviceSpec, *,
+              link: str = "intra", calibration: CollectiveCalibration | None = None):
+    """NCCL's best (algorithm, protocol) for one tensor-parallel collective, which
+    ``comm_time`` prices and the plan records; ``None`` where the collective is priced
+    otherwise (measured fits, a backend other than nccl, nothing to send)."""
+    if calibration is None and device.backend == "nccl" and group_size > 1 and nbytes > 0:
+        return nccl_choose(kind, nbytes, group_size, device, link=link)
+    return None
+
+
 def comm_time(kind: str, nbytes: float, group_size: int, device: DeviceSpec, *,
               link: str = "intra", calibration: CollectiveCalibration | None = None) -> float:
     """One tensor-parallel collective: measured fits where they exist, NCCL's best algorithm
-    and protocol on GPUs (``cost_models.nccl``), else the catalogue's alpha-beta ring."""
-    if calibration is None and device.backend == "nccl" and group_size > 1 and nbytes > 0:
-        return nccl_choose(kind, nbytes, group_size, device, link=link).seconds
+    and protocol on GPUs (``nccl_pick``), else the catalogue's alpha-beta ring."""
+    pick = nccl_pick(kind, nbytes, group_size, device, link=link, calibration=calibration)
+    if pick is not None:
+        return pick.seconds
     return collective_time(kind, nbytes, group_size, device=device, link=link,
                            calibration=calibration)
 

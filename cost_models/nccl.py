@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cost_models.collectives import latency_steps
 from cost_models.devices import DeviceSpec
 
 __all__ = ["ALGORITHMS", "PROTOCOLS", "NcclChoice", "choose", "nccl_time", "has_nvls",
@@ -103,10 +104,6 @@ def _bus_bw(device: DeviceSpec, link: str) -> float:
     return bw
 
 
-def _steps(kind: str, n: int) -> int:
-    return 2 * (n - 1) if kind == "all_reduce" else n - 1
-
-
 def nccl_time(kind: str, nbytes: float, group_size: int, device: DeviceSpec, *,
               algorithm: str, protocol: str, link: str = "intra") -> float | None:
     """Seconds for one call with ``algorithm`` and ``protocol``; ``None`` where NCCL does
@@ -125,7 +122,7 @@ def nccl_time(kind: str, nbytes: float, group_size: int, device: DeviceSpec, *,
     if algorithm == "tree" and kind != "all_reduce":
         return None
     bus = _bus_bw(device, link)
-    steps = _steps(kind, n)
+    steps = latency_steps(kind, n)
     if algorithm == "ring":
         factor = {"LL": 0.5, "LL128": 0.92, "Simple": 1.0}[protocol]
         latency = _BASE_LAT["ring"][p] + steps * _HW_LAT[hw]["ring"][p]

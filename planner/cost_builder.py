@@ -23,9 +23,14 @@ import math
 from dataclasses import dataclass, field
 
 from cost_models.collectives import link_alpha_beta, load_calibration
-from cost_models.layer_cost import TracedShape, collectives_at, layer_cost, layer_memory_at
+from cost_models.layer_cost import (
+    TracedShape,
+    collectives_at,
+    layer_cost,
+    layer_memory_at,
+    nccl_pick,
+)
 from cost_models.memory import LayerMemory, stage_workspace_bytes
-from cost_models.nccl import choose as nccl_choose
 from cost_models.roofline import efficiencies_for
 from cost_models.sharded import ShardedLayer
 from planner import sharding
@@ -88,14 +93,14 @@ class CostBuilder:
             )
         self.traced_shape = TracedShape(self.traced.batch_size, self.traced.seq_len,
                                         _dtype_bytes(self.traced.dtype))
-        self.compute_layers, self.compute_shape = None, None
+        self._decode_layer, self.compute_shape = {}, None
         step = self.decode_traced
         if step is not None and self.workload.phase == "decode":
             if len(step.layers) != len(self.traced.layers):
                 raise ValueError(f"the decode step of {self.traced.name} has "
                                  f"{len(step.layers)} layers and the model "
                                  f"{len(self.traced.layers)}; they must pair one to one")
-            self.compute_layers = step.layers
+            self._decode_layer = {id(layer): d for layer, d in zip(self.traced.layers, step.layers)}
             self.compute_shape = TracedShape(step.batch_size, step.seq_len,
                                              _dtype_bytes(step.dtype))
         self.calibration = load_calibration(self.spec.backend) if self.spec.name == "cpu" else None
@@ -204,10 +209,10 @@ class CostBuilder:
     def _compute_of(self, layer) -> dict:
         """``layer_cost``'s ``compute_layer``/``compute_traced`` for ``layer``: its decode
         step counterpart, when this builder prices decode from the step's graph."""
-        if self.compute_layers is None:
+        if not self._decode_layer:
             return {}
-        j = next(i for i, other in enumerate(self.traced.layers) if other is layer)
-        return {"compute_layer": self.compute_layers[j], "compute_traced": self.compute_shape}
+        return {"compute_layer": self._decode_layer[id(layer)],
+                "compute_traced": self.compute_shape}
 
     def sharded_at(self, j: int, tp: int) -> ShardedLayer | None:
         """Layer ``j``'s strategy at ``tp`` (``None`` at tp 1)."""
@@ -242,10 +247,8 @@ class CostBuilder:
     def _algorithm(self, kind: str, nbytes: int, tp: int) -> str:
         """NCCL's (algorithm, protocol) that ``layer_cost`` priced this collective with
         (``comm_time``), for the plan to record; ``""`` where no choice was made."""
-        if self.calibration is not None or self.spec.backend != "nccl" or nbytes <= 0:
-            return ""
-        pick = nccl_choose(kind, nbytes, tp, self.spec)
-        return f"{pick.algorithm}/{pick.protocol}"
+        pick = nccl_pick(kind, nbytes, tp, self.spec, calibration=self.calibration)
+        return "" if pick is None else f"{pick.algorithm}/{pick.protocol}"
 
     def __call__(self, microbatch_size: int, microbatches: int) -> CostTable:
         key = (microbatch_size, microbatches)
