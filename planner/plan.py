@@ -61,6 +61,12 @@ __all__ = [
 ]
 
 SCHEMA = "fx-planner/plan/v2"
+#: Phases a plan file may record: the inference phases and ``train``.
+PLAN_PHASES = tuple(dict.fromkeys((*PHASES, "train")))
+#: ``parallelism.schedule`` of a train plan: the pipeline schedule.
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+#: ``stages[i].recompute`` of a train plan: none, selective (attention core only), full.
+RECOMPUTE = ("none", "selective", "full")
 OLD_SCHEMAS = ("fx-planner/plan/v1",)
 
 
@@ -100,6 +106,10 @@ class Parallelism:
     microbatches: int
     sequence_parallel: bool
     microbatch_size: int = 1
+    # Training plans (``workload.phase == "train"``); inference plans keep the defaults.
+    zero: int = 0  # 0: replicated (DDP); 1: optimizer states; 2: + gradients; 3: + parameters
+    schedule: str | None = None  # "gpipe" | "1f1b" | "interleaved" (train plans only)
+    virtual_stages: int = 1  # stages per device group; len(stages) == pp * virtual_stages
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,7 @@ class PlanStage:
     kv_cache_bytes: int = 0
     prefill_s: float | None = None
     prefill_boundary_bytes: int | None = None
+    recompute: str = "none"  # train plans: "none" | "selective" | "full"
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,7 @@ class Predicted:
     peak_memory_bytes: int
     ttft_s: float | None = None
     tpot_s: float | None = None
+    mfu: float | None = None  # train plans: model FLOPs per second / (devices x peak)
 
 
 @dataclass(frozen=True)
@@ -330,7 +342,8 @@ class Plan:
                                      else {"templates": [], "boundary": []}),
                         "kv_cache_bytes": s.kv_cache_bytes,
                         "prefill_s": s.prefill_s,
-                        "prefill_boundary_bytes": s.prefill_boundary_bytes}
+                        "prefill_boundary_bytes": s.prefill_boundary_bytes,
+                        "recompute": s.recompute}
                        for s in self.stages],
             "layers": [{"name": layer.name, "param_bytes": layer.param_bytes,
                         "costs": {str(t): asdict(c) for t, c in layer.costs.items()},
@@ -426,7 +439,8 @@ class Plan:
                                        if s["tp"] > 1 and s["sharding"]["templates"] else None),
                                    kv_cache_bytes=s["kv_cache_bytes"],
                                    prefill_s=s["prefill_s"],
-                                   prefill_boundary_bytes=s["prefill_boundary_bytes"])
+                                   prefill_boundary_bytes=s["prefill_boundary_bytes"],
+                                   recompute=s["recompute"])
                          for s in d["stages"]),
             layers=tuple(PlanLayer(layer["name"], layer["param_bytes"],
                                    {t: LayerCosts(**c) for t, c in layer["costs"].items()},
@@ -443,6 +457,29 @@ class Plan:
             provenance=d["provenance"],
             extra=extra,
         )
+
+    def _training_errors(self) -> list[str]:
+        """What a plan's training keys contradict: only train plans have a schedule, ZeRO,
+        virtual stages, recompute and MFU; an interleaved schedule needs virtual stages."""
+        par, errors = self.parallelism, []
+        if self.workload.phase != "train":
+            if par.zero or par.schedule is not None or par.virtual_stages != 1:
+                errors.append(f"parallelism.zero, schedule and virtual_stages are training "
+                              f"keys (0, null, 1 for a {self.workload.phase} plan)")
+            if any(s.recompute != "none" for s in self.stages):
+                errors.append(f"stages[].recompute is \"none\" for a {self.workload.phase} "
+                              f"plan; only train plans recompute activations")
+            if self.predicted.mfu is not None:
+                errors.append(f"predicted.mfu is null for a {self.workload.phase} plan")
+            return errors
+        if par.schedule is None:
+            errors.append("parallelism.schedule is null; a train plan names its pipeline "
+                          f"schedule, one of {', '.join(SCHEDULES)}")
+        elif (par.schedule == "interleaved") != (par.virtual_stages > 1):
+            errors.append(f"parallelism.schedule is {par.schedule!r} with virtual_stages "
+                          f"{par.virtual_stages}; interleaved 1F1B has virtual_stages >= 2 "
+                          f"and the other schedules 1")
+        return errors
 
     def validate(self) -> None:
         """Check that the plan's parts agree with each other.
@@ -470,8 +507,10 @@ class Plan:
             errors.append(f"cluster.num_devices {self.cluster.num_devices} != nodes "
                           f"{self.cluster.nodes} × devices_per_node "
                           f"{self.cluster.devices_per_node}")
-        if par.pp != len(self.stages):
-            errors.append(f"parallelism.pp is {par.pp} but stages[] has {len(self.stages)}")
+        if par.pp * par.virtual_stages != len(self.stages):
+            errors.append(f"parallelism.pp {par.pp} × virtual_stages {par.virtual_stages} is "
+                          f"{par.pp * par.virtual_stages} but stages[] has {len(self.stages)}")
+        errors += self._training_errors()
         if self.workload.batch_size % par.dp or \
                 (self.workload.batch_size // par.dp) % par.microbatches:
             errors.append(f"parallelism: dp {par.dp} × microbatches {par.microbatches} must "
@@ -497,6 +536,13 @@ class Plan:
             if len(s.devices) != par.dp:
                 errors.append(f"stages[{i}].devices lists {len(s.devices)} replicas; "
                               f"parallelism.dp is {par.dp}")
+            if i >= par.pp and par.pp * par.virtual_stages == len(self.stages):
+                # a virtual stage runs on the devices of stage i mod pp (interleaved 1F1B)
+                if s.devices != self.stages[i % par.pp].devices:
+                    errors.append(f"stages[{i}].devices must equal stages[{i % par.pp}].devices:"
+                                  f" with virtual_stages {par.virtual_stages}, stage i runs on "
+                                  f"the devices of stage i mod pp {par.pp}")
+                continue
             for r, group in enumerate(s.devices):
                 if len(group) != s.tp:
                     errors.append(f"stages[{i}].devices[{r}] has {len(group)} ids for tp {s.tp}")
@@ -644,12 +690,16 @@ PLAN_SCHEMA = _Object({
     "workload": _Object({"batch_size": _Value(int, 1, maximum=MAX_BATCH),
                          "seq_len": _Value(int, 1, maximum=MAX_TOKENS),
                          "dtype": _Value(str, choices=tuple(DTYPES)),
-                         "phase": _Value(str, choices=PHASES),
+                         "phase": _Value(str, choices=PLAN_PHASES),
                          "objective": _Value(str, choices=OBJECTIVES),
                          "runtime": _Value(str, choices=RUNTIMES, default="eager")}),
     "parallelism": _Object({"dp": _POS, "pp": _POS, "microbatches": _POS,
                             "sequence_parallel": _Value(bool),
-                            "microbatch_size": _Value(int, 1, default=1)}),
+                            "microbatch_size": _Value(int, 1, default=1),
+                            "zero": _Value(int, 0, maximum=3, default=0),
+                            "schedule": _Value(str, choices=SCHEDULES, nullable=True,
+                                               default=None),
+                            "virtual_stages": _Value(int, 1, default=1)}),
     "stages": _List(_Object({
         "layers": _List(_COUNT, length=2, doc="[first, last]"),
         "tp": _POS,
@@ -671,6 +721,7 @@ PLAN_SCHEMA = _Object({
         "kv_cache_bytes": _Value(int, 0, default=0),
         "prefill_s": _Value(float, 0, nullable=True, default=None),
         "prefill_boundary_bytes": _Value(int, 0, nullable=True, default=None),
+        "recompute": _Value(str, choices=RECOMPUTE, default="none"),
     }), min_length=1),
     "layers": _List(_Object({
         "name": _Value(str), "param_bytes": _COUNT, "costs": _Map(_LAYER_COSTS, int_keys=True),
@@ -680,7 +731,8 @@ PLAN_SCHEMA = _Object({
     "predicted": _Object({"latency_s": _SECONDS, "throughput_samples_per_s": _RATE,
                           "peak_memory_bytes": _COUNT,
                           "ttft_s": _Value(float, 0, nullable=True, default=None),
-                          "tpot_s": _Value(float, 0, nullable=True, default=None)}),
+                          "tpot_s": _Value(float, 0, nullable=True, default=None),
+                          "mfu": _Value(float, 0, nullable=True, default=None)}),
     "baselines": _Map(_Object({
         "latency_s": _Value(float, 0, nullable=True),
         "throughput_samples_per_s": _Value(float, 0, nullable=True),
@@ -715,7 +767,7 @@ EXTRA_SCHEMA = _Object({
                        "overrides": _Map(_Value(object), default={})}, default={}),
     "workload_full": _Object({
         "batch_size": _POS, "seq_len": _POS, "dtype": _Value(str, choices=tuple(DTYPES)),
-        "phase": _Value(str, choices=PHASES), "objective": _Value(str, choices=OBJECTIVES),
+        "phase": _Value(str, choices=PLAN_PHASES), "objective": _Value(str, choices=OBJECTIVES),
         "context_len": _Value(int, 1, nullable=True, default=None),
         "memory_headroom": _Value(float, 0, default=0.1),
         "latency_slo_s": _Value(float, 0, strict=True, nullable=True, default=None),

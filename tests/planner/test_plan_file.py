@@ -93,8 +93,11 @@ def test_file_has_every_documented_key(plan_and_case, tmp_path):
                                                  "kv_cache_bytes"}
     assert len(d["boundaries"]) == 5
     assert set(d["predicted"]) == {"latency_s", "throughput_samples_per_s", "peak_memory_bytes",
-                                   "ttft_s", "tpot_s"}
+                                   "ttft_s", "tpot_s", "mfu"}
     assert d["predicted"]["ttft_s"] is None and d["predicted"]["tpot_s"] is None  # prefill
+    assert (d["parallelism"]["zero"], d["parallelism"]["schedule"],
+            d["parallelism"]["virtual_stages"], d["predicted"]["mfu"]) == (0, None, 1, None)
+    assert {s["recompute"] for s in d["stages"]} == {"none"}
     assert set(d["baselines"]) == {"even_tp_node", "pure_tp", "pure_pp", "pure_dp"}
     assert {"latency_s", "throughput_samples_per_s", "feasible"} <= set(d["baselines"]["pure_tp"])
     assert {"status", "objective", "bound", "wall_s"} <= set(d["solver"])
@@ -155,7 +158,7 @@ def _set(d, dotted, value):
      "stages must cover layers contiguously, this one should start at 0"),
     (lambda d: _set(d, "stages.0.devices", [[99] * d["stages"][0]["tp"]] * d["parallelism"]["dp"]),
      "uses device 99; the cluster has devices 0..3"),
-    (lambda d: _set(d, "parallelism.pp", 7), "parallelism.pp is 7 but stages[] has"),
+    (lambda d: _set(d, "parallelism.pp", 7), "parallelism.pp 7 × virtual_stages 1 is 7 but stages[] has"),
     (lambda d: _set(d, "model.num_layers", 9), "model.num_layers is 9 but layers[] has 6"),
     (lambda d: d["boundaries"].pop(), "boundaries has 4 entries; 6 layers have 5 cuts"),
     (lambda d: _set(d, "cluster.num_devices", 5),
@@ -228,3 +231,36 @@ def test_a_tied_head_in_its_own_stage_is_charged_its_table_and_recorded(tmp_path
     assert again.borrowed == plan.borrowed
     assert again.cost_table().stage_memory_bytes(first, last, head.tp) == \
         head.predicted.memory_bytes
+
+
+def test_training_keys_are_checked_against_the_phase(plan_and_case, tmp_path):
+    """Only train plans carry a schedule, ZeRO level, virtual stages, recompute and MFU; an
+    interleaved schedule has virtual stages whose devices repeat those of stage i mod pp."""
+    plan = plan_and_case[0]
+    d = plan.to_dict()
+    path = tmp_path / "plan.json"
+    bad = json.loads(json.dumps(d))
+    bad["parallelism"]["zero"] = 2
+    path.write_text(json.dumps(bad))
+    with pytest.raises(PlanFormatError, match="training keys"):
+        Plan.load(path)
+    train = json.loads(json.dumps(d))
+    train["workload"]["phase"] = "train"
+    path.write_text(json.dumps(train))
+    with pytest.raises(PlanFormatError, match="schedule is null"):
+        Plan.load(path)
+    train["parallelism"].update(schedule="1f1b", zero=3)
+    train["stages"][0]["recompute"] = "selective"
+    train["predicted"]["mfu"] = 0.4
+    path.write_text(json.dumps(train))
+    loaded = Plan.load(path)
+    assert (loaded.parallelism.zero, loaded.parallelism.schedule,
+            loaded.stages[0].recompute, loaded.predicted.mfu) == (3, "1f1b", "selective", 0.4)
+    train["parallelism"]["schedule"] = "interleaved"
+    path.write_text(json.dumps(train))
+    with pytest.raises(PlanFormatError, match="virtual_stages"):
+        Plan.load(path)
+    train["stages"][0]["recompute"] = "sometimes"
+    path.write_text(json.dumps(train))
+    with pytest.raises(PlanFormatError, match="recompute"):
+        Plan.load(path)
