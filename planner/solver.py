@@ -471,6 +471,9 @@ def _build_space(
 def _make_combo(table: CostTable, dp: int, m: int, tps, cap: int, sizes, pp) -> _Combo:
     L = table.num_layers
     tps = tuple(t for t in tps if t <= max(sizes))  # a stage cannot outgrow its replica
+    if pp is not None and tps:
+        # pp stages: one of degree t leaves pp - 1 stages of at least the smallest degree
+        tps = tuple(t for t in tps if t + (pp - 1) * min(tps) <= max(sizes))
     ticks = [{t: to_ticks(c.time_s) for t, c in table.costs[j].items() if t in tps}
              for j in range(L)]
     mem = [{t: c.memory_bytes for t, c in table.costs[j].items() if t in tps} for j in range(L)]
@@ -816,6 +819,9 @@ def _cp_model(combo: _Combo, objective: str, per_node: int, cutoff: int | None,
         model.Add(worst >= hop[j])
     # device-seconds: sum_i tp_i * t_i <= (sum_i tp_i) * max_i t_i <= S_max * bottleneck
     model.Add(combo.s_max * worst >= sum(arcs[i][2] * arcs[i][3] * y[i] for i in range(len(arcs))))
+    if combo.pp is not None:
+        # exactly pp stages, none longer than the bottleneck: their sum is at most pp x it
+        model.Add(combo.pp * worst >= sum(arcs[i][3] * y[i] for i in range(len(arcs))))
     total = stage_sum + hop_sum
     if objective == "latency":
         obj = total + (m - 1) * worst

@@ -78,6 +78,8 @@ def test_objective_terms_add_up_to_the_objective(llama70b):
         work = planner.Workload(batch_size=8, seq_len=2048, objective=objective)
         sol = solve(CostBuilder(llama70b, cluster, work), cluster, work, pins=pins)
         terms = objective_terms(sol, objective)
+        assert sol.pp == pins["pp"] and sol.solver.status == "OPTIMAL"
+        assert len(terms) > 1  # more than one term: the sum is a real check
         assert math.isclose(sum(terms.values()), sol.solver.objective, rel_tol=1e-6)
 
 
