@@ -247,7 +247,7 @@ def _plan_model(args: argparse.Namespace) -> int:
     if args.target is not None:
         from planner.engines import TRAINING_TARGETS, training_error
 
-        if args.target in TRAINING_TARGETS:
+        if (args.target in TRAINING_TARGETS) != (args.phase == "train"):
             raise _UsageError(str(training_error(args.target, args.phase, "this request")))
         if args.solver == "reference":
             raise _UsageError("--target searches with the cp-sat solver (one proof per "
@@ -694,9 +694,10 @@ def _export(argv: list[str]) -> int:
     from planner.engines import TARGETS, ExportError, export_plan
     from planner.plan import Plan
 
-    p = _Parser(prog="plan export", description="Print the command line that deploys a "
-                "plan's parallelism with an inference engine (vllm, sglang, tensorrt-llm); "
-                "training targets (torchtitan, megatron, deepspeed) need training plans.")
+    p = _Parser(prog="plan export", description="Print what deploys a plan's parallelism: "
+                "an inference plan's command line for a serving engine (vllm, sglang, "
+                "tensorrt-llm), a train plan's configuration for a training framework "
+                "(torchtitan's TOML keys, megatron's arguments, deepspeed's JSON).")
     p.add_argument("plan_file")
     p.add_argument("--to", required=True, choices=list(TARGETS), help="the engine")
     args = p.parse_args(argv)

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from planner.plan import SCHEDULES
 from planner.solver import Restriction
 
 __all__ = ["TARGETS", "INFERENCE_TARGETS", "TRAINING_TARGETS", "ExportError", "EngineRules",
-           "checked_flags", "rules", "differences", "export_plan", "target_command",
-           "training_error", "block_split"]
+           "TrainingRules", "checked_flags", "rules", "training_rules", "differences",
+           "training_differences", "export_plan", "target_command", "training_error",
+           "block_split", "restriction", "training_restriction", "deepspeed_splits"]
 
 INFERENCE_TARGETS = ("vllm", "sglang", "tensorrt-llm")
 TRAINING_TARGETS = ("torchtitan", "megatron", "deepspeed")
@@ -75,24 +77,28 @@ _RULES = {
 
 
 def training_error(target: str, phase: str, what: str) -> ExportError:
-    """The error for a training target: the planner makes no training plans yet."""
+    """The error for a plan (or request) whose phase the target does not run: an inference
+    plan to a training framework, or a train plan to a serving engine."""
+    if target in TRAINING_TARGETS:
+        return ExportError(
+            f"{target} trains models, and {what} is a {phase} plan (inference): export it "
+            f"with --to {', '.join(INFERENCE_TARGETS[:-1])} or {INFERENCE_TARGETS[-1]}, or "
+            f"plan training for {target} with plan MODEL ... --phase train --target {target}")
     return ExportError(
-        f"{target} trains models, and {what} is a {phase} plan (inference): export it with "
-        f"--to {', '.join(INFERENCE_TARGETS[:-1])} or {INFERENCE_TARGETS[-1]}. The planner "
-        "makes no training plans yet: every plan's workload.phase is prefill or decode, and a "
-        "training plan (phase train: the backward pass, the optimizer's state and its "
-        "sharding, the pipeline schedule, recomputation) is not planned yet, so there is "
-        f"nothing to export to {', '.join(TRAINING_TARGETS)}")
+        f"{target} serves models, and {what} is a {phase} plan: export a train plan with "
+        f"--to {', '.join(TRAINING_TARGETS[:-1])} or {TRAINING_TARGETS[-1]}, or plan "
+        f"inference for {target} with plan MODEL ... --phase prefill|decode --target {target}")
 
 
 def rules(target: str) -> EngineRules:
     """The rules of an inference target.
 
     Raises:
-        ExportError: a training target (no training plans yet) or an unknown name.
+        ExportError: a training target (``training_rules``) or an unknown name.
     """
     if target in TRAINING_TARGETS:
-        raise training_error(target, "prefill or decode", "every plan")
+        raise ExportError(f"{target} is a training target: its rules are "
+                          "planner.engines.training_rules")
     if target not in _RULES:
         raise ExportError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
     return _RULES[target]
@@ -157,6 +163,8 @@ def restriction(target: str, names: list[str], arch: dict | None, degrees) -> tu
         Restriction, list[int], bool]:
     """The search space of ``plan MODEL --target``: ``(Restriction, tp degrees allowed,
     sequence parallelism allowed)`` for a model whose layers are ``names``."""
+    if target in TRAINING_TARGETS:
+        return training_restriction(target, names, arch, degrees)
     engine = rules(target)
     split = None
     if not engine.free_split:
@@ -169,6 +177,8 @@ def restriction(target: str, names: list[str], arch: dict | None, degrees) -> tu
 
 def differences(plan, target: str) -> list[str]:
     """What ``plan`` does that ``target`` cannot express (empty: it can run it)."""
+    if target in TRAINING_TARGETS:
+        return training_differences(plan, target)
     engine = rules(target)
     names = [layer.name for layer in plan.layers]
     tps = sorted({s.tp for s in plan.stages})
@@ -232,6 +242,8 @@ def export_plan(plan, target: str, what: str = "the plan") -> str:
             lists the differences and the ``plan MODEL ... --target`` command).
     """
     if target in TRAINING_TARGETS:
+        return _export_training(plan, target, what)
+    if _is_train(plan):
         raise training_error(target, plan.workload.phase, what)
     engine = rules(target)
     found = differences(plan, target)
@@ -305,3 +317,451 @@ def export_plan(plan, target: str, what: str = "the plan") -> str:
 def _join(args: list) -> str:
     return " ".join(a if isinstance(a, str) and a.startswith('"$') else shlex.quote(str(a))
                     for a in args)
+
+
+# Training frameworks (train plans): torchtitan, Megatron-LM, DeepSpeed.
+
+@dataclass(frozen=True)
+class TrainingRules:
+    """What one training framework can express (sources in ``planner/engines/flags.json``).
+
+    Attributes:
+        name: the target.
+        schedules: pipeline schedules it runs when pp > 1.
+        recompute: ``stages[i].recompute`` modes it has an exact setting for.
+        sequence_parallel: ``"free"`` (an option), ``"with_tp"`` (always on when tp > 1)
+            or ``"none"``.
+        heads_divisible: tp divides the attention heads and the KV heads (no replication).
+        tp_with_pp: tp > 1 and pp > 1 together.
+        split: ``"free"`` (any split it can be given) or ``"deepspeed"`` (its partition
+            methods' splits, ``deepspeed_splits``).
+        dtypes: the plan dtypes it trains in.
+    """
+
+    name: str
+    schedules: frozenset
+    recompute: frozenset
+    sequence_parallel: str
+    heads_divisible: bool
+    tp_with_pp: bool
+    split: str
+    dtypes: frozenset
+
+    def zero_levels(self, dp: int, pp: int, tp: int) -> frozenset:
+        """The ZeRO levels it runs with these degrees (any when dp is 1: nothing to shard)."""
+        if dp == 1:
+            return frozenset(range(4))
+        if self.name == "torchtitan":  # FSDP (2, 3) or DDP (0), DDP only on its own
+            return frozenset({2, 3} | ({0} if pp * tp == 1 else set()))
+        if self.name == "deepspeed" and pp > 1:  # its pipeline engine refuses ZeRO-2/3
+            return frozenset({0, 1})
+        return frozenset(range(4))
+
+
+_TRAINING_RULES = {
+    "torchtitan": TrainingRules(
+        "torchtitan", schedules=frozenset({"gpipe", "1f1b", "interleaved"}),
+        recompute=frozenset({"none", "full"}), sequence_parallel="with_tp",
+        heads_divisible=True, tp_with_pp=True, split="free",
+        dtypes=frozenset({"bfloat16", "float32"})),
+    "megatron": TrainingRules(
+        "megatron", schedules=frozenset({"1f1b", "interleaved"}),
+        recompute=frozenset({"none", "selective", "full"}), sequence_parallel="free",
+        heads_divisible=True, tp_with_pp=True, split="free",
+        dtypes=frozenset({"bfloat16", "float16", "float32"})),
+    "deepspeed": TrainingRules(
+        "deepspeed", schedules=frozenset({"1f1b"}), recompute=frozenset({"none", "full"}),
+        sequence_parallel="none", heads_divisible=False, tp_with_pp=False, split="deepspeed",
+        dtypes=frozenset({"bfloat16", "float16", "float32"})),
+}
+_TORCHTITAN_SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
+_ZERO_NAMES = {0: "ZeRO-0 (replicated, DDP)", 1: "ZeRO-1 (optimizer states sharded)",
+               2: "ZeRO-2 (optimizer states and gradients sharded)",
+               3: "ZeRO-3 (parameters sharded too, FSDP)"}
+
+
+def training_rules(target: str) -> TrainingRules:
+    """The rules of a training target.
+
+    Raises:
+        ExportError: an inference target or an unknown name.
+    """
+    if target not in _TRAINING_RULES:
+        raise ExportError(f"{target!r} is not a training target; one of "
+                          f"{', '.join(TRAINING_TARGETS)}")
+    return _TRAINING_RULES[target]
+
+
+def _ds_partition_uniform(num_items: int, num_parts: int) -> list[int]:
+    """DeepSpeed's ``partition_uniform`` (deepspeed/runtime/utils.py): part boundaries."""
+    if num_items <= num_parts:
+        return [min(p, num_items) for p in range(num_parts + 1)]
+    chunk, residual = divmod(num_items, num_parts)
+    return [p * chunk + min(p, residual) for p in range(num_parts + 1)]
+
+
+def _ds_partition_balanced(weights: list[int], num_parts: int) -> list[int]:
+    """DeepSpeed's ``partition_balanced`` (deepspeed/runtime/utils.py), its dynamic
+    programme over (items, parts) with its tie-break (the last ``k`` of equal cost wins),
+    so the boundaries are the ones DeepSpeed computes."""
+    n, m, inf = len(weights), num_parts, float("inf")
+    if n <= m:
+        return _ds_partition_uniform(n, m)
+    prefix = [0.0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    dp_max = [[inf] * (m + 1) for _ in range(n + 1)]
+    dp_min = [[inf] * (m + 1) for _ in range(n + 1)]
+    dp_cost = [[inf] * (m + 1) for _ in range(n + 1)]
+    position = [[0] * (m + 1) for _ in range(n + 1)]
+    dp_max[0][0] = dp_cost[0][0] = 0
+    for i in range(1, n + 1):
+        for j in range(1, min(i, m) + 1):
+            for k in range(i):
+                part = prefix[i] - prefix[k]
+                high, low = max(dp_max[k][j - 1], part), min(dp_min[k][j - 1], part)
+                if dp_cost[i][j] >= high - low:
+                    dp_cost[i][j], dp_max[i][j], dp_min[i][j] = high - low, high, low
+                    position[i][j] = k
+    parts = [n]
+    for j in range(m, 0, -1):
+        parts.append(position[parts[-1]][j])
+    return parts[::-1]
+
+
+@cache
+def deepspeed_splits(names: tuple[str, ...], pp: int) -> dict[str, list[tuple[int, int]]]:
+    """The layer ranges DeepSpeed's ``PipelineModule`` gives ``pp`` stages when its layer
+    list is the plan's layers (``pre``, each block, ``post``): ``{partition_method:
+    ranges}`` for ``uniform`` (layers counted alike) and ``type:BLOCK`` (decoder blocks
+    balanced; ``BLOCK`` matches the block's class name). A method that leaves a stage empty
+    is left out."""
+    first, count = _block_layers(list(names))
+    weights = [1 if first <= j < first + count else 0 for j in range(len(names))]
+    found = {}
+    for method, parts in (("uniform", _ds_partition_uniform(len(names), pp)),
+                          ("type:BLOCK", _ds_partition_balanced(weights, pp))):
+        if all(b > a for a, b in zip(parts, parts[1:])):
+            found[method] = [(a, b - 1) for a, b in zip(parts, parts[1:])]
+    return found
+
+
+def _torchtitan_split(blocks: int, stages: int) -> list[int]:
+    """Blocks per stage of torchtitan's own split (``generate_llm_fqn_per_model_part``,
+    embedding and output each weighed as one layer)."""
+    if stages == 1:
+        return [blocks]
+    effective = blocks + 2
+    base, extra = divmod(effective, stages)
+    split, at = [], 0
+    for i in range(stages):
+        n = base + (i < extra) - (i == 0) - (i == stages - 1)
+        take = max(0, min(n, blocks - at))
+        split.append(take)
+        at += take
+    return split
+
+
+def _is_train(plan) -> bool:
+    return plan.workload.phase == "train"
+
+
+def _arch_heads(arch: dict | None) -> tuple[int, int] | None:
+    if not arch or not arch.get("num_heads"):
+        return None
+    return arch["num_heads"], arch.get("num_kv_heads") or arch["num_heads"]
+
+
+def _training_tp_allowed(engine: TrainingRules, tp: int, arch: dict | None) -> str | None:
+    heads = _arch_heads(arch)
+    if not engine.heads_divisible or heads is None:
+        return None
+    if heads[0] % tp:
+        return f"tp {tp} does not divide the {heads[0]} attention heads"
+    if heads[1] % tp:
+        return f"tp {tp} does not divide the {heads[1]} KV heads"
+    return None
+
+
+def training_restriction(target: str, names: list[str], arch: dict | None, degrees) -> tuple[
+        Restriction, list[int], bool]:
+    """The search space of ``plan MODEL --phase train --target``: ``(Restriction, tp
+    degrees allowed, sequence parallelism allowed)``."""
+    engine = training_rules(target)
+    split = None
+    if engine.split == "deepspeed":
+        def split(stages: int, names=tuple(names)):
+            found = deepspeed_splits(names, stages)
+            return found.get("type:BLOCK") or found.get("uniform")
+    tps = [t for t in degrees if _training_tp_allowed(engine, t, arch) is None]
+    return (Restriction(uniform_tp=True, split=split, name=target,
+                        zero_levels=engine.zero_levels, schedules=engine.schedules,
+                        recompute=engine.recompute, uniform_recompute=True,
+                        tp_with_pp=engine.tp_with_pp,
+                        sequence_parallel_with_tp={"with_tp": True, "none": False}.get(
+                            engine.sequence_parallel)),
+            tps, engine.sequence_parallel != "none")
+
+
+def training_differences(plan, target: str) -> list[str]:
+    """What the train ``plan`` does that ``target`` cannot express (empty: it can)."""
+    engine = training_rules(target)
+    par, w = plan.parallelism, plan.workload
+    tps = sorted({s.tp for s in plan.stages})
+    pp = par.pp
+    found = []
+    if len(tps) > 1:
+        found.append(f"the stages have tp {'/'.join(str(s.tp) for s in plan.stages)}, and "
+                     f"{target} runs one tp for every stage")
+    for t in tps:
+        why = _training_tp_allowed(engine, t, plan.extra.get("arch"))
+        if why:
+            found.append(f"{why} ({target} splits attention and KV heads evenly)")
+    if engine.sequence_parallel == "none" and par.sequence_parallel:
+        found.append(f"the plan uses sequence parallelism, which {target} has no option for")
+    if engine.sequence_parallel == "with_tp" and max(tps) > 1 and not par.sequence_parallel:
+        found.append(f"the plan runs tp {max(tps)} without sequence parallelism, and {target}'s "
+                     "tensor parallelism always shards the norms' sequence (SequenceParallel)")
+    if not engine.tp_with_pp and max(tps) > 1 and pp > 1:
+        found.append(f"the plan combines tp {max(tps)} with pp {pp}, and {target} has no "
+                     "setting that does both (AutoTP runs on its engine without a pipeline, "
+                     "PipelineModule's topology has no tensor axis it fills)")
+    if pp > 1 and par.schedule not in engine.schedules:
+        found.append(f"the plan's pipeline schedule is {par.schedule}, and {target} runs "
+                     f"{' or '.join(sorted(engine.schedules))}")
+    levels = engine.zero_levels(par.dp, pp, max(tps))
+    if par.zero not in levels:
+        found.append(f"the plan shards data parallelism at {_ZERO_NAMES[par.zero]}, and "
+                     f"{target} runs ZeRO {'/'.join(map(str, sorted(levels)))} with dp "
+                     f"{par.dp} x pp {pp} x tp {max(tps)}")
+    modes = [s.recompute for s in plan.stages]
+    if len(set(modes)) > 1:
+        found.append(f"the stages recompute {'/'.join(modes)}, and {target} has one "
+                     "recompute setting for every stage")
+    for mode in sorted(set(modes) - engine.recompute):
+        found.append(f"the plan recomputes {mode} (the attention core only), which {target} "
+                     "has no setting for")
+    if w.dtype not in engine.dtypes:
+        found.append(f"the plan trains in {w.dtype}, which {target} has no setting for")
+    if engine.split == "deepspeed" and pp > 1:
+        names = tuple(layer.name for layer in plan.layers)
+        ranges = [tuple(s.layers) for s in plan.stages]
+        own = deepspeed_splits(names, len(ranges))
+        if ranges not in [[tuple(r) for r in v] for v in own.values()]:
+            blocks = block_split(list(names), ranges)
+            options = "; ".join(f"{m} gives {block_split(list(names), v)}"
+                                for m, v in own.items())
+            found.append(f"the decoder layers per stage are {blocks}, and {target}'s "
+                         f"PipelineModule splits them only by its partition_method ({options})")
+    return found
+
+
+def _stage_modules(names: list[str], layers: tuple[int, int]) -> list[str]:
+    """torchtitan's module names of a plan stage: ``tok_embeddings``, ``layers.<k>``, and
+    ``norm`` with ``output`` (the names its ``generate_llm_fqn_per_model_part`` uses)."""
+    first, _ = _block_layers(names)
+    out = []
+    for j in range(layers[0], layers[1] + 1):
+        if names[j] == "pre" and j == 0:
+            out.append("tok_embeddings")
+        elif names[j] == "post" and j == len(names) - 1:
+            out += ["norm", "output"]
+        else:
+            out.append(f"layers.{j - first}")
+    return out
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | list):
+        return json.dumps(value)
+    return str(value)
+
+
+def _launch(plan) -> tuple[int, int]:
+    """(nodes, processes per node) that run the plan's dp × pp × tp ranks."""
+    par = plan.parallelism
+    used = par.dp * par.pp * plan.stages[0].tp
+    per_node = plan.cluster.devices_per_node
+    nodes = -(-used // per_node)
+    if used % nodes:
+        raise ExportError(f"the plan uses {used} devices, which do not fill {nodes} nodes "
+                          "evenly: launchers start the same number of ranks on every node")
+    return nodes, used // nodes
+
+
+def _training_head(plan, target: str, what: str, blocks: list[int]) -> list[str]:
+    info = checked_flags()[target]
+    par, w = plan.parallelism, plan.workload
+    tp = plan.stages[0].tp
+    modes = sorted({s.recompute for s in plan.stages})
+    return [f"# {target} {info['version']} ({info['command']}), keys checked in "
+            f"planner/engines/flags.json against {info['project']}",
+            f"# {what}: {plan.model.name} on {_spec(plan.cluster)}, train batch "
+            f"{w.batch_size} seq {w.seq_len} {w.dtype}; dp {par.dp} x pp {par.pp} x tp {tp} = "
+            f"{par.dp * par.pp * tp} devices; ZeRO-{par.zero}"
+            + (f", schedule {par.schedule}" if par.pp > 1 else "")
+            + (f" with {par.virtual_stages} virtual stages per device" if
+               par.virtual_stages > 1 else "")
+            + f"; {par.microbatches} microbatch(es) of {par.microbatch_size} per replica; "
+            f"recompute {'/'.join(modes)}; decoder layers per stage {blocks}"]
+
+
+def _export_torchtitan(plan, what: str, blocks: list[int]) -> str:
+    par, w = plan.parallelism, plan.workload
+    tp, pp, dp = plan.stages[0].tp, par.pp, par.dp
+    names = [layer.name for layer in plan.layers]
+    head = _training_head(plan, "torchtitan", what, blocks)
+    head.append("# add these to the job's TOML (its [model], optimizer and data sections stay"
+                " yours) and run it on dp x pp x tp GPUs, e.g. torchrun --nproc_per_node N "
+                "-m torchtitan.train --job.config_file FILE")
+    # per data-parallel rank: pp splits the local batch in microbatches, without pp the
+    # microbatches are gradient-accumulation steps (global / (local x dp))
+    local = w.batch_size // dp if pp > 1 else par.microbatch_size
+    training = {"global_batch_size": w.batch_size, "local_batch_size": local,
+                "seq_len": w.seq_len, "mixed_precision_param": w.dtype}
+    if dp == 1:
+        shard, replicate = 1, 1
+    elif par.zero == 0:
+        shard, replicate = 1, dp
+    else:
+        shard, replicate = dp, 1
+    parallelism = {"data_parallel_replicate_degree": replicate,
+                   "data_parallel_shard_degree": shard}
+    if shard > 1:  # ZeRO-2: parameters stay gathered from forward to backward; ZeRO-3: not
+        parallelism["fsdp_reshard_after_forward"] = "always" if par.zero == 3 else "never"
+    parallelism["tensor_parallel_degree"] = tp
+    parallelism["pipeline_parallel_degree"] = pp
+    if pp > 1:
+        parallelism["pipeline_parallel_schedule"] = _TORCHTITAN_SCHEDULES[par.schedule]
+        parallelism["pipeline_parallel_microbatch_size"] = par.microbatch_size
+        default = 1 if par.schedule != "interleaved" else 2  # torchtitan's stages per rank
+        if par.virtual_stages != default or blocks != _torchtitan_split(sum(blocks),
+                                                                        len(blocks)):
+            parallelism["module_fqns_per_model_part"] = [
+                _stage_modules(names, tuple(s.layers)) for s in plan.stages]
+    mode = plan.stages[0].recompute
+    sections = {"training": training, "parallelism": parallelism,
+                "activation_checkpoint": {"mode": mode}}
+    body = []
+    for section, keys in sections.items():
+        body += ["", f"[{section}]"] + [f"{k} = {_toml(v)}" for k, v in keys.items()]
+    return "\n".join(head + body) + "\n"
+
+
+def _megatron_split_args(plan, blocks: list[int]) -> list:
+    par = plan.parallelism
+    pp, v = par.pp, par.virtual_stages
+    if pp == 1:
+        return []
+    if len(set(blocks)) == 1:
+        return ["--num-virtual-stages-per-pipeline-rank", v] if v > 1 else []
+    middle = blocks[1:-1]
+    if v == 1 and len(set(middle)) <= 1 and blocks[0] and blocks[-1]:
+        return ["--decoder-first-pipeline-num-layers", blocks[0],
+                "--decoder-last-pipeline-num-layers", blocks[-1]]
+    # --pipeline-model-parallel-layout: one entry per (virtual) stage in the plan's order
+    # (stage i on pipeline rank i mod pp), E the embedding, t a decoder layer, L the loss
+    layout = [("E" if i == 0 else "") + "t" * n + ("L" if i == len(blocks) - 1 else "")
+              for i, n in enumerate(blocks)]
+    return ["--pipeline-model-parallel-layout", "|".join(layout)]
+
+
+def _export_megatron(plan, what: str, blocks: list[int]) -> str:
+    par, w = plan.parallelism, plan.workload
+    tp, pp = plan.stages[0].tp, par.pp
+    head = _training_head(plan, "megatron", what, blocks)
+    head.append("# Megatron takes dp = world size / (tp x pp); add your model's own "
+                "arguments (--hidden-size, --num-attention-heads, data, optimizer)")
+    nodes, per_node = _launch(plan)
+    if nodes > 1:
+        head.append(f"# run this line on each of the {nodes} nodes with torchrun's "
+                    "--node-rank, --master-addr and --master-port for your cluster")
+    launcher = ["--nnodes", nodes, "--nproc-per-node", per_node]
+    args = ["--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
+            "--num-layers", sum(blocks)]
+    args += _megatron_split_args(plan, blocks)
+    if par.sequence_parallel and tp > 1:
+        args.append("--sequence-parallel")
+    if par.dp > 1 and par.zero == 1:
+        args.append("--use-distributed-optimizer")
+    elif par.dp > 1 and par.zero >= 2:
+        args += ["--use-megatron-fsdp", "--data-parallel-sharding-strategy",
+                 "optim_grads" if par.zero == 2 else "optim_grads_params",
+                 "--ckpt-format", "fsdp_dtensor"]
+    mode = plan.stages[0].recompute
+    if mode == "selective":
+        args += ["--recompute-granularity", "selective", "--recompute-modules", "core_attn"]
+    elif mode == "full":
+        args += ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                 "--recompute-num-layers", 1]
+    args += ["--global-batch-size", w.batch_size, "--micro-batch-size", par.microbatch_size,
+             "--seq-length", w.seq_len]
+    if w.dtype in ("bfloat16", "float16"):
+        args.append("--bf16" if w.dtype == "bfloat16" else "--fp16")
+    line = f"torchrun {_join(launcher)} pretrain_gpt.py {_join(args)}"
+    return "\n".join(head + [line]) + "\n"
+
+
+def _export_deepspeed(plan, what: str, blocks: list[int]) -> str:
+    par, w = plan.parallelism, plan.workload
+    tp, pp = plan.stages[0].tp, par.pp
+    head = _training_head(plan, "deepspeed", what, blocks)
+    mode = plan.stages[0].recompute
+    config = {"train_batch_size": w.batch_size,
+              "train_micro_batch_size_per_gpu": par.microbatch_size,
+              "gradient_accumulation_steps": par.microbatches,
+              "zero_optimization": {"stage": par.zero if par.dp > 1 else 0}}
+    if w.dtype == "bfloat16":
+        config["bf16"] = {"enabled": True}
+    elif w.dtype == "float16":
+        config["fp16"] = {"enabled": True}
+    if tp > 1:
+        config["tensor_parallel"] = {"autotp_size": tp}
+    if mode == "full":
+        config["activation_checkpointing"] = {"partition_activations": False,
+                                              "cpu_checkpointing": False}
+    if pp > 1:
+        names = tuple(layer.name for layer in plan.layers)
+        ranges = [tuple(s.layers) for s in plan.stages]
+        method = next(m for m, v in deepspeed_splits(names, pp).items()
+                      if [tuple(r) for r in v] == ranges)
+        interval = 1 if mode == "full" else 0
+        head.append(f"# PipelineModule(layers=LAYERS, num_stages={pp}, partition_method="
+                    f"{json.dumps(method)}, activation_checkpoint_interval={interval})")
+        head.append(f"# LAYERS: one entry per plan layer ({len(names)}: the embedding, each "
+                    "decoder block, the final norm with the head)"
+                    + ("; BLOCK: a regex matching the decoder block's class name"
+                       if "BLOCK" in method else ""))
+    elif mode == "full":
+        head.append("# recompute full: each decoder block's forward runs under "
+                    "deepspeed.checkpointing.checkpoint (configured by activation_checkpointing)")
+    head.append("# the DeepSpeed config (deepspeed.initialize(config=...)); run with the "
+                "deepspeed launcher on dp x pp x tp GPUs")
+    return "\n".join(head) + "\n" + json.dumps(config, indent=2) + "\n"
+
+
+def _export_training(plan, target: str, what: str) -> str:
+    if not _is_train(plan):
+        raise training_error(target, plan.workload.phase, what)
+    found = training_differences(plan, target)
+    if found:
+        engine = training_rules(target)
+        limits = ["one tp for every stage", "one recompute setting for every stage",
+                  f"recompute {'/'.join(sorted(engine.recompute))}"]
+        if engine.schedules != frozenset(SCHEDULES):
+            limits.append(f"schedule {'/'.join(sorted(engine.schedules))}")
+        if not engine.tp_with_pp:
+            limits.append("tp or pp, not both")
+        if engine.split == "deepspeed":
+            limits.append("its partition methods' split")
+        raise ExportError(
+            f"{target} cannot run {what} as planned: " + "; ".join(found) + ". Re-plan "
+            f"within what {target} can express ({', '.join(limits)}), proven optimal there: "
+            f"{target_command(plan, target)}")
+    names = [layer.name for layer in plan.layers]
+    blocks = block_split(names, [tuple(s.layers) for s in plan.stages])
+    export = {"torchtitan": _export_torchtitan, "megatron": _export_megatron,
+              "deepspeed": _export_deepspeed}[target]
+    return export(plan, what, blocks)

@@ -61,18 +61,39 @@ PINNABLE = ("dp", "pp", "tp", "microbatches")
 
 @dataclass(frozen=True)
 class Restriction:
-    """Plans a serving engine can express (``plan MODEL --target``; ``planner.engines``).
+    """Plans an engine can express (``plan MODEL --target``; ``planner.engines``).
+
+    The defaults restrict nothing. The training fields concern train plans only (an
+    inference search ignores them).
 
     Attributes:
         uniform_tp: every stage has the same tp (whichever the solver picks).
-        split: ``pp -> [(first, last), ...]``, the only layer ranges the engine gives ``pp``
-            stages (``None`` for a pp it cannot run); ``None``: any contiguous split.
+        split: ``stages -> [(first, last), ...]``, the only layer ranges the engine gives
+            that many stages (``pp × virtual_stages``; ``None`` for a count it cannot run);
+            ``None``: any contiguous split.
         name: shown in messages.
+        zero_levels: ``(dp, pp, tp) -> frozenset`` of the ZeRO levels (0-3) the engine runs
+            with those degrees; ``None``: any level.
+        schedules: the pipeline schedules it runs when ``pp > 1`` (``gpipe``, ``1f1b``,
+            ``interleaved``); ``None``: any.
+        recompute: the ``stages[i].recompute`` modes it has; ``None``: any.
+        uniform_recompute: one recompute mode for every stage (one global setting).
+        tp_with_pp: it combines tp > 1 with pp > 1.
+        sequence_parallel_with_tp: with tp > 1, sequence parallelism must be this (True:
+            always on, False: never); ``None``: either.
     """
 
     uniform_tp: bool = False
     split: Callable[[int], list[tuple[int, int]] | None] | None = None
     name: str = ""
+    zero_levels: Callable[[int, int, int], frozenset[int]] | None = None
+    schedules: frozenset[str] | None = None
+    recompute: frozenset[str] | None = None
+    uniform_recompute: bool = False
+    tp_with_pp: bool = True
+    sequence_parallel_with_tp: bool | None = None
+
+
 GiB = 2**30
 
 

@@ -170,7 +170,7 @@ def test_training_targets_name_what_is_missing(plans, target, capsys):
     message = refused(["export", plans["path"], "--to", target], capsys)
     assert f"{target} trains models, and {plans['path']} is a prefill plan (inference)" \
         in message
-    assert "The planner makes no training plans yet" in message
+    assert f"plan MODEL ... --phase train --target {target}" in message
 
 
 def test_cli_export_prints_the_command_or_one_error(plans, capsys):
