@@ -85,7 +85,7 @@ def training_error(target: str, phase: str, what: str) -> ExportError:
             f"with --to {', '.join(INFERENCE_TARGETS[:-1])} or {INFERENCE_TARGETS[-1]}, or "
             f"plan training for {target} with plan MODEL ... --phase train --target {target}")
     return ExportError(
-        f"{target} serves models, and {what} is a {phase} plan: export a train plan with "
+        f"{target} serves models, and {what} is a {phase} plan: export it with "
         f"--to {', '.join(TRAINING_TARGETS[:-1])} or {TRAINING_TARGETS[-1]}, or plan "
         f"inference for {target} with plan MODEL ... --phase prefill|decode --target {target}")
 
@@ -336,6 +336,9 @@ class TrainingRules:
         split: ``"free"`` (any split it can be given) or ``"deepspeed"`` (its partition
             methods' splits, ``deepspeed_splits``).
         dtypes: the plan dtypes it trains in.
+        zero, zero_with_tp, zero_with_pp: the ZeRO levels it runs over dp > 1 replicas, and
+            those it keeps when tp > 1 or pp > 1 join them.
+        seq_multiple_of_2tp: the sequence length must be a multiple of 2 × tp.
     """
 
     name: str
@@ -346,33 +349,37 @@ class TrainingRules:
     tp_with_pp: bool
     split: str
     dtypes: frozenset
+    zero: frozenset = frozenset(range(4))
+    zero_with_tp: frozenset = frozenset(range(4))
+    zero_with_pp: frozenset = frozenset(range(4))
+    seq_multiple_of_2tp: bool = False
 
     def zero_levels(self, dp: int, pp: int, tp: int) -> frozenset:
         """The ZeRO levels it runs with these degrees (any when dp is 1: nothing to shard)."""
         if dp == 1:
             return frozenset(range(4))
-        if self.name == "torchtitan":  # FSDP (2, 3) or DDP (0), DDP only on its own
-            return frozenset({2, 3} | ({0} if pp * tp == 1 else set()))
-        if self.name == "deepspeed" and pp > 1:  # its pipeline engine refuses ZeRO-2/3
-            return frozenset({0, 1})
-        return frozenset(range(4))
+        return (self.zero & (self.zero_with_tp if tp > 1 else self.zero)
+                & (self.zero_with_pp if pp > 1 else self.zero))
 
 
 _TRAINING_RULES = {
-    "torchtitan": TrainingRules(
+    "torchtitan": TrainingRules(  # FSDP (ZeRO-2/3) with anything, DDP only on its own
         "torchtitan", schedules=frozenset({"gpipe", "1f1b", "interleaved"}),
         recompute=frozenset({"none", "full"}), sequence_parallel="with_tp",
         heads_divisible=True, tp_with_pp=True, split="free",
-        dtypes=frozenset({"bfloat16", "float32"})),
+        dtypes=frozenset({"bfloat16", "float32"}), zero=frozenset({0, 2, 3}),
+        zero_with_tp=frozenset({2, 3}), zero_with_pp=frozenset({2, 3}),
+        seq_multiple_of_2tp=True),
     "megatron": TrainingRules(
         "megatron", schedules=frozenset({"1f1b", "interleaved"}),
         recompute=frozenset({"none", "selective", "full"}), sequence_parallel="free",
         heads_divisible=True, tp_with_pp=True, split="free",
         dtypes=frozenset({"bfloat16", "float16", "float32"})),
-    "deepspeed": TrainingRules(
+    "deepspeed": TrainingRules(  # its pipeline engine refuses ZeRO-2/3
         "deepspeed", schedules=frozenset({"1f1b"}), recompute=frozenset({"none", "full"}),
         sequence_parallel="none", heads_divisible=False, tp_with_pp=False, split="deepspeed",
-        dtypes=frozenset({"bfloat16", "float16", "float32"})),
+        dtypes=frozenset({"bfloat16", "float16", "float32"}),
+        zero_with_pp=frozenset({0, 1})),
 }
 _TORCHTITAN_SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
 _ZERO_NAMES = {0: "ZeRO-0 (replicated, DDP)", 1: "ZeRO-1 (optimizer states sharded)",
@@ -524,8 +531,9 @@ def training_differences(plan, target: str) -> list[str]:
                      "tensor parallelism always shards the norms' sequence (SequenceParallel)")
     if not engine.tp_with_pp and max(tps) > 1 and pp > 1:
         found.append(f"the plan combines tp {max(tps)} with pp {pp}, and {target} has no "
-                     "setting that does both (AutoTP runs on its engine without a pipeline, "
-                     "PipelineModule's topology has no tensor axis it fills)")
+                     "setting that does both (AutoTP, tensor_parallel.autotp_size, sets up "
+                     "its own tp groups on the engine; PipelineModule's topology is pipe x "
+                     "data)")
     if pp > 1 and par.schedule not in engine.schedules:
         found.append(f"the plan's pipeline schedule is {par.schedule}, and {target} runs "
                      f"{' or '.join(sorted(engine.schedules))}")
@@ -541,6 +549,9 @@ def training_differences(plan, target: str) -> list[str]:
     for mode in sorted(set(modes) - engine.recompute):
         found.append(f"the plan recomputes {mode} (the attention core only), which {target} "
                      "has no setting for")
+    if engine.seq_multiple_of_2tp and w.seq_len % (2 * max(tps)):
+        found.append(f"the sequence length {w.seq_len} is not a multiple of 2 x tp = "
+                     f"{2 * max(tps)}, which {target} requires")
     if w.dtype not in engine.dtypes:
         found.append(f"the plan trains in {w.dtype}, which {target} has no setting for")
     if engine.split == "deepspeed" and pp > 1:
@@ -613,9 +624,10 @@ def _export_torchtitan(plan, what: str, blocks: list[int]) -> str:
     tp, pp, dp = plan.stages[0].tp, par.pp, par.dp
     names = [layer.name for layer in plan.layers]
     head = _training_head(plan, "torchtitan", what, blocks)
+    nodes, per_node = _launch(plan)
     head.append("# add these to the job's TOML (its [model], optimizer and data sections stay"
-                " yours) and run it on dp x pp x tp GPUs, e.g. torchrun --nproc_per_node N "
-                "-m torchtitan.train --job.config_file FILE")
+                f" yours) and run it on {nodes} node(s): torchrun --nnodes {nodes} "
+                f"--nproc_per_node {per_node} -m torchtitan.train --job.config_file FILE")
     # per data-parallel rank: pp splits the local batch in microbatches, without pp the
     # microbatches are gradient-accumulation steps (global / (local x dp))
     local = w.batch_size // dp if pp > 1 else par.microbatch_size
@@ -646,7 +658,12 @@ def _export_torchtitan(plan, what: str, blocks: list[int]) -> str:
                 "activation_checkpoint": {"mode": mode}}
     body = []
     for section, keys in sections.items():
-        body += ["", f"[{section}]"] + [f"{k} = {_toml(v)}" for k, v in keys.items()]
+        body += ["", f"[{section}]"]
+        for k, v in keys.items():
+            if k == "module_fqns_per_model_part":  # one stage per line
+                body += [f"{k} = ["] + [f"    {_toml(stage)}," for stage in v] + ["]"]
+            else:
+                body.append(f"{k} = {_toml(v)}")
     return "\n".join(head + body) + "\n"
 
 
@@ -735,10 +752,11 @@ def _export_deepspeed(plan, what: str, blocks: list[int]) -> str:
                     + ("; BLOCK: a regex matching the decoder block's class name"
                        if "BLOCK" in method else ""))
     elif mode == "full":
-        head.append("# recompute full: each decoder block's forward runs under "
+        head.append("# recompute full: call each decoder block through "
                     "deepspeed.checkpointing.checkpoint (configured by activation_checkpointing)")
-    head.append("# the DeepSpeed config (deepspeed.initialize(config=...)); run with the "
-                "deepspeed launcher on dp x pp x tp GPUs")
+    nodes, per_node = _launch(plan)
+    head.append("# the DeepSpeed config (deepspeed.initialize(config=...)); launch on "
+                f"{nodes} node(s) of {per_node} GPUs")
     return "\n".join(head) + "\n" + json.dumps(config, indent=2) + "\n"
 
 
@@ -748,10 +766,24 @@ def _export_training(plan, target: str, what: str) -> str:
     found = training_differences(plan, target)
     if found:
         engine = training_rules(target)
-        limits = ["one tp for every stage", "one recompute setting for every stage",
-                  f"recompute {'/'.join(sorted(engine.recompute))}"]
+
+        def levels(s: frozenset) -> str:
+            return "ZeRO " + "/".join(map(str, sorted(s)))
+
+        every = frozenset(range(4))
+        limits = ["one tp for every stage",
+                  f"one recompute setting for every stage ({'/'.join(sorted(engine.recompute))})"]
         if engine.schedules != frozenset(SCHEDULES):
             limits.append(f"schedule {'/'.join(sorted(engine.schedules))}")
+        limits += {"with_tp": ["sequence parallelism with tp"],
+                   "none": ["no sequence parallelism"]}.get(engine.sequence_parallel, [])
+        if engine.zero != every:
+            limits.append(levels(engine.zero))
+        if engine.zero_with_tp == engine.zero_with_pp != every:
+            limits.append(levels(engine.zero & engine.zero_with_tp) + " with tp or pp")
+        else:
+            limits += [levels(engine.zero & z) + f" with {d}" for z, d in
+                       ((engine.zero_with_tp, "tp"), (engine.zero_with_pp, "pp")) if z != every]
         if not engine.tp_with_pp:
             limits.append("tp or pp, not both")
         if engine.split == "deepspeed":

@@ -53,8 +53,8 @@ def base() -> dict:
 
 
 def _train(base: dict, tmp_path, blocks=(4, 4), *, pp=2, dp=2, tp=2, zero=1, schedule="1f1b",
-           recompute="none", sp=True, dtype="bfloat16", microbatches=2, name="train.json"
-           ) -> Plan:
+           recompute="none", sp=True, dtype="bfloat16", microbatches=2, seq=128,
+           name="train.json") -> Plan:
     """A train plan file with these choices (decoder blocks per stage, ``pre`` with the
     first stage and ``post`` with the last; ``tp`` and ``recompute`` per stage when lists),
     loaded back through the plan-file checks."""
@@ -76,7 +76,7 @@ def _train(base: dict, tmp_path, blocks=(4, 4), *, pp=2, dp=2, tp=2, zero=1, sch
         first = last + 1
     d["stages"] = stages
     d["cluster"].update(num_devices=max(8, at), devices_per_node=max(8, at))
-    d["workload"].update(phase="train", dtype=dtype)
+    d["workload"].update(phase="train", dtype=dtype, seq_len=seq)
     d["parallelism"].update(dp=dp, pp=pp, microbatches=microbatches,
                             microbatch_size=16 // (dp * microbatches), zero=zero,
                             schedule=schedule, virtual_stages=n // pp, sequence_parallel=sp)
@@ -155,7 +155,7 @@ def _refusal(plan: Plan, target: str) -> str:
     message = str(err.value)
     assert message.startswith(f"{target} cannot run t.json as planned: ")
     assert message.endswith(
-        "plan llama-tiny --cluster 8xH100 --batch 16 --seq 128 --dtype "
+        f"plan llama-tiny --cluster 8xH100 --batch 16 --seq {plan.workload.seq_len} --dtype "
         f"{plan.workload.dtype} --phase train --objective throughput --target {target} "
         f"--out plan-{target}.json")
     return message
@@ -228,6 +228,8 @@ def test_torchtitan_refuses_what_it_cannot_express(base, tmp_path):
         _refusal(_train(base, tmp_path, zero=3, recompute=["full", "none"]), "torchtitan")
     assert "the plan trains in float16" in _refusal(
         _train(base, tmp_path, zero=3, dtype="float16"), "torchtitan")
+    assert "the sequence length 130 is not a multiple of 2 x tp = 4, which torchtitan " \
+        "requires" in _refusal(_train(base, tmp_path, zero=3, seq=130), "torchtitan")
 
 
 def test_megatron_gets_first_last_layers_or_a_layout(base, tmp_path):
@@ -314,6 +316,9 @@ def test_deepspeed_config_and_its_partition_methods(base, tmp_path):
 
 def test_deepspeed_refuses_what_it_cannot_express(base, tmp_path):
     message = _refusal(_train(base, tmp_path, (3, 5), tp=1, sp=False), "deepspeed")
+    assert "Re-plan within what deepspeed can express (one tp for every stage, one recompute " \
+        "setting for every stage (full/none), schedule 1f1b, no sequence parallelism, ZeRO " \
+        "0/1 with pp, tp or pp, not both, its partition methods' split)" in message
     assert "the decoder layers per stage are [3, 5], and deepspeed's PipelineModule splits " \
            "them only by its partition_method (uniform gives [4, 4]; type:BLOCK gives [4, 4])" \
         in message
