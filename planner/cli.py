@@ -248,7 +248,8 @@ def _plan_model(args: argparse.Namespace) -> int:
         from planner.engines import TRAINING_TARGETS, training_error
 
         if (args.target in TRAINING_TARGETS) != (args.phase == "train"):
-            raise _UsageError(str(training_error(args.target, args.phase, "this request")))
+            raise _UsageError(str(training_error(args.target, args.phase, "this request",
+                                                 request=True)))
         if args.solver == "reference":
             raise _UsageError("--target searches with the cp-sat solver (one proof per "
                               "restricted family); drop --solver reference")

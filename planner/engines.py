@@ -76,18 +76,23 @@ _RULES = {
 }
 
 
-def training_error(target: str, phase: str, what: str) -> ExportError:
-    """The error for a plan (or request) whose phase the target does not run: an inference
-    plan to a training framework, or a train plan to a serving engine."""
-    if target in TRAINING_TARGETS:
-        return ExportError(
-            f"{target} trains models, and {what} is a {phase} plan (inference): export it "
-            f"with --to {', '.join(INFERENCE_TARGETS[:-1])} or {INFERENCE_TARGETS[-1]}, or "
-            f"plan training for {target} with plan MODEL ... --phase train --target {target}")
+def training_error(target: str, phase: str, what: str, request: bool = False) -> ExportError:
+    """The error for a plan (or, with ``request``, a ``plan MODEL --target`` request) whose
+    phase the target does not run: inference to a training framework, or training to a
+    serving engine."""
+    trains = target in TRAINING_TARGETS
+    others = INFERENCE_TARGETS if trains else TRAINING_TARGETS
+    choices = f"{', '.join(others[:-1])} or {others[-1]}"
+    kind = (f"{target} trains models" if trains else f"{target} serves models")
+    phases = "train" if trains else "prefill|decode"
+    if request:
+        return ExportError(f"{kind}, and this request plans {phase}: choose --target "
+                           f"{choices}, or plan with --phase {phases} --target {target}")
     return ExportError(
-        f"{target} serves models, and {what} is a {phase} plan: export it with "
-        f"--to {', '.join(TRAINING_TARGETS[:-1])} or {TRAINING_TARGETS[-1]}, or plan "
-        f"inference for {target} with plan MODEL ... --phase prefill|decode --target {target}")
+        f"{kind}, and {what} is a {phase} plan" + (" (inference)" if trains else "")
+        + f": export it with --to {choices}, or plan "
+        + ("training" if trains else "inference")
+        + f" for {target} with plan MODEL ... --phase {phases} --target {target}")
 
 
 def rules(target: str) -> EngineRules:

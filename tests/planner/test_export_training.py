@@ -347,6 +347,9 @@ def test_the_phase_decides_which_targets_apply(base, tmp_path, capsys):
     assert code == 0 and out == export_plan(train, "megatron", what=str(tmp_path / "t.json"))
     assert "cannot run" in refused(["export", tmp_path / "t.json", "--to", "deepspeed"],
                                    capsys)
+    assert refused(["llama-tiny", "--cluster", "4xH100", "--target", "megatron"], capsys) == (
+        "error: megatron trains models, and this request plans prefill: choose --target vllm, "
+        "sglang or tensorrt-llm, or plan with --phase train --target megatron")
 
 
 def test_training_restrictions_for_the_solver():
