@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import numpy as np
+
 from planner.plan import SCHEDULES
 from planner.solver import Restriction
 
@@ -413,32 +415,41 @@ def _ds_partition_uniform(num_items: int, num_parts: int) -> list[int]:
 
 
 def _ds_partition_balanced(weights: list[int], num_parts: int) -> list[int]:
-    """DeepSpeed's ``partition_balanced`` (deepspeed/runtime/utils.py), its dynamic
-    programme over (items, parts) with its tie-break (the last ``k`` of equal cost wins),
-    so the boundaries are the ones DeepSpeed computes."""
-    n, m, inf = len(weights), num_parts, float("inf")
-    if n <= m:
-        return _ds_partition_uniform(n, m)
-    prefix = [0.0]
-    for w in weights:
-        prefix.append(prefix[-1] + w)
-    dp_max = [[inf] * (m + 1) for _ in range(n + 1)]
-    dp_min = [[inf] * (m + 1) for _ in range(n + 1)]
-    dp_cost = [[inf] * (m + 1) for _ in range(n + 1)]
-    position = [[0] * (m + 1) for _ in range(n + 1)]
-    dp_max[0][0] = dp_cost[0][0] = 0
-    for i in range(1, n + 1):
-        for j in range(1, min(i, m) + 1):
-            for k in range(i):
-                part = prefix[i] - prefix[k]
-                high, low = max(dp_max[k][j - 1], part), min(dp_min[k][j - 1], part)
-                if dp_cost[i][j] >= high - low:
-                    dp_cost[i][j], dp_max[i][j], dp_min[i][j] = high - low, high, low
-                    position[i][j] = k
-    parts = [n]
-    for j in range(m, 0, -1):
-        parts.append(position[parts[-1]][j])
+    """DeepSpeed's ``partition_balanced`` (deepspeed/runtime/utils.py): part boundaries
+    that minimise the spread (largest part less smallest) of the part weights, with its
+    tie-break, so they are the ones DeepSpeed computes."""
+    if len(weights) <= num_parts:
+        return _ds_partition_uniform(len(weights), num_parts)
+    position = _ds_balanced_positions(tuple(weights))
+    parts = [len(weights)]
+    for j in range(num_parts, 0, -1):
+        parts.append(int(position[parts[-1], j]))
     return parts[::-1]
+
+
+@cache
+def _ds_balanced_positions(weights: tuple[int, ...]) -> np.ndarray:
+    """``position[i, j]``: where the last of ``j`` parts of the first ``i`` items starts,
+    from DeepSpeed's dynamic programme. Its cells do not depend on the number of parts
+    asked for, so one table (every ``j`` up to ``n``) serves each stage count, and the
+    scan over the split point ``k`` is one vector operation. DeepSpeed replaces its best
+    ``k`` whenever a later ``k`` costs no more, so the ``k`` kept is the last one of least
+    cost."""
+    n = len(weights)
+    prefix = np.zeros(n + 1)
+    prefix[1:] = np.cumsum(weights)
+    dp_max = np.full((n + 1, n + 1), np.inf)
+    dp_min = np.full((n + 1, n + 1), np.inf)  # DeepSpeed leaves dp_min[0, 0] infinite
+    position = np.zeros((n + 1, n + 1), dtype=int)
+    dp_max[0, 0] = 0
+    for j in range(1, n + 1):
+        for i in range(j, n + 1):
+            part = prefix[i] - prefix[:i]
+            high = np.maximum(dp_max[:i, j - 1], part)
+            low = np.minimum(dp_min[:i, j - 1], part)
+            k = i - 1 - int(np.argmin((high - low)[::-1]))  # the last k of least cost
+            dp_max[i, j], dp_min[i, j], position[i, j] = high[k], low[k], k
+    return position
 
 
 @cache
