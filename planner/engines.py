@@ -1,5 +1,8 @@
 """Deploying a plan with the engines people run: what each can express, and the command
-line that gives it the plan's parallelism (``plan export``, ``plan MODEL --target``).
+line or config that gives it the plan's parallelism (``plan export``, ``plan MODEL
+--target``). Inference plans go to the serving engines (vLLM, SGLang, TensorRT-LLM), train
+plans to the training frameworks (torchtitan's TOML keys, Megatron-LM's arguments,
+DeepSpeed's JSON and ``PipelineModule`` arguments).
 
 The options, environment variables and config keys an export may emit are the checked
 list in ``planner/engines/flags.json`` (each with the engine's source file, line and
@@ -10,6 +13,8 @@ recorded arch, never from a model's name.
 
 >>> _even_split(81, 4, "tensorrt-llm"), _even_split(81, 4, "vllm"), _even_split(81, 4, "sglang")
 ([21, 20, 20, 20], [20, 20, 21, 20], [20, 20, 20, 21])
+>>> _torchtitan_split(80, 4), _ds_partition_uniform(82, 4)
+([20, 21, 20, 19], [0, 21, 42, 62, 82])
 """
 
 from __future__ import annotations
@@ -512,7 +517,9 @@ def training_restriction(target: str, names: list[str], arch: dict | None, degre
     degrees allowed, sequence parallelism allowed)``."""
     engine = training_rules(target)
     split = None
-    if engine.split == "deepspeed":
+    if engine.split == "deepspeed":  # the type: partition (decoder blocks balanced, the
+        # way Megatron-DeepSpeed builds its PipelineModule); uniform where it leaves a stage
+        # empty. The export accepts either.
         def split(stages: int, names=tuple(names)):
             found = deepspeed_splits(names, stages)
             return found.get("type:BLOCK") or found.get("uniform")
