@@ -178,6 +178,11 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
                   alternatives=alternatives, time_limit_s=time_limit_s, num_workers=num_workers)
     workload = workload.with_runtime(cluster)  # the runtime the plan records and is priced for
 
+    if workload.phase == "train":
+        return _plan_train(traced, cluster, workload, pins=pins, solver=solver,
+                           profile=profile, alternatives=alternatives,
+                           time_limit_s=time_limit_s, num_workers=num_workers, name=name,
+                           source=source, sequence_parallel=sequence_parallel, target=target)
     if isinstance(decode_traced, TracedModel) and cluster.device not in DECODE_GRAPH_DEVICES:
         decode_traced = DecodeUnavailable(_NOT_ON_GPU)
     step = decode_traced if isinstance(decode_traced, TracedModel) else None
@@ -256,6 +261,43 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
     if workload.phase == "decode":
         extra["decode_pricing"] = _decode_pricing(decode_traced)
     return replace(result, provenance=provenance, extra=extra)
+
+
+def _plan_train(traced, cluster, workload, *, pins, solver, profile, alternatives,
+                time_limit_s, num_workers, name, source, sequence_parallel, target) -> Plan:
+    """A training plan (``planner.training``): the forward is priced by ``CostBuilder`` with
+    ``phase "prefill"`` (measured layers are not used: a profile times inference forwards),
+    the step by ``cost_models.training``. Sequence parallelism is searched like prefill."""
+    from planner.training import plan_train
+
+    if target is not None:
+        raise PlanError(f"--target {target} restricts inference plans to what an engine can "
+                        "serve; a train plan has no serving engine (drop --target)")
+    del profile  # a profile times inference forwards at the traced shape
+    forward = replace(workload, phase="prefill")
+    if sequence_parallel is None:
+        options = [False, True] if sequence_parallel_applies(traced, cluster, forward) else [False]
+    else:
+        options = [sequence_parallel]
+    best, failure = None, None
+    extra = {"source": source or {}, "workload_full": workload.to_dict(),
+             "arch": traced.arch.to_dict() if traced.arch else None}
+    for sp in options:
+        builder = CostBuilder(traced, cluster, forward, sequence_parallel=sp)
+        try:
+            plan = plan_train(traced, cluster, workload, builder, pins=pins, solver=solver,
+                              num_workers=num_workers, time_limit_s=time_limit_s, name=name,
+                              extra={**extra, "tp_excluded": {
+                                  str(t): why for t, why in sorted(builder.excluded_tp.items())}},
+                              explain=bool(alternatives))
+        except InfeasiblePlanError as e:
+            failure = failure or e
+            continue
+        if best is None or plan.predicted.latency_s < best.predicted.latency_s:
+            best = plan
+    if best is None:
+        raise failure
+    return best
 
 
 def _decode_pricing(decode_traced) -> str:

@@ -122,7 +122,8 @@ def _model_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16 (default: float32 on cpu clusters, else bfloat16)")
     p.add_argument("--phase", default="prefill", choices=list(PHASES),
-                   help="prefill (a full-sequence forward) or decode (one token, KV cache)")
+                   help="prefill (a full-sequence forward), decode (one token, KV cache) or "
+                        "train (one optimizer step over the global --batch; docs/training.md)")
     p.add_argument("--objective", default="latency", choices=list(OBJECTIVES),
                    help="latency of one batch or steady-state throughput")
     p.add_argument("--context", type=int, default=None, help="KV-cache length for decode (default: --seq)")
@@ -139,6 +140,21 @@ def _model_parser() -> argparse.ArgumentParser:
                    help="pin the number of data-parallel replicas (default: chosen by the solver)")
     p.add_argument("--microbatches", type=_positive_int, default=None,
                    help="pin the microbatch count (default: chosen by the solver)")
+    from cost_models.training import RECOMPUTE, TRAIN_SCHEDULES, ZERO_LEVELS
+    from planner.cluster import OPTIMIZERS
+
+    p.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
+                   help="train: the optimizer a step runs (its states are in the memory model)")
+    p.add_argument("--zero", type=int, default=None, choices=list(ZERO_LEVELS),
+                   help="train: pin the ZeRO level over dp (0 DDP, 1 optimizer states, "
+                        "2 + gradients, 3 + parameters/FSDP; default: chosen by the solver)")
+    p.add_argument("--schedule", default=None, choices=list(TRAIN_SCHEDULES),
+                   help="train: pin the pipeline schedule (default: 1f1b, which dominates gpipe)")
+    p.add_argument("--virtual-stages", type=_positive_int, default=None,
+                   help="train: stages per device group (interleaved 1F1B)")
+    p.add_argument("--recompute", default=None, choices=list(RECOMPUTE),
+                   help="train: pin activation recomputation on every stage (default: chosen "
+                        "per stage by the solver)")
     p.add_argument("--sp", default="auto", choices=["auto", "on", "off"],
                    help="sequence parallelism: auto searches both (prefill), on/off forces it")
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of device memory kept free")
@@ -241,7 +257,7 @@ def _plan_model(args: argparse.Namespace) -> int:
     workload = Workload(batch_size=args.batch, seq_len=args.seq if args.seq is not None else 2048,
                         dtype=dtype, phase=args.phase, objective=args.objective,
                         context_len=args.context, memory_headroom=args.headroom,
-                        runtime=args.runtime).with_runtime(cluster)
+                        runtime=args.runtime, optimizer=args.optimizer).with_runtime(cluster)
     if args.out is not None and args.layers_only:
         raise _UsageError("--out writes a plan and --layers-only stops before planning: drop one")
     if args.target is not None:
@@ -273,6 +289,15 @@ def _plan_model(args: argparse.Namespace) -> int:
     profile = _profile_here(args, overrides, workload) if args.profile else None
     pins = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp),
                                 ("microbatches", args.microbatches)) if v is not None}
+    training = {k: v for k, v in (("zero", args.zero), ("schedule", args.schedule),
+                                  ("virtual_stages", args.virtual_stages),
+                                  ("recompute", args.recompute)) if v is not None}
+    if training and workload.phase != "train":
+        flags = ", ".join("--" + k.replace("_", "-") for k in training)
+        raise _UsageError(f"{flags} describe a training step; add --phase train or drop them")
+    if args.optimizer != "adamw" and workload.phase != "train":
+        raise _UsageError("--optimizer describes a training step; add --phase train or drop it")
+    pins.update(training)
     source = {"model": args.model, "overrides": overrides}
     decode_traced = None
     if workload.phase == "decode":

@@ -46,7 +46,9 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-PHASES = ("prefill", "decode")
+PHASES = ("prefill", "decode", "train")
+#: Optimizers a train workload may name (``--optimizer``).
+OPTIMIZERS = ("adamw",)
 OBJECTIVES = ("latency", "throughput")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
@@ -267,8 +269,9 @@ class Workload:
         batch_size: sequences per step (global, across data-parallel replicas).
         seq_len: tokens per sequence in prefill; in decode, one new token per step.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for weights and activations.
-        phase: ``prefill`` (a full-sequence forward) or ``decode`` (one token against a
-            KV cache of ``context_len`` tokens).
+        phase: ``prefill`` (a full-sequence forward), ``decode`` (one token against a
+            KV cache of ``context_len`` tokens) or ``train`` (one optimizer step over the
+            global batch: forward, backward, gradient sync, update; docs/training.md).
         objective: ``latency`` (one batch end to end) or ``throughput`` (samples/s in
             steady state).
         context_len: KV cache length for decode; defaults to ``seq_len``.
@@ -278,6 +281,7 @@ class Workload:
             (``cost_models.runtime``: which kernels run, which pay a CPU launch); ``None``
             takes the cluster's default (``with_runtime``): on GPUs ``cudagraphs`` for
             decode and ``eager`` for prefill; on the CPU ``eager``, the only one it runs.
+        optimizer: the optimizer a train step runs (``adamw``, the only one).
     """
 
     batch_size: int = 1
@@ -289,6 +293,7 @@ class Workload:
     memory_headroom: float = 0.1
     latency_slo_s: float | None = None
     runtime: str | None = None
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
@@ -311,7 +316,10 @@ class Workload:
         if dtype not in DTYPES:
             problems.append(f"dtype {_show(self.dtype)} is not one of {', '.join(DTYPES)}")
         if self.phase not in PHASES:
-            problems.append(f"phase {_show(self.phase)} must be 'prefill' or 'decode'")
+            problems.append(f"phase {_show(self.phase)} must be one of {', '.join(PHASES)}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer (--optimizer) {_show(self.optimizer)} must be one of "
+                            f"{', '.join(OPTIMIZERS)}")
         if self.objective not in OBJECTIVES:
             problems.append(f"objective {_show(self.objective)} must be 'latency' or 'throughput'")
         if not _is_number(self.memory_headroom) or not 0.0 <= self.memory_headroom < 1.0:

@@ -36,7 +36,7 @@ from planner.solver import (
     _Combo,
 )
 
-__all__ = ["solve_reference"]
+__all__ = ["solve_reference", "solve_train_reference"]
 
 
 def _front(labels: list) -> list:
@@ -167,3 +167,96 @@ def solve_reference(
                         time.perf_counter() - start, objective_ticks=value, solver="reference",
                         combos_solved=len(space.combos))
     return space.solution(combo, path, stats)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _front3(labels: list) -> list:
+    """Labels ``(sum, max, tail, path)`` not dominated in all three (sum, max, tail)."""
+    labels.sort(key=lambda label: label[:3])
+    kept: list = []
+    for label in labels:
+        if not any(k[0] <= label[0] and k[1] <= label[1] and k[2] <= label[2] for k in kept):
+            kept.append(label)
+    return kept
+
+
+def _best_train_path(combo, per_node: int, pp: int):
+    """(value, path) of the best ``pp``-stage plan of one training combo, or None.
+
+    Forward over the boundaries with states ``(boundary, devices used, stages so far)``;
+    stage ``k`` holds ``combo.in_flight(k, pp)`` microbatches, so its memory is exact.
+    Labels are the Pareto front of (stage and hop sum, their max, the largest tail); the
+    step time ``sum + (m - 1) max + tail`` is non-decreasing in all three.
+    """
+    L, m, table = combo.num_layers, combo.m, combo.table
+    labels: list[dict] = [{} for _ in range(L + 1)]
+    labels[0][(0, 0)] = [(0, 0, 0, None)]
+    for j in range(L):
+        for (used, k), raw in sorted(labels[j].items()):
+            if k >= pp:
+                continue
+            front = _front3(raw)
+            flight = combo.in_flight(k, pp)
+            for t in combo.tps:
+                if used % per_node + t > per_node or used + t > combo.s_max:
+                    continue
+                inter = (used + t) % per_node == 0
+                for rc in combo.rcs:
+                    acc = 0
+                    for b in range(j, L):
+                        if (t, rc) not in combo.ticks[b]:
+                            break
+                        acc += combo.ticks[b][(t, rc)]
+                        if table.stage_memory(j, b, t, rc, flight) > combo.cap:
+                            break
+                        hop = 0
+                        if b + 1 < L:
+                            hop = combo.hop_inter[b] if inter else combo.hop_intra[b]
+                        tail = combo.tail(j, b, t)
+                        target = labels[b + 1].setdefault((used + t, k + 1), [])
+                        arc = (j, b, t, rc)
+                        for s, w, tl, path in front:
+                            target.append((s + acc + hop, max(w, acc, hop), max(tl, tail),
+                                           (arc, path)))
+        labels[j] = {}
+    best = None
+    for (used, k), raw in labels[L].items():
+        if used not in combo.sizes or k != pp:
+            continue
+        for s, w, tl, path in _front3(raw):
+            value = s + (m - 1) * w + tl
+            if best is None or value < best[0]:
+                best = (value, _unwind(path))
+    return best
+
+
+def solve_train_reference(builder, cluster: Cluster, workload: Workload, *,
+                          pins: Mapping | None = None):
+    """Exact optimum of a training request by dynamic programming over every combo and
+    stage count (the oracle of ``planner.training.solve_train``; small instances only).
+
+    Raises:
+        PlanError: contradictory pins (``planner.training.train_space``).
+        InfeasiblePlanError: nothing fits.
+    """
+    from planner.training import _infeasible_message, evaluate, train_space
+
+    start = time.perf_counter()
+    space = train_space(builder, cluster, workload, pins)
+    best = None
+    for combo in space.combos:
+        pps = [combo.pp] if combo.pp is not None else range(
+            1, min(combo.num_layers, combo.s_max // min(combo.tps)) + 1)
+        for pp in pps:
+            found = _best_train_path(combo, space.devices_per_node, pp)
+            if found is not None and (best is None or found[0] < best[0]):
+                best = (found[0], combo, found[1])
+    if best is None:
+        raise InfeasiblePlanError(_infeasible_message(space, cluster, workload))
+    value, combo, path = best
+    stats = SolverStats("OPTIMAL", value * TICK_S, value * TICK_S, time.perf_counter() - start,
+                        objective_ticks=value, solver="reference",
+                        combos_solved=len(space.combos))
+    return evaluate(combo, list(path), space, workload.objective, stats)

@@ -78,9 +78,17 @@ def render_plan(plan: Plan, console: Console) -> None:
         f" = {used} of {c.num_devices} devices, {par.microbatches} microbatch(es) of {par.microbatch_size}"
         f", sequence parallel {'on' if par.sequence_parallel else 'off'}"
     )
-    table = Table(title="stages (per microbatch, per device)")
-    for col in ("stage", "layers", "#", "tp", "devices (replica 0)", "compute", "tp comm", "memory",
-                "memory / usable capacity"):
+    train = w.phase == "train"
+    if train:
+        console.print(_training_line(plan), highlight=False)
+    table = Table(title="stages (per microbatch, per device)" + (
+        "; forward + backward (+ recompute), memory at the microbatches in flight" if train
+        else ""))
+    columns = ["stage", "layers", "#", "tp", "devices (replica 0)", "compute", "tp comm",
+               "memory", "memory / usable capacity"]
+    if train:
+        columns[7:7] = ["recompute", "in flight", "tail"]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("layers", "devices (replica 0)",
                                                         "memory / usable capacity") else "right",
                          no_wrap=col == "memory / usable capacity")
@@ -88,10 +96,17 @@ def render_plan(plan: Plan, console: Console) -> None:
         first, last = s.layers
         names = f"{plan.layers[first].name} .. {plan.layers[last].name}" if last > first else plan.layers[first].name
         kv = f" (kv x{s.kv_heads_replicated})" if s.kv_heads_replicated > 1 else ""
-        table.add_row(str(i), names, str(last - first + 1), f"{s.tp}{kv}",
-                      _device_list(s.devices[0]), fmt_seconds(s.predicted.compute_s),
-                      fmt_seconds(s.predicted.comm_s), fmt_bytes(s.predicted.memory_bytes),
-                      _memory_bar(s.predicted.memory_bytes, capacity))
+        cells = [str(i), names, str(last - first + 1), f"{s.tp}{kv}",
+                 _device_list(s.devices[0]), fmt_seconds(s.predicted.compute_s),
+                 fmt_seconds(s.predicted.comm_s), fmt_bytes(s.predicted.memory_bytes),
+                 _memory_bar(s.predicted.memory_bytes, capacity)]
+        if train:
+            t = plan.extra.get("training", {})
+            flight = t.get("in_flight", [])
+            tail = t.get("stage_tail_s", [])
+            cells[7:7] = [s.recompute, str(flight[i]) if i < len(flight) else "-",
+                          fmt_seconds(tail[i]) if i < len(tail) else "-"]
+        table.add_row(*cells)
     console.print(table)
     _render_sharding(plan, console)
     console.print("[bold]pipeline timeline[/] (one replica; fill, steady state, drain):")
@@ -105,6 +120,12 @@ def render_plan(plan: Plan, console: Console) -> None:
     )
     if w.phase == "decode":
         console.print(_decode_line(plan), highlight=False)
+    if train:
+        t = plan.extra.get("training", {})
+        mfu = f", MFU {p.mfu:.1%}" if p.mfu is not None else ""
+        tokens = f"{t['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in t else ""
+        console.print(f"[bold]train step:[/] {fmt_seconds(p.latency_s)} per optimizer step, "
+                      f"{tokens}{mfu}", highlight=False)
     if plan.baselines:
         bt = Table(title=f"baselines ({w.objective}: ratio = baseline / this plan)")
         for col in ("baseline", "latency", "throughput", "ratio"):
@@ -123,6 +144,19 @@ def render_plan(plan: Plan, console: Console) -> None:
         f"[bold]solver:[/] {s.name} {s.status}, objective {fmt_seconds(s.objective)}, bound "
         f"{fmt_seconds(s.bound)}, gap {s.gap:.2%}, {s.wall_s:.2f} s"
     )
+
+
+def _training_line(plan: Plan) -> str:
+    """A train plan's data-parallel sharding, schedule and optimizer."""
+    par = plan.parallelism
+    what = {0: "replicated (DDP)", 1: "optimizer states sharded (ZeRO-1)",
+            2: "optimizer states and gradients sharded (ZeRO-2)",
+            3: "parameters, gradients and optimizer states sharded (ZeRO-3/FSDP)"}[par.zero]
+    t = plan.extra.get("training", {})
+    link = f", dp collectives {t['dp_link']}-node" if par.dp > 1 and "dp_link" in t else ""
+    return (f"training: zero {par.zero} over dp {par.dp}: {what}; schedule {par.schedule}"
+            f"{f' x {par.virtual_stages} virtual stages' if par.virtual_stages > 1 else ''}; "
+            f"optimizer {t.get('optimizer', 'adamw')}{link}")
 
 
 def _decode_line(plan: Plan) -> str:
@@ -170,6 +204,9 @@ def render_explain(plan: Plan, console: Console) -> None:
     )
     for tp, why in plan.extra.get("tp_excluded", {}).items():
         console.print(f"tp {tp} is not offered: {why}", highlight=False)
+    if plan.workload.phase == "train":
+        _explain_training(plan, console)
+        return
     if not alts:
         console.print("this plan file carries no alternatives (made with --alternatives 0)")
         return
@@ -184,6 +221,43 @@ def render_explain(plan: Plan, console: Console) -> None:
         else:
             table.add_row(str(a["dp"]), str(a["pp"]), str(a["tp"]), "-", "-", "-", "-", a["why"])
     console.print(table)
+
+
+def _explain_training(plan: Plan, console: Console) -> None:
+    """Why recompute and ZeRO-3 were or were not chosen: the best plan with each other
+    recompute option on every stage and with the other side of ZeRO-3, its step time and
+    peak memory (or why nothing fits), against the chosen plan."""
+    alts = plan.extra.get("training_alternatives", [])
+    par, p = plan.parallelism, plan.predicted
+    recompute = "/".join(s.recompute for s in plan.stages)
+    console.print(f"chosen: zero {par.zero}, recompute {recompute}, step "
+                  f"{fmt_seconds(p.latency_s)}, peak memory {fmt_bytes(p.peak_memory_bytes)} "
+                  f"of {fmt_bytes(_capacity(plan))} usable", highlight=False)
+    if not alts:
+        console.print("this plan file carries no alternatives (made with --alternatives 0)")
+        return
+    table = Table(title="recompute and ZeRO: the best plan with the other choice")
+    for col in ("alternative", "plan", "step", "vs chosen", "peak memory", "why"):
+        table.add_column(col, justify="left" if col in ("alternative", "plan", "why") else "right")
+    for a in alts:
+        if not a.get("feasible"):
+            table.add_row(a["change"], "-", "-", "-", "-",
+                          f"does not fit or cannot be planned: {a.get('reason', '')}")
+            continue
+        ratio = a["step_s"] / p.latency_s if p.latency_s else float("nan")
+        shape = (f"dp {a['dp']} x pp {a['pp']} x tp {'/'.join(map(str, a['tp']))}, zero "
+                 f"{a['zero']}, m {a['microbatches']}")
+        why = ("slower: " if ratio > 1 + 1e-9 else "ties: " if ratio >= 1 - 1e-9 else
+               "faster (time-limited search): ") + _memory_why(a, p.peak_memory_bytes)
+        table.add_row(a["change"], shape, fmt_seconds(a["step_s"]), f"{ratio:.3f}x",
+                      fmt_bytes(a["peak_memory_bytes"]), why)
+    console.print(table)
+
+
+def _memory_why(alt: dict, chosen_peak: int) -> str:
+    diff = alt["peak_memory_bytes"] - chosen_peak
+    return (f"{fmt_bytes(abs(diff))} {'more' if diff > 0 else 'less'} memory per device"
+            if diff else "the same memory per device")
 
 
 def _capacity(plan: Plan) -> int:

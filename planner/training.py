@@ -1,0 +1,1009 @@
+"""Planning a training step: dp (with a ZeRO level) x pipeline (schedule, per-stage
+recompute) x per-stage tp x microbatches, proven optimal by CP-SAT (docs/training.md).
+
+The search keeps ``planner.solver``'s two levels:
+
+1. *Outer*: every ``(dp, microbatches, zero, schedule, dp link)`` the pins allow, each with
+   a ``TrainTable`` (the forward ``CostTable`` of the microbatch size, turned into a
+   training step by ``cost_models.training``). ``dp link`` is whether a stage's dp peers
+   share a node (``dp x replica size <= devices per node``) or not: it prices the
+   gradient sync, so each link is its own combo with the replica sizes it implies.
+   GPipe is searched only when pinned: it has 1F1B's step time and holds at least as many
+   microbatches on every stage, so 1F1B dominates it.
+2. *Inner*: a path over the layer boundaries; an arc ``(a, b, tp, recompute)`` is a stage.
+   The step time is ``sum E + (m - 1) max E + T``: stage times (forward + backward +
+   recompute per microbatch) and p2p hops (both directions) through the flow-shop
+   makespan, then ``T``, the slowest stage's tail (dp collectives and the AdamW update).
+   Under 1F1B a stage's activation memory depends on how many stages follow it
+   (``min(pp - i, m)`` microbatches in flight), written in the model as ``1 + the cuts
+   after it``.
+
+``planner.reference_solver.solve_train_reference`` computes the same optimum by dynamic
+programming over the same combos (the tests' oracle).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from ortools.sat.python import cp_model
+
+from cost_models import training as tm
+from cost_models.layer_cost import comm_time
+from cost_models.roofline import layer_work, work_time
+from planner.cluster import Cluster, Workload
+from planner.cost_table import TICK_S, CostTable, to_ticks
+from planner.solver import (
+    InfeasiblePlanError,
+    PlanError,
+    Prediction,
+    SolverStats,
+    Solution,
+    Stage,
+    _bottleneck_bound,
+    _Combo,
+    _divisors,
+    _run,
+    check_pins,
+    place_stages,
+    replica_size_allowed,
+)
+
+__all__ = ["TrainPins", "TrainTable", "TrainCostBuilder", "TrainSolution", "train_pins",
+           "solve_train", "train_space", "path_value", "evaluate"]
+
+#: The pins a train request takes besides ``planner.solver.PINNABLE``.
+TRAIN_PINNABLE = ("zero", "schedule", "virtual_stages", "recompute")
+
+
+@dataclass(frozen=True)
+class TrainPins:
+    """The training dimensions a request fixes (``None``: the solver chooses)."""
+
+    zero: int | None = None
+    schedule: str | None = None
+    recompute: str | None = None
+
+
+def train_pins(pins: Mapping | None) -> tuple[dict[str, int], TrainPins]:
+    """Split ``pins`` into the inference ones (dp, pp, tp, microbatches) and the training
+    ones, checking the training ones.
+
+    Raises:
+        PlanError: a value out of range, or a combination the planner does not build.
+    """
+    pins = dict(pins or {})
+    problems = []
+    zero, schedule = pins.pop("zero", None), pins.pop("schedule", None)
+    recompute, v = pins.pop("recompute", None), pins.pop("virtual_stages", None)
+    if zero is not None and zero not in tm.ZERO_LEVELS:
+        problems.append(f"zero {zero!r} must be one of 0, 1, 2, 3")
+    if schedule is not None and schedule not in tm.TRAIN_SCHEDULES:
+        problems.append(f"schedule {schedule!r} must be one of {', '.join(tm.TRAIN_SCHEDULES)}")
+    if recompute is not None and recompute not in tm.RECOMPUTE:
+        problems.append(f"recompute {recompute!r} must be one of {', '.join(tm.RECOMPUTE)}")
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+        problems.append(f"virtual_stages {v!r} must be a whole number >= 1")
+    elif v is not None and v > 1 and schedule not in (None, "interleaved"):
+        problems.append(f"virtual_stages {v} needs --schedule interleaved (the {schedule} "
+                        "schedule runs one stage per device group); drop --virtual-stages")
+    if schedule == "interleaved" or (v is not None and v > 1):
+        problems.append("the interleaved 1F1B schedule (virtual stages) is not searched by this "
+                        "planner yet: plan --schedule 1f1b (or gpipe), whose stages split the "
+                        "layers non-uniformly instead")
+    if zero and pins.get("dp") == 1:
+        problems.append(f"zero {zero} shards over the data-parallel replicas and dp 1 has none "
+                        "to shard over: drop --zero, or pin --dp 2 or more")
+    if problems:
+        raise PlanError("pins contradict the request: " + "; ".join(problems))
+    return pins, TrainPins(zero, schedule, recompute)
+
+
+# --------------------------------------------------------------------------- cost table
+
+
+@dataclass
+class TrainTable:
+    """The training step's costs for one (microbatch size, dp, ZeRO level, dp link).
+
+    ``forward`` is the inference cost table of the microbatch (one forward, its tp
+    collectives, the parameter shard per device, boundaries, links, workspace). The rest
+    is what ``cost_models.training`` makes of it, per layer ``j``:
+
+    - ``time[j][(tp, recompute)]``: one microbatch forward + backward (+ recompute,
+      + ZeRO-3 gathers), seconds; ``comm[j][(tp, rc)]`` the part that is collectives;
+    - ``state[j][tp]``: parameters, gradients and optimizer states per device;
+    - ``saved[j][(tp, recompute)]``: activations one microbatch keeps for backward;
+    - ``params[j][tp]``: the parameter shard's bytes (what the tail syncs and updates).
+    """
+
+    forward: CostTable
+    dp: int
+    zero: int
+    link: str
+    time: list[dict[tuple[int, str], float]]
+    comm: list[dict[tuple[int, str], float]]
+    state: list[dict[int, int]]
+    saved: list[dict[tuple[int, str], int]]
+    params: list[dict[int, int]]
+    dtype: str
+    tail_of: object = field(repr=False, default=None)  # (param bytes) -> seconds
+    _tails: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.forward.num_layers
+
+    def tail_s(self, first: int, last: int, tp: int) -> float:
+        """A stage's tail (``cost_models.training.stage_tail_s``) from its parameter bytes,
+        borrowed (tied) copies included."""
+        nbytes = sum(self.params[j][tp] + self.forward.borrowed_bytes(j, first, tp)
+                     for j in range(first, last + 1))
+        return self.tail_of_bytes(nbytes)
+
+    def tail_of_bytes(self, nbytes: int) -> float:
+        if nbytes not in self._tails:
+            self._tails[nbytes] = self.tail_of(nbytes)
+        return self._tails[nbytes]
+
+    def borrowed_state(self, j: int, first: int, tp: int) -> int:
+        """Model states of the tied tensors layer ``j`` holds again in a stage from
+        ``first`` (a copy with its own gradient and optimizer states)."""
+        borrowed = self.forward.borrowed_bytes(j, first, tp)
+        if not borrowed:
+            return 0
+        return tm.model_state_bytes(borrowed // _bytes(self.dtype), self.dtype, self.zero,
+                                    self.dp)
+
+    def static_bytes(self, first: int, last: int, tp: int) -> int:
+        """Workspace, model states and tied copies of a stage, per device."""
+        return self.forward.workspace(tp) + sum(
+            self.state[j][tp] + self.borrowed_state(j, first, tp) for j in range(first, last + 1))
+
+    def stage_memory(self, first: int, last: int, tp: int, rc: str, in_flight: int) -> int:
+        return self.static_bytes(first, last, tp) + in_flight * sum(
+            self.saved[j][(tp, rc)] for j in range(first, last + 1))
+
+    def hop_s(self, after: int, inter: bool) -> float:
+        """Activations forward and their gradients back across a cut (same bytes)."""
+        return 2 * self.forward.p2p_s(after, inter_node=inter)
+
+
+def _bytes(dtype: str) -> int:
+    return tm.state_bytes_per_param(dtype)[0]
+
+
+class TrainCostBuilder:
+    """Builds ``TrainTable``s for a traced model from a forward ``CostBuilder``.
+
+    Args:
+        forward: ``planner.cost_builder.CostBuilder`` for the workload with ``phase
+            "prefill"`` (the forward of one microbatch); its tables, sharding strategies
+            and links are reused as they are.
+        workload: the train workload (dtype, runtime).
+    """
+
+    def __init__(self, forward, workload: Workload) -> None:
+        self.forward = forward
+        self.workload = workload
+        self.spec = forward.spec
+        self._tables: dict = {}
+        self._layer: dict = {}
+
+    @property
+    def tp_degrees(self):
+        return self.forward.tp_degrees
+
+    @property
+    def excluded_tp(self):
+        return self.forward.excluded_tp
+
+    def _per_layer(self, mb: int) -> list[dict]:
+        """Per layer and tp, for microbatch size ``mb``: forward compute/comm, attention
+        core forward, activation bytes (produced, input, attention core), params."""
+        if mb in self._layer:
+            return self._layer[mb]
+        fwd = self.forward(mb, 1)
+        traced, w = self.forward.traced, self.forward.workload
+        shape = self.forward.traced_shape
+        ratio = mb * w.seq_len / shape.tokens
+        d = w.dtype_bytes / shape.dtype_bytes
+        rows = []
+        for j, layer in enumerate(traced.layers):
+            row = {}
+            for t, c in fwd.costs[j].items():
+                sharded = self.forward.sharded_at(j, t)
+                frac = sharded.activation_fraction if sharded is not None else 1.0
+                work = layer_work(layer, traced.arch, t, w, mb, shape, sharded=sharded)
+                attn = {k: v for k, v in work.items() if k == "attention"}
+                attn_s = work_time(attn, self.forward.efficiencies, w.dtype, w.runtime) \
+                    if attn else 0.0
+                stats = layer.op_stats.get("attention")
+                attn_bytes = stats.bytes_written * ratio * d * frac if stats else 0.0
+                produced = layer.activation_bytes * ratio * d * frac
+                into = fwd.boundary_bytes[j - 1] if j > 0 else 0
+                row[t] = (c.compute_s, c.comm_s, attn_s, int(math.ceil(produced)), int(into),
+                          int(math.ceil(attn_bytes)), c.memory_bytes)
+            rows.append(row)
+        self._layer[mb] = rows
+        return rows
+
+    def __call__(self, mb: int, dp: int, zero: int, link: str) -> TrainTable:
+        key = (mb, dp, zero, link)
+        if key in self._tables:
+            return self._tables[key]
+        fwd = self.forward(mb, 1)
+        rows = self._per_layer(mb)
+        dtype, spec, w = self.workload.dtype, self.spec, self.forward.workload
+        cal = self.forward.calibration
+        time_, comm, state, saved, params = [], [], [], [], []
+        gathers: dict = {}
+        for row in rows:
+            t_row, c_row, st_row, sv_row, p_row = {}, {}, {}, {}, {}
+            for t, (c, k, attn_s, produced, into, attn_b, pbytes) in row.items():
+                g = 0.0
+                if zero == 3 and dp > 1 and pbytes:
+                    if pbytes not in gathers:
+                        gathers[pbytes] = comm_time("all_gather", pbytes, dp, spec, link=link,
+                                                    calibration=cal)
+                    g = gathers[pbytes]
+                for rc in tm.RECOMPUTE:
+                    t_row[(t, rc)] = tm.layer_step_s(c, k, rc, attn_s, g)
+                    c_row[(t, rc)] = 2 * k + (k if rc == "full" else 0.0) + 2 * g
+                    sv_row[(t, rc)] = tm.saved_activation_bytes(produced, into, attn_b, rc)
+                st_row[t] = tm.model_state_bytes(pbytes // _bytes(dtype), dtype, zero, dp)
+                p_row[t] = pbytes
+            time_.append(t_row)
+            comm.append(c_row)
+            state.append(st_row)
+            saved.append(sv_row)
+            params.append(p_row)
+
+        def tail_of(nbytes: int) -> float:
+            return tm.stage_tail_s(nbytes, dtype, zero, dp, spec, self.forward.efficiencies,
+                                   link=link, runtime=w.runtime, calibration=cal)
+
+        table = TrainTable(fwd, dp, zero, link, time_, comm, state, saved, params, dtype,
+                           tail_of=tail_of)
+        self._tables[key] = table
+        return table
+
+
+# --------------------------------------------------------------------------- search space
+
+
+@dataclass
+class TrainCombo:
+    """One outer choice with its table rounded to integer ticks."""
+
+    dp: int
+    m: int
+    zero: int
+    schedule: str
+    link: str
+    table: TrainTable
+    tps: tuple[int, ...]
+    rcs: tuple[str, ...]
+    sizes: tuple[int, ...]
+    pp: int | None
+    cap: int
+    ticks: list[dict[tuple[int, str], int]]
+    hop_intra: list[int]
+    hop_inter: list[int]
+    lb: int = 0
+    bottleneck: int | None = None  # _bottleneck_floor, computed when the combo is solved
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.ticks)
+
+    @property
+    def s_max(self) -> int:
+        return max(self.sizes)
+
+    def tail(self, a: int, b: int, t: int) -> int:
+        return to_ticks(self.table.tail_s(a, b, t))
+
+    def in_flight(self, stage: int, pp: int) -> int:
+        return tm.in_flight(self.schedule, stage, pp, self.m)
+
+
+@dataclass
+class TrainSpace:
+    batch_size: int
+    devices_per_node: int
+    cap: int
+    combos: list[TrainCombo]
+    forward_flops: float
+    peak_flops: float
+    seq_len: int = 1
+
+
+def train_space(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
+                pins: Mapping | None) -> TrainSpace:
+    """Every outer combo the pins allow, in a fixed order (both solvers share it).
+
+    Raises:
+        PlanError: contradictory pins.
+    """
+    plain, tpins = train_pins(pins)
+    nodes, per_node, batch = cluster.nodes, cluster.devices_per_node, workload.batch_size
+    probe = builder.forward(batch, 1)
+    plain = check_pins(plain, batch, probe.num_layers, nodes, per_node)
+    allowed = {t for t in builder.tp_degrees if per_node % t == 0}
+    if "tp" in plain:
+        if plain["tp"] not in allowed:
+            why = builder.excluded_tp.get(plain["tp"], "tp must divide the devices per node")
+            raise PlanError(f"tp {plain['tp']} cannot be honoured: {why}; this model allows tp "
+                            f"in {sorted(allowed)} here (pin one of those, or drop --tp)")
+        allowed = {plain["tp"]}
+    tps = tuple(sorted(allowed))
+    rcs = (tpins.recompute,) if tpins.recompute else tm.RECOMPUTE
+    schedules = (tpins.schedule,) if tpins.schedule else ("1f1b",)
+    cap = int(cluster.device_spec.memory_bytes * (1.0 - workload.memory_headroom))
+    combos = []
+    for dp in [plain["dp"]] if "dp" in plain else _divisors(batch):
+        sizes = [s for s in range(1, nodes * per_node // dp + 1)
+                 if replica_size_allowed(s, dp, nodes, per_node)]
+        if not sizes or (dp == 1 and tpins.zero):  # ZeRO shards over dp >= 2
+            continue
+        zeros = (tpins.zero,) if tpins.zero is not None else ((0,) if dp == 1 else tm.ZERO_LEVELS)
+        links = {"intra": tuple(s for s in sizes if dp * s <= per_node),
+                 "inter": tuple(s for s in sizes if dp * s > per_node)}
+        if dp == 1:  # no dp collective: one combo, priced intra
+            links = {"intra": tuple(sizes), "inter": ()}
+        per_replica = batch // dp
+        ms = [plain["microbatches"]] if "microbatches" in plain else _divisors(per_replica)
+        for m in ms:
+            if per_replica % m:
+                continue
+            mb = per_replica // m
+            for zero in zeros:
+                for link, link_sizes in links.items():
+                    if not link_sizes:
+                        continue
+                    table = builder(mb, dp, zero, link)
+                    for schedule in schedules:
+                        combos.append(_make_combo(table, dp, m, zero, schedule, link, tps, rcs,
+                                                  link_sizes, plain.get("pp"), cap))
+    traced = builder.forward.traced
+    flops = sum(layer.flops for layer in traced.layers) * (
+        batch * workload.seq_len / builder.forward.traced_shape.tokens)
+    eff = builder.forward.efficiencies
+    peak = eff.peak_flops.get(workload.dtype) or eff.peak_flops["float32"]
+    return TrainSpace(batch, per_node, cap, combos, flops, peak, workload.seq_len)
+
+
+def _make_combo(table: TrainTable, dp, m, zero, schedule, link, tps, rcs, sizes, pp, cap):
+    tps = tuple(t for t in tps if t <= max(sizes))
+    L = table.num_layers
+    ticks = [{(t, rc): to_ticks(v) for (t, rc), v in table.time[j].items()
+              if t in tps and rc in rcs} for j in range(L)]
+    intra = [to_ticks(table.hop_s(j, False)) for j in range(L - 1)]
+    inter = [to_ticks(table.hop_s(j, True)) for j in range(L - 1)]
+    return TrainCombo(dp, m, zero, schedule, link, table, tps, rcs, tuple(sizes), pp, cap,
+                      ticks, intra, inter)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def path_value(combo: TrainCombo, path, per_node: int) -> int | None:
+    """Integer step time (ticks) of a path of ``(first, last, tp, recompute)`` stages, or
+    None when it breaks a constraint (placement, memory at its in-flight count, degrees)."""
+    values, tails, offset, pp = [], [], 0, len(path)
+    for i, (a, b, t, rc) in enumerate(path):
+        if offset % per_node + t > per_node:
+            return None
+        if any((t, rc) not in combo.ticks[j] for j in range(a, b + 1)):
+            return None
+        if combo.table.stage_memory(a, b, t, rc, combo.in_flight(i, pp)) > combo.cap:
+            return None
+        values.append(sum(combo.ticks[j][(t, rc)] for j in range(a, b + 1)))
+        tails.append(combo.tail(a, b, t))
+        offset += t
+        if i + 1 < pp:
+            values.append(combo.hop_inter[b] if offset % per_node == 0 else combo.hop_intra[b])
+    if offset not in combo.sizes or (combo.pp is not None and pp != combo.pp):
+        return None
+    return sum(values) + (combo.m - 1) * max(values) + max(tails)
+
+
+def _fastest(combo: TrainCombo) -> list[int]:
+    return [min(c.values()) for c in combo.ticks]
+
+
+def _tail_floor(combo: TrainCombo) -> int:
+    """A floor on the largest stage tail of any plan: some stage holds at least the
+    replica's parameter bytes per device spread over its devices (``sum_i tp_i bytes_i >=
+    sum_j min_tp tp * bytes_j`` and ``sum_i tp_i <= S_max``), and a tail grows with the
+    bytes it syncs and updates."""
+    spread = sum(min(t * combo.table.params[j][t] for t in combo.tps if t in combo.table.params[j])
+                 for j in range(combo.num_layers))
+    return to_ticks(combo.table.tail_of_bytes(-(-spread // combo.s_max)))
+
+
+def _bottleneck_floor(combo: TrainCombo) -> int:
+    """The inference solver's exact bottleneck bound (``planner.solver._bottleneck_bound``)
+    on a relaxation of the combo: every layer at its fastest recompute option for time and
+    its smallest one for memory (the fewest microbatches any stage holds), tied copies
+    ignored. A valid floor on the largest stage time of every plan of the combo."""
+    least = combo.m if combo.schedule == "gpipe" else 1
+    table = combo.table
+    ticks = [{t: min(v for (tt, _), v in c.items() if tt == t) for t, _ in c} for c in combo.ticks]
+    mem = [{t: table.state[j][t] + least * min(table.saved[j][(t, rc)] for rc in combo.rcs
+                                               if (t, rc) in combo.ticks[j])
+            for t in ticks[j]} for j in range(combo.num_layers)]
+    relaxed = _Combo(combo.dp, combo.m, table.forward, combo.tps, ticks, mem, [], [],
+                     combo.cap, combo.sizes, combo.pp)
+    return _bottleneck_bound(relaxed) or 0
+
+
+def _lower_bound(combo: TrainCombo, bottleneck: int = 0) -> int | None:
+    """Valid for every plan of the combo: the stage sum at every layer's fastest variant,
+    the bottleneck at least the slowest layer, the sum over the most stages, the
+    device-seconds over the replica and ``bottleneck`` (``_bottleneck_floor``), and the
+    tail at least ``_tail_floor``."""
+    if not all(combo.ticks):
+        return None
+    fastest = _fastest(combo)
+    cheapest = sum(min(t * v for (t, _), v in c.items()) for c in combo.ticks)
+    total = sum(fastest)
+    stages_max = min(combo.num_layers, combo.s_max // min(combo.tps))
+    if combo.pp is not None:
+        if combo.pp > stages_max:
+            return None
+        stages_max = combo.pp
+    worst = max(max(fastest), -(-total // stages_max), -(-cheapest // combo.s_max), bottleneck)
+    m, s_max = combo.m, combo.s_max
+    # Coupled: layer j at (tp, rc) adds c to the sum and tp * c to the device-seconds, and
+    # the bottleneck >= device-seconds / S_max.
+    coupled = sum(min(v * (1 + (m - 1) * t / s_max) for (t, _), v in c.items())
+                  for c in combo.ticks)
+    pipeline = max(total + (m - 1) * worst, int(math.floor(coupled * (1 - 1e-12))))
+    return pipeline + _tail_floor(combo)
+
+
+def _heuristic(combo: TrainCombo, per_node: int):
+    """One (tp, recompute) for every stage, min-bottleneck greedy split per stage count,
+    memory checked at stage 0's in-flight count; priced exactly by ``path_value``."""
+    L, best = combo.num_layers, None
+    for t in combo.tps:
+        for rc in combo.rcs:
+            if any((t, rc) not in combo.ticks[j] for j in range(L)):
+                continue
+            ticks = [combo.ticks[j][(t, rc)] for j in range(L)]
+            k_max = min(L, combo.s_max // t)
+            if combo.pp is not None:
+                ks = [combo.pp] if combo.pp <= k_max else []
+            else:
+                ks = sorted({k for k in range(1, min(k_max, 8) + 1)}
+                            | {int(k_max / 1.25 ** i) for i in range(40)} - {0})
+            for k in ks:
+                if k * t not in combo.sizes:
+                    continue
+                flight = combo.in_flight(0, k)
+                parts = _split(combo, ticks, t, rc, k, flight)
+                if parts is None:
+                    continue
+                path = [(a, b, t, rc) for a, b in parts]
+                value = path_value(combo, path, per_node)
+                if value is not None and (best is None or value < best[0]):
+                    best = (value, path)
+    return best
+
+
+def _split(combo, ticks, t, rc, k, flight):
+    """Fewest-stages greedy cut with every stage <= a bisected time limit and within
+    memory at ``flight`` microbatches in flight; exactly ``k`` stages or None."""
+    table = combo.table
+
+    def greedy(limit):
+        cuts, start, acc = [], 0, 0
+        for j, v in enumerate(ticks):
+            if v > limit:
+                return None
+            if acc + v > limit or table.stage_memory(start, j, t, rc, flight) > combo.cap:
+                if start == j:
+                    return None
+                cuts.append((start, j - 1))
+                start, acc = j, 0
+                if table.stage_memory(j, j, t, rc, flight) > combo.cap:
+                    return None
+            acc += v
+        cuts.append((start, len(ticks) - 1))
+        return cuts
+
+    lo, hi = max(ticks), sum(ticks)
+    p = greedy(hi)
+    if p is None or len(p) > k:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        p = greedy(mid)
+        if p is not None and len(p) <= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    parts = greedy(lo)
+    while parts is not None and len(parts) < k:
+        i = max(range(len(parts)), key=lambda s: parts[s][1] - parts[s][0])
+        a, b = parts[i]
+        if a == b:
+            return None
+        parts[i:i + 1] = [(a, a), (a + 1, b)]
+    return parts
+
+
+# --------------------------------------------------------------------------- CP-SAT
+
+
+def _arcs(combo: TrainCombo, cutoff: int | None):
+    """Stages ``(a, b, tp, rc, time, static, saved, tail)`` that fit with the fewest
+    microbatches in flight any stage holds (1F1B: one; GPipe: m) and cannot be excluded by
+    the cutoff. A recompute option is dropped where a faster one of the same stage fits at
+    every position (m in flight): same memory for states, same tail, less time."""
+    L, m, table = combo.num_layers, combo.m, combo.table
+    fastest = _fastest(combo)
+    prefix = [0]
+    for v in fastest:
+        prefix.append(prefix[-1] + v)
+    least = m if combo.schedule == "gpipe" else 1
+    arcs = []
+    for a in range(L):
+        for t in combo.tps:
+            static, nbytes = table.forward.workspace(t), 0
+            acc = {rc: 0 for rc in combo.rcs}
+            saved = {rc: 0 for rc in combo.rcs}
+            alive = set(combo.rcs)
+            for b in range(a, L):
+                if t not in table.state[b]:
+                    break
+                static += table.state[b][t] + table.borrowed_state(b, a, t)
+                nbytes += table.params[b][t] + table.forward.borrowed_bytes(b, a, t)
+                tail = None
+                safe = False  # a faster option fits at every position
+                for rc in combo.rcs:  # none, selective, full: fastest first
+                    if rc not in alive or (t, rc) not in combo.ticks[b]:
+                        alive.discard(rc)
+                        continue
+                    acc[rc] += combo.ticks[b][(t, rc)]
+                    saved[rc] += table.saved[b][(t, rc)]
+                    if static + least * saved[rc] > combo.cap:
+                        alive.discard(rc)  # a longer stage holds more; others may fit
+                        continue
+                    if cutoff is not None:
+                        if m * acc[rc] > cutoff:
+                            alive.discard(rc)
+                            continue
+                        if m * acc[rc] + prefix[a] + prefix[L] - prefix[b + 1] > cutoff:
+                            continue
+                    if safe:
+                        continue
+                    if tail is None:
+                        tail = to_ticks(table.tail_of_bytes(nbytes))
+                    arcs.append((a, b, t, rc, acc[rc], static, saved[rc], tail))
+                    safe = static + m * saved[rc] <= combo.cap
+                if not alive or static > combo.cap:
+                    break
+    return arcs
+
+
+def _cp_model(combo: TrainCombo, per_node: int, cutoff: int | None, hint=None):
+    L, m = combo.num_layers, combo.m
+    arcs = _arcs(combo, cutoff)
+    model = cp_model.CpModel()
+    y = [model.NewBoolVar(f"y{i}") for i in range(len(arcs))]
+    out_arcs: list[list[int]] = [[] for _ in range(L + 1)]
+    in_arcs: list[list[int]] = [[] for _ in range(L + 1)]
+    for i, arc in enumerate(arcs):
+        out_arcs[arc[0]].append(i)
+        in_arcs[arc[1] + 1].append(i)
+    if not out_arcs[0] or not in_arcs[L]:
+        return None
+    model.AddExactlyOne(y[i] for i in out_arcs[0])
+    model.AddExactlyOne(y[i] for i in in_arcs[L])
+    cut = [None] * (L + 1)
+    for j in range(1, L):
+        cut[j] = model.NewBoolVar(f"cut{j}")
+        model.Add(sum(y[i] for i in in_arcs[j]) == cut[j])
+        model.Add(sum(y[i] for i in out_arcs[j]) == cut[j])
+    size = model.NewIntVarFromDomain(cp_model.Domain.FromValues(list(combo.sizes)), "devices")
+    model.Add(size == sum(arcs[i][2] * y[i] for i in range(len(arcs))))
+    if combo.pp is not None:
+        model.Add(sum(y) == combo.pp)
+    # Offsets: the placement rule (no TP group across a node) and inter-node hops.
+    hop = [0] * (L + 1)
+    spans = max(combo.sizes) > per_node
+    offset = [model.NewConstant(0)]
+    for j in range(1, L + 1):
+        o = model.NewIntVar(0, combo.s_max, f"off{j}")
+        model.Add(o == offset[-1] + sum(arcs[i][2] * y[i] for i in in_arcs[j]))
+        offset.append(o)
+    for j in range(L):
+        if spans and per_node > 1:
+            rem = model.NewIntVar(0, per_node - 1, f"rem{j}")
+            q = model.NewIntVar(0, combo.s_max // per_node, f"node{j}")
+            model.Add(offset[j] == per_node * q + rem)
+        elif spans:
+            rem = model.NewConstant(0)
+        else:
+            rem = offset[j]
+        model.Add(rem + sum(arcs[i][2] * y[i] for i in out_arcs[j]) <= per_node)
+        if j == 0:
+            continue
+        intra, inter = combo.hop_intra[j - 1], combo.hop_inter[j - 1]
+        if not spans or intra == inter:
+            hop[j] = intra * cut[j]
+            continue
+        z = model.NewBoolVar(f"z{j}")
+        model.Add(rem == 0).OnlyEnforceIf(z)
+        model.Add(rem >= 1).OnlyEnforceIf(z.Not())
+        w = model.NewBoolVar(f"w{j}")
+        model.AddBoolAnd([z, cut[j]]).OnlyEnforceIf(w)
+        model.AddBoolOr([z.Not(), cut[j].Not()]).OnlyEnforceIf(w.Not())
+        hop[j] = intra * cut[j] + (inter - intra) * w
+    # 1F1B: a stage starting at boundary a holds min(stages from it to the end, m)
+    # microbatches; the stages from it to the end are 1 + the cuts after a.
+    if combo.schedule == "1f1b":
+        flight: dict[int, object] = {}
+        for i, (a, b, t, rc, _, static, saved, _) in enumerate(arcs):
+            if static + m * saved <= combo.cap:
+                continue  # fits whatever follows it
+            if a not in flight:
+                f = model.NewIntVar(1, m, f"flight{a}")
+                model.AddMinEquality(f, [1 + sum(cut[j] for j in range(a + 1, L)), m])
+                flight[a] = f
+            model.Add(static + saved * flight[a] <= combo.cap).OnlyEnforceIf(y[i])
+    fastest = _fastest(combo)
+    prefix = [0]
+    for v in fastest:
+        prefix.append(prefix[-1] + v)
+    stage_sum = prefix[L] + sum((arc[4] - prefix[arc[1] + 1] + prefix[arc[0]]) * y[i]
+                                for i, arc in enumerate(arcs))
+    hop_sum = sum(hop[j] for j in range(1, L))
+    top = max([a[4] for a in arcs] + combo.hop_inter + combo.hop_intra + [0])
+    floor = combo.bottleneck or 0
+    worst = model.NewIntVar(floor, max(top, floor), "bottleneck")
+    for a in range(L):
+        if out_arcs[a]:
+            model.Add(worst >= sum(arcs[i][4] * y[i] for i in out_arcs[a]))
+    for j in range(1, L):
+        model.Add(worst >= hop[j])
+    model.Add(combo.s_max * worst >= sum(arc[2] * arc[4] * y[i] for i, arc in enumerate(arcs)))
+    tails = [arc[7] for arc in arcs]
+    tail_floor = _tail_floor(combo)
+    tail = model.NewIntVar(tail_floor, max(max(tails), tail_floor), "tail")
+    for a in range(L):
+        if out_arcs[a]:
+            model.Add(tail >= sum(tails[i] * y[i] for i in out_arcs[a]))
+    obj = stage_sum + hop_sum + (m - 1) * worst + tail
+    if cutoff is not None:
+        model.Add(obj <= cutoff)
+    model.Minimize(obj)
+    if hint is not None:
+        chosen = set(hint)
+        for i, arc in enumerate(arcs):
+            model.AddHint(y[i], tuple(arc[:4]) in chosen)
+    return model, y, arcs, obj
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class TrainSolution:
+    """A training plan as the solvers return it.
+
+    ``solution`` holds the stages (``compute_s``/``comm_s``: one microbatch forward +
+    backward + recompute; ``memory_bytes``: at the stage's in-flight count) and the
+    prediction (``latency_s`` = step time, ``throughput_samples_per_s`` = batch / step).
+    """
+
+    solution: Solution
+    zero: int
+    schedule: str
+    recompute: tuple[str, ...]
+    tail_s: tuple[float, ...]
+    in_flight: tuple[int, ...]
+    step_s: float
+    mfu: float
+    tokens_per_s: float
+    link: str
+
+
+def evaluate(combo: TrainCombo, path, space: TrainSpace, objective: str,
+             stats: SolverStats) -> TrainSolution:
+    """The plan's figures from the unrounded table (the same formulas as ``path_value``)."""
+    table, per_node, pp = combo.table, space.devices_per_node, len(path)
+    devices = place_stages([t for _, _, t, _ in path], combo.dp, per_node)
+    stages, times, hops, tails, flights = [], [], [], [], []
+    offset = 0
+    for i, (a, b, t, rc) in enumerate(path):
+        total = sum(table.time[j][(t, rc)] for j in range(a, b + 1))
+        comm = sum(table.comm[j][(t, rc)] for j in range(a, b + 1))
+        flight = combo.in_flight(i, pp)
+        stages.append(Stage(a, b, t, devices[i], total - comm, comm,
+                            table.stage_memory(a, b, t, rc, flight),
+                            int(table.forward.kv_heads_replicated.get(t, 1))))
+        times.append(total)
+        tails.append(table.tail_s(a, b, t))
+        flights.append(flight)
+        offset += t
+        if i + 1 < pp:
+            hops.append(table.hop_s(b, offset % per_node == 0))
+    step = tm.pipeline_step_s(times, hops, tails, combo.m)
+    used = combo.dp * sum(t for _, _, t, _ in path)
+    mfu = tm.model_flops_per_step(space.forward_flops) / step / (used * space.peak_flops)
+    prediction = Prediction(step, space.batch_size / step,
+                            max(s.memory_bytes for s in stages), step, tuple(hops))
+    solution = Solution(objective, space.batch_size, combo.dp, combo.m,
+                        space.batch_size // (combo.dp * combo.m), tuple(stages), prediction,
+                        stats, table.forward.sequence_parallel)
+    tokens = space.batch_size * space.seq_len
+    return TrainSolution(solution, combo.zero, combo.schedule, tuple(p[3] for p in path),
+                         tuple(tails), tuple(flights), step, mfu, tokens / step, combo.link)
+
+
+def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload, *,
+                pins: Mapping | None = None, num_workers: int = 2,
+                time_limit_s: float = 60.0) -> TrainSolution:
+    """The training plan of least step time, proven optimal by CP-SAT.
+
+    Raises:
+        PlanError: contradictory pins, or nothing found in the time limit.
+        InfeasiblePlanError: nothing fits in memory.
+    """
+    start = time.perf_counter()
+    deadline = start + time_limit_s
+    space = train_space(builder, cluster, workload, pins)
+    per_node = space.devices_per_node
+    scored = []
+    for combo in space.combos:
+        lb = _lower_bound(combo)
+        if lb is not None:
+            combo.lb = lb
+            scored.append(combo)
+    scored.sort(key=lambda c: (c.lb, c.dp, c.m, c.zero))
+    incumbent = None
+    for combo in scored[:24]:
+        if incumbent is not None and combo.lb >= incumbent[0]:
+            break
+        found = _heuristic(combo, per_node)
+        if found is not None and (incumbent is None or found[0] < incumbent[0]):
+            incumbent = (found[0], combo, found[1])
+    order = scored
+    if incumbent is not None:
+        order = [incumbent[1]] + [c for c in scored if c is not incumbent[1]]
+    best, open_bounds, solved, pruned = None, [], 0, 0
+    for combo in order:
+        limit = best[0] - 1 if best is not None else (incumbent[0] if incumbent else None)
+        if limit is not None and combo.lb > limit:
+            pruned += 1
+            continue
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            open_bounds.append(combo.lb)
+            continue
+        if combo.bottleneck is None:  # exact for the relaxed stage times; often prunes
+            combo.bottleneck = _bottleneck_floor(combo)
+            combo.lb = max(combo.lb, _lower_bound(combo, combo.bottleneck) or 0)
+            if limit is not None and combo.lb > limit:
+                pruned += 1
+                continue
+        hint = incumbent[2] if incumbent is not None and incumbent[1] is combo else None
+        built = _cp_model(combo, per_node, limit, hint)
+        solved += 1
+        if built is None:
+            continue
+        model, y, arcs, obj = built
+        solver, status = _run(model, num_workers, remaining)
+        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            value = int(round(solver.Value(obj)))
+            path = sorted(tuple(arcs[i][:4]) for i in range(len(arcs)) if solver.Value(y[i]))
+            if best is None or value < best[0]:
+                best = (value, combo, path)
+            if status == cp_model.FEASIBLE:
+                open_bounds.append(max(combo.lb, int(math.ceil(solver.BestObjectiveBound()))))
+        elif status == cp_model.UNKNOWN:
+            open_bounds.append(max(combo.lb, int(math.ceil(solver.BestObjectiveBound()))))
+    if best is None and incumbent is not None:
+        best = incumbent
+    if best is None:
+        if time.perf_counter() >= deadline:
+            raise PlanError(f"no training plan found within the {time_limit_s:g} s time limit")
+        raise InfeasiblePlanError(_infeasible_message(space, cluster, workload))
+    value, combo, path = best
+    bound = min(open_bounds + [value])
+    status = "OPTIMAL" if bound >= value else "FEASIBLE"
+    stats = SolverStats(status, value * TICK_S, bound * TICK_S, time.perf_counter() - start,
+                        objective_ticks=value, gap=(value - bound) / value if value else 0.0,
+                        combos_solved=solved, combos_pruned=pruned)
+    return evaluate(combo, path, space, workload.objective, stats)
+
+
+def _infeasible_message(space: TrainSpace, cluster: Cluster, workload: Workload) -> str:
+    return (f"no training plan fits in {space.cap / 2**30:.2f} GiB per device on "
+            f"{cluster.num_devices} {cluster.device} devices at batch {workload.batch_size} x "
+            f"seq {workload.seq_len} ({workload.dtype}, AdamW): add devices, lower --batch or "
+            "--seq, or allow ZeRO-3 and full recompute (drop --zero/--recompute pins)")
+
+
+def with_stats(sol: TrainSolution, stats: SolverStats) -> TrainSolution:
+    return replace(sol, solution=replace(sol.solution, solver=stats))
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def _baseline_specs(cluster: Cluster, batch: int, num_layers: int) -> dict[str, dict]:
+    """The hand-written training plans: Megatron-LM's default (tp = devices per node,
+    one stage per node, ZeRO-1, full recompute), pure FSDP (ZeRO-3 over every device) and
+    DDP (replicas on every device), each 1F1B with the layers split evenly."""
+    per_node, devices = cluster.devices_per_node, cluster.num_devices
+    dp_all = max(d for d in _divisors(batch) if d <= devices)
+    specs = {"ddp": {"dp": dp_all, "tp": 1, "pp": 1, "zero": 0, "recompute": "none"},
+             "fsdp": {"dp": dp_all, "tp": 1, "pp": 1, "zero": 3, "recompute": "none"}}
+    if cluster.nodes <= num_layers:
+        specs["megatron"] = {"dp": 1, "tp": per_node, "pp": cluster.nodes, "zero": 1,
+                             "recompute": "full"}
+    return specs
+
+
+def train_baselines(builder: TrainCostBuilder, cluster: Cluster, workload: Workload):
+    """``{name: (TrainSolution or None, reason)}``: each baseline at its best microbatch
+    count, priced by ``path_value``/``evaluate`` (the solver's own formulas)."""
+    from planner.baselines import even_split
+
+    L = builder.forward(workload.batch_size, 1).num_layers
+    out = {}
+    for name, spec in _baseline_specs(cluster, workload.batch_size, L).items():
+        pins = {"dp": spec["dp"], "tp": spec["tp"], "pp": spec["pp"], "zero": spec["zero"],
+                "recompute": spec["recompute"], "schedule": "1f1b"}
+        try:
+            space = train_space(builder, cluster, workload, pins)
+        except PlanError as e:
+            out[name] = (None, str(e))
+            continue
+        path = [(a, b, spec["tp"], spec["recompute"]) for a, b in even_split(L, spec["pp"])]
+        best = None
+        for combo in space.combos:
+            value = path_value(combo, path, space.devices_per_node)
+            if value is not None and (best is None or value < best[0]):
+                best = (value, combo)
+        if best is None:
+            out[name] = (None, "does not fit in memory at any microbatch count")
+            continue
+        stats = SolverStats("BASELINE", best[0] * TICK_S, best[0] * TICK_S, 0.0,
+                            objective_ticks=best[0], solver="baseline")
+        out[name] = (evaluate(best[1], path, space, workload.objective, stats), "")
+    return out
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def to_plan(sol: TrainSolution, table: TrainTable, cluster: Cluster, workload: Workload, *,
+            model_name: str, fingerprint: str, baselines=None, extra=None):
+    """The plan file of a training solution (docs/plan-format.md, train plans).
+
+    ``layers[].costs`` is the forward table of the plan's microbatch (what the training
+    formulas start from); ``stages[i].predicted`` is one microbatch forward + backward
+    (+ recompute) of the stage, ``memory_bytes`` at its in-flight count;
+    ``predicted.latency_s`` is the step time.
+    """
+    from planner.plan import BaselineFigures, Plan, Predicted
+
+    plan = Plan.from_solution(sol.solution, table.forward, cluster, workload,
+                              model_name=model_name, fingerprint=fingerprint)
+    stages = tuple(replace(s, recompute=rc) for s, rc in zip(plan.stages, sol.recompute))
+    p = sol.solution.predicted
+    figures = {}
+    for name, (b, reason) in (baselines or {}).items():
+        figures[name] = BaselineFigures(b.step_s, b.solution.predicted.throughput_samples_per_s,
+                                        True) if b is not None else \
+            BaselineFigures(None, None, False)
+    training = {
+        "step_s": sol.step_s,
+        "tokens_per_s": sol.tokens_per_s,
+        "optimizer": workload.optimizer,
+        "dp_link": sol.link,
+        "stage_tail_s": list(sol.tail_s),
+        "in_flight": list(sol.in_flight),
+        "baselines": {name: _describe(b, reason) for name, (b, reason) in
+                      (baselines or {}).items()},
+    }
+    return replace(plan,
+                   parallelism=replace(plan.parallelism, zero=sol.zero, schedule=sol.schedule,
+                                       virtual_stages=1),
+                   stages=stages,
+                   predicted=Predicted(p.latency_s, p.throughput_samples_per_s,
+                                       p.peak_memory_bytes, mfu=sol.mfu),
+                   baselines=figures,
+                   extra={**(extra or {}), "training": training})
+
+
+def _describe(b: TrainSolution | None, reason: str) -> dict:
+    if b is None:
+        return {"feasible": False, "reason": reason}
+    s = b.solution
+    return {"feasible": True, "dp": s.dp, "pp": s.pp, "tp": s.stages[0].tp, "zero": b.zero,
+            "recompute": b.recompute[0], "microbatches": s.microbatches, "step_s": b.step_s,
+            "mfu": b.mfu, "peak_memory_bytes": s.predicted.peak_memory_bytes}
+
+
+def alternatives(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
+                 best: TrainSolution, pins: Mapping | None, num_workers: int,
+                 time_limit_s: float) -> list[dict]:
+    """What ``plan explain`` says about recompute and ZeRO-3: the best plan with each
+    other recompute option on every stage, and with ZeRO-3 if the plan has another level
+    (or the best level below 3 if it has ZeRO-3), each with its step time and peak memory,
+    or why it does not fit."""
+    out = []
+    variants = [("recompute", rc) for rc in tm.RECOMPUTE if set(best.recompute) != {rc}]
+    variants.append(("zero", 3) if best.zero != 3 else ("zero", None))
+    for key, value in variants:
+        trial = dict(pins or {})
+        if key == "zero" and value is None:  # the best level below 3
+            results = []
+            for z in (0, 1, 2):
+                if best.solution.dp == 1 and z > 0:
+                    continue
+                trial["zero"] = z
+                results.append(_try(builder, cluster, workload, trial, num_workers,
+                                     time_limit_s))
+            ok = [r for r in results if r.get("feasible")]
+            out.append({"change": "zero < 3", **(min(ok, key=lambda r: r["step_s"]) if ok
+                                                 else results[-1])})
+            continue
+        trial[key] = value
+        out.append({"change": f"{key} {value}",
+                    **_try(builder, cluster, workload, trial, num_workers, time_limit_s)})
+    return out
+
+
+def _try(builder, cluster, workload, pins, num_workers, time_limit_s) -> dict:
+    try:
+        s = solve_train(builder, cluster, workload, pins=pins, num_workers=num_workers,
+                        time_limit_s=time_limit_s)
+    except PlanError as e:
+        return {"feasible": False, "reason": str(e).split(":")[0]}
+    sol = s.solution
+    return {"feasible": True, "step_s": s.step_s, "mfu": s.mfu, "zero": s.zero,
+            "recompute": list(s.recompute), "dp": sol.dp, "pp": sol.pp,
+            "tp": [st.tp for st in sol.stages], "microbatches": sol.microbatches,
+            "peak_memory_bytes": sol.predicted.peak_memory_bytes,
+            "status": sol.solver.status}
+
+
+def plan_train(traced, cluster: Cluster, workload: Workload, forward_builder, *,
+               pins=None, solver: str = "cp-sat", num_workers: int = 2,
+               time_limit_s: float = 60.0, name: str | None = None, extra=None,
+               explain: bool = True):
+    """A training plan for ``traced`` (``planner.api.plan_traced`` with ``phase "train"``).
+
+    Args:
+        forward_builder: the ``CostBuilder`` of the forward (``phase "prefill"``).
+        pins: any of dp, pp, tp, microbatches, zero, schedule, virtual_stages, recompute.
+        solver: ``cp-sat`` or ``reference`` (the exact dynamic programme).
+        explain: also solve the recompute / ZeRO-3 alternatives for ``plan explain``.
+    """
+    from planner.reference_solver import solve_train_reference
+
+    builder = TrainCostBuilder(forward_builder, workload)
+    if solver == "reference":
+        sol = solve_train_reference(builder, cluster, workload, pins=pins)
+    else:
+        sol = solve_train(builder, cluster, workload, pins=pins, num_workers=num_workers,
+                          time_limit_s=time_limit_s)
+    table = builder(sol.solution.microbatch_size, sol.solution.dp, sol.zero, sol.link)
+    baselines = train_baselines(builder, cluster, workload)
+    more = dict(extra or {})
+    if explain:
+        more["training_alternatives"] = alternatives(
+            builder, cluster, workload, sol, pins, num_workers, max(time_limit_s / 4, 1.0))
+    return to_plan(sol, table, cluster, workload, model_name=name or traced.name,
+                   fingerprint=traced.fingerprint, baselines=baselines, extra=more)
