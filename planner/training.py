@@ -40,8 +40,8 @@ from planner.solver import (
     InfeasiblePlanError,
     PlanError,
     Prediction,
-    SolverStats,
     Solution,
+    SolverStats,
     Stage,
     _bottleneck_bound,
     _Combo,
@@ -650,7 +650,7 @@ def _cp_model(combo: TrainCombo, per_node: int, cutoff: int | None, hint=None):
     # microbatches; the stages from it to the end are 1 + the cuts after a.
     if combo.schedule == "1f1b":
         flight: dict[int, object] = {}
-        for i, (a, b, t, rc, _, static, saved, _) in enumerate(arcs):
+        for i, (a, _b, _t, _rc, _, static, saved, _) in enumerate(arcs):
             if static + m * saved <= combo.cap:
                 continue  # fits whatever follows it
             if a not in flight:
@@ -902,7 +902,7 @@ def to_plan(sol: TrainSolution, table: TrainTable, cluster: Cluster, workload: W
     stages = tuple(replace(s, recompute=rc) for s, rc in zip(plan.stages, sol.recompute))
     p = sol.solution.predicted
     figures = {}
-    for name, (b, reason) in (baselines or {}).items():
+    for name, (b, _reason) in (baselines or {}).items():
         figures[name] = BaselineFigures(b.step_s, b.solution.predicted.throughput_samples_per_s,
                                         True) if b is not None else \
             BaselineFigures(None, None, False)

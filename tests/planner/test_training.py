@@ -1,0 +1,259 @@
+"""Training plans (planner/training.py): CP-SAT equals the exact reference on small
+instances, the plan's figures are the cost model's formulas, 1F1B memory per stage
+position, baselines, pins and the CLI's train flags."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import planner
+from cost_models import training as tm
+from planner.cost_table import CostTable, LayerCost, Link
+from planner.models import GPT, GPTConfig
+from planner.plan import Plan
+from planner.reference_solver import solve_train_reference
+from planner.solver import InfeasiblePlanError, PlanError
+from planner.training import TrainTable, path_value, solve_train, train_space
+from tests.bad_input.cli_helpers import refused
+
+RC_TIME = {"none": 1.0, "selective": 1.1, "full": 1.35}
+RC_SAVED = {"none": 1.0, "selective": 0.6, "full": 0.15}
+
+
+class _Forward:
+    def __init__(self, owner):
+        self.owner = owner
+
+    def __call__(self, mb, m=1):
+        return self.owner.table(mb, m)
+
+
+class _Synthetic:
+    """A ``TrainCostBuilder`` over made-up per-layer numbers (no model, no device)."""
+
+    def __init__(self, base, params, acts, boundary, tps=(1, 2)):
+        self.base, self.params, self.acts = base, params, acts
+        self.tp_degrees, self.excluded_tp = tuple(tps), {}
+        L = len(base)
+        layers = [SimpleNamespace(flops=10**9) for _ in range(L)]
+        self.forward = _Forward(self)
+        self.forward.traced = SimpleNamespace(layers=layers)
+        self.forward.traced_shape = SimpleNamespace(tokens=1)
+        self.forward.efficiencies = SimpleNamespace(peak_flops={"bfloat16": 1e12,
+                                                                "float32": 1e12})
+        self.boundary = boundary
+
+    def table(self, mb, m=1):
+        costs = tuple({t: LayerCost(self.base[j] * mb / t ** 0.8, 0.0, self.params[j] // t)
+                       for t in self.tp_degrees} for j in range(len(self.base)))
+        return CostTable(costs, self.boundary, Link(1e-5, 1e10), Link(5e-5, 1e9), mb, m,
+                         stage_workspace_bytes={t: 1000 for t in self.tp_degrees})
+
+    def __call__(self, mb, dp, zero, link):
+        fwd = self.forward(mb, 1)
+        L = len(self.base)
+        gather = 2e-4 if zero == 3 and dp > 1 else 0.0
+        time = [{(t, rc): fwd.costs[j][t].compute_s * 3 * RC_TIME[rc] + 2 * gather
+                 for t in self.tp_degrees for rc in tm.RECOMPUTE} for j in range(L)]
+        comm = [{k: 0.0 for k in row} for row in time]
+        state = [{t: tm.model_state_bytes(self.params[j] // t // 2, "bfloat16", zero, dp)
+                  for t in self.tp_degrees} for j in range(L)]
+        saved = [{(t, rc): int(self.acts[j] * mb / t * RC_SAVED[rc])
+                  for t in self.tp_degrees for rc in tm.RECOMPUTE} for j in range(L)]
+        params = [{t: self.params[j] // t for t in self.tp_degrees} for j in range(L)]
+        scale = 2.0 if link == "inter" else 1.0
+        step = {0: 2.0, 1: 2.5, 2: 2.2, 3: 1.1}[zero]
+
+        def tail_of(nbytes):  # grows with the bytes, as the real tail does
+            sync = (1e-5 + nbytes * step * scale / 1e10) if dp > 1 else 0.0
+            return sync + nbytes / (dp if zero else 1) / 1e11
+
+        return TrainTable(fwd, dp, zero, link, time, comm, state, saved, params, "bfloat16",
+                          tail_of=tail_of)
+
+
+def _workload(batch):
+    return planner.Workload(batch_size=batch, seq_len=8, phase="train", memory_headroom=0.0)
+
+
+@st.composite
+def _instances(draw):
+    L = draw(st.integers(2, 5))
+    base = [draw(st.integers(1, 20)) * 1e-3 for _ in range(L)]
+    params = [draw(st.integers(1, 8)) * 10**6 for _ in range(L)]
+    acts = [draw(st.integers(1, 8)) * 10**6 for _ in range(L)]
+    boundary = tuple(draw(st.integers(1, 8)) * 10**6 for _ in range(L - 1))
+    nodes = draw(st.integers(1, 2))
+    per_node = draw(st.sampled_from([2, 4]))
+    batch = draw(st.sampled_from([1, 2, 4]))
+    total = sum(params) * 8 + sum(acts) * batch
+    cap = int(total * draw(st.sampled_from([0.3, 0.45, 0.6, 2.0])))
+    pins = draw(st.sampled_from([{}, {"zero": 3}, {"schedule": "gpipe"}, {"recompute": "full"},
+                                 {"pp": 2}, {"dp": 1}, {"dp": 1, "tp": 1}]))
+    tps = draw(st.sampled_from([(1,), (1, 2)]))
+    return _Synthetic(base, params, acts, boundary, tps), nodes, per_node, batch, cap, pins
+
+
+def _cluster(nodes, per_node, cap):
+    return planner.Cluster(nodes, per_node, "H100", memory_bytes=cap)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_instances())
+def test_cp_sat_training_optimum_equals_the_reference(instance):
+    builder, nodes, per_node, batch, cap, pins = instance
+    cluster, work = _cluster(nodes, per_node, cap), _workload(batch)
+    try:
+        ref = solve_train_reference(builder, cluster, work, pins=pins)
+    except InfeasiblePlanError:
+        with pytest.raises(InfeasiblePlanError):
+            solve_train(builder, cluster, work, pins=pins, time_limit_s=30)
+        return
+    except PlanError:
+        return  # pins the request contradicts (pp 2 on one layer's worth of devices)
+    got = solve_train(builder, cluster, work, pins=pins, time_limit_s=30)
+    assert got.solution.solver.status == "OPTIMAL"
+    assert got.solution.solver.objective_ticks == ref.solution.solver.objective_ticks
+    # the plan's figures: the unrounded formulas, within half a tick per summed term
+    terms = 2 * len(got.solution.stages) + 2
+    assert abs(got.step_s - got.solution.solver.objective) <= terms * 1e-10
+    assert got.solution.predicted.peak_memory_bytes <= cap
+
+
+def test_1f1b_stage_memory_depends_on_its_position_and_gpipe_holds_every_microbatch():
+    builder = _Synthetic([1e-3] * 4, [10**6] * 4, [4 * 10**6] * 4, (10**6,) * 3)
+    cluster, work = _cluster(1, 4, 10**10), _workload(4)
+    pins = {"dp": 1, "pp": 4, "tp": 1, "microbatches": 4, "recompute": "none"}
+    one = solve_train(builder, cluster, work, pins={**pins, "schedule": "1f1b"})
+    gp = solve_train(builder, cluster, work, pins={**pins, "schedule": "gpipe"})
+    assert one.in_flight == (4, 3, 2, 1) and gp.in_flight == (4, 4, 4, 4)
+    table = builder(1, 1, 0, "intra")
+    for sol in (one, gp):
+        for i, s in enumerate(sol.solution.stages):
+            assert s.memory_bytes == table.stage_memory(s.first, s.last, 1, "none",
+                                                        sol.in_flight[i])
+    assert one.step_s == pytest.approx(gp.step_s)  # same time: 1F1B only saves memory
+
+
+def test_memory_forces_recompute_only_on_the_stages_that_hold_more_microbatches():
+    # 1F1B: stage 0 holds 2 microbatches, stage 1 one; only stage 0 must recompute.
+    builder = _Synthetic([1e-3] * 2, [10**5] * 2, [10**7] * 2, (10**5,))
+    cluster, work = _cluster(1, 2, 1000 + 8 * 10**5 + 15 * 10**6), _workload(2)
+    sol = solve_train(builder, cluster, work,
+                      pins={"dp": 1, "pp": 2, "tp": 1, "microbatches": 2, "schedule": "1f1b"})
+    ref = solve_train_reference(builder, cluster, work,
+                                pins={"dp": 1, "pp": 2, "tp": 1, "microbatches": 2,
+                                      "schedule": "1f1b"})
+    assert sol.recompute[1] == "none" and sol.recompute[0] != "none"
+    assert sol.solution.solver.objective_ticks == ref.solution.solver.objective_ticks
+
+
+@pytest.mark.parametrize("pins, expected", [
+    ({"zero": 5}, "zero 5 must be one of 0, 1, 2, 3"),
+    ({"schedule": "zigzag"}, "schedule 'zigzag' must be one of gpipe, 1f1b, interleaved"),
+    ({"recompute": "half"}, "recompute 'half' must be one of none, selective, full"),
+    ({"zero": 2, "dp": 1}, "dp 1 has none to shard over"),
+    ({"schedule": "1f1b", "virtual_stages": 2}, "virtual_stages 2 needs --schedule interleaved"),
+    ({"schedule": "interleaved", "virtual_stages": 2}, "not searched by this planner yet"),
+])
+def test_contradictory_training_pins_are_one_plan_error(pins, expected):
+    builder = _Synthetic([1e-3] * 2, [10**5] * 2, [10**5] * 2, (10**5,))
+    with pytest.raises(PlanError, match=expected.replace("(", r"\(")):
+        train_space(builder, _cluster(1, 2, 10**10), _workload(2), pins)
+
+
+# ------------------------------------------------------------------ a real (tiny) model
+
+
+@pytest.fixture(scope="module")
+def gpt_plan():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=256, block_size=64))
+    ids = torch.randint(0, 256, (8, 32))
+    traced = planner.trace(model, (ids,), name="gpt-tiny")
+    work = planner.Workload(batch_size=8, seq_len=32, phase="train", dtype="bfloat16")
+    return traced, planner.plan(traced, "2x4xH100", work, alternatives=1)
+
+
+def test_train_plan_records_the_training_keys_and_round_trips(gpt_plan, tmp_path):
+    _, plan = gpt_plan
+    plan.validate()
+    assert plan.workload.phase == "train" and plan.parallelism.schedule == "1f1b"
+    assert plan.parallelism.virtual_stages == 1 and plan.solver.status == "OPTIMAL"
+    assert all(s.recompute in tm.RECOMPUTE for s in plan.stages)
+    plan.save(tmp_path / "p.json")
+    again = Plan.load(tmp_path / "p.json")
+    assert again.to_dict() == plan.to_dict()
+
+
+def test_train_plan_figures_are_the_cost_models_formulas(gpt_plan):
+    traced, plan = gpt_plan
+    t = plan.extra["training"]
+    times = [s.predicted.compute_s + s.predicted.comm_s for s in plan.stages]
+    hops = [2 * plan.cost_table().p2p_s(s.layers[1], inter_node=False)
+            for s in plan.stages[:-1]]  # every replica of this plan sits in one node
+    step = tm.pipeline_step_s(times, hops, t["stage_tail_s"], plan.parallelism.microbatches)
+    assert plan.predicted.latency_s == pytest.approx(step, rel=1e-12)
+    assert t["step_s"] == plan.predicted.latency_s
+    used = plan.parallelism.dp * sum(s.tp for s in plan.stages)
+    flops = 3 * sum(layer.flops for layer in traced.layers)  # traced at the global batch
+    peak = 989e12  # H100 SXM dense bf16 in the catalogue
+    assert plan.predicted.mfu == pytest.approx(flops / step / (used * peak), rel=0.05)
+    assert plan.predicted.throughput_samples_per_s == pytest.approx(8 / step)
+
+
+def test_train_plan_beats_or_ties_every_feasible_baseline(gpt_plan):
+    _, plan = gpt_plan
+    assert set(plan.baselines) == {"ddp", "fsdp", "megatron"}
+    feasible = [b for b in plan.baselines.values() if b.feasible]
+    assert feasible
+    for b in feasible:
+        assert plan.predicted.latency_s <= b.latency_s * (1 + 1e-9)
+
+
+def test_explain_alternatives_name_the_other_recompute_and_zero_choices(gpt_plan):
+    _, plan = gpt_plan
+    changes = {a["change"] for a in plan.extra["training_alternatives"]}
+    chosen = {s.recompute for s in plan.stages}
+    assert {f"recompute {rc}" for rc in tm.RECOMPUTE if {rc} != chosen} <= changes
+    assert ("zero 3" in changes) != (plan.parallelism.zero == 3)
+    for a in plan.extra["training_alternatives"]:
+        if a["feasible"]:  # every alternative is a constrained version of the optimum
+            assert a["step_s"] >= plan.predicted.latency_s * (1 - 1e-9)
+
+
+# ------------------------------------------------------------------ the CLI
+
+TINY = ["gpt-tiny", "--cluster", "2xcpu", "--batch", "2", "--seq", "16", "--alternatives", "0"]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--zero", "2"], "--zero describe a training step; add --phase train or drop them"),
+    (["--recompute", "full", "--phase", "decode"], "--recompute describe a training step"),
+    (["--phase", "train", "--schedule", "interleaved", "--virtual-stages", "2"],
+     "interleaved 1F1B schedule (virtual stages) is not searched"),
+    (["--phase", "train", "--zero", "1", "--dp", "1"], "dp 1 has none to shard over"),
+    (["--phase", "train", "--target", "vllm"], "--target"),
+])
+def test_bad_training_flags_are_one_error(capsys, extra, expected):
+    refused([*TINY, *extra], capsys, expected)
+
+
+def test_cli_train_plan_json_has_the_pinned_choices(capsys):
+    from tests.bad_input.cli_helpers import call
+
+    code, out, err = call([*TINY, "--phase", "train", "--zero", "1", "--recompute", "full",
+                           "--json"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["workload"]["phase"] == "train"
+    assert data["parallelism"]["zero"] == 1 and data["parallelism"]["dp"] == 2
+    assert {s["recompute"] for s in data["stages"]} == {"full"}
+    assert 0 < data["predicted"]["mfu"] < 1 and math.isfinite(data["predicted"]["latency_s"])
