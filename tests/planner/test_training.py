@@ -20,7 +20,7 @@ from planner.models import GPT, GPTConfig
 from planner.plan import Plan
 from planner.reference_solver import solve_train_reference
 from planner.solver import InfeasiblePlanError, PlanError
-from planner.training import TrainTable, path_value, solve_train, train_space
+from planner.training import TrainTable, solve_train, train_space
 from tests.bad_input.cli_helpers import refused
 
 RC_TIME = {"none": 1.0, "selective": 1.1, "full": 1.35}
