@@ -77,7 +77,8 @@ def test_cluster_constructor_validates(kwargs, expected):
     (dict(batch_size=True), "batch size (--batch) must be a whole number"),
     (dict(seq_len="2048"), "sequence length (--seq) must be a whole number"),
     (dict(dtype="float8"), 'dtype "float8" is not one of'),
-    (dict(phase="train"), "phase \"train\" must be 'prefill' or 'decode'"),
+    (dict(phase="pretrain"), "phase \"pretrain\" must be one of prefill, decode, train"),
+    (dict(phase="train", optimizer="sgd"), "optimizer (--optimizer) \"sgd\" must be one of adamw"),
     (dict(latency_slo_s=-1), "latency SLO must be a positive number"),
 ])
 def test_workload_constructor_validates(kwargs, expected):

@@ -29,7 +29,7 @@ TINY = ["gpt-tiny", "--cluster", "2xcpu", "--batch", "2", "--seq", "16", "--alte
     (["gpt-tiny", "--headroom", "1.5"], "memory headroom (--headroom) must be in [0, 1)"),
     (["gpt-tiny", "--headroom", "nan"], "memory headroom (--headroom) must be in [0, 1)"),
     (["gpt-tiny", "--dtype", "bogus"], "dtype \"bogus\" is not one of float32, bfloat16, float16"),
-    (["gpt-tiny", "--phase", "train"], "argument --phase: invalid choice"),
+    (["gpt-tiny", "--phase", "pretrain"], "argument --phase: invalid choice"),
     (["gpt-tiny", "--cluster", "2xcpu", "--tp", "0"], "argument --tp: must be >= 1, got 0"),
     (["gpt-tiny", "--cluster", "2xcpu", "--pp", "-1"], "argument --pp: must be >= 1, got -1"),
     (["gpt-tiny", "--cluster", "2xcpu", "--dp", "two"], "argument --dp: expected a whole number"),
