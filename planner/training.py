@@ -841,14 +841,16 @@ def with_stats(sol: TrainSolution, stats: SolverStats) -> TrainSolution:
 
 def _baseline_specs(cluster: Cluster, batch: int, num_layers: int) -> dict[str, dict]:
     """The hand-written training plans: Megatron-LM's default (tp = devices per node,
-    one stage per node, ZeRO-1, full recompute), pure FSDP (ZeRO-3 over every device) and
+    one stage per node, full recompute; ZeRO-1 would shard over dp, which is 1 here, so
+    level 0), pure FSDP (ZeRO-3 over every device) and
     DDP (replicas on every device), each 1F1B with the layers split evenly."""
     per_node, devices = cluster.devices_per_node, cluster.num_devices
     dp_all = max(d for d in _divisors(batch) if d <= devices)
     specs = {"ddp": {"dp": dp_all, "tp": 1, "pp": 1, "zero": 0, "recompute": "none"},
              "fsdp": {"dp": dp_all, "tp": 1, "pp": 1, "zero": 3, "recompute": "none"}}
     if cluster.nodes <= num_layers:
-        specs["megatron"] = {"dp": 1, "tp": per_node, "pp": cluster.nodes, "zero": 1,
+        # one replica: ZeRO-1 has no replica to shard over, so it is DDP's level 0
+        specs["megatron"] = {"dp": 1, "tp": per_node, "pp": cluster.nodes, "zero": 0,
                              "recompute": "full"}
     return specs
 
