@@ -182,7 +182,8 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
         return _plan_train(traced, cluster, workload, pins=pins, solver=solver,
                            profile=profile, alternatives=alternatives,
                            time_limit_s=time_limit_s, num_workers=num_workers, name=name,
-                           source=source, sequence_parallel=sequence_parallel, target=target)
+                           source=source, sequence_parallel=sequence_parallel, target=target,
+                           adjust_costs=adjust_costs)
     if isinstance(decode_traced, TracedModel) and cluster.device not in DECODE_GRAPH_DEVICES:
         decode_traced = DecodeUnavailable(_NOT_ON_GPU)
     step = decode_traced if isinstance(decode_traced, TracedModel) else None
@@ -264,7 +265,8 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
 
 
 def _plan_train(traced, cluster, workload, *, pins, solver, profile, alternatives,
-                time_limit_s, num_workers, name, source, sequence_parallel, target) -> Plan:
+                time_limit_s, num_workers, name, source, sequence_parallel, target,
+                adjust_costs=None) -> Plan:
     """A training plan (``planner.training``): the forward is priced by ``CostBuilder`` with
     ``phase "prefill"`` (measured layers are not used: a profile times inference forwards),
     the step by ``cost_models.training``. Sequence parallelism is searched like prefill."""
@@ -284,6 +286,8 @@ def _plan_train(traced, cluster, workload, *, pins, solver, profile, alternative
              "arch": traced.arch.to_dict() if traced.arch else None}
     for sp in options:
         builder = CostBuilder(traced, cluster, forward, sequence_parallel=sp)
+        if adjust_costs is not None:  # what-if: every forward table adjusted (plan bench)
+            builder = _AdjustedBuilder(builder, adjust_costs)
         try:
             plan = plan_train(traced, cluster, workload, builder, pins=pins, solver=solver,
                               num_workers=num_workers, time_limit_s=time_limit_s, name=name,

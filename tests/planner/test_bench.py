@@ -24,7 +24,7 @@ GOLDEN = json.loads((DEFAULT_SUITE / "golden.json").read_text())
 
 def test_suite_covers_models_clusters_phases_and_objectives():
     assert len(CASES) >= 12
-    assert {c.phase for c in CASES} == {"prefill", "decode"}
+    assert {c.phase for c in CASES} == {"prefill", "decode", "train"}
     assert {c.objective for c in CASES} == {"latency", "throughput"}
     sizes = {Cluster.parse(c.cluster).num_devices for c in CASES}
     assert min(sizes) <= 8 and max(sizes) >= 1024
