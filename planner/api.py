@@ -272,15 +272,24 @@ def _plan_train(traced, cluster, workload, *, pins, solver, profile, alternative
     the step by ``cost_models.training``. Sequence parallelism is searched like prefill."""
     from planner.training import plan_train
 
-    if target is not None:
-        raise PlanError(f"--target {target} restricts inference plans to what an engine can "
-                        "serve; a train plan has no serving engine (drop --target)")
-    del profile  # a profile times inference forwards at the traced shape
     forward = replace(workload, phase="prefill")
     if sequence_parallel is None:
         options = [False, True] if sequence_parallel_applies(traced, cluster, forward) else [False]
     else:
         options = [sequence_parallel]
+    restriction, tp_degrees = None, None
+    if target is not None:
+        from planner.engines import restriction as engine_restriction
+
+        restriction, tp_degrees, sp_allowed = engine_restriction(
+            target, [layer.name for layer in traced.layers],
+            traced.arch.to_dict() if traced.arch else None,
+            range(1, cluster.devices_per_node + 1))
+        options = [sp for sp in options if sp_allowed or not sp]
+        if not options:
+            raise PlanError(f"--sp on asks for sequence parallelism, which {target} has no "
+                            "option for: drop --sp on or choose another --target")
+    del profile  # a profile times inference forwards at the traced shape
     best, failure = None, None
     extra = {"source": source or {}, "workload_full": workload.to_dict(),
              "arch": traced.arch.to_dict() if traced.arch else None}
@@ -293,7 +302,8 @@ def _plan_train(traced, cluster, workload, *, pins, solver, profile, alternative
                               num_workers=num_workers, time_limit_s=time_limit_s, name=name,
                               extra={**extra, "tp_excluded": {
                                   str(t): why for t, why in sorted(builder.excluded_tp.items())}},
-                              explain=bool(alternatives))
+                              explain=bool(alternatives), restriction=restriction,
+                              tp_degrees=tp_degrees)
         except InfeasiblePlanError as e:
             failure = failure or e
             continue

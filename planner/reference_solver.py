@@ -211,6 +211,8 @@ def _best_train_path(combo, per_node: int, pp: int):
                         acc += combo.ticks[b][(t, rc)]
                         if table.stage_memory(j, b, t, rc, flight) > combo.cap:
                             break
+                        if combo.allowed is not None and (j, b) not in combo.allowed:
+                            continue
                         hop = 0
                         if b + 1 < L:
                             hop = combo.hop_inter[b] if inter else combo.hop_intra[b]
@@ -233,7 +235,7 @@ def _best_train_path(combo, per_node: int, pp: int):
 
 
 def solve_train_reference(builder, cluster: Cluster, workload: Workload, *,
-                          pins: Mapping | None = None):
+                          pins: Mapping | None = None, restriction=None, tp_degrees=None):
     """Exact optimum of a training request by dynamic programming over every combo and
     stage count (the oracle of ``planner.training.solve_train``; small instances only).
 
@@ -244,7 +246,7 @@ def solve_train_reference(builder, cluster: Cluster, workload: Workload, *,
     from planner.training import _infeasible_message, evaluate, train_space
 
     start = time.perf_counter()
-    space = train_space(builder, cluster, workload, pins)
+    space = train_space(builder, cluster, workload, pins, restriction, tp_degrees)
     best = None
     for combo in space.combos:
         pps = [combo.pp] if combo.pp is not None else range(

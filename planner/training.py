@@ -24,6 +24,7 @@ programming over the same combos (the tests' oracle).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Mapping
@@ -40,6 +41,7 @@ from planner.solver import (
     InfeasiblePlanError,
     PlanError,
     Prediction,
+    Restriction,
     Solution,
     SolverStats,
     Stage,
@@ -295,6 +297,7 @@ class TrainCombo:
     hop_inter: list[int]
     lb: int = 0
     bottleneck: int | None = None  # _bottleneck_floor, computed when the combo is solved
+    allowed: frozenset | None = None  # the only (first, last) stages (Restriction.split)
 
     @property
     def num_layers(self) -> int:
@@ -323,11 +326,18 @@ class TrainSpace:
 
 
 def train_space(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
-                pins: Mapping | None) -> TrainSpace:
+                pins: Mapping | None, restriction: Restriction | None = None,
+                tp_degrees=None) -> TrainSpace:
     """Every outer combo the pins allow, in a fixed order (both solvers share it).
 
+    ``restriction`` (``plan MODEL --phase train --target``, ``planner.engines``): only
+    plans the framework can run. One tp and one recompute mode per combo where it has one
+    setting for all stages; its schedules and recompute modes; and, where its ZeRO levels
+    depend on the degrees, its own layer split or it cannot combine tp with pp, one combo
+    per stage count too, so each combo's rules are fixed. ``tp_degrees`` narrows tp.
+
     Raises:
-        PlanError: contradictory pins.
+        PlanError: contradictory pins, or pins the restriction cannot run.
     """
     plain, tpins = train_pins(pins)
     nodes, per_node, batch = cluster.nodes, cluster.devices_per_node, workload.batch_size
@@ -340,9 +350,28 @@ def train_space(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
             raise PlanError(f"tp {plain['tp']} cannot be honoured: {why}; this model allows tp "
                             f"in {sorted(allowed)} here (pin one of those, or drop --tp)")
         allowed = {plain["tp"]}
+    if tp_degrees is not None:
+        allowed &= set(tp_degrees)
     tps = tuple(sorted(allowed))
     rcs = (tpins.recompute,) if tpins.recompute else tm.RECOMPUTE
     schedules = (tpins.schedule,) if tpins.schedule else ("1f1b",)
+    r = restriction or Restriction()
+    if r.recompute is not None:
+        rcs = tuple(rc for rc in rcs if rc in r.recompute)
+    if r.schedules is not None:
+        if tpins.schedule is None:  # 1F1B where it runs, else GPipe (pp 1: either)
+            schedules = tuple(x for x in ("1f1b", "gpipe") if x in r.schedules)[:1] or ("1f1b",)
+        per_pp_schedule = not (set(schedules) & r.schedules)
+    else:
+        per_pp_schedule = False
+    if not tps or not rcs:
+        raise PlanError(f"{r.name or 'the request'} allows no tp degree or recompute mode "
+                        f"that the pins leave (tp {sorted(allowed)}, recompute {list(rcs)})")
+    by_stages = (r.zero_levels is not None or r.split is not None or not r.tp_with_pp
+                 or per_pp_schedule)
+    tp_sets = [(t,) for t in tps] if r.uniform_tp else [tps]
+    rc_sets = [(rc,) for rc in rcs] if r.uniform_recompute else [rcs]
+    L = probe.num_layers
     cap = int(cluster.device_spec.memory_bytes * (1.0 - workload.memory_headroom))
     combos = []
     for dp in [plain["dp"]] if "dp" in plain else _divisors(batch):
@@ -366,15 +395,61 @@ def train_space(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                     if not link_sizes:
                         continue
                     table = builder(mb, dp, zero, link)
-                    for schedule in schedules:
-                        combos.append(_make_combo(table, dp, m, zero, schedule, link, tps, rcs,
-                                                  link_sizes, plain.get("pp"), cap))
+                    sp = table.forward.sequence_parallel
+                    for schedule, degrees, modes in itertools.product(schedules, tp_sets, rc_sets):
+                        if r.sequence_parallel_with_tp is not None and max(degrees) > 1 \
+                                and sp != r.sequence_parallel_with_tp and min(degrees) > 1:
+                            continue
+                        if not by_stages:
+                            combos.append(_make_combo(table, dp, m, zero, schedule, link,
+                                                      degrees, modes, link_sizes,
+                                                      plain.get("pp"), cap))
+                            continue
+                        for pp in [plain["pp"]] if "pp" in plain else range(1, L + 1):
+                            if pp * min(degrees) > max(link_sizes):
+                                break
+                            combo = _restricted(r, table, dp, m, zero, schedule, link, degrees,
+                                                modes, link_sizes, pp, cap)
+                            if combo is not None:
+                                combos.append(combo)
+    if not combos and restriction is not None:
+        rules = ["ZeRO levels by (dp, pp, tp)" if r.zero_levels else "",
+                 "no tp with pp" if not r.tp_with_pp else "",
+                 f"schedules {sorted(r.schedules)}" if r.schedules else "",
+                 f"recompute {sorted(r.recompute)}" if r.recompute else "",
+                 "its own layer split" if r.split else ""]
+        raise PlanError(f"{r.name} cannot run any plan these pins leave "
+                        f"({', '.join(x for x in rules if x)}): drop a pin (--tp, --pp, --dp, --zero, --recompute, --schedule) or "
+                        f"the --target")
     traced = builder.forward.traced
     flops = sum(layer.flops for layer in traced.layers) * (
         batch * workload.seq_len / builder.forward.traced_shape.tokens)
     eff = builder.forward.efficiencies
     peak = eff.peak_flops.get(workload.dtype) or eff.peak_flops["float32"]
     return TrainSpace(batch, per_node, cap, combos, flops, peak, workload.seq_len)
+
+
+def _restricted(r: Restriction, table, dp, m, zero, schedule, link, degrees, modes, sizes,
+                pp, cap):
+    """One combo of ``pp`` stages under the restriction's per-stage-count rules, or None."""
+    tp = degrees[0] if len(degrees) == 1 else None
+    if not r.tp_with_pp and pp > 1:
+        degrees = tuple(t for t in degrees if t == 1)
+    if r.zero_levels is not None:
+        degrees = tuple(t for t in degrees if zero in r.zero_levels(dp, pp, t))
+    if pp > 1 and r.schedules is not None and schedule not in r.schedules:
+        return None
+    if pp == 1 and r.schedules is not None and schedule not in r.schedules:
+        schedule = "1f1b"  # one stage: no pipeline schedule runs
+    if not degrees or (tp is not None and degrees != (tp,)):
+        return None
+    combo = _make_combo(table, dp, m, zero, schedule, link, degrees, modes, sizes, pp, cap)
+    if r.split is not None:
+        ranges = r.split(pp)
+        if ranges is None:
+            return None
+        combo.allowed = frozenset(ranges)
+    return combo
 
 
 def _make_combo(table: TrainTable, dp, m, zero, schedule, link, tps, rcs, sizes, pp, cap):
@@ -397,6 +472,8 @@ def path_value(combo: TrainCombo, path, per_node: int) -> int | None:
     values, tails, offset, pp = [], [], 0, len(path)
     for i, (a, b, t, rc) in enumerate(path):
         if offset % per_node + t > per_node:
+            return None
+        if combo.allowed is not None and (a, b) not in combo.allowed:
             return None
         if any((t, rc) not in combo.ticks[j] for j in range(a, b + 1)):
             return None
@@ -486,7 +563,10 @@ def _heuristic(combo: TrainCombo, per_node: int):
                 if k * t not in combo.sizes:
                     continue
                 flight = combo.in_flight(0, k)
-                parts = _split(combo, ticks, t, rc, k, flight)
+                if combo.allowed is not None:  # the engine's own split
+                    parts = sorted(combo.allowed) if len(combo.allowed) == k else None
+                else:
+                    parts = _split(combo, ticks, t, rc, k, flight)
                 if parts is None:
                     continue
                 path = [(a, b, t, rc) for a, b in parts]
@@ -581,7 +661,7 @@ def _arcs(combo: TrainCombo, cutoff: int | None):
                             continue
                         if m * acc[rc] + prefix[a] + prefix[L] - prefix[b + 1] > cutoff:
                             continue
-                    if safe:
+                    if safe or (combo.allowed is not None and (a, b) not in combo.allowed):
                         continue
                     if tail is None:
                         tail = to_ticks(table.tail_of_bytes(nbytes))
@@ -750,7 +830,8 @@ def evaluate(combo: TrainCombo, path, space: TrainSpace, objective: str,
 
 def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload, *,
                 pins: Mapping | None = None, num_workers: int = 2,
-                time_limit_s: float = 60.0) -> TrainSolution:
+                time_limit_s: float = 60.0, restriction: Restriction | None = None,
+                tp_degrees=None) -> TrainSolution:
     """The training plan of least step time, proven optimal by CP-SAT.
 
     Raises:
@@ -759,7 +840,7 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
     """
     start = time.perf_counter()
     deadline = start + time_limit_s
-    space = train_space(builder, cluster, workload, pins)
+    space = train_space(builder, cluster, workload, pins, restriction, tp_degrees)
     per_node = space.devices_per_node
     scored = []
     for combo in space.combos:
@@ -939,7 +1020,8 @@ def _describe(b: TrainSolution | None, reason: str) -> dict:
 
 def alternatives(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                  best: TrainSolution, pins: Mapping | None, num_workers: int,
-                 time_limit_s: float) -> list[dict]:
+                 time_limit_s: float, restriction: Restriction | None = None,
+                 tp_degrees=None) -> list[dict]:
     """What ``plan explain`` says about recompute and ZeRO-3: the best plan with each
     other recompute option on every stage, and with ZeRO-3 if the plan has another level
     (or the best level below 3 if it has ZeRO-3), each with its step time and peak memory,
@@ -956,21 +1038,24 @@ def alternatives(builder: TrainCostBuilder, cluster: Cluster, workload: Workload
                     continue
                 trial["zero"] = z
                 results.append(_try(builder, cluster, workload, trial, num_workers,
-                                     time_limit_s))
+                                     time_limit_s, restriction, tp_degrees))
             ok = [r for r in results if r.get("feasible")]
             out.append({"change": "zero < 3", **(min(ok, key=lambda r: r["step_s"]) if ok
                                                  else results[-1])})
             continue
         trial[key] = value
         out.append({"change": f"{key} {value}",
-                    **_try(builder, cluster, workload, trial, num_workers, time_limit_s)})
+                    **_try(builder, cluster, workload, trial, num_workers, time_limit_s,
+                           restriction, tp_degrees)})
     return out
 
 
-def _try(builder, cluster, workload, pins, num_workers, time_limit_s) -> dict:
+def _try(builder, cluster, workload, pins, num_workers, time_limit_s, restriction=None,
+         tp_degrees=None) -> dict:
     try:
         s = solve_train(builder, cluster, workload, pins=pins, num_workers=num_workers,
-                        time_limit_s=time_limit_s)
+                        time_limit_s=time_limit_s, restriction=restriction,
+                        tp_degrees=tp_degrees)
     except PlanError as e:
         return {"feasible": False, "reason": str(e).split(":")[0]}
     sol = s.solution
@@ -984,7 +1069,8 @@ def _try(builder, cluster, workload, pins, num_workers, time_limit_s) -> dict:
 def plan_train(traced, cluster: Cluster, workload: Workload, forward_builder, *,
                pins=None, solver: str = "cp-sat", num_workers: int = 2,
                time_limit_s: float = 60.0, name: str | None = None, extra=None,
-               explain: bool = True):
+               explain: bool = True, restriction: Restriction | None = None,
+               tp_degrees=None):
     """A training plan for ``traced`` (``planner.api.plan_traced`` with ``phase "train"``).
 
     Args:
@@ -992,20 +1078,24 @@ def plan_train(traced, cluster: Cluster, workload: Workload, forward_builder, *,
         pins: any of dp, pp, tp, microbatches, zero, schedule, virtual_stages, recompute.
         solver: ``cp-sat`` or ``reference`` (the exact dynamic programme).
         explain: also solve the recompute / ZeRO-3 alternatives for ``plan explain``.
+        restriction, tp_degrees: only plans a training framework runs (``--target``).
     """
     from planner.reference_solver import solve_train_reference
 
     builder = TrainCostBuilder(forward_builder, workload)
     if solver == "reference":
-        sol = solve_train_reference(builder, cluster, workload, pins=pins)
+        sol = solve_train_reference(builder, cluster, workload, pins=pins,
+                                    restriction=restriction, tp_degrees=tp_degrees)
     else:
         sol = solve_train(builder, cluster, workload, pins=pins, num_workers=num_workers,
-                          time_limit_s=time_limit_s)
+                          time_limit_s=time_limit_s, restriction=restriction,
+                          tp_degrees=tp_degrees)
     table = builder(sol.solution.microbatch_size, sol.solution.dp, sol.zero, sol.link)
     baselines = train_baselines(builder, cluster, workload)
     more = dict(extra or {})
     if explain:
         more["training_alternatives"] = alternatives(
-            builder, cluster, workload, sol, pins, num_workers, max(time_limit_s / 4, 1.0))
+            builder, cluster, workload, sol, pins, num_workers, max(time_limit_s / 4, 1.0),
+            restriction, tp_degrees)
     return to_plan(sol, table, cluster, workload, model_name=name or traced.name,
                    fingerprint=traced.fingerprint, baselines=baselines, extra=more)
