@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +20,7 @@ from planner.cost_table import CostTable, LayerCost, Link
 from planner.models import GPT, GPTConfig
 from planner.plan import Plan
 from planner.reference_solver import solve_train_reference
-from planner.solver import InfeasiblePlanError, PlanError
+from planner.solver import InfeasiblePlanError, PlanError, Restriction
 from planner.training import TrainTable, solve_train, train_space
 from tests.bad_input.cli_helpers import refused
 
@@ -98,27 +99,59 @@ def _instances(draw):
     pins = draw(st.sampled_from([{}, {"zero": 3}, {"schedule": "gpipe"}, {"recompute": "full"},
                                  {"pp": 2}, {"dp": 1}, {"dp": 1, "tp": 1}]))
     tps = draw(st.sampled_from([(1,), (1, 2)]))
-    return _Synthetic(base, params, acts, boundary, tps), nodes, per_node, batch, cap, pins
+    restriction = draw(st.sampled_from([None, _FRAMEWORK]))
+    return (_Synthetic(base, params, acts, boundary, tps), nodes, per_node, batch, cap, pins,
+            restriction)
+
+
+def _even(stages, layers=5):
+    from planner.baselines import even_split
+
+    return None if stages > layers else even_split(layers, stages)
+
+
+#: A framework's rules (planner.engines builds these for torchtitan, megatron, deepspeed):
+#: one tp and one recompute mode for all stages, no selective recompute, no tp with pp,
+#: ZeRO 0/1 only with pp, 1F1B, and its own even split of the layers.
+_FRAMEWORK = Restriction(uniform_tp=True, name="framework", uniform_recompute=True,
+                         recompute=frozenset({"none", "full"}), tp_with_pp=False,
+                         zero_levels=lambda dp, pp, tp: frozenset({0, 1} if pp > 1 else
+                                                                  {0, 1, 2, 3}),
+                         schedules=frozenset({"1f1b"}))
 
 
 def _cluster(nodes, per_node, cap):
     return planner.Cluster(nodes, per_node, "H100", memory_bytes=cap)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(_instances())
 def test_cp_sat_training_optimum_equals_the_reference(instance):
-    builder, nodes, per_node, batch, cap, pins = instance
+    builder, nodes, per_node, batch, cap, pins, restriction = instance
     cluster, work = _cluster(nodes, per_node, cap), _workload(batch)
+    if restriction is not None and pins.get("schedule") == "gpipe":
+        pins = {}
+    if restriction is not None:
+        L = len(builder.base)
+        restriction = replace(restriction, split=lambda n: _even(n, L))
     try:
-        ref = solve_train_reference(builder, cluster, work, pins=pins)
+        ref = solve_train_reference(builder, cluster, work, pins=pins, restriction=restriction)
     except InfeasiblePlanError:
         with pytest.raises(InfeasiblePlanError):
-            solve_train(builder, cluster, work, pins=pins, time_limit_s=30)
+            solve_train(builder, cluster, work, pins=pins, time_limit_s=30,
+                        restriction=restriction)
         return
     except PlanError:
         return  # pins the request contradicts (pp 2 on one layer's worth of devices)
-    got = solve_train(builder, cluster, work, pins=pins, time_limit_s=30)
+    got = solve_train(builder, cluster, work, pins=pins, time_limit_s=30,
+                      restriction=restriction)
+    if restriction is not None:  # the framework's rules hold
+        sol = got.solution
+        assert len({s.tp for s in sol.stages}) == 1 and len(set(got.recompute)) == 1
+        assert set(got.recompute) <= {"none", "full"}
+        assert sol.pp == 1 or sol.stages[0].tp == 1
+        assert got.zero in restriction.zero_levels(sol.dp, sol.pp, sol.stages[0].tp)
+        assert [(s.first, s.last) for s in sol.stages] == _even(sol.pp, len(builder.base))
     assert got.solution.solver.status == "OPTIMAL"
     assert got.solution.solver.objective_ticks == ref.solution.solver.objective_ticks
     # the plan's figures: the unrounded formulas, within half a tick per summed term
@@ -257,3 +290,19 @@ def test_cli_train_plan_json_has_the_pinned_choices(capsys):
     assert data["parallelism"]["zero"] == 1 and data["parallelism"]["dp"] == 2
     assert {s["recompute"] for s in data["stages"]} == {"full"}
     assert 0 < data["predicted"]["mfu"] < 1 and math.isfinite(data["predicted"]["latency_s"])
+
+
+@pytest.mark.parametrize("target", ["torchtitan", "megatron", "deepspeed"])
+def test_train_plan_for_a_target_exports_to_it(target, tmp_path, capsys):
+    from tests.bad_input.cli_helpers import call
+
+    out = tmp_path / "p.json"
+    code, _, err = call(["llama-tiny", "--cluster", "4xcpu", "--batch", "4", "--seq", "32",
+                         "--phase", "train", "--target", target, "--alternatives", "0",
+                         "--out", out], capsys)
+    assert code == 0, err
+    from planner.engines import training_differences
+
+    assert training_differences(Plan.load(out), target) == []
+    code, text, err = call(["export", out, "--to", target], capsys)
+    assert code == 0 and target in text.splitlines()[0].lower(), err
