@@ -59,6 +59,14 @@ __all__ = ["run_check", "torchrun_command", "check_case", "main", "diagnose_fail
            "RunInterrupted"]
 
 _TIMEOUT = datetime.timedelta(seconds=60)
+#: ``plan run --check --steps``: the largest relative difference of a step's loss.
+TRAIN_LOSS_RTOL = 1e-4
+#: The check's AdamW: eps 1e-6, not 1e-8. A parameter whose true gradient is exactly zero
+#: (an attention key bias: softmax ignores a shift shared by every key) gets rounding noise
+#: of ~1e-9 that depends on the summation order, which eps 1e-8 turns into ±lr steps: on
+#: one process, two microbatches instead of one move gpt-tiny's key bias 4.5e-4 in three
+#: steps (docs/training.md). With eps 1e-6 the same noise moves it 5e-6.
+CHECK_TRAIN_EPS = 1e-6
 FAIL_RANK_ENV = "FX_PLANNER_FAIL_RANK"
 HANG_RANK_ENV = "FX_PLANNER_HANG_RANK"
 _STATUS: dict = {}
@@ -732,6 +740,132 @@ def check_case(model_spec: str, overrides: dict, plan, *, seed: int = 0,
             "sharded": sharded, "seconds": seconds, "repeat_seconds": repeat_seconds}
 
 
+def train_batches(lm, steps: int, seed: int) -> list[tuple[tuple, dict]]:
+    """``steps`` global batches shaped like the example inputs: step 0 is the example,
+    each later step new token ids (uniform over the embedding's rows, seeded)."""
+    from codegen.stage_split import model_tensor_inputs
+    from codegen.train import token_ids
+
+    ids = token_ids(model_tensor_inputs(lm.args, lm.kwargs))
+    vocab = next((m.num_embeddings for m in lm.model.modules()
+                  if isinstance(m, torch.nn.Embedding)), int(ids.max()) + 1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    out = [(lm.args, lm.kwargs)]
+    for _ in range(steps - 1):
+        new = torch.randint(0, vocab, tuple(ids.shape), generator=gen, dtype=ids.dtype)
+        out.append(pytree.tree_map(lambda x, new=new: new if x is ids else x,
+                                   (lm.args, lm.kwargs)))
+    return out
+
+
+def train_case(model_spec: str, overrides: dict, plan, *, steps: int, seed: int = 0,
+               timeout: datetime.timedelta = _TIMEOUT) -> dict:
+    """Train ``steps`` AdamW steps with a train plan on this rank (inside torchrun) and
+    beside it, in this process, the unsharded model on the same batches
+    (``codegen.train.reference_train``, same seed, same initial weights).
+
+    Returns:
+        This rank's result: coordinates, ``losses`` (the step's, every rank the same),
+        ``reference`` losses, ``max_param_err``: the largest difference between this
+        rank's final weights (a ZeRO-3/2 shard gathered over its dp group) and the same
+        slice of the reference's, ``params`` it compared, and ``seconds`` per step.
+    """
+    import copy
+
+    from codegen.runtime import parallelize
+    from codegen.train import TrainConfig, reference_train
+    from planner.models import load_model
+    from planner.sharding import Shard
+
+    config = TrainConfig(eps=CHECK_TRAIN_EPS)
+    w = plan.workload
+    lm = load_model(model_spec, overrides, batch_size=w.batch_size, seq_len=w.seq_len, seed=seed)
+    batches = train_batches(lm, steps, seed)
+    _set_status(phase="reference training")
+    ref_model = copy.deepcopy(lm.model)
+    ref_losses = reference_train(ref_model, batches, config)
+    _set_status(phase="parallelize")
+    # plan run's preflight has traced the model against the plan's fingerprint already
+    local = parallelize(lm.model, plan, lm.args, lm.kwargs, timeout=timeout, train=config,
+                        check_fingerprint=False)
+    lm.model = None
+    _set_status(coords=[local.coords.stage, local.coords.replica, local.coords.tp_rank])
+    dist.barrier()
+    losses, seconds = [], []
+    for k, (args, kwargs) in enumerate(batches):
+        _set_status(phase=f"training step {k}")
+        start = time.perf_counter()
+        losses.append(local.step(*args, **kwargs).item())
+        seconds.append(time.perf_counter() - start)
+    trainer = local.trainer
+    err, compared = 0.0, 0
+    for stage in trainer.stages:
+        module = stage.graph.module
+        placements = stage.report.analysis.params if stage.report.analysis else {}
+        for name, p in module.named_parameters():
+            mine = p.full_tensor() if hasattr(p, "full_tensor") else p
+            want = ref_model.get_parameter(name).detach()
+            place = placements.get(name)
+            if isinstance(place, Shard) and trainer.tp > 1:
+                parts = [want.narrow(place.dim, a, n)
+                         for a, n in place.pieces(trainer.tp, trainer.coords.tp_rank)]
+                want = torch.cat(parts, place.dim)
+            err = max(err, (mine.detach() - want).abs().max().item())
+            compared += 1
+    return {"rank": dist.get_rank(), "stage": local.coords.stage,
+            "stages": [s.index for s in trainer.stages], "replica": local.coords.replica,
+            "tp_rank": local.coords.tp_rank, "losses": losses, "reference": ref_losses,
+            "max_param_err": err, "params": compared, "seconds": seconds,
+            "recomputed": [len(s.recomputed) for s in trainer.stages],
+            "differentiable": [{k: v for k, v in s.differentiable.items() if k != "grad_sum"}
+                               for s in trainer.stages],
+            "grad_sum": [len(s.differentiable.get("grad_sum", [])) for s in trainer.stages]}
+
+
+def train_report(results: list[dict], loss_tol: float, param_tol: float) -> dict:
+    """Per step the distributed and the reference loss and their relative difference; the
+    largest final weight difference over every rank."""
+    first = results[0]
+    steps = []
+    for k, (got, want) in enumerate(zip(first["losses"], first["reference"], strict=True)):
+        worst = max(abs(r["losses"][k] - want) for r in results)
+        rel = worst / max(abs(want), 1e-12)
+        steps.append({"step": k, "loss": got, "reference": want, "rel_diff": rel,
+                      "ok": rel <= loss_tol})
+    param_err = max(r["max_param_err"] for r in results)
+    return {"phase": "train", "steps": steps, "loss_tol": loss_tol,
+            "max_param_err": param_err, "param_tol": param_tol,
+            "params_ok": param_err <= param_tol,
+            "step_s": [max(r["seconds"][k] for r in results) for k in range(len(steps))]}
+
+
+def _report_train(results: list[dict], check: bool, tol: float, json_path: str | None) -> int:
+    """Rank 0's report of a train plan's run; with ``check``, non-zero when a step's loss
+    or the final weights differ beyond the tolerances."""
+    report = train_report(results, TRAIN_LOSS_RTOL if check else math.inf, tol)
+    n = len(report["steps"])
+    good = sum(s["ok"] for s in report["steps"])
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    else:
+        print(f"{'step':>4} {'loss':>12} {'reference':>12} {'rel diff':>10} {'step s':>8}")
+        for s, sec in zip(report["steps"], report["step_s"], strict=True):
+            print(f"{s['step']:>4} {s['loss']:>12.7f} {s['reference']:>12.7f} "
+                  f"{s['rel_diff']:>10.2e} {sec:>8.3f}")
+        print(f"final weights: max abs difference {report['max_param_err']:.3e} "
+              f"(tolerance {tol:.0e})")
+        same = sum(s["rel_diff"] <= TRAIN_LOSS_RTOL for s in report["steps"])
+        print(f"losses identical within {TRAIN_LOSS_RTOL:.0e}: {same}/{n} steps")
+    if good != n or not report["params_ok"]:
+        what = (f"{n - good} of {n} step losses differ by more than {TRAIN_LOSS_RTOL:.0e} "
+                "(relative)" if good != n else
+                f"final weights differ by {report['max_param_err']:.3e} > {tol:.0e}")
+        print(f"FAILED: {what}", file=sys.stderr)
+        _set_status(state="accuracy", error=what)
+        return 1
+    return 0
+
+
 def _prompts(vocab: int, batch: int, prompt_len: int, pad: int, seed: int):
     """``batch`` prompts of lengths ``prompt_len``, ``prompt_len - 1``, ``prompt_len - 2``
     (repeating; at least 1), left-padded with ``pad``, and their attention mask."""
@@ -969,6 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed forward passes after the first (checked) one")
     p.add_argument("--prompt-len", type=int, default=None, help="decode plans: prompt tokens")
     p.add_argument("--new-tokens", type=int, default=16, help="decode plans: tokens to generate")
+    p.add_argument("--steps", type=int, default=3, help="train plans: AdamW steps")
     p.add_argument("--json-out", default=None, help="rank 0 writes its report here as JSON "
                    "instead of printing it")
     a = p.parse_args(argv)
@@ -1000,13 +1135,22 @@ def _main(a, rank: int, timeout: datetime.timedelta) -> int:
             results = []
             for case in json.loads(Path(a.cases).read_text()):
                 plan = Plan.from_dict(case["plan"])
+                if plan.workload.phase == "train":
+                    results.append(train_case(case["model"], case.get("overrides", {}), plan,
+                                              steps=case.get("steps", a.steps), seed=a.seed,
+                                              timeout=timeout))
+                    continue
                 results.append(check_case(case["model"], case.get("overrides", {}), plan,
                                           seed=a.seed, timeout=timeout))
             Path(a.out, f"rank{rank}.json").write_text(json.dumps(results))
             return 0
         plan = Plan.load(a.plan)
         decode = plan.workload.phase == "decode"
-        if decode:
+        train = plan.workload.phase == "train"
+        if train:
+            result = train_case(a.model, parse_set(a.set), plan, steps=a.steps, seed=a.seed,
+                                timeout=timeout)
+        elif decode:
             result = generate_case(a.model, parse_set(a.set), plan, prompt_len=a.prompt_len,
                                    new_tokens=a.new_tokens, seed=a.seed, timeout=timeout)
         else:
@@ -1017,7 +1161,9 @@ def _main(a, rank: int, timeout: datetime.timedelta) -> int:
         code = 0
         if rank == 0:
             _set_status(phase="report")
-            if decode:
+            if train:
+                code = _report_train(gathered, math.isfinite(a.tol), a.tol, a.json_out)
+            elif decode:
                 code = _report_generation(plan, gathered, math.isfinite(a.tol), a.json_out)
             else:
                 code = _report(plan, gathered, a.tol, a.json_out)

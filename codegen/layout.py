@@ -52,12 +52,16 @@ class ParallelLayout:
         microbatches: microbatches per replica per step.
         sequence_parallel: reduce-scatter + all-gather around the norms instead of the
             row-parallel all-reduce (stages with tp > 1).
+        virtual_stages: stages per device group (interleaved 1F1B): ``stages`` has
+            ``pp × virtual_stages`` entries and stage ``i`` runs on the devices of stage
+            ``i mod pp`` (``pp`` = the physical stages, ``len(stages) // virtual_stages``).
     """
 
     dp: int
     stages: tuple[StageLayout, ...]
     microbatches: int = 1
     sequence_parallel: bool = False
+    virtual_stages: int = 1
 
     @classmethod
     def from_plan(cls, plan) -> ParallelLayout:
@@ -65,24 +69,40 @@ class ParallelLayout:
         par = plan.parallelism
         stages = tuple(StageLayout(tuple(s.layers), s.tp, tuple(tuple(g) for g in s.devices),
                                    s.sharding) for s in plan.stages)
-        return cls(par.dp, stages, par.microbatches, par.sequence_parallel)
+        return cls(par.dp, stages, par.microbatches, par.sequence_parallel,
+                   getattr(par, "virtual_stages", 1))
 
     @classmethod
     def simple(cls, dp: int, stages: list[tuple[int, int, int]], microbatches: int = 1, *,
-               sequence_parallel: bool = False) -> ParallelLayout:
+               sequence_parallel: bool = False, virtual_stages: int = 1) -> ParallelLayout:
         """Number devices replica-major, then stage, then tp rank: ``stages`` is
-        ``[(first, last, tp), ...]``."""
-        per_replica = sum(tp for _, _, tp in stages)
+        ``[(first, last, tp), ...]``; with ``virtual_stages`` v, stage ``i`` of the
+        ``pp × v`` runs on the devices of stage ``i mod pp``."""
+        n = len(stages) // virtual_stages
+        per_replica = sum(tp for _, _, tp in stages[:n])
         out, base = [], 0
-        for first, last, tp in stages:
+        for i, (first, last, tp) in enumerate(stages):
+            if i >= n:
+                out.append(StageLayout((first, last), tp, out[i % n].devices))
+                continue
             devices = tuple(tuple(r * per_replica + base + k for k in range(tp)) for r in range(dp))
             out.append(StageLayout((first, last), tp, devices))
             base += tp
-        return cls(dp, tuple(out), microbatches, sequence_parallel)
+        return cls(dp, tuple(out), microbatches, sequence_parallel, virtual_stages)
 
     @property
     def pp(self) -> int:
         return len(self.stages)
+
+    @property
+    def physical_stages(self) -> tuple[StageLayout, ...]:
+        """The first ``len(stages) // virtual_stages`` stages: one per device group."""
+        return self.stages[:len(self.stages) // self.virtual_stages]
+
+    def local_stages(self, rank: int) -> list[int]:
+        """The stages ``rank`` runs, in order (several with virtual stages)."""
+        n = len(self.physical_stages)
+        return [i for i in range(len(self.stages)) if i % n == self.coords(rank).stage]
 
     @property
     def uniform_tp(self) -> bool:
@@ -112,7 +132,7 @@ class ParallelLayout:
 
     @property
     def world_size(self) -> int:
-        return self.dp * sum(s.tp for s in self.stages)
+        return self.dp * sum(s.tp for s in self.physical_stages)
 
     @property
     def stage_layers(self) -> list[tuple[int, int]]:
@@ -143,18 +163,26 @@ class ParallelLayout:
                 errors.append(f"stage {i} lists {len(s.devices)} replicas for dp {self.dp}")
             if any(len(g) != s.tp for g in s.devices):
                 errors.append(f"stage {i} has a replica whose device count is not tp {s.tp}")
+        physical = self.physical_stages
+        if self.virtual_stages < 1 or len(self.stages) % self.virtual_stages:
+            errors.append(f"{len(self.stages)} stages are not pp × virtual_stages "
+                          f"{self.virtual_stages}")
+        for i, s in enumerate(self.stages[len(physical):], start=len(physical)):
+            if s.devices != physical[i % len(physical)].devices:
+                errors.append(f"stage {i} runs on {[list(g) for g in s.devices]} but a virtual "
+                              f"stage runs on the devices of stage {i % len(physical)}")
         for r in range(self.dp if self.uniform_tp else 0):
             for k in range(self.stages[0].tp if self.stages else 0):
-                chain = [s.devices[r][k] for s in self.stages if r < len(s.devices)
+                chain = [s.devices[r][k] for s in physical if r < len(s.devices)
                          and k < len(s.devices[r])]
                 if chain != sorted(chain):
                     errors.append(f"replica {r}, tp rank {k}: stage devices {chain} must increase "
                                   "with the stage index")
-        ranks = [d for s in self.stages for g in s.devices for d in g]
+        ranks = [d for s in physical for g in s.devices for d in g]
         if len(ranks) != len(set(ranks)):
             errors.append(f"a device runs more than one stage or replica: {sorted(ranks)}")
         if world_size is not None and world_size != self.world_size:
-            tps = " + ".join(str(s.tp) for s in self.stages)
+            tps = " + ".join(str(s.tp) for s in physical)
             errors.append(f"dp {self.dp} × (tp per stage {tps}) = {self.world_size} ≠ world size "
                           f"{world_size}; launch with --nproc-per-node {self.world_size}")
         if errors:

@@ -59,7 +59,7 @@ def build_process_groups(layout: ParallelLayout, rank: int,
     """
     me = layout.coords(rank)
     tp_group = pp_group = None
-    for i, stage in enumerate(layout.stages):
+    for i, stage in enumerate(layout.physical_stages):
         for r, ranks in enumerate(stage.devices):
             group = dist.new_group(list(ranks), timeout=timeout)
             if (i, r) == (me.stage, me.replica):
@@ -67,7 +67,7 @@ def build_process_groups(layout: ParallelLayout, rank: int,
     if layout.pp > 1 and layout.uniform_tp:  # mixed tp uses point-to-point on the world group
         for r in range(layout.dp):
             for k in range(layout.stages[0].tp):
-                ranks = [s.devices[r][k] for s in layout.stages]
+                ranks = [s.devices[r][k] for s in layout.physical_stages]
                 group = dist.new_group(ranks, timeout=timeout)
                 if (r, k) == (me.replica, me.tp_rank):
                     pp_group = group
@@ -106,6 +106,21 @@ class LocalModule(nn.Module):
         self.timeout = timeout
         self._schedule = None
         self.generator = None  # codegen.generate.Generator, for a decode plan
+        self.trainer = None  # codegen.train.Trainer, for a train plan
+
+    def step(self, *args, **kwargs) -> torch.Tensor:
+        """One AdamW step of a train plan on the *global* batch (the model's inputs, the
+        same on every rank): forward and backward over this rank's stages in the plan's
+        schedule, data-parallel gradient reduction at the plan's ZeRO level, the update.
+
+        Returns:
+            The global batch's mean next-token cross-entropy (``codegen.train.
+            next_token_loss``) before the update, the same float32 scalar on every rank.
+        """
+        if self.trainer is None:
+            raise ValueError("step() needs a train plan (`plan MODEL --phase train`); this "
+                             "plan is for inference: call the module instead")
+        return self.trainer.step(model_tensor_inputs(args, kwargs))
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
                  attention_mask: torch.Tensor | None = None, eos_token_id: int | None = None,
@@ -226,7 +241,7 @@ def _wait(work, timeout: datetime.timedelta, what: str) -> None:
 
 def parallelize(model: nn.Module, plan, args: tuple = (), kwargs: dict | None = None, *,
                 check_fingerprint: bool = True, device: torch.device | str | None = None,
-                timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> LocalModule:
+                timeout: datetime.timedelta = DEFAULT_TIMEOUT, train=None) -> LocalModule:
     """This rank's module for ``plan``: its pipeline stage, tensor-parallel sharded.
 
     Args:
@@ -237,9 +252,12 @@ def parallelize(model: nn.Module, plan, args: tuple = (), kwargs: dict | None = 
             model traced on these inputs.
         device: where the stage runs (default: ``cuda:<local rank>`` under nccl, else cpu).
         timeout: for every process group this creates.
+        train: a train plan's optimizer settings (``codegen.train.TrainConfig``; default
+            AdamW with lr 1e-3). The stages get their own copies of the weights.
 
     Returns:
-        A ``LocalModule``; call it on the global batch under ``torch.no_grad()``.
+        A ``LocalModule``; call it on the global batch under ``torch.no_grad()``, or, for
+        a train plan, ``local.step(*args, **kwargs)`` for one optimizer step.
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
@@ -271,6 +289,22 @@ def parallelize(model: nn.Module, plan, args: tuple = (), kwargs: dict | None = 
     traced = planner.trace(model, mb_args, mb_kwargs)
     coords = layout.coords(rank)
     groups = build_process_groups(layout, rank, timeout)
+    if device is None:
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if dist.get_backend() == "nccl" else torch.device("cpu"))
+    if not is_layout and plan.workload.phase == "train":
+        from codegen.train import TrainConfig, Trainer
+
+        trainer = Trainer(traced, layout, plan, rank, groups, torch.device(device), timeout,
+                          train or TrainConfig())
+        for s in trainer.stages:
+            if s.report.tp > 1 and layout.stages[s.index].sharding is not None:
+                check_against(s.report, layout.stages[s.index].sharding, None)
+        first = trainer.stages[0]
+        local = LocalModule(first.graph, layout, coords, groups, first.report,
+                            torch.device(device), timeout)
+        local.trainer = trainer
+        return local
     stage = split_stages(traced, layout.stage_layers)[coords.stage]
     stage_layout = layout.stages[coords.stage]
     group_name = groups.tp.group_name if stage_layout.tp > 1 else ""
@@ -283,9 +317,6 @@ def parallelize(model: nn.Module, plan, args: tuple = (), kwargs: dict | None = 
                          sequence_parallel=layout.sequence_parallel)
     if stage_layout.sharding is not None and not is_layout:
         check_against(report, stage_layout.sharding, _bytes_ratio(plan, traced))
-    if device is None:
-        device = (torch.device("cuda", torch.cuda.current_device())
-                  if dist.get_backend() == "nccl" else torch.device("cpu"))
     stage.module.to(device)
     local = LocalModule(stage, layout, coords, groups, report, torch.device(device), timeout)
     if not is_layout and plan.workload.phase == "decode":
