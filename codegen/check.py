@@ -324,7 +324,7 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
               tol: float = 1e-4, seed: int = 0, timeout_s: float = 600,
               collective_timeout_s: float = 60, repeats: int = 5, check_first: bool = True,
               log_path: str | Path | None = None, error_prefix: str = "",
-              prompt_len: int | None = None, new_tokens: int = 16,
+              prompt_len: int | None = None, new_tokens: int = 16, steps: int = 3,
               json_output: bool = False, nnodes: int = 1, node_rank: int = 0,
               rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> int:
     """Launch ``plan_path`` with torchrun on this machine and check it against the model.
@@ -350,6 +350,9 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
             ``fx-planner-run-*.log`` in the temp dir, removed when the job succeeds.
         error_prefix: put before the failure paragraph (``"error: "`` from the CLI).
         prompt_len, new_tokens: decode plans: the prompt and the tokens to generate.
+        steps: train plans: AdamW steps (``train_case``), each step's loss compared with
+            single-process training (relative difference <= ``TRAIN_LOSS_RTOL``) and the
+            final weights within ``tol``.
         json_output: print rank 0's report as one JSON object (``check_report`` or
             ``generation_report``) instead of its tables.
         nnodes, node_rank, rdzv_endpoint, rdzv_id: a multi-node run (``codegen.launch``):
@@ -373,7 +376,7 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
     plan = Plan.load(plan_path)
     if check_first:
         preflight(plan, model, overrides, nnodes=nnodes if rdzv_endpoint else 1)
-    nproc = plan.parallelism.dp * sum(s.tp for s in plan.stages)
+    nproc = plan.parallelism.dp * sum(s.tp for s in plan.stages[:plan.parallelism.pp])
     rendezvous = None
     if rdzv_endpoint is not None:
         from codegen.launch import node_layout, parse_endpoint, rendezvous_args
@@ -394,7 +397,8 @@ def run_check(plan_path: str | Path, model: str, overrides: dict | None = None, 
     with tempfile.TemporaryDirectory(prefix="fx-planner-check-") as status_dir:
         args = ["--plan", str(plan_path), "--model", model, "--tol", str(tol), "--seed",
                 str(seed), "--timeout", str(collective_timeout_s), "--status-dir", status_dir,
-                "--repeats", str(repeats), "--new-tokens", str(new_tokens)]
+                "--repeats", str(repeats), "--new-tokens", str(new_tokens), "--steps",
+                str(steps)]
         if plan.workload.phase == "decode":
             args += ["--prompt-len", str(generation_lengths(plan, prompt_len, new_tokens)[0])]
         for key, value in (overrides or {}).items():

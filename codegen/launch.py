@@ -99,7 +99,7 @@ def launch_files(plan, model: str, overrides: dict, out: str | Path, *, endpoint
     (a copy, so that the folder is all a node needs besides fx-planner)."""
     import json
 
-    world = plan.parallelism.dp * sum(s.tp for s in plan.stages)
+    world = plan.parallelism.dp * sum(s.tp for s in plan.stages[:plan.parallelism.pp])
     layout = node_layout(world, nodes=plan.cluster.nodes,
                          devices_per_node=plan.cluster.devices_per_node,
                          nnodes=-(-world // plan.cluster.devices_per_node))

@@ -546,8 +546,11 @@ def _run(argv: list[str]) -> int:
     p.add_argument("--prompt-len", type=int, default=None,
                    help="decode plans: prompt tokens (default: the plan's context minus "
                    "--new-tokens)")
-    p.add_argument("--new-tokens", type=int, default=16,
-                   help="decode plans: greedy tokens to generate after the prompt")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="decode plans: greedy tokens to generate after the prompt (default 16)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train plans: AdamW steps, each loss compared with single-process "
+                   "training of the same model on the same batches (default 3)")
     p.add_argument("--json", action="store_true",
                    help="print the report (error or tokens, measured and predicted times, "
                    "per stage and end to end) as one JSON object")
@@ -589,11 +592,12 @@ def _run(argv: list[str]) -> int:
             raise _UsageError(f"{flag} must be a number of seconds > 0, got {value}")
     try:
         plan = Plan.load(args.plan_file)
+        new_tokens, steps = _run_lengths(args, plan)
         if plan.workload.phase == "decode":
             from codegen.check import generation_lengths
 
             try:
-                generation_lengths(plan, args.prompt_len, args.new_tokens)
+                generation_lengths(plan, args.prompt_len, new_tokens)
             except ValueError as e:
                 raise _UsageError(str(e)) from None
         model, overrides = _planned_model(args, plan)
@@ -601,7 +605,7 @@ def _run(argv: list[str]) -> int:
             from codegen.launch import LaunchError, node_layout
 
             try:
-                node_layout(plan.parallelism.dp * sum(s.tp for s in plan.stages),
+                node_layout(plan.parallelism.dp * sum(s.tp for s in plan.stages[:plan.parallelism.pp]),
                             nodes=plan.cluster.nodes,
                             devices_per_node=plan.cluster.devices_per_node, nnodes=args.nnodes)
             except LaunchError as e:
@@ -611,7 +615,7 @@ def _run(argv: list[str]) -> int:
                            tol=args.tol if args.check else math.inf, timeout_s=args.timeout,
                            collective_timeout_s=args.collective_timeout, repeats=args.repeats,
                            check_first=False, error_prefix="error: ",
-                           prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                           prompt_len=args.prompt_len, new_tokens=new_tokens, steps=steps,
                            json_output=args.json, nnodes=args.nnodes, node_rank=args.node_rank,
                            rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id)
     except RunInterrupted as e:  # every rank process has been ended
@@ -622,6 +626,25 @@ def _run(argv: list[str]) -> int:
               "had ended), none is left", file=sys.stderr)
         return 130
     return status  # on failure run_check has printed which rank failed and why, and the log
+
+
+def _run_lengths(args, plan) -> tuple[int, int]:
+    """``--new-tokens`` (decode plans) and ``--steps`` (train plans), each refused on a plan
+    of another phase."""
+    phase = plan.workload.phase
+    if args.steps is not None and phase != "train":
+        raise _UsageError(f"--steps runs optimizer steps of a train plan; {args.plan_file} is "
+                          f"a {phase} plan. Drop --steps, or make a train plan with "
+                          "`plan MODEL --phase train --out plan.json`")
+    if args.new_tokens is not None and phase != "decode":
+        raise _UsageError(f"--new-tokens generates with a decode plan; {args.plan_file} is a "
+                          f"{phase} plan" + (": use --steps K for a train plan's optimizer "
+                                             "steps" if phase == "train" else
+                                             "; drop --new-tokens"))
+    if args.steps is not None and args.steps < 1:
+        raise _UsageError(f"--steps must be >= 1, got {args.steps}")
+    return (16 if args.new_tokens is None else args.new_tokens,
+            3 if args.steps is None else args.steps)
 
 
 def _planned_model(args, plan) -> tuple[str, dict]:
@@ -647,7 +670,7 @@ def _check_runnable_here(plan, model: str, overrides: dict, nnodes: int = 1) -> 
 
     from codegen.check import RunRefused, preflight
 
-    ranks = plan.parallelism.dp * sum(s.tp for s in plan.stages)
+    ranks = plan.parallelism.dp * sum(s.tp for s in plan.stages[:plan.parallelism.pp])
     if plan.cluster.device != "cpu" and not torch.cuda.is_available():
         raise _UsageError(
             f"this plan is for {plan.cluster.num_devices} {plan.cluster.device} devices and this "
