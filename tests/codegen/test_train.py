@@ -107,31 +107,27 @@ def test_two_ranks_train_steps_equal_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_four_ranks_tp_x_pp_train_steps_equal_single_process(tmp_path):
+def test_plan_run_check_steps_tp_x_pp_on_four_ranks_end_to_end(tmp_path):
+    """The 4-rank job: ``plan run --check --steps 3`` on tp 2 × pp 2 (1F1B, sequence
+    parallel, selective recompute) of the zoo GPT, through the CLI."""
     layout = ParallelLayout.simple(1, [(0, 1, 2), (2, 3, 2)], 2, sequence_parallel=True)
-    cases = [_case(LLAMA, layout, schedule="1f1b", recompute="selective")]
-    results = run_cases(cases, 4, tmp_path)
-    _check(cases, results)
-    assert sorted(r[0]["stage"] for r in results) == [0, 0, 1, 1]
-
-
-@pytest.mark.slow
-def test_plan_run_check_steps_end_to_end(tmp_path):
-    traced = _traced(GPT)
-    plan = pinned_plan(traced, ParallelLayout.simple(1, [(0, 3, 2)]), BATCH, SEQ,
-                       phase="train", recompute="full")
+    plan = pinned_plan(_traced(GPT), layout, BATCH, SEQ, phase="train", schedule="1f1b",
+                       recompute="selective")
     plan.save(tmp_path / "train.json")
     sets = [a for k, v in GPT[1].items() for a in ("--set", f"{k}={v}")]
     proc = subprocess.run([sys.executable, "-m", "planner.cli", "run", str(tmp_path / "train.json"),
                            "--check", "--steps", "3", "--model", GPT[0], *sets],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert "losses identical within 1e-04: 3/3 steps" in proc.stdout, proc.stdout
+    assert "losses identical within 1e-4: 3/3 steps" in proc.stdout, proc.stdout
     rows = [line.split() for line in proc.stdout.splitlines()
             if line.split() and line.split()[0] in "012"]
     assert [int(r[0]) for r in rows] == [0, 1, 2]
     for row in rows:  # step, loss, reference, relative difference
         assert abs(float(row[1]) - float(row[2])) <= 1e-4 * float(row[2])
+    assert len({row[1] for row in rows}) == 3
+    weights = next(line for line in proc.stdout.splitlines() if line.startswith("final weights"))
+    assert float(weights.split("difference ")[1].split()[0]) <= 1e-4
 
 
 # --------------------------------------------------------------------- one process
@@ -213,3 +209,26 @@ def test_steps_and_new_tokens_on_the_wrong_plan_are_refused(tmp_path, capsys, mo
         assert rc == 2, err
         assert err.startswith("error: ") and "Traceback" not in err, err
         assert says in " ".join(err.split()), err
+
+
+def test_a_step_whose_loss_differs_fails_the_check_and_shows_every_step(capsys):
+    from codegen.check import _report_train
+
+    def rank(losses, err=0.0):
+        return {"losses": losses, "reference": [4.0, 3.0, 2.0], "max_param_err": err,
+                "seconds": [0.1, 0.1, 0.1]}
+
+    assert _report_train([rank([4.0, 3.0, 2.0]), rank([4.0, 3.0, 2.0])], True, 1e-4, None) == 0
+    assert "losses identical within 1e-4: 3/3 steps" in capsys.readouterr().out
+    # step 1 off by 2e-4 relative on one rank
+    assert _report_train([rank([4.0, 3.0, 2.0]), rank([4.0, 3.0006, 2.0])], True, 1e-4,
+                         None) == 1
+    out, err = capsys.readouterr()
+    assert "losses identical within 1e-4: 2/3 steps" in out
+    assert [line.split()[:3] for line in out.splitlines()[1:4]] == [
+        ["0", "4.0000000", "4.0000000"], ["1", "3.0006000", "3.0000000"],
+        ["2", "2.0000000", "2.0000000"]]
+    assert "1 of 3 step losses differ" in err
+    # losses equal, final weights not
+    assert _report_train([rank([4.0, 3.0, 2.0], 2e-4)], True, 1e-4, None) == 1
+    assert "final weights differ by 2.000e-04 > 1e-4" in capsys.readouterr().err
