@@ -3,6 +3,7 @@
 - ``stage_split``: one fx GraphModule per pipeline stage, carrying every cut tensor.
 - ``tensor_parallel``: shard weights, propagate placements, insert all-reduces.
 - ``runtime``: ``parallelize(model, plan, args)`` inside a rank; pipelining and dp.
+- ``train``: a train plan's ``LocalModule.step`` (loss, backward, schedules, ZeRO, recompute).
 - ``emit``: ``compile_plan(traced, plan, out_dir)`` writes readable per-stage source.
 - ``check``: ``run_check(plan.json, model)`` launches torchrun and compares with eager.
 """
