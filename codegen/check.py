@@ -231,7 +231,13 @@ def preflight(plan, model_spec: str, overrides: dict | None = None, *,
         layout.validate()
     except LayoutError as e:
         raise RunRefused(f"the plan cannot run: {e}. Re-plan with `plan MODEL --out plan.json`.") from None
-    ids = sorted(d for s in plan.stages for g in s.devices for d in g)
+    if w.phase == "train":
+        from codegen.train import untrainable
+
+        why = untrainable(layout, plan.parallelism.schedule)
+        if why is not None:
+            raise RunRefused(f"this train plan cannot run: {why}.")
+    ids = sorted({d for s in plan.stages for g in s.devices for d in g})
     if ids != list(range(layout.world_size)):
         raise RunRefused(f"the plan's stages use device ids {ids}; `plan run` starts "
                          f"{layout.world_size} ranks, which need ids 0..{layout.world_size - 1}. "

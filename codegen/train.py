@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["TrainConfig", "Trainer", "next_token_loss", "token_ids", "logits_index",
+__all__ = ["TrainConfig", "Trainer", "untrainable", "next_token_loss", "token_ids", "logits_index",
            "make_differentiable", "recompute", "attention_cores", "reference_train"]
 
 aten = torch.ops.aten
@@ -426,6 +426,25 @@ def recompute(gm: fx.GraphModule, mode: str, layer_of: dict[str, int],
 # --------------------------------------------------------------------------- the step
 
 
+def untrainable(layout, schedule: str | None) -> str | None:
+    """Why this runtime cannot train ``layout`` with ``schedule`` (``None`` when it can):
+    what to change, in one sentence."""
+    pp, m = len(layout.physical_stages), layout.microbatches
+    if pp > 1 and not layout.uniform_tp:
+        return (f"its stages have different tp degrees ({[s.tp for s in layout.stages]}); "
+                "training runs pipelines whose stages share one tp: re-plan with --tp N")
+    if pp > 1 and schedule == "1f1b" and m < pp:
+        return (f"1F1B needs at least as many microbatches as stages (microbatches {m}, "
+                f"pp {pp}); re-plan with more microbatches or --schedule gpipe")
+    if pp > 1 and schedule == "interleaved":
+        rounds = max(1, m // pp)
+        if m % rounds:
+            return (f"interleaved 1F1B runs microbatches in rounds of pp {pp}; microbatches "
+                    f"{m} is not a multiple of its {rounds} rounds: re-plan with a multiple "
+                    f"of {pp} microbatches")
+    return None
+
+
 @dataclass
 class LocalStage:
     """One stage this rank trains: its graph, tp report and what the passes did."""
@@ -450,6 +469,9 @@ class Trainer:
         self.timeout, self.config = timeout, config
         par = plan.parallelism
         self.zero, self.schedule_name = par.zero, par.schedule or "gpipe"
+        why = untrainable(layout, self.schedule_name)
+        if why is not None:
+            raise ValueError(f"this train plan cannot run: {why}")
         self.pp = len(layout.physical_stages)
         me = layout.coords(rank)
         self.coords, self.groups = me, groups
@@ -608,10 +630,6 @@ class Trainer:
             ScheduleInterleaved1F1B,
         )
 
-        if not self.layout.uniform_tp:
-            raise NotImplementedError(
-                "training a pipeline whose stages have different tp degrees is not supported "
-                "yet; re-plan with the same --tp for every stage")
         n = len(self.layout.stages)
         if self._schedule is None:
             pipe = [PipelineStage(s.module, s.index, n, self.device, group=self.groups.pp)

@@ -200,10 +200,15 @@ def test_steps_and_new_tokens_on_the_wrong_plan_are_refused(tmp_path, capsys, mo
     layout = ParallelLayout.simple(1, [(0, 3, 2)])
     pinned_plan(traced, layout, BATCH, SEQ).save(tmp_path / "prefill.json")
     pinned_plan(traced, layout, BATCH, SEQ, phase="train").save(tmp_path / "train.json")
+    pinned_plan(traced, ParallelLayout.simple(1, [(0, 1, 1), (2, 3, 1)]), BATCH, SEQ,
+                phase="train", schedule="1f1b").save(tmp_path / "1f1b.json")
     model = ["--model", GPT[0], *[a for k, v in GPT[1].items() for a in ("--set", f"{k}={v}")]]
     for plan, flags, says in (("prefill.json", ["--steps", "3"], "is a prefill plan"),
                               ("train.json", ["--new-tokens", "4"], "use --steps K"),
-                              ("train.json", ["--steps", "0"], "--steps must be >= 1")):
+                              ("train.json", ["--steps", "0"], "--steps must be >= 1"),
+                              ("1f1b.json", ["--steps", "3"],
+                               "1F1B needs at least as many microbatches as stages "
+                               "(microbatches 1, pp 2)")):
         rc = main(["run", str(tmp_path / plan), "--check", *flags, *model])
         err = capsys.readouterr().err
         assert rc == 2, err
