@@ -430,6 +430,10 @@ def untrainable(layout, schedule: str | None) -> str | None:
     """Why this runtime cannot train ``layout`` with ``schedule`` (``None`` when it can):
     what to change, in one sentence."""
     pp, m = len(layout.physical_stages), layout.microbatches
+    if pp == 1 and len(layout.stages) > 1:
+        return (f"its {len(layout.stages)} virtual stages share one device group (pp 1); "
+                "interleaved 1F1B needs pp >= 2: re-plan with --pp 2 or more, or "
+                "--virtual-stages 1")
     if pp > 1 and not layout.uniform_tp:
         return (f"its stages have different tp degrees ({[s.tp for s in layout.stages]}); "
                 "training runs pipelines whose stages share one tp: re-plan with --tp N")
