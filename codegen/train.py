@@ -26,8 +26,10 @@ builds a ``Trainer`` for this rank's stages (several with virtual stages):
   microbatches in a loop. A weight two stages share (GPT-2's tied embedding and head)
   is held by each; their gradients are summed over the ranks holding it before the
   optimizer step (Megatron's embedding group), so the copies stay equal.
-- **data parallelism** (``parallelism.zero``): 0 ``DistributedDataParallel``; 1 DDP +
-  ``ZeroRedundancyOptimizer`` (optimizer states sharded); 2 ``fully_shard`` with
+- **data parallelism** (``parallelism.zero``): 0 ``DistributedDataParallel`` (in a
+  pipeline: one flat all-reduce of the gradients after the schedule, as DDP's reducer
+  fails under the pipelining schedules); 1 the same + ``ZeroRedundancyOptimizer``
+  (optimizer states sharded); 2 ``fully_shard`` with
   ``reshard_after_forward=False`` (gradients and states sharded; parameters gathered once
   per step); 3 ``fully_shard`` (parameters resharded after forward, gathered again for
   backward). Each shards over this stage's dp group (same stage, same tp rank).
@@ -559,6 +561,8 @@ class Trainer:
         if self.dp_group is None:
             return
         if self.zero <= 1:
+            if self.pp > 1:  # averaged by _average_grads after the schedule (see there)
+                return
             from torch.nn.parallel import DistributedDataParallel
 
             for s in self.stages:
@@ -602,6 +606,8 @@ class Trainer:
             losses = self._run_local(inputs, ids, loss_fn)
         else:
             losses = self._run_pipeline(inputs, ids, loss_fn)
+        if self.pp > 1 and self.zero <= 1 and self.dp_group is not None:
+            self._average_grads()
         self._sum_tied()
         self.optimizer.step()
         mine = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -656,6 +662,24 @@ class Trainer:
         else:
             self._schedule.step()
         return losses
+
+    def _average_grads(self) -> None:
+        """ZeRO 0/1 in a pipeline: average the gradients over the dp group in one flat
+        all-reduce after the schedule. (DDP under ``torch.distributed.pipelining``'s 1F1B
+        fails in torch 2.13: its reducer's bucket rebuild counts every parameter twice,
+        ``rebuilt parameter indices size is not same as original model parameters
+        size``.)"""
+        params = list(dict.fromkeys(p for s in self.stages
+                                    for p in s.graph.module.parameters() if p.grad is not None))
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        work = dist.all_reduce(flat, group=self.dp_group, async_op=True)
+        work.wait(self.timeout)
+        flat /= self.layout.dp
+        offset = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
 
     def _sum_tied(self) -> None:
         """Sum the gradient of each weight several stages hold over its copies."""
