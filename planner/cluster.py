@@ -4,6 +4,9 @@
 16
 >>> Cluster.parse("4xcpu").devices_per_node
 4
+>>> mixed = Cluster.parse("1x8xH100+2x8xA100-80GB")
+>>> (mixed.num_devices, [g.device for g in mixed.groups], mixed.group_offsets)
+(24, ['H100-SXM-80GB', 'A100-SXM-80GB'], (0, 8))
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from cost_models.devices import DeviceSpec, UnknownDeviceError, lookup
 from cost_models.runtime import RUNTIMES, default_runtime
 from planner.units import fmt_value as _show
 
-__all__ = ["Cluster", "Workload", "SpecError", "DTYPES", "DEFAULT_CLUSTER", "PHASES", "OBJECTIVES"]
+__all__ = ["Cluster", "MixedCluster", "Workload", "SpecError", "DTYPES", "DEFAULT_CLUSTER", "PHASES", "OBJECTIVES"]
 
 #: The cluster ``plan MODEL`` and ``planner.plan`` use when none is given.
 DEFAULT_CLUSTER = "8xH100"
@@ -136,6 +139,20 @@ class Cluster:
         return self.nodes * self.devices_per_node
 
     @property
+    def groups(self) -> tuple[Cluster, ...]:
+        """The homogeneous node groups: this cluster alone (``MixedCluster`` has several)."""
+        return (self,)
+
+    @property
+    def group_offsets(self) -> tuple[int, ...]:
+        """The first device id of each group."""
+        return (0,)
+
+    @property
+    def is_mixed(self) -> bool:
+        return False
+
+    @property
     def device_spec(self) -> DeviceSpec:
         """The catalogue entry with this cluster's overrides applied."""
         spec = lookup(self.device)
@@ -186,6 +203,21 @@ class Cluster:
                             f"or a spec such as {DEFAULT_CLUSTER}")
         if text.endswith(".json") or Path(text).is_file():
             return cls._from_json(Path(text))
+        if "+" in text:
+            parts = [p.strip() for p in text.split("+")]
+            if any(not p for p in parts):
+                raise SpecError(
+                    f"cannot read cluster spec {spec!r}: a mixed cluster is node groups joined "
+                    "by '+', each NODESxDEVICESxTYPE, with nothing empty between them (e.g. "
+                    "2x8xH100+4x8xA100-80GB)")
+            groups = []
+            for i, part in enumerate(parts):
+                try:
+                    groups.append(cls.parse(part))
+                except SpecError as e:
+                    raise SpecError(f"cluster spec {spec!r}, group {i} ({part!r}): "
+                                    f"{e}") from None
+            return MixedCluster.of(groups, where=f"cluster spec {spec!r}")
         m = _SPEC_RE.match(text)
         if not m:
             raise SpecError(
@@ -219,10 +251,12 @@ class Cluster:
             raise SpecError(f"cluster file {path}: {e}") from None
 
     @classmethod
-    def from_dict(cls, data) -> Cluster:
+    def from_dict(cls, data) -> Cluster | MixedCluster:
         """A cluster from the JSON form: ``{"nodes": 2, "devices_per_node": 8, "device":
         "H100", "memory_bytes": ..., "intra_node_bandwidth": ..., ...}`` (every key checked:
-        types, ranges, the node-size limit of the device).
+        types, ranges, the node-size limit of the device), or a mixed cluster
+        ``{"groups": [{"nodes": 1, "devices_per_node": 8, "device": "H100"}, ...]}``, each
+        group an object of the first form (``MixedCluster``).
 
         Raises:
             SpecError: naming the key and what to write instead.
@@ -231,6 +265,8 @@ class Cluster:
         if not isinstance(data, dict):
             raise SpecError(f"a cluster file holds one JSON object such as {example}, not "
                             f"{type(data).__name__} {_show(data)}")
+        if "groups" in data:
+            return MixedCluster.from_dict(data)
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known - {"num_devices"}
         if unknown:
@@ -247,6 +283,136 @@ class Cluster:
             raise SpecError(f"num_devices is {_show(num_devices)} but nodes {cluster.nodes} x "
                             f"devices_per_node {cluster.devices_per_node} = "
                             f"{cluster.num_devices}; drop num_devices or make them agree")
+        return cluster
+
+
+_MIXED_EXAMPLE = ('{"groups": [{"nodes": 1, "devices_per_node": 8, "device": "H100"}, '
+                  '{"nodes": 2, "devices_per_node": 8, "device": "A100-80GB"}]}')
+
+
+@dataclass(frozen=True)
+class MixedCluster:
+    """Node groups of different devices (``2x8xH100+4x8xA100-80GB``); each group is a
+    homogeneous ``Cluster`` and device ids are numbered group after group.
+
+    ``device``, ``devices_per_node`` and ``device_spec`` describe one device type, so they
+    raise ``SpecError`` here: code that needs one type refuses a mixed cluster by name
+    instead of reading the first group's. ``nodes`` and ``num_devices`` are totals.
+    """
+
+    groups: tuple[Cluster, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.groups, tuple) or len(self.groups) < 2 or \
+                not all(isinstance(g, Cluster) for g in self.groups):
+            raise SpecError(f"a mixed cluster has two or more node groups, each a Cluster; got "
+                            f"{_show(self.groups)}")
+        total = sum(g.num_devices for g in self.groups)
+        if total > MAX_DEVICES:
+            raise SpecError(f"the groups have {total} devices together; the planner plans "
+                            f"clusters of up to {MAX_DEVICES} devices")
+        backends = {g.device_spec.backend for g in self.groups}
+        if len(backends) > 1:
+            raise SpecError(f"the groups {self.spec_string} mix GPUs and CPUs, which share no "
+                            f"communication backend; plan the GPU groups and the cpu groups "
+                            f"as separate clusters")
+
+    @classmethod
+    def of(cls, groups, where: str = "the cluster") -> Cluster | MixedCluster:
+        """Groups as given, adjacent groups of the same devices (type, node size and
+        overrides) merged; a single group left is a plain ``Cluster``."""
+        merged: list[Cluster] = []
+        for g in groups:
+            if merged and replace(merged[-1], nodes=g.nodes) == g:
+                merged[-1] = replace(g, nodes=merged[-1].nodes + g.nodes)
+            else:
+                merged.append(g)
+        total = sum(g.num_devices for g in merged)
+        if total > MAX_DEVICES:
+            raise SpecError(f"{where}: the groups have {total} devices together; the planner "
+                            f"plans clusters of up to {MAX_DEVICES} devices")
+        return merged[0] if len(merged) == 1 else cls(tuple(merged))
+
+    @property
+    def nodes(self) -> int:
+        return sum(g.nodes for g in self.groups)
+
+    @property
+    def num_devices(self) -> int:
+        return sum(g.num_devices for g in self.groups)
+
+    @property
+    def group_offsets(self) -> tuple[int, ...]:
+        """The first device id of each group (ids are numbered group after group)."""
+        offsets, at = [], 0
+        for g in self.groups:
+            offsets.append(at)
+            at += g.num_devices
+        return tuple(offsets)
+
+    @property
+    def is_mixed(self) -> bool:
+        return True
+
+    def group_of(self, device: int) -> int:
+        """The index of the group holding device id ``device``."""
+        for i, (start, g) in enumerate(zip(self.group_offsets, self.groups)):
+            if start <= device < start + g.num_devices:
+                return i
+        raise ValueError(f"device {device} is not in this cluster of {self.num_devices}")
+
+    def _one_type(self, what: str):
+        raise SpecError(f"{what} describes one device type, but this cluster mixes "
+                        f"{', '.join(g.spec_string for g in self.groups)}; this step plans "
+                        f"one device type only (plan for one group, e.g. --cluster "
+                        f"{self.groups[0].spec_string})")
+
+    @property
+    def device(self) -> str:
+        return self._one_type("cluster.device")
+
+    @property
+    def devices_per_node(self) -> int:
+        return self._one_type("cluster.devices_per_node")
+
+    @property
+    def device_spec(self) -> DeviceSpec:
+        return self._one_type("cluster.device_spec")
+
+    @property
+    def spec_string(self) -> str:
+        return "+".join(g.spec_string for g in self.groups)
+
+    def to_dict(self) -> dict:
+        return {"groups": [g.to_dict() for g in self.groups], "num_devices": self.num_devices}
+
+    @classmethod
+    def from_dict(cls, data) -> Cluster | MixedCluster:
+        """``{"groups": [{nodes, devices_per_node, device, optional overrides}, ...]}``."""
+        unknown = set(data) - {"groups", "num_devices"}
+        if unknown:
+            raise SpecError(f"unknown keys {sorted(unknown)} next to \"groups\"; a mixed "
+                            f"cluster is {_MIXED_EXAMPLE} (the link and memory overrides go "
+                            f"inside each group)")
+        items = data["groups"]
+        if not isinstance(items, list) or not items:
+            raise SpecError(f"\"groups\" must be a non-empty list of node groups such as "
+                            f"{_MIXED_EXAMPLE}, got {_show(items)}")
+        groups = []
+        for i, item in enumerate(items):
+            if isinstance(item, dict) and "groups" in item:
+                raise SpecError(f"groups[{i}] has its own \"groups\"; groups do not nest: "
+                                f"write every node group in the one list")
+            try:
+                groups.append(Cluster.from_dict(item))
+            except SpecError as e:
+                raise SpecError(f"groups[{i}]: {e}") from None
+        cluster = cls.of(groups, where="\"groups\"")
+        num_devices = data.get("num_devices")
+        if num_devices is not None and num_devices != cluster.num_devices:
+            raise SpecError(f"num_devices is {_show(num_devices)} but the groups have "
+                            f"{cluster.num_devices} devices; drop num_devices or make them "
+                            f"agree")
         return cluster
 
 
@@ -342,11 +508,12 @@ class Workload:
         Raises:
             SpecError: a GPU runtime (compiled, cudagraphs) asked of CPU devices.
         """
-        backend = cluster.device_spec.backend
+        first = cluster.groups[0]  # a mixed cluster's groups share one backend
+        backend = first.device_spec.backend
         if self.runtime is None:
             return replace(self, runtime=default_runtime(backend, self.phase))
         if backend != "nccl" and self.runtime != "eager":
-            raise SpecError(f"runtime {self.runtime!r} needs GPUs; the {cluster.device} devices "
+            raise SpecError(f"runtime {self.runtime!r} needs GPUs; the {first.device} devices "
                             f"of this cluster run eager (drop --runtime or pass --runtime eager)")
         return self
 

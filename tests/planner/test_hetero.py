@@ -1,0 +1,277 @@
+"""Mixed clusters: node groups in specs and files, and the mixed-cluster solvers (CP-SAT
+against the exact DP reference on random small clusters)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from planner.cluster import Cluster, MixedCluster, SpecError, Workload
+from planner.cost_table import TICK_S, CostTable, LayerCost, Link, to_ticks
+from planner.hetero import _build, _path_value, group_link, solve_mixed, solve_mixed_reference
+from planner.solver import PlanError, solve
+
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# --------------------------------------------------------------------------- cluster specs
+
+
+def test_spec_with_groups_numbers_devices_group_after_group():
+    c = Cluster.parse("2x8xH100+4x8xA100-80GB")
+    assert isinstance(c, MixedCluster) and c.is_mixed
+    assert [(g.nodes, g.devices_per_node, g.device) for g in c.groups] == \
+        [(2, 8, "H100-SXM-80GB"), (4, 8, "A100-80GB")]
+    assert (c.nodes, c.num_devices, c.group_offsets) == (6, 48, (0, 16))
+    assert [c.group_of(d) for d in (0, 15, 16, 47)] == [0, 0, 1, 1]
+    assert c.spec_string == "2x8xH100-SXM-80GB+4x8xA100-80GB"
+    assert Cluster.parse(c.spec_string) == c
+
+
+def test_homogeneous_cluster_is_one_group_and_identical_groups_merge():
+    c = Cluster.parse("2x8xH100")
+    assert c.groups == (c,) and c.group_offsets == (0,) and not c.is_mixed
+    assert Cluster.parse("2x8xH100+1x8xH100") == Cluster(3, 8, "H100-SXM-80GB")
+    assert isinstance(Cluster.parse("1x2xcpu+1x4xcpu"), MixedCluster)
+
+
+def test_mixed_cluster_refuses_one_device_attributes_with_what_to_write():
+    c = Cluster.parse("1x8xH100+1x8xA100-80GB")
+    for attribute in ("device", "devices_per_node", "device_spec"):
+        with pytest.raises(SpecError, match="mixes 8xH100-SXM-80GB, 8xA100-80GB.*"
+                                            "--cluster 8xH100-SXM-80GB"):
+            getattr(c, attribute)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("8xH100+", "nothing empty between them"),
+    ("8xH100+12xA100-80GB", r"group 1 \('12xA100-80GB'\).*largest A100-80GB node has 8"),
+    ("8xH100+4xcpu", "mix GPUs and CPUs"),
+    ("8xH100+4xB9000", "group 1.*B9000"),
+    ("65536x2xcpu+1x4xcpu", "131072 devices"),
+])
+def test_bad_group_specs_say_what_to_write(spec, message):
+    with pytest.raises(SpecError, match=message):
+        Cluster.parse(spec)
+
+
+def test_cluster_file_with_groups_and_per_group_overrides(tmp_path):
+    data = {"groups": [{"nodes": 1, "devices_per_node": 8, "device": "H100",
+                        "inter_node_bandwidth": 2.5e10},
+                       {"nodes": 2, "devices_per_node": 4, "device": "cpu",
+                        "memory_bytes": 2**33}]}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SpecError, match="mix GPUs and CPUs"):
+        Cluster.parse(str(path))
+    data["groups"][1]["device"] = "A100-80GB"
+    path.write_text(json.dumps(data))
+    c = Cluster.parse(str(path))
+    assert c.groups[0].device_spec.inter_node_bandwidth == 2.5e10
+    assert c.groups[1].device_spec.memory_bytes == 2**33 and c.num_devices == 16
+    assert Cluster.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"groups": []}, "non-empty list"),
+    ({"groups": [{"nodes": 1, "devices_per_node": 8}]}, r"groups\[0\]: missing keys \['device'\]"),
+    ({"groups": [{"nodes": 1, "devices_per_node": 8, "device": "H100"}], "device": "H100"},
+     "unknown keys \\['device'\\] next to \"groups\""),
+    ({"groups": [{"groups": []}]}, "do not nest"),
+    ({"groups": [{"nodes": 1, "devices_per_node": 8, "device": "H100"},
+                 {"nodes": 1, "devices_per_node": 8, "device": "A100-80GB"}],
+      "num_devices": 8}, "num_devices is 8 but the groups have 16"),
+])
+def test_bad_group_files_name_the_key(data, message):
+    with pytest.raises(SpecError, match=message):
+        Cluster.from_dict(data)
+
+
+def test_a_single_group_file_is_the_homogeneous_cluster():
+    assert Cluster.from_dict({"groups": [{"nodes": 2, "devices_per_node": 8,
+                                          "device": "H100"}]}) == Cluster(2, 8, "H100-SXM-80GB")
+
+
+# --------------------------------------------------------------------------- solvers
+
+
+def _builder(layers, bounds, allowed, speed, ws):
+    def build(mbs: int, m: int) -> CostTable:
+        costs = tuple({t: LayerCost(c * speed * mbs / t * (1 + 0.1 * (t - 1)),
+                                    k * (t > 1) * mbs,
+                                    w * 10**8 // t + a * 10**7 * mbs * m // t)
+                       for t in allowed} for c, k, w, a in layers)
+        return CostTable(costs, tuple(b * mbs for b in bounds), Link(3e-6, 4.5e11),
+                         Link(2e-5, 5e10 * speed), mbs, m,
+                         stage_workspace_bytes={t: ws for t in allowed})
+    return build
+
+
+@st.composite
+def mixed_instances(draw):
+    """2-3 groups of 1-2 nodes of 1-4 devices (<= 12 devices), <= 6 layers, each group with
+    its own speed, memory and inter-node bandwidth."""
+    k = draw(st.sampled_from([2, 2, 3]))
+    L = draw(st.integers(1, 6))
+    layers = draw(st.lists(st.tuples(st.floats(1e-4, 5e-3), st.floats(0, 1e-3),
+                                     st.integers(1, 50), st.integers(0, 20)),
+                           min_size=L, max_size=L))
+    bounds = draw(st.lists(st.integers(0, 10**8), min_size=L - 1, max_size=L - 1))
+    groups, builders = [], []
+    devices = ["H100", "A100-80GB", "L4"]
+    for i in range(k):
+        per_node = draw(st.sampled_from([1, 2, 4]))
+        nodes = draw(st.sampled_from([1, 2] if per_node < 4 else [1]))
+        allowed = draw(st.lists(st.sampled_from([t for t in (1, 2, 4) if per_node % t == 0]),
+                                min_size=1, unique=True))
+        groups.append(Cluster(nodes, per_node, devices[i],
+                              memory_bytes=draw(st.integers(5, 60)) * 10**8))
+        builders.append(_builder(layers, bounds, allowed, draw(st.sampled_from([1.0, 1.5, 3.0])),
+                                 draw(st.integers(0, 3)) * 10**8))
+    work = Workload(batch_size=draw(st.sampled_from([1, 2, 3, 4])),
+                    objective=draw(st.sampled_from(["latency", "throughput"])),
+                    memory_headroom=0.0)
+    return builders, MixedCluster(tuple(groups)), work
+
+
+def _check_structure(sol, cluster):
+    """Every tp group inside one node of one group; per-group counts the same per replica."""
+    used = set()
+    for s in sol.stages:
+        for replica in s.devices:
+            g = {cluster.group_of(d) for d in replica}
+            assert len(g) == 1
+            gi = g.pop()
+            per_node = cluster.groups[gi].devices_per_node
+            local = [d - cluster.group_offsets[gi] for d in replica]
+            assert len({d // per_node for d in local}) == 1 and len(replica) == s.tp
+            assert not used & set(replica)
+            used |= set(replica)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(mixed_instances())
+def test_cpsat_objective_equals_the_reference_on_random_mixed_clusters(case):
+    builders, cluster, work = case
+    try:
+        fast = solve_mixed(builders, cluster, work)
+    except PlanError:
+        fast = None
+    try:
+        exact = solve_mixed_reference(builders, cluster, work)
+    except PlanError:
+        exact = None
+    assert (fast is None) == (exact is None)
+    if fast is None:
+        return
+    assert fast.solver.status == "OPTIMAL"
+    assert fast.solver.objective_ticks == exact.solver.objective_ticks
+    for sol in (fast, exact):
+        _check_structure(sol, cluster)
+        minimised = sol.predicted.latency_s if work.objective == "latency" \
+            else sol.predicted.period_s
+        terms = 2 * (len(sol.stages) * 7 + 1) * sol.microbatches
+        assert abs(minimised - sol.solver.objective_ticks * TICK_S) <= terms * TICK_S
+    # no plan on one group alone beats the mixed optimum (a group alone is a mixed plan)
+    for gi, group in enumerate(cluster.groups):
+        try:
+            alone = solve(builders[gi], group, work, diagnose=False)
+        except PlanError:
+            continue
+        assert fast.solver.objective_ticks <= alone.solver.objective_ticks
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(mixed_instances(), st.data())
+def test_pins_on_mixed_clusters_agree_with_the_reference(case, data):
+    builders, cluster, work = case
+    pins = {k: data.draw(st.sampled_from(v), label=k)
+            for k, v in (("pp", [1, 2, 3]), ("tp", [1, 2]), ("dp", [1, 2]))
+            if data.draw(st.booleans(), label=f"pin {k}")}
+    results = []
+    for solver in (solve_mixed, solve_mixed_reference):
+        try:
+            results.append(solver(builders, cluster, work, pins=pins))
+        except PlanError as e:
+            results.append(str(e).split(":")[0])
+    fast, exact = results
+    assert type(fast) is type(exact)
+    if isinstance(fast, str):
+        return
+    assert fast.solver.objective_ticks == exact.solver.objective_ticks
+    for sol in results:
+        assert all(s.tp == pins.get("tp", s.tp) for s in sol.stages)
+        assert sol.dp == pins.get("dp", sol.dp) and sol.pp == pins.get("pp", sol.pp)
+
+
+def _linear(speed, L=4, mem=10**9, boundary=1 << 20, inter=5e10, first_mem=None):
+    def build(mbs, m):
+        c = {1: LayerCost(1e-3 * speed * mbs, 0, mem)}
+        first = {1: LayerCost(1e-3 * speed * mbs, 0, first_mem or mem)}
+        return CostTable((first,) + (c,) * (L - 1), (boundary,) * (L - 1), Link(1e-6, 1e11),
+                         Link(5e-6, inter), mbs, m)
+    return build
+
+
+def test_layers_balance_by_speed_and_the_group_cut_is_priced_by_the_slower_side():
+    # a fast group (1 ms per layer) and a slow one (3 ms): the memory of one device holds
+    # 3 layers, so the 4 layers need both; the fast device takes 3.
+    cluster = MixedCluster((Cluster(1, 1, "H100", memory_bytes=3 * 10**9),
+                            Cluster(1, 1, "A100-80GB", memory_bytes=3 * 10**9)))
+    work = Workload(batch_size=1, memory_headroom=0.0)
+    fast_inter, slow_inter = 5e10, 1e10
+    builders = [_linear(1.0, inter=fast_inter), _linear(3.0, inter=slow_inter)]
+    sol = solve_mixed(builders, cluster, work)
+    assert [(s.first, s.last, s.devices) for s in sol.stages] == [(0, 2, ((0,),)),
+                                                                   (3, 3, ((1,),))]
+    hop = 5e-6 + (1 << 20) / slow_inter  # the slower side's bandwidth
+    assert sol.predicted.p2p_s == pytest.approx((hop,))
+    assert sol.predicted.latency_s == pytest.approx(3e-3 + 3e-3 + hop)
+    assert group_link(Link(1e-6, 5e10), Link(4e-6, 9e10)) == Link(4e-6, 5e10)
+    assert solve_mixed_reference(builders, cluster, work).solver.objective_ticks == \
+        sol.solver.objective_ticks == to_ticks(3e-3) * 2 + to_ticks(hop)
+
+
+def test_pipeline_may_visit_the_groups_in_either_order():
+    # layer 0 holds 2 GB, the others 1 GB; the group listed first has room for one light
+    # layer only, so the pipeline starts on the group listed second
+    cluster = MixedCluster((Cluster(1, 1, "A100-80GB", memory_bytes=15 * 10**8),
+                            Cluster(1, 1, "H100", memory_bytes=4 * 10**9)))
+    work = Workload(batch_size=1, memory_headroom=0.0)
+    builders = [_linear(3.0, first_mem=2 * 10**9), _linear(1.0, first_mem=2 * 10**9)]
+    sol = solve_mixed(builders, cluster, work)
+    assert [(s.first, s.last, s.devices) for s in sol.stages] == [(0, 2, ((1,),)),
+                                                                   (3, 3, ((0,),))]
+
+
+def test_replicas_span_groups_with_the_same_share_of_each():
+    # 2 replicas, each one device of each group: ids group after group, replica by replica
+    cluster = MixedCluster((Cluster(1, 2, "H100", memory_bytes=3 * 10**9),
+                            Cluster(1, 2, "A100-80GB", memory_bytes=3 * 10**9)))
+    work = Workload(batch_size=2, memory_headroom=0.0, objective="throughput")
+    sol = solve_mixed([_linear(1.0), _linear(3.0)], cluster, work, pins={"dp": 2})
+    assert sol.dp == 2
+    assert [s.devices for s in sol.stages] == [((0,), (1,)), ((2,), (3,))]
+    _check_structure(sol, cluster)
+
+
+def test_mixed_pins_that_contradict_name_every_factor():
+    cluster = Cluster.parse("1x2xH100+1x4xA100-80GB")
+    with pytest.raises(PlanError, match="tp 8 divides the node of no group.*dp × pp × tp"):
+        solve_mixed([_linear(1.0)] * 2, cluster, Workload(batch_size=1),
+                    pins={"tp": 8, "pp": 2})
+
+
+def test_group_order_and_replica_choices_are_all_combos():
+    cluster = Cluster.parse("1x2xH100+1x2xA100-80GB+1x2xL4")
+    combos, _ = _build([_linear(1.0)] * 3, cluster, Workload(batch_size=2), None, None)
+    # dp 1: m in {1, 2}, dp 2: m 1; 3! orders each
+    assert len(combos) == 3 * math.factorial(3)
+    path = [(0, 1, 1, 0), (2, 3, 1, 2)]
+    combo = next(c for c in combos if c.dp == 1 and c.m == 1)
+    hop = combo.ghop[(0, 2)][1]
+    assert _path_value(combo, path, "latency") == 4 * to_ticks(2e-3) + hop
