@@ -6,7 +6,7 @@
 4
 >>> mixed = Cluster.parse("1x8xH100+2x8xA100-80GB")
 >>> (mixed.num_devices, [g.device for g in mixed.groups], mixed.group_offsets)
-(24, ['H100-SXM-80GB', 'A100-SXM-80GB'], (0, 8))
+(24, ['H100-SXM-80GB', 'A100-80GB'], (0, 8))
 """
 
 from __future__ import annotations
