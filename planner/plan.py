@@ -43,6 +43,7 @@ __all__ = [
     "check_fingerprint",
     "PlanModel",
     "PlanCluster",
+    "PlanGroup",
     "PlanWorkload",
     "Parallelism",
     "StageCosts",
@@ -82,11 +83,36 @@ class PlanModel:
 
 
 @dataclass(frozen=True)
+class PlanGroup:
+    """``cluster.groups[g]``: one node group of a mixed cluster."""
+
+    nodes: int
+    devices_per_node: int
+    device: str
+
+
+@dataclass(frozen=True)
 class PlanCluster:
+    """``cluster``. A mixed cluster lists its node ``groups`` (device ids numbered group
+    after group); then ``num_devices`` and ``nodes`` are totals and ``devices_per_node``
+    and ``device`` are the first group's. A homogeneous cluster has no ``groups``."""
+
     num_devices: int
     nodes: int
     devices_per_node: int
     device: str
+    groups: tuple[PlanGroup, ...] = ()
+
+    def group_of(self, device: int) -> tuple[int, int, int]:
+        """``(group index, first id of the group, devices per node)`` of a device id."""
+        if not self.groups:
+            return 0, 0, self.devices_per_node
+        start = 0
+        for i, g in enumerate(self.groups):
+            if device < start + g.nodes * g.devices_per_node:
+                return i, start, g.devices_per_node
+            start += g.nodes * g.devices_per_node
+        return len(self.groups) - 1, start, self.groups[-1].devices_per_node
 
 
 @dataclass(frozen=True)
@@ -275,8 +301,7 @@ class Plan:
         s = solution.solver
         return cls(
             model=PlanModel(model_name, table.num_layers, fingerprint),
-            cluster=PlanCluster(cluster.num_devices, cluster.nodes, cluster.devices_per_node,
-                                cluster.device),
+            cluster=_plan_cluster(cluster),
             workload=PlanWorkload(workload.batch_size, workload.seq_len, workload.dtype,
                                   workload.phase, workload.objective,
                                   getattr(workload, "runtime", None) or "eager"),
@@ -331,7 +356,7 @@ class Plan:
         d = {
             "schema": self.schema,
             "model": asdict(self.model),
-            "cluster": asdict(self.cluster),
+            "cluster": _cluster_json(self.cluster),
             "workload": asdict(self.workload),
             "parallelism": asdict(self.parallelism),
             "stages": [{"layers": list(s.layers), "tp": s.tp,
@@ -427,7 +452,8 @@ class Plan:
         _check_extra(extra)
         return cls(
             model=PlanModel(**d["model"]),
-            cluster=PlanCluster(**d["cluster"]),
+            cluster=PlanCluster(**{**d["cluster"], "groups": tuple(
+                PlanGroup(**g) for g in d["cluster"]["groups"])}),
             workload=PlanWorkload(**d["workload"]),
             parallelism=Parallelism(**d["parallelism"]),
             stages=tuple(PlanStage(layers=(s["layers"][0], s["layers"][1]), tp=s["tp"],
@@ -503,7 +529,9 @@ class Plan:
         if len(self.boundaries) != max(L - 1, 0):
             errors.append(f"boundaries has {len(self.boundaries)} entries; {L} layers have "
                           f"{max(L - 1, 0)} cuts")
-        if self.cluster.num_devices != self.cluster.nodes * self.cluster.devices_per_node:
+        if self.cluster.groups:
+            errors += _group_errors(self.cluster)
+        elif self.cluster.num_devices != self.cluster.nodes * self.cluster.devices_per_node:
             errors.append(f"cluster.num_devices {self.cluster.num_devices} != nodes "
                           f"{self.cluster.nodes} × devices_per_node "
                           f"{self.cluster.devices_per_node}")
@@ -546,6 +574,15 @@ class Plan:
             for r, group in enumerate(s.devices):
                 if len(group) != s.tp:
                     errors.append(f"stages[{i}].devices[{r}] has {len(group)} ids for tp {s.tp}")
+                if self.cluster.groups and group and \
+                        0 <= min(group) and max(group) < self.cluster.num_devices:
+                    places = {(g, (d - start) // per_node) for d in group
+                              for g, start, per_node in [self.cluster.group_of(d)]}
+                    if len(places) > 1:
+                        errors.append(f"stages[{i}].devices[{r}] {list(group)} spans "
+                                      f"{len({g for g, _ in places})} group(s) and "
+                                      f"{len(places)} nodes; a tensor-parallel group stays "
+                                      f"inside one node of one group (cluster.groups)")
                 for d in group:
                     if not 0 <= d < self.cluster.num_devices:
                         errors.append(f"stages[{i}].devices[{r}] uses device {d}; the cluster "
@@ -686,7 +723,10 @@ PLAN_SCHEMA = _Object({
     "model": _Object({"name": _Value(str), "num_layers": _POS, "fingerprint": _Value(str)}),
     "cluster": _Object({"num_devices": _Value(int, 1, maximum=MAX_DEVICES), "nodes": _POS,
                         "devices_per_node": _POS,
-                        "device": _Value(str, choices=_known_device)}),
+                        "device": _Value(str, choices=_known_device),
+                        "groups": _List(_Object({
+                            "nodes": _POS, "devices_per_node": _POS,
+                            "device": _Value(str, choices=_known_device)}), default=[])}),
     "workload": _Object({"batch_size": _Value(int, 1, maximum=MAX_BATCH),
                          "seq_len": _Value(int, 1, maximum=MAX_TOKENS),
                          "dtype": _Value(str, choices=tuple(DTYPES)),
@@ -800,6 +840,47 @@ def stage_sharding(table: CostTable, first: int, last: int, tp: int, *,
         boundary = tuple(Collective("all_gather", b, "", "stage output", "boundary")
                          for b in table.hidden_boundary_bytes[last])
     return StageSharding(tp, tuple(templates), boundary, table.sequence_parallel)
+
+
+def _plan_cluster(cluster) -> PlanCluster:
+    """``cluster`` of a plan for a ``Cluster`` or a ``MixedCluster``."""
+    groups = cluster.groups
+    return PlanCluster(cluster.num_devices, cluster.nodes, groups[0].devices_per_node,
+                       groups[0].device,
+                       tuple(PlanGroup(g.nodes, g.devices_per_node, g.device) for g in groups)
+                       if len(groups) > 1 else ())
+
+
+def _cluster_json(cluster: PlanCluster) -> dict:
+    """``cluster`` as JSON: ``groups`` only for a mixed cluster."""
+    d = asdict(cluster)
+    if cluster.groups:
+        d["groups"] = [asdict(g) for g in cluster.groups]
+    else:
+        del d["groups"]
+    return d
+
+
+def _group_errors(cluster: PlanCluster) -> list[str]:
+    """How ``cluster.groups`` contradicts the rest of ``cluster``."""
+    groups, errors = cluster.groups, []
+    if len(groups) < 2:
+        errors.append(f"cluster.groups lists {len(groups)} group; a mixed cluster has two or "
+                      f"more (drop cluster.groups for one device type)")
+        return errors
+    total = sum(g.nodes * g.devices_per_node for g in groups)
+    if cluster.num_devices != total:
+        errors.append(f"cluster.num_devices {cluster.num_devices} != {total}, the devices of "
+                      f"cluster.groups (nodes × devices_per_node, summed)")
+    nodes = sum(g.nodes for g in groups)
+    if cluster.nodes != nodes:
+        errors.append(f"cluster.nodes {cluster.nodes} != {nodes}, the nodes of cluster.groups")
+    if (cluster.device, cluster.devices_per_node) != (groups[0].device,
+                                                      groups[0].devices_per_node):
+        errors.append(f"cluster.device and cluster.devices_per_node are the first group's "
+                      f"({groups[0].device!r}, {groups[0].devices_per_node}) in a mixed "
+                      f"cluster, got ({cluster.device!r}, {cluster.devices_per_node})")
+    return errors
 
 
 def _check(spec, value, key: str):

@@ -275,3 +275,57 @@ def test_group_order_and_replica_choices_are_all_combos():
     combo = next(c for c in combos if c.dp == 1 and c.m == 1)
     hop = combo.ghop[(0, 2)][1]
     assert _path_value(combo, path, "latency") == 4 * to_ticks(2e-3) + hop
+
+
+# --------------------------------------------------------------------------- plan files
+
+
+def _mixed_plan():
+    from planner.plan import Plan
+
+    cluster = Cluster.parse("1x2xH100+1x4xA100-80GB")
+    builders = [_linear(1.0, L=6), _linear(2.0, L=6)]
+    work = Workload(batch_size=2, memory_headroom=0.0, objective="throughput")
+    sol = solve_mixed(builders, cluster, work, pins={"dp": 2, "pp": 2})
+    table = builders[0](sol.microbatch_size, sol.microbatches)
+    return Plan.from_solution(sol, table, cluster, work, model_name="toy", fingerprint="f"), sol
+
+
+def test_a_mixed_plan_records_its_groups_and_round_trips(tmp_path):
+    from planner.plan import Plan
+
+    plan, sol = _mixed_plan()
+    d = plan.to_dict()
+    assert d["cluster"] == {"num_devices": 6, "nodes": 2, "devices_per_node": 2,
+                            "device": "H100-SXM-80GB",
+                            "groups": [{"nodes": 1, "devices_per_node": 2,
+                                        "device": "H100-SXM-80GB"},
+                                       {"nodes": 1, "devices_per_node": 4,
+                                        "device": "A100-80GB"}]}
+    # 2 replicas x 2 stages: one device of each group per replica, ids group after group
+    assert [s.devices for s in sol.stages] == [((0,), (1,)), ((2,), (3,))]
+    plan.save(tmp_path / "p.json")
+    loaded = Plan.load(tmp_path / "p.json")
+    assert loaded.cluster == plan.cluster and loaded.to_dict() == d
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["cluster"].update(num_devices=8),
+     r"cluster.num_devices 8 != 6, the devices of cluster.groups"),
+    (lambda d: d["cluster"].update(nodes=3), "cluster.nodes 3 != 2"),
+    (lambda d: d["cluster"].update(groups=d["cluster"]["groups"][:1], num_devices=2, nodes=1),
+     "cluster.groups lists 1 group"),
+    (lambda d: d["cluster"].update(device="A100-80GB"), "the first group's"),
+    (lambda d: d["cluster"]["groups"][1].update(device="B9000"), "B9000"),
+    (lambda d: d["stages"][0].update(tp=2, devices=[[1, 2], [4, 5]]),
+     r"stages\[0\].devices\[0\] \[1, 2\] spans 2 group\(s\) and 2 nodes"),
+])
+def test_malformed_groups_in_plan_files_are_named(tmp_path, edit, message):
+    from planner.plan import Plan, PlanFormatError
+
+    d = _mixed_plan()[0].to_dict()
+    edit(d)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(PlanFormatError, match=message):
+        Plan.load(path)
