@@ -86,6 +86,7 @@ def plan(
         planner.solver.InfeasiblePlanError: nothing fits; the message says what would.
     """
     cluster = Cluster.parse(DEFAULT_CLUSTER if cluster is None else cluster)
+    _refuse_mixed(cluster, workload)
     if isinstance(model_or_traced, TracedModel):
         traced = model_or_traced
     elif isinstance(model_or_traced, nn.Module):
@@ -390,6 +391,7 @@ def check_request(traced: TracedModel, cluster: Cluster, workload: Workload, *, 
     """
     if not isinstance(traced, TracedModel):
         raise SpecError(f"expected a TracedModel (from planner.trace), got {type(traced).__name__}")
+    _refuse_mixed(cluster, workload)
     if not isinstance(cluster, Cluster):
         raise SpecError(f"cluster must be a planner.Cluster (or a spec string for planner.plan), "
                         f"got {type(cluster).__name__}")
@@ -423,6 +425,14 @@ def check_request(traced: TracedModel, cluster: Cluster, workload: Workload, *, 
             f"Workload(seq_len={traced.seq_len}, ...)")
     if problems:
         raise SpecError("cannot plan this request: " + "; ".join(problems))
+
+
+def _refuse_mixed(cluster, workload) -> None:
+    """A mixed cluster is refused with what to do (``planner.hetero.mixed_request_error``)."""
+    if getattr(cluster, "is_mixed", False) is True:
+        from planner.hetero import mixed_request_error
+
+        raise SpecError(mixed_request_error(cluster, getattr(workload, "phase", "prefill")))
 
 
 class _AdjustedBuilder:

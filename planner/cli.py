@@ -239,6 +239,18 @@ def _print_error(e: BaseException) -> None:
                                             highlight=False, soft_wrap=True)
 
 
+def _refuse_groups(plan, command: str) -> None:
+    """A plan for a mixed cluster (``cluster.groups``) is refused by the commands that
+    start ranks: they lay ranks out on nodes of one size and one device type."""
+    if plan.cluster.groups:
+        groups = "+".join(f"{g.nodes}x{g.devices_per_node}x{g.device}"
+                          for g in plan.cluster.groups)
+        raise _UsageError(f"{command} does not run plans for mixed clusters yet: this plan's "
+                          f"cluster has node groups {groups}, and {command} lays ranks out on "
+                          f"nodes of one size and device type. Plan for one group (e.g. "
+                          f"--cluster {groups.split('+')[0]}) to run it")
+
+
 def _console() -> Console:
     """A console at least 120 columns wide, so tables stay readable when piped."""
     width = Console().width
@@ -252,6 +264,10 @@ def _plan_model(args: argparse.Namespace) -> int:
     from planner.tracing import trace
 
     cluster = Cluster.parse(args.cluster)
+    if cluster.is_mixed:
+        from planner.hetero import mixed_request_error
+
+        raise _UsageError(mixed_request_error(cluster, args.phase))
     overrides = parse_set(args.set)
     dtype = args.dtype or ("float32" if cluster.device == "cpu" else "bfloat16")
     workload = Workload(batch_size=args.batch, seq_len=args.seq if args.seq is not None else 2048,
@@ -592,6 +608,7 @@ def _run(argv: list[str]) -> int:
             raise _UsageError(f"{flag} must be a number of seconds > 0, got {value}")
     try:
         plan = Plan.load(args.plan_file)
+        _refuse_groups(plan, "plan run")
         new_tokens, steps = _run_lengths(args, plan)
         if plan.workload.phase == "decode":
             from codegen.check import generation_lengths
@@ -724,6 +741,7 @@ def _launch_scripts(argv: list[str]) -> int:
     except LaunchError as e:
         raise _UsageError(str(e)) from None
     plan = Plan.load(args.plan_file)
+    _refuse_groups(plan, "plan launch")
     model, overrides = _planned_model(args, plan)
     run_id = args.rdzv_id or f"fx-planner-{plan.model.fingerprint[:12]}"
     try:

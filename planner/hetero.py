@@ -58,7 +58,9 @@ from planner.solver import (
     replica_size_allowed,
 )
 
-__all__ = ["solve_mixed", "solve_mixed_reference", "group_link", "MAX_ORDERS"]
+__all__ = ["solve_mixed", "solve_mixed_reference", "best_subsets", "group_link",
+           "mixed_request_error",
+           "MAX_ORDERS"]
 
 #: Group orders tried at most (every permutation of the groups up to 4 groups).
 MAX_ORDERS = 24
@@ -386,7 +388,7 @@ def solve_mixed_reference(builders: Sequence[CostTableBuilder], cluster: MixedCl
 # --------------------------------------------------------------------------- CP-SAT
 
 
-def _model(combo: _Combo, objective: str, cutoff: int | None):
+def _model(combo: _Combo, objective: str, cutoff: int | None, hint=None):
     """The CP-SAT model of one combo: a path through nodes (boundary j, position q)."""
     L, m, K = combo.num_layers, combo.m, len(combo.groups)
     arcs = []  # (a, b, t, q, time)
@@ -492,7 +494,46 @@ def _model(combo: _Combo, objective: str, cutoff: int | None):
     if cutoff is not None:
         model.Add(obj <= cutoff)
     model.Minimize(obj)
+    if hint is not None:
+        chosen = set(hint)
+        for i, arc in enumerate(arcs):
+            model.AddHint(y[i], arc[:4] in chosen)
     return model, y, arcs, obj
+
+
+def best_subsets(builders: Sequence[CostTableBuilder], cluster: MixedCluster,
+                 workload: Workload, *, pins: Mapping[str, int] | None = None,
+                 num_workers: int = 2, time_limit_s: float = 60.0) -> list[Solution | None]:
+    """The optimal plan of each group alone (``planner.solver.solve`` on that homogeneous
+    cluster; ``None`` where nothing fits or the pins cannot hold there): the baselines a
+    mixed plan is compared with, and the mixed search's first incumbent."""
+    from planner.solver import solve
+
+    found = []
+    for builder, group in zip(builders, cluster.groups):
+        try:
+            found.append(solve(builder, group, workload, pins=pins, num_workers=num_workers,
+                               time_limit_s=time_limit_s, diagnose=False))
+        except PlanError:
+            found.append(None)
+    return found
+
+
+def _as_path(combos: list[_Combo], group: int, solution: Solution, objective: str):
+    """``(value, combo, path)`` of a one-group plan in the mixed search, or None."""
+    for combo in combos:
+        positions = [q for q, g in enumerate(combo.groups) if g.index == group]
+        if combo.dp != solution.dp or combo.m != solution.microbatches or not positions \
+                or combo.pp not in (None, solution.pp):
+            continue
+        q = positions[0]
+        path = [(s.first, s.last, s.tp, q) for s in solution.stages]
+        g = combo.groups[q]
+        if sum(t for _, _, t, _ in path) not in g.sizes or any(
+                t not in g.ticks[j] for a, b, t, _ in path for j in range(a, b + 1)):
+            continue
+        return _path_value(combo, path, objective), combo, path
+    return None
 
 
 def solve_mixed(builders: Sequence[CostTableBuilder], cluster: MixedCluster,
@@ -525,9 +566,20 @@ def solve_mixed(builders: Sequence[CostTableBuilder], cluster: MixedCluster,
         if combo.lb >= 0:
             scored.append(combo)
     scored.sort(key=lambda c: (c.lb, c.dp, c.m))
+    # the best plan on one group alone is a plan of the mixed search: the first incumbent
+    incumbent = None
+    subset_limit = max(0.01, min(time_limit_s / 4, deadline - time.perf_counter()))
+    for gi, alone in enumerate(best_subsets(builders, cluster, workload, pins=pins,
+                                            num_workers=num_workers,
+                                            time_limit_s=subset_limit)):
+        found = _as_path(scored, gi, alone, objective) if alone is not None else None
+        if found is not None and (incumbent is None or found[0] < incumbent[0]):
+            incumbent = found
+    if incumbent is not None:
+        scored = [incumbent[1]] + [c for c in scored if c is not incumbent[1]]
     best, open_bounds, solved, pruned = None, [], 0, 0
     for combo in scored:
-        limit = best[0] - 1 if best is not None else None
+        limit = best[0] - 1 if best is not None else (incumbent[0] if incumbent else None)
         if limit is not None and combo.lb > limit:
             pruned += 1
             continue
@@ -535,7 +587,8 @@ def solve_mixed(builders: Sequence[CostTableBuilder], cluster: MixedCluster,
         if remaining <= 0:
             open_bounds.append(combo.lb)
             continue
-        model, y, arcs, obj = _model(combo, objective, limit)
+        hint = incumbent[2] if incumbent is not None and incumbent[1] is combo else None
+        model, y, arcs, obj = _model(combo, objective, limit, hint)
         solved += 1
         if not arcs:
             continue
@@ -550,6 +603,9 @@ def solve_mixed(builders: Sequence[CostTableBuilder], cluster: MixedCluster,
                 open_bounds.append(max(combo.lb, int(math.ceil(solver.BestObjectiveBound()))))
         elif status == cp_model.UNKNOWN:
             open_bounds.append(max(combo.lb, int(math.ceil(solver.BestObjectiveBound()))))
+    if best is None and incumbent is not None:  # time ran out before CP-SAT confirmed it
+        best = incumbent
+        open_bounds.append(min(c.lb for c in scored))
     if best is None:
         if time.perf_counter() >= deadline:
             raise PlanError(f"no plan found within the {time_limit_s:g} s time limit")
@@ -563,3 +619,15 @@ def solve_mixed(builders: Sequence[CostTableBuilder], cluster: MixedCluster,
                         gap=(value - bound) / value if value else 0.0, solver="cp-sat",
                         combos_solved=solved, combos_pruned=pruned)
     return _solution(combo, path, workload, cluster, stats)
+
+
+def mixed_request_error(cluster: MixedCluster, phase: str) -> str:
+    """Why ``plan MODEL`` / ``planner.plan`` refuse a mixed cluster, and what to do."""
+    groups = cluster.spec_string
+    if phase not in ("prefill", "decode"):
+        return (f"{phase} plans on a mixed cluster ({groups}) are not supported yet: plan "
+                f"training for one device type (e.g. --cluster {cluster.groups[0].spec_string})")
+    return (f"plan MODEL and planner.plan do not plan mixed clusters ({groups}) yet: the "
+            f"mixed-cluster solver (planner.hetero.solve_mixed) takes one cost-table builder "
+            f"per group from Python, and plan files record one cost table; plan for one device "
+            f"type (e.g. --cluster {cluster.groups[0].spec_string})")

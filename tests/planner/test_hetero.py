@@ -329,3 +329,48 @@ def test_malformed_groups_in_plan_files_are_named(tmp_path, edit, message):
     path.write_text(json.dumps(d))
     with pytest.raises(PlanFormatError, match=message):
         Plan.load(path)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_plan_model_refuses_a_mixed_cluster_with_what_to_do(capsys, tmp_path):
+    from tests.bad_input.cli_helpers import HF_LLAMA, refused
+
+    out = tmp_path / "p.json"
+    refused([*HF_LLAMA, "--cluster", "1x2xcpu+1x4xcpu", "--out", out], capsys,
+            "do not plan mixed clusters (2xcpu+4xcpu) yet", "--cluster 2xcpu", out_file=out)
+    refused([*HF_LLAMA, "--cluster", "2xcpu+", "--batch", "1"], capsys,
+            "nothing empty between them")
+
+
+def test_plan_run_and_launch_refuse_a_plan_for_a_mixed_cluster(capsys, tmp_path):
+    from tests.bad_input.cli_helpers import refused
+
+    plan, _ = _mixed_plan()
+    path = tmp_path / "p.json"
+    plan.save(path)
+    for command in (["run", path, "--check"], ["launch", path, "--out", tmp_path / "l"]):
+        refused(command, capsys, f"plan {command[0]} does not run plans for mixed clusters "
+                "yet", "node groups 1x2xH100-SXM-80GB+1x4xA100-80GB")
+    assert not (tmp_path / "l").exists()
+
+
+def test_mixed_search_starts_from_the_best_group_alone_and_keeps_it_when_time_runs_out():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from solver_scaling import ARCHS, synthetic_builder
+
+    from planner.hetero import best_subsets
+
+    cluster = Cluster.parse("1x8xH100+1x8xA100-80GB")
+    work = Workload(batch_size=8, seq_len=2048)
+    builders = [synthetic_builder(ARCHS["llama-3-8b"], g, work) for g in cluster.groups]
+    alone = best_subsets(builders, cluster, work)
+    sol = solve_mixed(builders, cluster, work, time_limit_s=3.0)
+    best_alone = min(a.solver.objective_ticks for a in alone if a is not None)
+    assert sol.solver.objective_ticks <= best_alone
+    assert sol.solver.bound <= sol.solver.objective
+    assert (sol.solver.status == "OPTIMAL") == (sol.solver.bound == sol.solver.objective)
