@@ -484,7 +484,15 @@ def _model(combo: _Combo, objective: str, cutoff: int | None, hint=None):
         model.Add(worst >= h)
     s_total = sum(g.s_max for g in combo.groups)
     model.Add(s_total * worst >= sum(arcs[i][2] * arcs[i][4] * y[i] for i in range(len(arcs))))
-    total = sum(arcs[i][4] * y[i] for i in range(len(arcs))) + sum(hops)
+    # stage times relative to every layer at its fastest group and degree (a constant):
+    # the same sum with small non-negative coefficients, as in the homogeneous model
+    fastest = [min(v for g in combo.groups for v in g.ticks[j].values()) for j in range(L)]
+    model.Add(worst >= max(fastest))
+    prefix = [0]
+    for v in fastest:
+        prefix.append(prefix[-1] + v)
+    total = prefix[L] + sum((arcs[i][4] - prefix[arcs[i][1] + 1] + prefix[arcs[i][0]]) * y[i]
+                            for i in range(len(arcs))) + sum(hops)
     if objective == "latency":
         obj = total + (m - 1) * worst
     else:

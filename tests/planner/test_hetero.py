@@ -153,7 +153,7 @@ def _check_structure(sol, cluster):
             used |= set(replica)
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=80, **SETTINGS)
 @given(mixed_instances())
 def test_cpsat_objective_equals_the_reference_on_random_mixed_clusters(case):
     builders, cluster, work = case
