@@ -374,3 +374,16 @@ def test_mixed_search_starts_from_the_best_group_alone_and_keeps_it_when_time_ru
     assert sol.solver.objective_ticks <= best_alone
     assert sol.solver.bound <= sol.solver.objective
     assert (sol.solver.status == "OPTIMAL") == (sol.solver.bound == sol.solver.objective)
+
+
+def test_planner_plan_refuses_a_mixed_cluster_and_training_on_one_is_not_supported_yet():
+    import torch
+
+    import planner
+    from planner.hetero import mixed_request_error
+
+    with pytest.raises(SpecError, match=r"do not plan mixed clusters \(2xcpu\+4xcpu\) yet.*"
+                                        r"--cluster 2xcpu"):
+        planner.plan(torch.nn.Linear(4, 4), "1x2xcpu+1x4xcpu", args=(torch.zeros(1, 4),))
+    assert mixed_request_error(Cluster.parse("8xH100+8xA100-80GB"), "train").startswith(
+        "train plans on a mixed cluster (8xH100-SXM-80GB+8xA100-80GB) are not supported yet")
