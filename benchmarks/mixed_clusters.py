@@ -3,7 +3,8 @@
 group alone (planner.solver.solve).
 
 Usage:
-    .venv/bin/python benchmarks/mixed_clusters.py [--time-limit 60]
+    .venv/bin/python benchmarks/mixed_clusters.py [--time-limit 60]   # CP-SAT
+    .venv/bin/python benchmarks/mixed_clusters.py --solver reference  # the exact DP
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from solver_scaling import ARCHS, synthetic_builder  # noqa: E402
 
 from planner.cluster import Cluster, Workload  # noqa: E402
-from planner.hetero import best_subsets, solve_mixed  # noqa: E402
+from planner.hetero import best_subsets, solve_mixed, solve_mixed_reference  # noqa: E402
 
 # (arch, cluster, phase, objective, batch, seq)
 CASES = [
@@ -32,7 +33,9 @@ CASES = [
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--time-limit", type=float, default=60.0)
+    parser.add_argument("--solver", choices=("cp-sat", "reference"), default="cp-sat")
     args = parser.parse_args(argv)
+    print(f"# mixed clusters, synthetic tables, solver {args.solver}")
     print("| arch | cluster | phase / objective | batch | status | wall s | objective s | "
           "bound s | best group alone s | dp | pp | tp | m |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -42,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         builders = [synthetic_builder(ARCHS[arch], g, work) for g in cluster.groups]
         alone = [a for a in best_subsets(builders, cluster, work) if a is not None]
         start = time.perf_counter()
-        sol = solve_mixed(builders, cluster, work, time_limit_s=args.time_limit)
+        if args.solver == "reference":
+            sol = solve_mixed_reference(builders, cluster, work)
+        else:
+            sol = solve_mixed(builders, cluster, work, time_limit_s=args.time_limit)
         wall = time.perf_counter() - start
         tps = "/".join(map(str, sorted({s.tp for s in sol.stages})))
         print(f"| {arch} | {spec} | {phase} / {objective} | {batch} | {sol.solver.status} | "
