@@ -216,17 +216,39 @@ def _build(builders: Sequence[CostTableBuilder], cluster: MixedCluster, workload
 
 
 def _lower_bound(combo: _Combo, objective: str) -> int:
-    """Every layer at its fastest group and degree: a bound on the sum and on the max."""
-    fastest = []
-    for j in range(combo.num_layers):
-        best = [v for g in combo.groups for v in g.ticks[j].values()]
-        if not best:
+    """A valid bound on the objective of any plan of the combo (-1: a layer fits nowhere).
+
+    As the homogeneous ``_lower_bound``, with every group's degrees pooled: the sum of stage
+    times >= every layer at its fastest group and degree; the bottleneck >= the slowest such
+    layer, >= that sum over the most stages the replica's devices allow, and >= the
+    device-seconds (each layer at its cheapest ``tp * time``) over the replica's devices
+    ``S = sum of each group's largest share``; and the coupled bound (a layer at degree
+    ``tau`` adds ``c`` to the sum and ``tau * c`` to the device-seconds).
+    """
+    L, m = combo.num_layers, combo.m
+    cells = []
+    for j in range(L):
+        row = [(t, v) for g in combo.groups for t, v in g.ticks[j].items()]
+        if not row:
             return -1
-        fastest.append(min(best))
-    total, worst = sum(fastest), max(fastest)
-    if objective == "latency":
-        return total + (combo.m - 1) * worst
-    return max(combo.m * worst, total)
+        cells.append(row)
+    fastest = [min(v for _, v in row) for row in cells]
+    total = sum(fastest)
+    s_total = sum(g.s_max for g in combo.groups)
+    stages_max = min(L, sum(g.s_max // min(g.tps) for g in combo.groups))
+    if combo.pp is not None:
+        if combo.pp > stages_max:
+            return -1
+        stages_max = combo.pp
+    cheapest = sum(min(t * v for t, v in row) for row in cells)
+    worst = max(max(fastest), -(-total // stages_max), -(-cheapest // s_total))
+    bound = total + (m - 1) * worst if objective == "latency" else max(m * worst, total)
+    weights = [(1.0, (m - 1) / s_total)] if objective == "latency" else \
+        [(1.0 - lam, lam * m / s_total) for lam in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    for w_sum, w_dev in weights:
+        coupled = sum(min(v * (w_sum + w_dev * t) for t, v in row) for row in cells)
+        bound = max(bound, int(math.floor(coupled * (1 - 1e-12))))
+    return bound
 
 
 # --------------------------------------------------------------------------- placement
