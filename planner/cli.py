@@ -239,16 +239,16 @@ def _print_error(e: BaseException) -> None:
                                             highlight=False, soft_wrap=True)
 
 
-def _refuse_groups(plan, command: str) -> None:
+def _refuse_groups(plan, command: str, verb: str = "run") -> None:
     """A plan for a mixed cluster (``cluster.groups``) is refused by the commands that
-    start ranks: they lay ranks out on nodes of one size and one device type."""
+    start or export ranks: they lay ranks out on nodes of one size and one device type."""
     if plan.cluster.groups:
         groups = "+".join(f"{g.nodes}x{g.devices_per_node}x{g.device}"
                           for g in plan.cluster.groups)
-        raise _UsageError(f"{command} does not run plans for mixed clusters yet: this plan's "
-                          f"cluster has node groups {groups}, and {command} lays ranks out on "
-                          f"nodes of one size and device type. Plan for one group (e.g. "
-                          f"--cluster {groups.split('+')[0]}) to run it")
+        raise _UsageError(f"{command} does not {verb} plans for mixed clusters yet: this "
+                          f"plan's cluster has node groups {groups}, and {command} lays ranks "
+                          f"out on nodes of one size and device type. Plan for one group (e.g. "
+                          f"--cluster {groups.split('+')[0]}) to {verb} it")
 
 
 def _console() -> Console:
@@ -769,6 +769,7 @@ def _export(argv: list[str]) -> int:
     p.add_argument("--to", required=True, choices=list(TARGETS), help="the engine")
     args = p.parse_args(argv)
     plan = Plan.load(args.plan_file)
+    _refuse_groups(plan, "plan export", "export")
     try:
         text = export_plan(plan, args.to, what=args.plan_file)
     except ExportError as e:

@@ -344,15 +344,17 @@ def test_plan_model_refuses_a_mixed_cluster_with_what_to_do(capsys, tmp_path):
             "nothing empty between them")
 
 
-def test_plan_run_and_launch_refuse_a_plan_for_a_mixed_cluster(capsys, tmp_path):
+def test_plan_run_launch_and_export_refuse_a_plan_for_a_mixed_cluster(capsys, tmp_path):
     from tests.bad_input.cli_helpers import refused
 
     plan, _ = _mixed_plan()
     path = tmp_path / "p.json"
     plan.save(path)
-    for command in (["run", path, "--check"], ["launch", path, "--out", tmp_path / "l"]):
-        refused(command, capsys, f"plan {command[0]} does not run plans for mixed clusters "
-                "yet", "node groups 1x2xH100-SXM-80GB+1x4xA100-80GB")
+    for command in (["run", path, "--check"], ["launch", path, "--out", tmp_path / "l"],
+                    ["export", path, "--to", "vllm"]):
+        verb = "export" if command[0] == "export" else "run"
+        refused(command, capsys, f"plan {command[0]} does not {verb} plans for mixed clusters "
+                "yet", "node groups 1x2xH100-SXM-80GB+1x4xA100-80GB", f"to {verb} it")
     assert not (tmp_path / "l").exists()
 
 
