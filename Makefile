@@ -18,7 +18,7 @@ demo: setup
 	$(BIN)/plan llama-3-70b --cluster 2x8xH100 --batch 8 --seq 2048
 
 test: setup
-	$(BIN)/pytest -q -p no:cacheprovider --durations=25
+	$(BIN)/pytest -q -p no:cacheprovider --durations=40 -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check planner cost_models codegen tests benchmarks scripts
