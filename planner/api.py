@@ -196,24 +196,10 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
                         strategies=strategies, decode_traced=step)
         return _AdjustedBuilder(b, adjust_costs) if adjust_costs is not None else b
 
-    if sequence_parallel is None:
-        options = [False, True] if sequence_parallel_applies(traced, cluster, workload) else [False]
-    else:
-        options = [sequence_parallel]
-    restriction, tp_degrees = None, None
     if target is not None and solver == "reference":
         raise PlanError("--target searches with the cp-sat solver; drop --solver reference")
-    if target is not None:
-        from planner.engines import restriction as engine_restriction
-
-        restriction, tp_degrees, sp_allowed = engine_restriction(
-            target, [layer.name for layer in traced.layers],
-            traced.arch.to_dict() if traced.arch else None,
-            range(1, cluster.devices_per_node + 1))
-        options = [sp for sp in options if sp_allowed or not sp]
-        if not options:
-            raise PlanError(f"--sp on asks for sequence parallelism, which {target} has no "
-                            "option for: drop --sp on or choose another --target")
+    options, restriction, tp_degrees = _search_options(traced, cluster, workload,
+                                                       sequence_parallel, target)
     best, failure = None, None
     for sp in options:
         builder = make_builder(workload, sp)
@@ -274,22 +260,8 @@ def _plan_train(traced, cluster, workload, *, pins, solver, profile, alternative
     from planner.training import plan_train
 
     forward = replace(workload, phase="prefill")
-    if sequence_parallel is None:
-        options = [False, True] if sequence_parallel_applies(traced, cluster, forward) else [False]
-    else:
-        options = [sequence_parallel]
-    restriction, tp_degrees = None, None
-    if target is not None:
-        from planner.engines import restriction as engine_restriction
-
-        restriction, tp_degrees, sp_allowed = engine_restriction(
-            target, [layer.name for layer in traced.layers],
-            traced.arch.to_dict() if traced.arch else None,
-            range(1, cluster.devices_per_node + 1))
-        options = [sp for sp in options if sp_allowed or not sp]
-        if not options:
-            raise PlanError(f"--sp on asks for sequence parallelism, which {target} has no "
-                            "option for: drop --sp on or choose another --target")
+    options, restriction, tp_degrees = _search_options(traced, cluster, forward,
+                                                       sequence_parallel, target)
     del profile  # a profile times inference forwards at the traced shape
     best, failure = None, None
     extra = {"source": source or {}, "workload_full": workload.to_dict(),
@@ -449,6 +421,30 @@ class _AdjustedBuilder:
 
     def __getattr__(self, name):  # excluded_tp, tp_degrees, ... of the inner builder
         return getattr(self.inner, name)
+
+
+def _search_options(traced: TracedModel, cluster: Cluster, workload: Workload,
+                    sequence_parallel: bool | None, target: str | None):
+    """``(sequence-parallel settings to search, the target's Restriction, its tp degrees)``:
+    both settings where sequence parallelism applies unless one is asked for, only those
+    ``target`` can express (``planner.engines``)."""
+    if sequence_parallel is None:
+        options = [False, True] if sequence_parallel_applies(traced, cluster, workload) else [False]
+    else:
+        options = [sequence_parallel]
+    if target is None:
+        return options, None, None
+    from planner.engines import restriction as engine_restriction
+
+    restriction, tp_degrees, sp_allowed = engine_restriction(
+        target, [layer.name for layer in traced.layers],
+        traced.arch.to_dict() if traced.arch else None,
+        range(1, cluster.devices_per_node + 1))
+    options = [sp for sp in options if sp_allowed or not sp]
+    if not options:
+        raise PlanError(f"--sp on asks for sequence parallelism, which {target} has no "
+                        "option for: drop --sp on or choose another --target")
+    return options, restriction, tp_degrees
 
 
 def sequence_parallel_applies(traced: TracedModel, cluster: Cluster, workload: Workload) -> bool:
