@@ -45,6 +45,7 @@ from ortools.sat.python import cp_model
 
 from planner.cluster import MixedCluster, Workload
 from planner.cost_table import TICK_S, CostTable, CostTableBuilder, Link, to_ticks
+from planner.reference_solver import _front, _unwind
 from planner.solver import (
     PINNABLE,
     InfeasiblePlanError,
@@ -311,24 +312,6 @@ def _path_value(combo: _Combo, path, objective: str) -> int:
 
 
 # --------------------------------------------------------------------------- reference
-
-
-def _front(labels: list) -> list:
-    labels.sort(key=lambda label: (label[0], label[1]))
-    kept, lowest = [], None
-    for label in labels:
-        if lowest is None or label[1] < lowest:
-            kept.append(label)
-            lowest = label[1]
-    return kept
-
-
-def _unwind(node) -> tuple:
-    arcs = []
-    while node is not None:
-        arcs.append(node[0])
-        node = node[1]
-    return tuple(reversed(arcs))
 
 
 def _best_path_dp(combo: _Combo, objective: str, worse_than: int | None):
