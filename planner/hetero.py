@@ -35,12 +35,14 @@ test_hetero.py compares them on random small clusters).
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from ortools.sat.python import cp_model
 
 from planner.cluster import MixedCluster, Workload
@@ -250,6 +252,194 @@ def _lower_bound(combo: _Combo, objective: str) -> int:
         coupled = sum(min(v * (w_sum + w_dev * t) for t, v in row) for row in cells)
         bound = max(bound, int(math.floor(coupled * (1 - 1e-12))))
     return bound
+
+
+_UNREACHED = 1 << 60  # "no partial plan" in the DP bound's int64 arrays (sums stay < 2**63)
+
+
+class _StageSums:
+    """``sum_min(M)``: the least sum of stage times plus the cheaper hop of each cut over the
+    plans of a combo whose every stage takes at most ``M`` ticks: a DP over (boundary, group
+    position, devices used in that group), exact but for the relaxations that make it a
+    bound (each cut at its cheaper link, the tp group's node alignment and a ``pp`` pin
+    ignored). The arcs are the CP-SAT model's (memory within the group's capacity, degrees
+    every layer allows), a group is left with a device count it allows, and every group's
+    devices stay within its largest share.
+    """
+
+    def __init__(self, combo: _Combo) -> None:
+        L, K = combo.num_layers, len(combo.groups)
+        self.combo, self.L, self.K = combo, L, K
+        self.S = max(g.s_max for g in combo.groups)
+        self.prefix: list[dict[int, np.ndarray]] = []
+        self.ends: list[dict[int, list[int]]] = []  # last layer a stage from a may hold
+        values = []
+        for g in combo.groups:
+            prefix, ends = {}, {}
+            for t in g.tps:
+                pt = np.zeros(L + 1, dtype=np.int64)
+                pt[1:] = np.cumsum([g.ticks[j].get(t, 0) for j in range(L)])
+                last = []
+                for a in range(L):
+                    mem, b = g.table.workspace(t), a - 1
+                    while b + 1 < L and t in g.ticks[b + 1]:
+                        mem += g.mem(b + 1, a, t)
+                        if mem > g.cap:
+                            break
+                        b += 1
+                    last.append(b)
+                    if b >= a:
+                        values.append(pt[a + 1:b + 2] - pt[a])
+                prefix[t], ends[t] = pt, last
+            self.prefix.append(prefix)
+            self.ends.append(ends)
+        floor = max(min(v for g in combo.groups for v in g.ticks[j].values()) for j in range(L))
+        self.values = np.unique(np.concatenate(values)) if values else np.zeros(0, np.int64)
+        self.values = self.values[self.values >= floor]
+        self.hop = [[0] + [min(a, b) for a, b in zip(g.hop_intra, g.hop_inter)]
+                    for g in combo.groups]  # hop[q][j]: the cheaper link of the cut before j
+        self.leave = [np.array(sorted(g.sizes), dtype=np.int64) for g in combo.groups]
+        self._memo: dict[int, int] = {}
+        self.at: int | None = None  # the largest stage time of the bound's best case
+
+    def sum_min(self, limit: int) -> int:
+        """The least sum over plans whose stages all take <= ``limit`` (>= _UNREACHED: none)."""
+        if limit not in self._memo:
+            best = self._table(limit)
+            self._memo[limit] = int(min(best[self.L, q, self.leave[q]].min()
+                                        for q in range(self.K)))
+        return self._memo[limit]
+
+    def _table(self, limit: int) -> np.ndarray:
+        """``best[j, q, u]``: the least sum reaching boundary ``j`` in group position ``q``
+        with ``u`` of its devices used, every stage <= ``limit``."""
+        combo, L, K, S = self.combo, self.L, self.K, self.S
+        best = np.full((L + 1, K, S + 1), _UNREACHED, dtype=np.int64)
+        best[0, :, 0] = 0
+        for j in range(L):
+            if j > 0:
+                for q in range(1, K):  # enter a later group at boundary j (its offset 0)
+                    for p in range(q):
+                        came = best[j, p, self.leave[p]].min() + combo.ghop[(p, q)][j - 1]
+                        if came < best[j, q, 0]:
+                            best[j, q, 0] = came
+            for q, g in enumerate(combo.groups):
+                fresh = best[j, q, 0]
+                used = best[j, q, 1:g.s_max] + self.hop[q][j]  # a stage of the group before
+                for t in g.tps:
+                    pt = self.prefix[q][t]
+                    b = min(self.ends[q][t][j],
+                            int(np.searchsorted(pt, pt[j] + limit, side="right")) - 2)
+                    if b < j:
+                        continue
+                    times = pt[j + 1:b + 2] - pt[j]
+                    rows = best[j + 1:b + 2, q]
+                    if fresh < _UNREACHED:
+                        np.minimum(rows[:, t], fresh + times, out=rows[:, t])
+                    width = g.s_max - t
+                    if width > 0:
+                        np.minimum(rows[:, t + 1:t + 1 + width],
+                                   used[None, :width] + times[:, None],
+                                   out=rows[:, t + 1:t + 1 + width])
+        return best
+
+    def path(self, limit: int) -> list[tuple[int, int, int, int]] | None:
+        """A path ``[(first, last, tp, position)]`` of least sum with every stage <= ``limit``
+        that is a plan of the combo (its tp groups inside nodes, its stage count pinned), or
+        None: a candidate incumbent, priced exactly by ``_path_value``."""
+        combo, L = self.combo, self.L
+        best = self._table(limit)
+        ends = [(int(best[L, q, u]), q, int(u)) for q in range(self.K) for u in self.leave[q]]
+        value, q, u = min(ends)
+        if value >= _UNREACHED:
+            return None
+        path, j = [], L
+        while j > 0 or u > 0:
+            if u == 0:  # entered group q at boundary j from an earlier group
+                came = next(((p, int(w)) for p in range(q) for w in self.leave[p]
+                             if best[j, p, w] + combo.ghop[(p, q)][j - 1] == value), None)
+                if came is None:
+                    return None
+                q, u = came
+                value = int(best[j, q, u])
+                continue
+            g, step = combo.groups[q], None
+            for t in g.tps:
+                if t > u:
+                    continue
+                pt = self.prefix[q][t]
+                for a in range(j - 1, -1, -1):
+                    if self.ends[q][t][a] < j - 1 or pt[j] - pt[a] > limit:
+                        continue
+                    before = int(best[a, q, u - t])
+                    hop = self.hop[q][a] if u - t > 0 else 0
+                    if before < _UNREACHED and before + hop + int(pt[j] - pt[a]) == value:
+                        step = (a, t, before)
+                        break
+                if step:
+                    break
+            if step is None:
+                return None
+            a, t, value = step
+            path.append((a, j - 1, t, q))
+            j, u = a, u - t
+        path.reverse()
+        offsets = [0] * self.K
+        for _, _, t, p in path:
+            per_node = combo.groups[p].per_node
+            if offsets[p] % per_node + t > per_node:
+                return None
+            offsets[p] += t
+        if combo.pp is not None and len(path) != combo.pp:
+            return None
+        return path
+
+    def bound(self, objective: str, cutoff: int | None, evaluations: int = 64) -> int:
+        """A valid lower bound on the combo's objective (>= _UNREACHED: nothing fits).
+
+        A plan whose largest stage takes ``M`` has sum >= ``sum_min(M)``, so its period is
+        at least ``min_M max(m M, sum_min(M))`` and its latency at least
+        ``min_M sum_min(M) + (m - 1) M``, ``M`` over the stage times that fit. ``sum_min`` is
+        non-increasing in ``M``: the period's minimum is where the two terms cross (a
+        bisection); for the latency, ``M`` in ``[v_lo, v_hi]`` gives at least
+        ``sum_min(v_hi) + (m - 1) v_lo``, and intervals are split until their bound exceeds
+        ``cutoff`` or ``evaluations`` DP runs are spent, lowest bound first (the lowest left
+        is the answer).
+        """
+        v, m = self.values, self.combo.m
+        n = len(v)
+        if n == 0:
+            return _UNREACHED
+        if objective == "throughput":
+            lo, hi = 0, n  # the first index whose m * M reaches sum_min(M)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if m * int(v[mid]) >= self.sum_min(int(v[mid])):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            if lo == n:
+                self.at = int(v[-1])
+                return self.sum_min(self.at)
+            below = self.sum_min(int(v[lo - 1])) if lo > 0 else _UNREACHED
+            self.at = int(v[lo]) if m * int(v[lo]) <= below else int(v[lo - 1])
+            return min(m * int(v[lo]), below)
+        if m == 1:
+            self.at = int(v[-1])
+            return self.sum_min(self.at)
+        def interval(lo: int, hi: int) -> tuple[int, int, int]:
+            return self.sum_min(int(v[hi])) + (m - 1) * int(v[lo]), lo, hi
+
+        heap = [interval(0, n - 1)]  # best first: the smallest interval bound on top
+        while True:
+            value, lo, hi = heapq.heappop(heap)
+            if lo == hi or (cutoff is not None and value > cutoff) \
+                    or len(self._memo) >= evaluations:
+                self.at = int(v[hi])
+                return value  # no interval left bounds lower
+            mid = (lo + hi) // 2
+            heapq.heappush(heap, interval(lo, mid))
+            heapq.heappush(heap, interval(mid + 1, hi))
 
 
 # --------------------------------------------------------------------------- placement
@@ -588,20 +778,31 @@ def solve_mixed(builders: Sequence[CostTableBuilder], cluster: MixedCluster,
         found = _as_path(scored, gi, alone, objective) if alone is not None else None
         if found is not None and (incumbent is None or found[0] < incumbent[0]):
             incumbent = found
-    if incumbent is not None:
-        scored = [incumbent[1]] + [c for c in scored if c is not incumbent[1]]
-    best, open_bounds, solved, pruned = None, [], 0, 0
+    # the incumbent is a plan: every combo is then solved strictly below it or pruned.
+    # First every combo's DP bound (min over the largest stage time of the least stage
+    # sum; dearer than the cheap one, so only where that does not prune) and the plan at
+    # its best case, which often meets the bound; then CP-SAT on the combos left open.
+    best, open_bounds, solved, pruned = incumbent, [], 0, 0
     for combo in scored:
-        limit = best[0] - 1 if best is not None else (incumbent[0] if incumbent else None)
-        if limit is not None and combo.lb > limit:
+        if (best is not None and combo.lb > best[0] - 1) or time.perf_counter() >= deadline:
+            continue
+        sums = _StageSums(combo)
+        combo.lb = max(combo.lb, sums.bound(objective, best[0] - 1 if best else None))
+        found = sums.path(sums.at) if sums.at is not None and combo.lb < _UNREACHED else None
+        if found is not None:
+            value = _path_value(combo, found, objective)
+            if best is None or value < best[0]:
+                best = (value, combo, found)
+    for combo in scored:
+        limit = best[0] - 1 if best is not None else None
+        if combo.lb >= _UNREACHED or (limit is not None and combo.lb > limit):
             pruned += 1
             continue
         remaining = deadline - time.perf_counter()
         if remaining <= 0:
             open_bounds.append(combo.lb)
             continue
-        hint = incumbent[2] if incumbent is not None and incumbent[1] is combo else None
-        model, y, arcs, obj = _model(combo, objective, limit, hint)
+        model, y, arcs, obj = _model(combo, objective, limit)
         solved += 1
         if not arcs:
             continue
@@ -616,9 +817,6 @@ def solve_mixed(builders: Sequence[CostTableBuilder], cluster: MixedCluster,
                 open_bounds.append(max(combo.lb, int(math.ceil(solver.BestObjectiveBound()))))
         elif status == cp_model.UNKNOWN:
             open_bounds.append(max(combo.lb, int(math.ceil(solver.BestObjectiveBound()))))
-    if best is None and incumbent is not None:  # time ran out before CP-SAT confirmed it
-        best = incumbent
-        open_bounds.append(min(c.lb for c in scored))
     if best is None:
         if time.perf_counter() >= deadline:
             raise PlanError(f"no plan found within the {time_limit_s:g} s time limit")

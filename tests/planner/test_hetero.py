@@ -12,7 +12,16 @@ from hypothesis import strategies as st
 
 from planner.cluster import Cluster, MixedCluster, SpecError, Workload
 from planner.cost_table import TICK_S, CostTable, LayerCost, Link, to_ticks
-from planner.hetero import _build, _path_value, group_link, solve_mixed, solve_mixed_reference
+from planner.hetero import (
+    _UNREACHED,
+    _best_path_dp,
+    _build,
+    _path_value,
+    _StageSums,
+    group_link,
+    solve_mixed,
+    solve_mixed_reference,
+)
 from planner.solver import PlanError, solve
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -206,6 +215,53 @@ def test_pins_on_mixed_clusters_agree_with_the_reference(case, data):
     for sol in results:
         assert all(s.tp == pins.get("tp", s.tp) for s in sol.stages)
         assert sol.dp == pins.get("dp", sol.dp) and sol.pp == pins.get("pp", sol.pp)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(mixed_instances())
+def test_the_dp_bound_holds_per_combo_and_its_plan_is_priced_exactly(case):
+    """``_StageSums.bound`` <= the combo's exact optimum (the reference DP on that combo),
+    and the plan at its best case, when there is one, is a plan of the combo: its value
+    is at least the optimum."""
+    builders, cluster, work = case
+    combos, _ = _build(builders, cluster, work, None, None)
+    for combo in combos:
+        exact = _best_path_dp(combo, work.objective, None)
+        sums = _StageSums(combo)
+        bound = sums.bound(work.objective, None)
+        if exact is None:
+            assert bound >= _UNREACHED or sums.path(sums.at) is None
+            continue
+        assert bound <= exact[0]
+        path = sums.path(sums.at)
+        if path is not None:
+            assert _path_value(combo, path, work.objective) >= exact[0]
+
+
+def test_70b_prefill_on_h100_and_a100_nodes_is_proven_optimal():
+    """The case the mixed search used to end FEASIBLE on (60 s; benchmarks/mixed_clusters.py):
+    the DP bound and the plan at its best case close every combo; the optimum of the
+    winning (dp, microbatches) equals the reference's, 22% below the best group alone."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from solver_scaling import ARCHS, synthetic_builder
+
+    from planner.hetero import best_subsets
+
+    cluster = Cluster.parse("1x8xH100+2x8xA100-80GB")
+    work = Workload(batch_size=8, seq_len=2048)
+    builders = [synthetic_builder(ARCHS["llama-3-70b"], g, work) for g in cluster.groups]
+    sol = solve_mixed(builders, cluster, work, time_limit_s=30.0)
+    assert sol.solver.status == "OPTIMAL" and sol.solver.bound == sol.solver.objective
+    exact = solve_mixed_reference(builders, cluster, work,
+                                  pins={"dp": sol.dp, "microbatches": sol.microbatches})
+    assert sol.solver.objective_ticks == exact.solver.objective_ticks
+    _check_structure(sol, cluster)
+    alone = min(a.solver.objective_ticks for a in best_subsets(builders, cluster, work) if a)
+    assert sol.solver.objective_ticks < 0.8 * alone
+    assert {cluster.group_of(s.devices[0][0]) for s in sol.stages} == {0, 1}
 
 
 def _linear(speed, L=4, mem=10**9, boundary=1 << 20, inter=5e10, first_mem=None):
