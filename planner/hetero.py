@@ -744,8 +744,9 @@ def solve_mixed(builders: Sequence[CostTableBuilder], cluster: MixedCluster,
                 max_microbatches: int | None = None, num_workers: int = 2,
                 time_limit_s: float = 60.0) -> Solution:
     """The plan minimising the workload's objective on a mixed cluster, proven optimal by
-    CP-SAT: every (dp, microbatches, group order) combo is solved below the incumbent or
-    pruned by a valid lower bound (every layer at its fastest group and degree).
+    CP-SAT: every (dp, microbatches, group order) combo is pruned by a valid lower bound
+    (the cheap one, then the DP bound of ``_StageSums``) or solved strictly below the best
+    plan found (the best group alone, the DP bound's own plans, CP-SAT's).
 
     Args:
         builders: one cost-table builder per group of ``cluster`` (its device type).
