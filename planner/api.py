@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -19,7 +20,7 @@ import torch.nn as nn
 
 from cost_models.runtime import prefill_runtime
 from planner.baselines import baselines as compute_baselines
-from planner.cluster import DEFAULT_CLUSTER, Cluster, SpecError, Workload
+from planner.cluster import DEFAULT_CLUSTER, Cluster, MixedCluster, SpecError, Workload
 from planner.cost_builder import CostBuilder
 from planner.cost_table import CostTable
 from planner.plan import Plan
@@ -129,7 +130,7 @@ def decode_step_for(model: nn.Module, traced: TracedModel, workload: Workload,
     the cluster's device is not one of ``DECODE_GRAPH_DEVICES`` (nothing is traced)."""
     from planner.decode import trace_decode_step
 
-    if cluster.device not in DECODE_GRAPH_DEVICES:
+    if any(g.device not in DECODE_GRAPH_DEVICES for g in cluster.groups):
         return DecodeUnavailable(_NOT_ON_GPU)
     step, why = trace_decode_step(model, traced.batch_size, workload.kv_context_len,
                                   name=traced.name)
@@ -178,6 +179,12 @@ def plan_traced(traced: TracedModel, cluster: Cluster, workload: Workload, *, pi
     check_request(traced, cluster, workload, pins=pins, solver=solver,
                   alternatives=alternatives, time_limit_s=time_limit_s, num_workers=num_workers)
     workload = workload.with_runtime(cluster)  # the runtime the plan records and is priced for
+    if cluster.is_mixed:
+        return _plan_mixed(traced, cluster, workload, pins=pins, solver=solver, profile=profile,
+                           alternatives=alternatives, time_limit_s=time_limit_s,
+                           num_workers=num_workers, name=name, source=source,
+                           adjust_costs=adjust_costs, sequence_parallel=sequence_parallel,
+                           decode_traced=decode_traced, target=target)
 
     if workload.phase == "train":
         return _plan_train(traced, cluster, workload, pins=pins, solver=solver,
@@ -345,7 +352,7 @@ def with_prefill(plan: Plan, prefill: tuple[tuple[Stage, ...], Prediction, CostT
 def default_workload(traced: TracedModel, cluster: Cluster) -> Workload:
     """A prefill of the traced shape, float32 on cpu clusters and bfloat16 otherwise."""
     return Workload(batch_size=traced.batch_size, seq_len=traced.seq_len,
-                    dtype="float32" if cluster.device == "cpu" else "bfloat16")
+                    dtype="float32" if cluster.groups[0].device == "cpu" else "bfloat16")
 
 
 def check_request(traced: TracedModel, cluster: Cluster, workload: Workload, *, pins=None,
@@ -364,7 +371,7 @@ def check_request(traced: TracedModel, cluster: Cluster, workload: Workload, *, 
     if not isinstance(traced, TracedModel):
         raise SpecError(f"expected a TracedModel (from planner.trace), got {type(traced).__name__}")
     _refuse_mixed(cluster, workload)
-    if not isinstance(cluster, Cluster):
+    if not isinstance(cluster, (Cluster, MixedCluster)):
         raise SpecError(f"cluster must be a planner.Cluster (or a spec string for planner.plan), "
                         f"got {type(cluster).__name__}")
     if not isinstance(workload, Workload):
@@ -400,11 +407,154 @@ def check_request(traced: TracedModel, cluster: Cluster, workload: Workload, *, 
 
 
 def _refuse_mixed(cluster, workload) -> None:
-    """A mixed cluster is refused with what to do (``planner.hetero.mixed_request_error``)."""
+    """Training on a mixed cluster is refused with what to do
+    (``planner.hetero.mixed_request_error``); inference is planned (``_plan_mixed``)."""
     if getattr(cluster, "is_mixed", False) is True:
         from planner.hetero import mixed_request_error
 
-        raise SpecError(mixed_request_error(cluster, getattr(workload, "phase", "prefill")))
+        why = mixed_request_error(cluster, getattr(workload, "phase", "prefill"))
+        if why is not None:
+            raise SpecError(why)
+
+
+def alone_name(group: Cluster) -> str:
+    """The baseline name of the best plan on one group of a mixed cluster alone."""
+    return f"alone:{group.spec_string}"
+
+
+def _plan_mixed(traced, cluster, workload, *, pins, solver, profile, alternatives,
+                time_limit_s, num_workers, name, source, adjust_costs, sequence_parallel,
+                decode_traced, target) -> Plan:
+    """An inference plan on a mixed cluster (``planner.hetero``): one ``CostBuilder`` per
+    group (its device, memory and links), the mixed search, each group's table recorded in
+    ``cluster.groups``, and as baselines the best plan of each group alone
+    (``alone:<group>``, the homogeneous search on that group; the mixed plan is never
+    slower). ``plan explain``'s alternatives are those one-group plans."""
+    from planner.hetero import best_subsets, predict_mixed, solve_mixed, solve_mixed_reference
+
+    if target is not None:
+        raise PlanError(f"--target {target} lays a plan out on one device type; engines take "
+                        f"no mixed cluster ({cluster.spec_string}): drop --target, or plan "
+                        f"for one group (e.g. --cluster {cluster.groups[0].spec_string})")
+    on_graph = all(g.device in DECODE_GRAPH_DEVICES for g in cluster.groups)
+    if isinstance(decode_traced, TracedModel) and not on_graph:
+        decode_traced = DecodeUnavailable(_NOT_ON_GPU)
+    step = decode_traced if isinstance(decode_traced, TracedModel) else None
+
+    def make_builders(w: Workload, sp: bool, strategies=None) -> list:
+        out = []
+        for i, group in enumerate(cluster.groups):
+            inner = strategies[i] if strategies is not None else None
+            if isinstance(inner, _AdjustedBuilder):
+                inner = inner.inner
+            b = CostBuilder(traced, group, w, sequence_parallel=sp, profile=profile,
+                            strategies=inner, decode_traced=step)
+            out.append(_AdjustedBuilder(b, adjust_costs) if adjust_costs is not None else b)
+        return out
+
+    if sequence_parallel is None:
+        options = [False, True] if all(sequence_parallel_applies(traced, g, workload)
+                                       for g in cluster.groups) else [False]
+    else:
+        options = [sequence_parallel]
+    best, failure, alone = None, None, [None] * len(cluster.groups)
+    for sp in options:
+        builders = make_builders(workload, sp)
+        started = time.perf_counter()
+        subsets = best_subsets(builders, cluster, workload, pins=pins, num_workers=num_workers,
+                               time_limit_s=max(0.01, time_limit_s / 4))
+        subsets_s = time.perf_counter() - started  # a part of the search: counted in wall_s
+        for i, sub in enumerate(subsets):
+            if sub is not None and (alone[i] is None
+                                    or sub.solver.objective < alone[i].solver.objective):
+                alone[i] = sub
+        try:
+            if solver == "reference":
+                solution = solve_mixed_reference(builders, cluster, workload, pins=pins)
+            else:
+                solution = solve_mixed(builders, cluster, workload, pins=pins,
+                                       num_workers=num_workers, time_limit_s=time_limit_s,
+                                       subsets=subsets)
+                solution = replace(solution, solver=replace(
+                    solution.solver, wall_s=solution.solver.wall_s + subsets_s))
+        except InfeasiblePlanError as e:
+            failure = failure or e
+            continue
+        if best is None or solution.solver.objective < best[1].solver.objective:
+            best = (builders, solution)
+    if best is None:
+        raise failure
+    builders, solution = best
+    tables = tuple(b(solution.microbatch_size, solution.microbatches) for b in builders)
+    baselines = {}
+    for group, sub in zip(cluster.groups, alone, strict=True):
+        baselines[alone_name(group)] = _Figures(
+            sub is not None, sub.predicted.latency_s if sub else None,
+            sub.predicted.throughput_samples_per_s if sub else None)
+    result = Plan.from_solution(solution, tables[0], cluster, workload,
+                                model_name=name or traced.name, fingerprint=traced.fingerprint,
+                                baselines=baselines, group_tables=tables)
+    sources = [src for b in builders
+               for src in b.sources(solution.microbatch_size, solution.microbatches)]
+    result = replace(result, layers=tuple(
+        replace(layer, source=src) for layer, src in
+        zip(result.layers, builders[0].sources(solution.microbatch_size,
+                                               solution.microbatches))))
+    if workload.phase == "decode":
+        prefill = make_builders(replace(workload, phase="prefill",
+                                        runtime=prefill_runtime(workload.runtime)),
+                                solution.sequence_parallel, strategies=builders)
+        prefill_tables = [b(solution.microbatch_size, solution.microbatches) for b in prefill]
+        path = [(s.first, s.last, s.tp, cluster.group_of(s.devices[0][0]))
+                for s in solution.stages]
+        stages, prediction = predict_mixed(prefill_tables, cluster, path, solution.dp,
+                                           workload.batch_size)
+        result = with_prefill(result, (stages, prediction, prefill_tables[0]))
+    kinds = set(sources)
+    provenance = "measured" if kinds == {"measured"} else "mixed" if "measured" in kinds else "predicted"
+    excluded = [b.excluded_tp for b in builders]
+    extra = {
+        "alternatives": _alone_alternatives(cluster, alone, solution, workload.objective)
+        if alternatives else [],
+        "source": source or {},
+        "workload_full": workload.to_dict(),
+        "arch": traced.arch.to_dict() if traced.arch else None,
+        "tp_excluded": {str(t): why for t, why in sorted(excluded[0].items())
+                        if all(t in e for e in excluded)},
+    }
+    if workload.phase == "decode":
+        extra["decode_pricing"] = _decode_pricing(decode_traced)
+    return replace(result, provenance=provenance, extra=extra)
+
+
+@dataclass(frozen=True)
+class _Figures:
+    """A baseline's figures in the shape ``Plan.from_solution`` reads."""
+
+    feasible: bool
+    latency_s: float | None
+    throughput_samples_per_s: float | None
+    needs_memory_bytes: int | None = None
+
+
+def _alone_alternatives(cluster, alone, best: Solution, objective: str) -> list[dict]:
+    """``plan explain``'s rows for a mixed plan: the best plan of each group alone."""
+    out = []
+    for group, sol in zip(cluster.groups, alone, strict=True):
+        if sol is None:
+            out.append({"dp": 1, "pp": 1, "tp": 1, "feasible": False,
+                        "why": f"nothing fits on {group.spec_string} alone"})
+            continue
+        ratio = sol.solver.objective / best.solver.objective if best.solver.objective else 1.0
+        out.append({
+            "dp": sol.dp, "pp": sol.pp, "tp": sol.stages[0].tp, "feasible": True,
+            "microbatches": sol.microbatches, "objective": sol.solver.objective,
+            "ratio": ratio, "latency_s": sol.predicted.latency_s,
+            "throughput_samples_per_s": sol.predicted.throughput_samples_per_s,
+            "peak_memory_bytes": sol.predicted.peak_memory_bytes,
+            "why": f"{group.spec_string} alone: " + _why_lost(best, sol, objective),
+        })
+    return out
 
 
 class _AdjustedBuilder:

@@ -267,9 +267,16 @@ def _plan_model(args: argparse.Namespace) -> int:
     if cluster.is_mixed:
         from planner.hetero import mixed_request_error
 
-        raise _UsageError(mixed_request_error(cluster, args.phase))
+        if (why := mixed_request_error(cluster, args.phase)) is not None:
+            raise _UsageError(why)
+        if args.target is not None:
+            raise _UsageError(f"--target {args.target} lays a plan out on one device type; "
+                              f"engines take no mixed cluster ({cluster.spec_string}): drop "
+                              f"--target, or plan for one group (e.g. --cluster "
+                              f"{cluster.groups[0].spec_string})")
     overrides = parse_set(args.set)
-    dtype = args.dtype or ("float32" if cluster.device == "cpu" else "bfloat16")
+    cpu = cluster.groups[0].device == "cpu"  # a mixed cluster's groups share one backend
+    dtype = args.dtype or ("float32" if cpu else "bfloat16")
     workload = Workload(batch_size=args.batch, seq_len=args.seq if args.seq is not None else 2048,
                         dtype=dtype, phase=args.phase, objective=args.objective,
                         context_len=args.context, memory_headroom=args.headroom,
@@ -299,9 +306,10 @@ def _plan_model(args: argparse.Namespace) -> int:
         else:
             _print_layer_table(traced, cluster)
         return 0
-    if args.profile and cluster.device != "cpu":
+    if args.profile and (cluster.is_mixed or cluster.device != "cpu"):
+        devices = ", ".join(dict.fromkeys(g.device for g in cluster.groups))
         raise _UsageError(f"--profile measures this machine's cpu, but the cluster's devices are "
-                          f"{cluster.device}; drop --profile or plan for an Nxcpu cluster")
+                          f"{devices}; drop --profile or plan for an Nxcpu cluster")
     profile = _profile_here(args, overrides, workload) if args.profile else None
     pins = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp),
                                 ("microbatches", args.microbatches)) if v is not None}

@@ -62,7 +62,7 @@ from planner.solver import (
 )
 
 __all__ = ["solve_mixed", "solve_mixed_reference", "best_subsets", "group_link",
-           "mixed_request_error",
+           "predict_mixed", "mixed_request_error",
            "MAX_ORDERS"]
 
 #: Group orders tried at most (every permutation of the groups up to 4 groups).
@@ -445,41 +445,53 @@ class _StageSums:
 # --------------------------------------------------------------------------- placement
 
 
-def _predict(combo: _Combo, path, batch_size: int, offsets: Sequence[int]):
-    """Stages (with device ids) and the prediction of a path ``[(a, b, tp, position)]``."""
-    m = combo.m
-    used = [0] * len(combo.groups)
-    for _, _, t, q in path:
-        used[q] += t
+def predict_mixed(tables: Sequence[CostTable], cluster: MixedCluster, path, dp: int,
+                  batch_size: int) -> tuple[tuple[Stage, ...], Prediction]:
+    """Stages (with device ids) and the prediction of a fixed mixed placement: ``path`` is
+    ``[(first, last, tp, group)]`` in pipeline order, ``tables[g]`` group ``g``'s table at
+    the plan's microbatch size and count. Priced as the solvers do: a cut inside a group on
+    its intra- or inter-node link (inter when the next stage starts a node), between groups
+    on the slower side (``group_link``). ``planner.api`` prices a decode plan's prefill
+    (TTFT) with it."""
+    m = tables[path[0][3]].microbatches
+    groups = [g for _, _, _, g in path]
+    used = {g: sum(t for _, _, t, q in path if q == g) for g in groups}
+    off = dict.fromkeys(groups, 0)
     stages, times, hops = [], [], []
-    off = [0] * len(combo.groups)
-    for i, (a, b, t, q) in enumerate(path):
-        g = combo.groups[q]
+    for i, (a, b, t, g) in enumerate(path):
+        table, per_node = tables[g], cluster.groups[g].devices_per_node
         if i > 0:
-            pa, pb, _, pq = path[i - 1]
-            if pq == q:
-                hops.append(g.table.p2p_s(pb, inter_node=off[q] % g.per_node == 0))
+            pb, pg = path[i - 1][1], path[i - 1][3]
+            if pg == g:
+                hops.append(table.p2p_s(pb, inter_node=off[g] % per_node == 0))
             else:
-                link = group_link(combo.groups[pq].table.inter_node, g.table.inter_node)
-                hops.append(link.transfer_s(g.table.boundary_bytes[pb]))
-        base = offsets[g.index]
-        devices = tuple(tuple(range(base + r * used[q] + off[q], base + r * used[q] + off[q] + t))
-                        for r in range(combo.dp))
-        table = g.table
+                link = group_link(tables[pg].inter_node, table.inter_node)
+                hops.append(link.transfer_s(table.boundary_bytes[pb]))
+        base = cluster.group_offsets[g] + off[g]
+        devices = tuple(tuple(range(base + r * used[g], base + r * used[g] + t))
+                        for r in range(dp))
         compute = sum(table.costs[j][t].compute_s for j in range(a, b + 1))
         comm = sum(table.costs[j][t].comm_s for j in range(a, b + 1))
         stages.append(Stage(a, b, t, devices, compute, comm, table.stage_memory_bytes(a, b, t),
                             int(table.kv_heads_replicated.get(t, 1))))
         times.append(compute + comm)
-        off[q] += t
+        off[g] += t
     latency = _objective_value(times + hops, m, "latency")
     period = _objective_value(times + hops, m, "throughput")
     return tuple(stages), Prediction(latency, batch_size / period if period > 0 else math.inf,
                                      max(s.memory_bytes for s in stages), period, tuple(hops))
 
 
+def _predict(combo: _Combo, path, batch_size: int, cluster: MixedCluster):
+    """``predict_mixed`` of a combo's path ``[(a, b, tp, position)]``."""
+    tables = {g.index: g.table for g in combo.groups}
+    return predict_mixed([tables.get(i) for i in range(len(cluster.groups))], cluster,
+                         [(a, b, t, combo.groups[q].index) for a, b, t, q in path], combo.dp,
+                         batch_size)
+
+
 def _solution(combo, path, workload, cluster, stats) -> Solution:
-    stages, pred = _predict(combo, path, workload.batch_size, cluster.group_offsets)
+    stages, pred = _predict(combo, path, workload.batch_size, cluster)
     table = combo.groups[path[0][3]].table
     return Solution(workload.objective, workload.batch_size, combo.dp, combo.m,
                     table.microbatch_size, stages, pred, stats, table.sequence_parallel)
@@ -742,7 +754,8 @@ def _as_path(combos: list[_Combo], group: int, solution: Solution, objective: st
 def solve_mixed(builders: Sequence[CostTableBuilder], cluster: MixedCluster,
                 workload: Workload, *, pins: Mapping[str, int] | None = None,
                 max_microbatches: int | None = None, num_workers: int = 2,
-                time_limit_s: float = 60.0) -> Solution:
+                time_limit_s: float = 60.0,
+                subsets: Sequence[Solution | None] | None = None) -> Solution:
     """The plan minimising the workload's objective on a mixed cluster, proven optimal by
     CP-SAT: every (dp, microbatches, group order) combo is pruned by a valid lower bound
     (the cheap one, then the DP bound of ``_StageSums``) or solved strictly below the best
@@ -755,6 +768,7 @@ def solve_mixed(builders: Sequence[CostTableBuilder], cluster: MixedCluster,
         pins: any of ``dp``, ``pp``, ``tp`` (every stage), ``microbatches``.
         max_microbatches: largest microbatch count tried.
         num_workers, time_limit_s: as ``planner.solver.solve``.
+        subsets: ``best_subsets``' result for the same request, when the caller has it.
 
     Raises:
         PlanError: contradictory pins, or nothing found within the time limit.
@@ -773,9 +787,10 @@ def solve_mixed(builders: Sequence[CostTableBuilder], cluster: MixedCluster,
     # the best plan on one group alone is a plan of the mixed search: the first incumbent
     incumbent = None
     subset_limit = max(0.01, min(time_limit_s / 4, deadline - time.perf_counter()))
-    for gi, alone in enumerate(best_subsets(builders, cluster, workload, pins=pins,
-                                            num_workers=num_workers,
-                                            time_limit_s=subset_limit)):
+    if subsets is None:
+        subsets = best_subsets(builders, cluster, workload, pins=pins, num_workers=num_workers,
+                               time_limit_s=subset_limit)
+    for gi, alone in enumerate(subsets):
         found = _as_path(scored, gi, alone, objective) if alone is not None else None
         if found is not None and (incumbent is None or found[0] < incumbent[0]):
             incumbent = found
@@ -833,13 +848,11 @@ def solve_mixed(builders: Sequence[CostTableBuilder], cluster: MixedCluster,
     return _solution(combo, path, workload, cluster, stats)
 
 
-def mixed_request_error(cluster: MixedCluster, phase: str) -> str:
-    """Why ``plan MODEL`` / ``planner.plan`` refuse a mixed cluster, and what to do."""
-    groups = cluster.spec_string
-    if phase not in ("prefill", "decode"):
-        return (f"{phase} plans on a mixed cluster ({groups}) are not supported yet: plan "
-                f"training for one device type (e.g. --cluster {cluster.groups[0].spec_string})")
-    return (f"plan MODEL and planner.plan do not plan mixed clusters ({groups}) yet: the "
-            f"mixed-cluster solver (planner.hetero.solve_mixed) takes one cost-table builder "
-            f"per group from Python, and plan files record one cost table; plan for one device "
-            f"type (e.g. --cluster {cluster.groups[0].spec_string})")
+def mixed_request_error(cluster: MixedCluster, phase: str) -> str | None:
+    """Why ``plan MODEL`` / ``planner.plan`` refuse a request on a mixed cluster (training:
+    not supported yet), or None: inference phases are planned."""
+    if phase in ("prefill", "decode"):
+        return None
+    return (f"{phase} plans on a mixed cluster ({cluster.spec_string}) are not supported yet: "
+            f"plan training for one device type (e.g. --cluster "
+            f"{cluster.groups[0].spec_string}), or plan prefill or decode on the mixed cluster")

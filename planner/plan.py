@@ -18,7 +18,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +84,16 @@ class PlanModel:
 
 @dataclass(frozen=True)
 class PlanGroup:
-    """``cluster.groups[g]``: one node group of a mixed cluster."""
+    """``cluster.groups[g]``: one node group of a mixed cluster, and the cost table the
+    solver saw for its devices (``costs[j]``: layer ``j`` by tp degree; its ``links`` and
+    ``stage_workspace_bytes``). Plans made before the tables were recorded have none."""
 
     nodes: int
     devices_per_node: int
     device: str
+    costs: tuple[Mapping[int, LayerCosts], ...] = ()
+    links: Mapping[str, Link] = field(default_factory=dict)
+    stage_workspace_bytes: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,7 @@ class PlanStage:
     prefill_s: float | None = None
     prefill_boundary_bytes: int | None = None
     recompute: str = "none"  # train plans: "none" | "selective" | "full"
+    group: int = 0  # mixed clusters: the index in cluster.groups of the stage's devices
 
 
 @dataclass(frozen=True)
@@ -275,7 +281,8 @@ class Plan:
 
     @classmethod
     def from_solution(cls, solution, table: CostTable, cluster, workload, *, model_name: str,
-                      fingerprint: str, baselines: Mapping | None = None) -> Plan:
+                      fingerprint: str, baselines: Mapping | None = None,
+                      group_tables: tuple[CostTable, ...] | None = None) -> Plan:
         """Assemble a plan from a ``Solution`` and the table of its microbatch size.
 
         A decode plan gets ``predicted.tpot_s`` (the solution's period) and per stage the
@@ -290,9 +297,27 @@ class Plan:
             model_name: shown by ``plan show``.
             fingerprint: hash of the traced graph and shapes.
             baselines: ``planner.baselines.baselines(...)`` output, optional.
+            group_tables: a mixed cluster's table of each group (``planner.hetero``):
+                recorded in ``cluster.groups[g]``; each stage's strategy and KV cache come
+                from its group's table; ``table`` is the first group's.
         """
         def costs(c: LayerCost) -> LayerCosts:
             return LayerCosts(c.compute_s, c.comm_s, c.memory_bytes, c.kv_cache_bytes)
+
+        def group_of(stage) -> int:
+            return cluster.group_of(stage.devices[0][0]) if cluster.is_mixed else 0
+
+        def table_of(stage) -> CostTable:
+            return group_tables[group_of(stage)] if group_tables else table
+
+        plan_cluster = _plan_cluster(cluster)
+        if group_tables:
+            plan_cluster = replace(plan_cluster, groups=tuple(
+                replace(g, costs=tuple({t: costs(c) for t, c in sorted(tb.costs[j].items())}
+                                       for j in range(tb.num_layers)),
+                        links={"intra_node": tb.intra_node, "inter_node": tb.inter_node},
+                        stage_workspace_bytes=dict(tb.stage_workspace_bytes))
+                for g, tb in zip(plan_cluster.groups, group_tables, strict=True)))
 
         layers = tuple(
             PlanLayer(table.name(j), table.param_bytes[j] if table.param_bytes else 0,
@@ -301,7 +326,7 @@ class Plan:
         s = solution.solver
         return cls(
             model=PlanModel(model_name, table.num_layers, fingerprint),
-            cluster=_plan_cluster(cluster),
+            cluster=plan_cluster,
             workload=PlanWorkload(workload.batch_size, workload.seq_len, workload.dtype,
                                   workload.phase, workload.objective,
                                   getattr(workload, "runtime", None) or "eager"),
@@ -310,10 +335,11 @@ class Plan:
             stages=tuple(PlanStage((st.first, st.last), st.tp, st.devices,
                                    StageCosts(st.compute_s, st.comm_s, st.memory_bytes),
                                    st.kv_heads_replicated,
-                                   stage_sharding(table, st.first, st.last, st.tp,
-                                                  is_last=i == len(solution.stages) - 1),
-                                   kv_cache_bytes=table.stage_kv_cache_bytes(st.first, st.last,
-                                                                             st.tp))
+                                   stage_sharding(table_of(st), st.first, st.last,
+                                                  st.tp, is_last=i == len(solution.stages) - 1),
+                                   kv_cache_bytes=table_of(st).stage_kv_cache_bytes(
+                                       st.first, st.last, st.tp),
+                                   group=group_of(st))
                          for i, st in enumerate(solution.stages)),
             layers=layers,
             boundaries=table.boundary_bytes,
@@ -331,18 +357,27 @@ class Plan:
             borrowed=tuple(table.borrowed),
         )
 
-    def cost_table(self) -> CostTable:
-        """The cost table stored in the plan (what the solver saw), for audits and re-solves."""
+    def cost_table(self, group: int | None = None) -> CostTable:
+        """The cost table stored in the plan (what the solver saw), for audits and re-solves;
+        ``group``: a mixed cluster's group (its ``cluster.groups[group]`` table)."""
+        layer_costs = [layer.costs for layer in self.layers]
+        links, workspace = self.links, self.stage_workspace_bytes
+        if group is not None and self.cluster.groups:
+            g = self.cluster.groups[group]
+            if not g.costs:
+                raise PlanFormatError(f"cluster.groups[{group}] records no cost table (a plan "
+                                      f"written before they were); re-plan with `plan MODEL`")
+            layer_costs, links, workspace = g.costs, g.links, g.stage_workspace_bytes
         return CostTable(
             costs=tuple({t: LayerCost(c.compute_s, c.comm_s, c.memory_bytes,
                                       getattr(c, "kv_cache_bytes", 0))
-                         for t, c in layer.costs.items()} for layer in self.layers),
+                         for t, c in costs.items()} for costs in layer_costs),
             boundary_bytes=self.boundaries,
-            intra_node=self.links["intra_node"],
-            inter_node=self.links["inter_node"],
+            intra_node=links["intra_node"],
+            inter_node=links["inter_node"],
             microbatch_size=self.parallelism.microbatch_size,
             microbatches=self.parallelism.microbatches,
-            stage_workspace_bytes=dict(self.stage_workspace_bytes),
+            stage_workspace_bytes=dict(workspace),
             borrowed=self.borrowed,
             kv_heads_replicated={s.tp: s.kv_heads_replicated for s in self.stages},
             layer_names=tuple(layer.name for layer in self.layers),
@@ -368,7 +403,8 @@ class Plan:
                         "kv_cache_bytes": s.kv_cache_bytes,
                         "prefill_s": s.prefill_s,
                         "prefill_boundary_bytes": s.prefill_boundary_bytes,
-                        "recompute": s.recompute}
+                        "recompute": s.recompute,
+                        **({"group": s.group} if self.cluster.groups else {})}
                        for s in self.stages],
             "layers": [{"name": layer.name, "param_bytes": layer.param_bytes,
                         "costs": {str(t): asdict(c) for t, c in layer.costs.items()},
@@ -453,7 +489,13 @@ class Plan:
         return cls(
             model=PlanModel(**d["model"]),
             cluster=PlanCluster(**{**d["cluster"], "groups": tuple(
-                PlanGroup(**g) for g in d["cluster"]["groups"])}),
+                PlanGroup(g["nodes"], g["devices_per_node"], g["device"],
+                          tuple({t: LayerCosts(**c) for t, c in costs.items()}
+                                for costs in g["costs"]),
+                          {k: Link(v["latency_s"], v["bandwidth_bytes_per_s"])
+                           for k, v in g["links"].items()},
+                          dict(g["stage_workspace_bytes"]))
+                for g in d["cluster"]["groups"])}),
             workload=PlanWorkload(**d["workload"]),
             parallelism=Parallelism(**d["parallelism"]),
             stages=tuple(PlanStage(layers=(s["layers"][0], s["layers"][1]), tp=s["tp"],
@@ -466,7 +508,7 @@ class Plan:
                                    kv_cache_bytes=s["kv_cache_bytes"],
                                    prefill_s=s["prefill_s"],
                                    prefill_boundary_bytes=s["prefill_boundary_bytes"],
-                                   recompute=s["recompute"])
+                                   recompute=s["recompute"], group=s["group"])
                          for s in d["stages"]),
             layers=tuple(PlanLayer(layer["name"], layer["param_bytes"],
                                    {t: LayerCosts(**c) for t, c in layer["costs"].items()},
@@ -507,6 +549,43 @@ class Plan:
                           f"and the other schedules 1")
         return errors
 
+    def _group_table_errors(self) -> list[str]:
+        """How the groups' cost tables contradict the plan: every group has one or none does,
+        one entry per layer, both links, and the first group's is ``layers[].costs``."""
+        groups, L = self.cluster.groups, len(self.layers)
+        with_costs = [i for i, g in enumerate(groups) if g.costs]
+        if not with_costs:
+            return []
+        if len(with_costs) != len(groups):
+            return [f"cluster.groups {with_costs} record a cost table and the others do not; "
+                    f"every group records one (costs, links, stage_workspace_bytes) or none"]
+        errors = []
+        for i, g in enumerate(groups):
+            if len(g.costs) != L:
+                errors.append(f"cluster.groups[{i}].costs has {len(g.costs)} entries; the "
+                              f"plan has {L} layers")
+            if set(g.links) != {"intra_node", "inter_node"}:
+                errors.append(f"cluster.groups[{i}].links has {sorted(g.links)}; it holds "
+                              f"intra_node and inter_node")
+        if not errors and ([dict(c) for c in groups[0].costs] !=
+                           [dict(layer.costs) for layer in self.layers]
+                           or dict(groups[0].links) != dict(self.links)):
+            errors.append("cluster.groups[0]'s costs and links differ from layers[].costs and "
+                          "links, which are the first group's in a mixed plan")
+        return errors
+
+    def _stage_group_errors(self, i: int, s: PlanStage) -> list[str]:
+        """A mixed plan's stage names the group that holds every one of its devices."""
+        groups = self.cluster.groups
+        if s.group >= len(groups):
+            return [f"stages[{i}].group is {s.group}; cluster.groups has {len(groups)} groups"]
+        held = {self.cluster.group_of(d)[0] for r in s.devices for d in r
+                if 0 <= d < self.cluster.num_devices}
+        if held - {s.group}:
+            return [f"stages[{i}].group is {s.group} but its devices are in group(s) "
+                    f"{sorted(held)}; a stage runs on the devices of one group"]
+        return []
+
     def validate(self) -> None:
         """Check that the plan's parts agree with each other.
 
@@ -531,6 +610,7 @@ class Plan:
                           f"{max(L - 1, 0)} cuts")
         if self.cluster.groups:
             errors += _group_errors(self.cluster)
+            errors += self._group_table_errors()
         elif self.cluster.num_devices != self.cluster.nodes * self.cluster.devices_per_node:
             errors.append(f"cluster.num_devices {self.cluster.num_devices} != nodes "
                           f"{self.cluster.nodes} × devices_per_node "
@@ -590,13 +670,22 @@ class Plan:
                     elif d in used:
                         errors.append(f"stages[{i}].devices[{r}] reuses device {d}")
                     used.add(d)
+            table, where = [layer.costs for layer in self.layers], "layers[{j}].costs"
+            if self.cluster.groups:
+                errors += self._stage_group_errors(i, s)
+                g = self.cluster.groups[s.group] if s.group < len(self.cluster.groups) else None
+                if g is not None and len(g.costs) == L:
+                    table, where = g.costs, f"cluster.groups[{s.group}].costs[{{j}}]"
+            elif s.group != 0:
+                errors.append(f"stages[{i}].group is {s.group}; a plan without cluster.groups "
+                              f"has one group, 0")
             for j in range(first, min(last, L - 1) + 1):
-                if s.tp not in self.layers[j].costs:
-                    errors.append(f"stages[{i}].tp is {s.tp} but layers[{j}].costs has no "
+                if s.tp not in table[j]:
+                    errors.append(f"stages[{i}].tp is {s.tp} but {where.format(j=j)} has no "
                                   f"\"{s.tp}\" entry")
                     break
             else:
-                kv = sum(getattr(self.layers[j].costs[s.tp], "kv_cache_bytes", 0)
+                kv = sum(getattr(table[j][s.tp], "kv_cache_bytes", 0)
                          for j in range(first, min(last, L - 1) + 1))
                 if s.kv_cache_bytes != kv:
                     errors.append(f"stages[{i}].kv_cache_bytes is {s.kv_cache_bytes}; its "
@@ -726,7 +815,12 @@ PLAN_SCHEMA = _Object({
                         "device": _Value(str, choices=_known_device),
                         "groups": _List(_Object({
                             "nodes": _POS, "devices_per_node": _POS,
-                            "device": _Value(str, choices=_known_device)}), default=[])}),
+                            "device": _Value(str, choices=_known_device),
+                            "costs": _List(_Map(_LAYER_COSTS, int_keys=True), default=[]),
+                            "links": _Object({"intra_node": _LINK, "inter_node": _LINK},
+                                             default={}),
+                            "stage_workspace_bytes": _Map(_COUNT, int_keys=True, default={}),
+                        }), default=[])}),
     "workload": _Object({"batch_size": _Value(int, 1, maximum=MAX_BATCH),
                          "seq_len": _Value(int, 1, maximum=MAX_TOKENS),
                          "dtype": _Value(str, choices=tuple(DTYPES)),
@@ -762,6 +856,7 @@ PLAN_SCHEMA = _Object({
         "prefill_s": _Value(float, 0, nullable=True, default=None),
         "prefill_boundary_bytes": _Value(int, 0, nullable=True, default=None),
         "recompute": _Value(str, choices=RECOMPUTE, default="none"),
+        "group": _Value(int, 0, default=0),
     }), min_length=1),
     "layers": _List(_Object({
         "name": _Value(str), "param_bytes": _COUNT, "costs": _Map(_LAYER_COSTS, int_keys=True),
@@ -852,12 +947,20 @@ def _plan_cluster(cluster) -> PlanCluster:
 
 
 def _cluster_json(cluster: PlanCluster) -> dict:
-    """``cluster`` as JSON: ``groups`` only for a mixed cluster."""
-    d = asdict(cluster)
+    """``cluster`` as JSON: ``groups`` only for a mixed cluster, each with its cost table
+    when it has one."""
+    d = {k: getattr(cluster, k) for k in ("num_devices", "nodes", "devices_per_node", "device")}
     if cluster.groups:
-        d["groups"] = [asdict(g) for g in cluster.groups]
-    else:
-        del d["groups"]
+        d["groups"] = []
+        for g in cluster.groups:
+            entry = {"nodes": g.nodes, "devices_per_node": g.devices_per_node, "device": g.device}
+            if g.costs:
+                entry["costs"] = [{str(t): asdict(c) for t, c in costs.items()}
+                                  for costs in g.costs]
+                entry["links"] = {k: asdict(v) for k, v in g.links.items()}
+                entry["stage_workspace_bytes"] = {str(t): b for t, b in
+                                                  g.stage_workspace_bytes.items()}
+            d["groups"].append(entry)
     return d
 
 

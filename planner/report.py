@@ -12,7 +12,7 @@ from rich.table import Table
 from planner.plan import Plan
 from planner.units import fmt_bytes, fmt_seconds
 
-__all__ = ["render_plan", "render_explain", "baseline_ratios"]
+__all__ = ["render_plan", "render_explain", "baseline_ratios", "mixed_line"]
 
 _BAR = 20
 _TIMELINE = 64
@@ -68,7 +68,7 @@ def render_plan(plan: Plan, console: Console) -> None:
     par, w, c = plan.parallelism, plan.workload, plan.cluster
     capacity = _capacity(plan)
     console.print(
-        f"[bold]{plan.model.name}[/] on {c.nodes}x{c.devices_per_node}x{c.device} "
+        f"[bold]{plan.model.name}[/] on {_cluster_name(plan)} "
         f"({c.num_devices} devices) | {w.phase} batch {w.batch_size} seq {w.seq_len} {w.dtype} | "
         f"objective: {w.objective} | runtime: {w.runtime}"
     )
@@ -88,10 +88,15 @@ def render_plan(plan: Plan, console: Console) -> None:
                "memory", "memory / usable capacity"]
     if train:
         columns[7:7] = ["recompute", "in flight", "tail"]
+    mixed = bool(c.groups)
+    if mixed:
+        columns[5:5] = ["gpu"]
     for col in columns:
         table.add_column(col, justify="left" if col in ("layers", "devices (replica 0)",
-                                                        "memory / usable capacity") else "right",
-                         no_wrap=col == "memory / usable capacity")
+                                                        "memory / usable capacity",
+                                                        "gpu") else "right",
+                         no_wrap=col == "memory / usable capacity",
+                         min_width=max(len(g.device) for g in c.groups) if col == "gpu" else None)
     for i, s in enumerate(plan.stages):
         first, last = s.layers
         names = f"{plan.layers[first].name} .. {plan.layers[last].name}" if last > first else plan.layers[first].name
@@ -99,13 +104,15 @@ def render_plan(plan: Plan, console: Console) -> None:
         cells = [str(i), names, str(last - first + 1), f"{s.tp}{kv}",
                  _device_list(s.devices[0]), fmt_seconds(s.predicted.compute_s),
                  fmt_seconds(s.predicted.comm_s), fmt_bytes(s.predicted.memory_bytes),
-                 _memory_bar(s.predicted.memory_bytes, capacity)]
+                 _memory_bar(s.predicted.memory_bytes, _capacity(plan, s.group))]
         if train:
             t = plan.extra.get("training", {})
             flight = t.get("in_flight", [])
             tail = t.get("stage_tail_s", [])
             cells[7:7] = [s.recompute, str(flight[i]) if i < len(flight) else "-",
                           fmt_seconds(tail[i]) if i < len(tail) else "-"]
+        if mixed:
+            cells[5:5] = [c.groups[s.group].device]
         table.add_row(*cells)
     console.print(table)
     _render_sharding(plan, console)
@@ -113,10 +120,12 @@ def render_plan(plan: Plan, console: Console) -> None:
     for row in _timeline(plan):
         console.print(row, highlight=False)
     p = plan.predicted
+    usable = " / ".join(f"{g.device} {fmt_bytes(_capacity(plan, i))}"
+                        for i, g in enumerate(c.groups)) if mixed else fmt_bytes(capacity)
     console.print(
         f"[bold]predicted:[/] latency {fmt_seconds(p.latency_s)}, throughput "
         f"{p.throughput_samples_per_s:.2f} samples/s, peak memory {fmt_bytes(p.peak_memory_bytes)} "
-        f"per device (usable {fmt_bytes(capacity)}); numbers are {plan.provenance}"
+        f"per device (usable {usable}); numbers are {plan.provenance}"
     )
     if w.phase == "decode":
         console.print(_decode_line(plan), highlight=False)
@@ -139,11 +148,33 @@ def render_plan(plan: Plan, console: Console) -> None:
                 need = f"needs {fmt_bytes(b.needs_memory_bytes)}/device" if b.needs_memory_bytes else ""
                 bt.add_row(name, "infeasible", need, "-")
         console.print(bt)
+        if mixed:
+            console.print(mixed_line(plan), highlight=False)
     s = plan.solver
     console.print(
         f"[bold]solver:[/] {s.name} {s.status}, objective {fmt_seconds(s.objective)}, bound "
         f"{fmt_seconds(s.bound)}, gap {s.gap:.2%}, {s.wall_s:.2f} s"
     )
+
+
+def mixed_line(plan: Plan) -> str:
+    """A mixed plan against the best plan of one group alone (its ``alone:`` baselines)."""
+    ratios = {k: v for k, v in baseline_ratios(plan).items() if k.startswith("alone:")}
+    feasible = {k: v for k, v in ratios.items() if v is not None}
+    if not feasible:
+        return "mixed cluster: no group alone fits this model; only the mixed plan does"
+    name = min(feasible, key=feasible.get)
+    ratio = feasible[name]
+    gain = (f"{ratio:.2f}x faster than" if ratio > 1 + 1e-9 else "as fast as")
+    return (f"mixed cluster: this plan is {gain} the best plan on one group alone "
+            f"({name.removeprefix('alone:')}; {plan.workload.objective})")
+
+
+def _cluster_name(plan: Plan) -> str:
+    c = plan.cluster
+    if c.groups:
+        return "+".join(f"{g.nodes}x{g.devices_per_node}x{g.device}" for g in c.groups)
+    return f"{c.nodes}x{c.devices_per_node}x{c.device}"
 
 
 def _training_line(plan: Plan) -> str:
@@ -202,6 +233,12 @@ def render_explain(plan: Plan, console: Console) -> None:
         f"[bold]chosen:[/] dp {par.dp} x pp {par.pp} x tp {'/'.join(str(s.tp) for s in plan.stages)}, "
         f"objective {fmt_seconds(plan.solver.objective)} ({plan.solver.status})"
     )
+    for i, s in enumerate(plan.stages if plan.cluster.groups else ()):
+        g = plan.cluster.groups[s.group]
+        first, last = s.layers
+        console.print(f"stage {i}: layers {first}..{last} at tp {s.tp} on {g.device} (group "
+                      f"{s.group}, {g.nodes}x{g.devices_per_node}), devices of replica 0: "
+                      f"{_device_list(s.devices[0])}", highlight=False)
     for tp, why in plan.extra.get("tp_excluded", {}).items():
         console.print(f"tp {tp} is not offered: {why}", highlight=False)
     if plan.workload.phase == "train":
@@ -210,7 +247,8 @@ def render_explain(plan: Plan, console: Console) -> None:
     if not alts:
         console.print("this plan file carries no alternatives (made with --alternatives 0)")
         return
-    table = Table(title="next-best plans by (dp, pp, tp) family")
+    table = Table(title="the best plan on each group alone" if plan.cluster.groups else
+                  "next-best plans by (dp, pp, tp) family")
     for col in ("dp", "pp", "tp", "m", "latency", "throughput", "vs best", "why it lost"):
         table.add_column(col, justify="left" if col == "why it lost" else "right")
     for a in alts:
@@ -260,11 +298,14 @@ def _memory_why(alt: dict, chosen_peak: int) -> str:
             if diff else "the same memory per device")
 
 
-def _capacity(plan: Plan) -> int:
+def _capacity(plan: Plan, group: int | None = None) -> int:
+    """Usable memory per device: of the cluster's device, or of a mixed cluster's group."""
     from cost_models.devices import lookup
 
     headroom = plan.extra.get("workload_full", {}).get("memory_headroom", 0.1)
-    return int(lookup(plan.cluster.device).memory_bytes * (1 - headroom))
+    device = plan.cluster.groups[group].device if plan.cluster.groups and group is not None \
+        else plan.cluster.device
+    return int(lookup(device).memory_bytes * (1 - headroom))
 
 
 def _device_list(ids) -> str:

@@ -49,10 +49,13 @@ def check_plan(
 
     Args:
         plan: a ``planner.solver.Solution`` or a ``planner.plan.Plan``.
-        table: the cost table of the plan's microbatch size, or the builder.
-        cluster: the cluster the plan is for.
+        table: the cost table of the plan's microbatch size, or the builder; for a
+            ``MixedCluster``, one per group (tables or builders), in the cluster's order.
+        cluster: the cluster the plan is for (a ``Cluster`` or a ``MixedCluster``).
         workload: batch size, memory headroom.
     """
+    if getattr(cluster, "is_mixed", False) is True:
+        return _check_mixed(plan, table, cluster, workload)
     problems: list[str] = []
     par = getattr(plan, "parallelism", plan)
     dp, m = par.dp, par.microbatches
@@ -143,6 +146,109 @@ def check_plan(
     throughput = batch / period
     if not _close(pred.throughput_samples_per_s, throughput):
         problems.append(f"predicted throughput {pred.throughput_samples_per_s} != {throughput}")
+    if pred.peak_memory_bytes != peak:
+        problems.append(f"predicted peak memory {pred.peak_memory_bytes} != {peak}")
+    return problems
+
+
+def _check_mixed(plan, tables, cluster, workload: Workload) -> list[str]:
+    """``check_plan`` on a mixed cluster: each stage's group is the one holding its device
+    ids, its memory within that group's device capacity, its figures from that group's
+    table; a cut inside a group on that group's links, between groups on the slower side
+    (the larger latency, the smaller bandwidth)."""
+    par = getattr(plan, "parallelism", plan)
+    dp, m, batch = par.dp, par.microbatches, workload.batch_size
+    if dp < 1 or batch % dp or m < 1 or (batch // dp) % m:
+        return [f"dp {dp} x microbatches {m} does not divide batch size {batch}"]
+    mbs = batch // (dp * m)
+    tables = [t(mbs, m) if callable(t) and not isinstance(t, CostTable) else t for t in tables]
+    if len(tables) != len(cluster.groups):
+        return [f"{len(tables)} tables for {len(cluster.groups)} groups"]
+    starts, problems, seen = [], [], set()
+    at = 0
+    for g in cluster.groups:
+        starts.append(at)
+        at += g.num_devices
+    stages = _stages(plan)
+    expected_first = 0
+    for i, (first, last, *_rest) in enumerate(stages):
+        if first != expected_first or last < first:
+            problems.append(f"stage {i} covers layers [{first}, {last}], expected to start "
+                            f"at {expected_first}")
+        expected_first = last + 1
+    if not stages or expected_first != tables[0].num_layers:
+        problems.append(f"stages end at layer {expected_first - 1}, the model has "
+                        f"{tables[0].num_layers} layers")
+    if problems:
+        return problems
+    times, places, peak = [], [], 0
+    for i, (first, last, tp, devices, stage) in enumerate(stages):
+        groups = {next(k for k in range(len(starts) - 1, -1, -1) if d >= starts[k])
+                  for r in devices for d in r if 0 <= d < cluster.num_devices}
+        if len(groups) != 1 or any(not 0 <= d < cluster.num_devices for r in devices for d in r):
+            problems.append(f"stage {i}: devices in groups {sorted(groups)} (or outside "
+                            f"0..{cluster.num_devices - 1}); a stage runs in one group")
+            continue
+        g = groups.pop()
+        group, table = cluster.groups[g], tables[g]
+        if getattr(stage, "group", g) != g:
+            problems.append(f"stage {i}: recorded group {stage.group}, its devices are in {g}")
+        per_node = group.devices_per_node
+        if len(devices) != dp or any(len(r) != tp for r in devices):
+            problems.append(f"stage {i}: expected {dp} replicas of {tp} devices")
+        nodes = []
+        for r in devices:
+            for d in r:
+                if d in seen:
+                    problems.append(f"device {d} is used twice")
+                seen.add(d)
+            local = {(d - starts[g]) // per_node for d in r}
+            if len(local) > 1:
+                problems.append(f"stage {i}: TP group {list(r)} spans nodes {sorted(local)} "
+                                f"of group {g}")
+            nodes.append(min(local))
+        if any(tp not in table.costs[j] for j in range(first, last + 1)):
+            problems.append(f"stage {i}: some of layers {first}..{last} do not allow tp {tp} "
+                            f"on group {g}")
+            continue
+        compute = math.fsum(table.costs[j][tp].compute_s for j in range(first, last + 1))
+        comm = math.fsum(table.costs[j][tp].comm_s for j in range(first, last + 1))
+        memory = table.stage_memory_bytes(first, last, tp)
+        cap = int(group.device_spec.memory_bytes * (1.0 - workload.memory_headroom))
+        if memory > cap:
+            problems.append(f"stage {i}: {memory} bytes per device > capacity {cap} of group "
+                            f"{g} ({group.device})")
+        for name, value in (("compute_s", compute), ("comm_s", comm)):
+            if not _close(_stage_figure(stage, name), value):
+                problems.append(f"stage {i}: predicted {name} {_stage_figure(stage, name)} "
+                                f"!= {value} from group {g}'s table")
+        if _stage_figure(stage, "memory_bytes") != memory:
+            problems.append(f"stage {i}: predicted memory != {memory} from group {g}'s table")
+        times.append(compute + comm)
+        places.append((g, nodes))
+        peak = max(peak, memory)
+    if problems:
+        return problems
+    hops = []
+    for i in range(len(stages) - 1):
+        (ga, na), (gb, nb) = places[i], places[i + 1]
+        a, b = tables[ga], tables[gb]
+        if ga == gb:
+            link = a.inter_node if na != nb else a.intra_node
+            latency, bandwidth = link.latency_s, link.bandwidth_bytes_per_s
+        else:
+            latency = max(a.inter_node.latency_s, b.inter_node.latency_s)
+            bandwidth = min(a.inter_node.bandwidth_bytes_per_s, b.inter_node.bandwidth_bytes_per_s)
+        hops.append(latency + a.boundary_bytes[stages[i][1]] / bandwidth)
+    every = times + hops
+    latency = math.fsum(every) + (m - 1) * max(every)
+    period = max(m * max(every), math.fsum(every))
+    pred = plan.predicted
+    if not _close(pred.latency_s, latency):
+        problems.append(f"predicted latency {pred.latency_s} s != {latency} s recomputed")
+    if not _close(pred.throughput_samples_per_s, batch / period):
+        problems.append(f"predicted throughput {pred.throughput_samples_per_s} != "
+                        f"{batch / period}")
     if pred.peak_memory_bytes != peak:
         problems.append(f"predicted peak memory {pred.peak_memory_bytes} != {peak}")
     return problems

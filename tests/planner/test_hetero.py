@@ -343,8 +343,9 @@ def _mixed_plan():
     builders = [_linear(1.0, L=6), _linear(2.0, L=6)]
     work = Workload(batch_size=2, memory_headroom=0.0, objective="throughput")
     sol = solve_mixed(builders, cluster, work, pins={"dp": 2, "pp": 2})
-    table = builders[0](sol.microbatch_size, sol.microbatches)
-    return Plan.from_solution(sol, table, cluster, work, model_name="toy", fingerprint="f"), sol
+    tables = tuple(b(sol.microbatch_size, sol.microbatches) for b in builders)
+    return Plan.from_solution(sol, tables[0], cluster, work, model_name="toy", fingerprint="f",
+                              group_tables=tables), sol
 
 
 def test_a_mixed_plan_records_its_groups_and_round_trips(tmp_path):
@@ -352,14 +353,19 @@ def test_a_mixed_plan_records_its_groups_and_round_trips(tmp_path):
 
     plan, sol = _mixed_plan()
     d = plan.to_dict()
-    assert d["cluster"] == {"num_devices": 6, "nodes": 2, "devices_per_node": 2,
-                            "device": "H100-SXM-80GB",
-                            "groups": [{"nodes": 1, "devices_per_node": 2,
-                                        "device": "H100-SXM-80GB"},
-                                       {"nodes": 1, "devices_per_node": 4,
-                                        "device": "A100-80GB"}]}
+    shape = ("nodes", "devices_per_node", "device")
+    assert {k: v for k, v in d["cluster"].items() if k != "groups"} == \
+        {"num_devices": 6, "nodes": 2, "devices_per_node": 2, "device": "H100-SXM-80GB"}
+    assert [tuple(g[k] for k in shape) for g in d["cluster"]["groups"]] == \
+        [(1, 2, "H100-SXM-80GB"), (1, 4, "A100-80GB")]
     # 2 replicas x 2 stages: one device of each group per replica, ids group after group
     assert [s.devices for s in sol.stages] == [((0,), (1,)), ((2,), (3,))]
+    assert [s["group"] for s in d["stages"]] == [0, 1]
+    # each group's table as the solver saw it: the A100 group's layers take twice as long
+    assert d["cluster"]["groups"][0]["costs"] == [layer["costs"] for layer in d["layers"]]
+    assert [c["1"]["compute_s"] for c in d["cluster"]["groups"][1]["costs"]] == \
+        [2 * c["1"]["compute_s"] for c in d["cluster"]["groups"][0]["costs"]]
+    assert plan.cost_table(group=1).costs[0][1].compute_s == 2e-3 * sol.microbatch_size
     plan.save(tmp_path / "p.json")
     loaded = Plan.load(tmp_path / "p.json")
     assert loaded.cluster == plan.cluster and loaded.to_dict() == d
@@ -375,6 +381,15 @@ def test_a_mixed_plan_records_its_groups_and_round_trips(tmp_path):
     (lambda d: d["cluster"]["groups"][1].update(device="B9000"), "B9000"),
     (lambda d: d["stages"][0].update(tp=2, devices=[[1, 2], [4, 5]]),
      r"stages\[0\].devices\[0\] \[1, 2\] spans 2 group\(s\) and 2 nodes"),
+    (lambda d: d["stages"][1].update(group=0),
+     r"stages\[1\].group is 0 but its devices are in group\(s\) \[1\]"),
+    (lambda d: d["stages"][1].update(group=2), r"stages\[1\].group is 2; cluster.groups has 2"),
+    (lambda d: d["cluster"]["groups"][1].pop("costs"), "record a cost table and the others"),
+    (lambda d: d["cluster"]["groups"][1]["costs"].pop(), r"groups\[1\].costs has 5 entries"),
+    (lambda d: d["cluster"]["groups"][0]["costs"][0]["1"].update(compute_s=1.0),
+     "differ from layers"),
+    (lambda d: d["cluster"]["groups"][1]["costs"][5].pop("1"),
+     r"stages\[1\].tp is 1 but cluster.groups\[1\].costs\[5\] has no \"1\""),
 ])
 def test_malformed_groups_in_plan_files_are_named(tmp_path, edit, message):
     from planner.plan import Plan, PlanFormatError
@@ -390,12 +405,82 @@ def test_malformed_groups_in_plan_files_are_named(tmp_path, edit, message):
 # --------------------------------------------------------------------------- the CLI
 
 
-def test_plan_model_refuses_a_mixed_cluster_with_what_to_do(capsys, tmp_path):
+def _check_mixed_plan_file(path, work):
+    """A mixed plan file as a reader sees it: each stage's group holds its devices, its
+    memory fits that group's device, the independent validator agrees with the groups'
+    recorded tables, and no group alone (the ``alone:`` baselines) beats it."""
+    from planner.plan import Plan
+    from planner.report import baseline_ratios
+    from planner.validate import check_plan
+
+    plan = Plan.load(path)
+    cluster = MixedCluster(tuple(Cluster(g.nodes, g.devices_per_node, g.device)
+                                 for g in plan.cluster.groups))
+    tables = [plan.cost_table(group=g) for g in range(len(cluster.groups))]
+    assert check_plan(plan, tables, cluster, work) == []
+    for s in plan.stages:
+        assert {cluster.group_of(d) for r in s.devices for d in r} == {s.group}
+        group = cluster.groups[s.group]
+        cap = group.device_spec.memory_bytes * (1 - work.memory_headroom)
+        assert s.predicted.memory_bytes <= cap
+    ratios = baseline_ratios(plan)
+    assert set(ratios) == {f"alone:{g.spec_string}" for g in cluster.groups}
+    assert all(r is None or r >= 1 - 1e-12 for r in ratios.values())
+    return plan
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_plan_model_plans_a_mixed_cluster_end_to_end(capsys, tmp_path, phase):
+    from tests.bad_input.cli_helpers import HF_LLAMA, call
+
+    out = tmp_path / "p.json"
+    code, stdout, err = call([*HF_LLAMA, "--cluster", "1x2xH100+1x4xA100-80GB", "--batch", "4",
+                              "--seq", "64", "--phase", phase, "--out", out], capsys)
+    assert code == 0, err
+    assert "gpu" in stdout and "mixed cluster: this plan is" in stdout
+    work = Workload(batch_size=4, seq_len=64, phase=phase)
+    plan = _check_mixed_plan_file(out, work)
+    assert [(g.nodes, g.devices_per_node, g.device) for g in plan.cluster.groups] == \
+        [(1, 2, "H100-SXM-80GB"), (1, 4, "A100-80GB")]
+    assert (plan.predicted.ttft_s is not None) == (phase == "decode")
+    code, shown, _ = call(["show", out], capsys)
+    stage_table = shown.split("stages (")[1].split("pipeline")[0]
+    assert code == 0 and plan.cluster.groups[plan.stages[0].group].device in stage_table
+    code, explained, _ = call(["explain", out], capsys)
+    assert code == 0 and "stage 0: layers 0.." in explained
+    assert "the best plan on each group alone" in explained
+
+
+def test_70b_prefill_on_h100_and_a100_nodes_beats_each_group_alone(tmp_path):
+    """llama-3-70b prefill, batch 8, on one H100 node and two A100 nodes (traced on meta):
+    planner.plan uses both groups and is faster than the best plan on either alone."""
+    import torch
+
+    import planner
+    from planner.models.loader import load_model
+
+    lm = load_model("llama-3-70b", batch_size=8, seq_len=2048, dtype=torch.bfloat16,
+                    device="meta")
+    work = Workload(batch_size=8, seq_len=2048)
+    plan = planner.plan(lm.model, "1x8xH100+2x8xA100-80GB", work, args=lm.args,
+                        kwargs=lm.kwargs, alternatives=1)
+    plan.save(tmp_path / "p.json")
+    plan = _check_mixed_plan_file(tmp_path / "p.json", work)
+    assert plan.solver.status == "OPTIMAL"
+    assert {s.group for s in plan.stages} == {0, 1}
+    ratios = [r for r in plan.baselines.values()]
+    assert min(b.latency_s for b in ratios if b.feasible) > plan.predicted.latency_s * 1.01
+
+
+def test_training_and_target_on_a_mixed_cluster_are_refused_with_what_to_do(capsys, tmp_path):
     from tests.bad_input.cli_helpers import HF_LLAMA, refused
 
     out = tmp_path / "p.json"
-    refused([*HF_LLAMA, "--cluster", "1x2xcpu+1x4xcpu", "--out", out], capsys,
-            "do not plan mixed clusters (2xcpu+4xcpu) yet", "--cluster 2xcpu", out_file=out)
+    refused([*HF_LLAMA, "--cluster", "1x2xH100+1x4xA100-80GB", "--phase", "train",
+             "--out", out], capsys, "train plans on a mixed cluster", "not supported yet",
+            "--cluster 2xH100-SXM-80GB", out_file=out)
+    refused([*HF_LLAMA, "--cluster", "1x2xH100+1x4xA100-80GB", "--target", "vllm",
+             "--out", out], capsys, "engines take no mixed cluster", out_file=out)
     refused([*HF_LLAMA, "--cluster", "2xcpu+", "--batch", "1"], capsys,
             "nothing empty between them")
 
@@ -434,14 +519,14 @@ def test_mixed_search_starts_from_the_best_group_alone_and_keeps_it_when_time_ru
     assert (sol.solver.status == "OPTIMAL") == (sol.solver.bound == sol.solver.objective)
 
 
-def test_planner_plan_refuses_a_mixed_cluster_and_training_on_one_is_not_supported_yet():
+def test_planner_plan_refuses_training_on_a_mixed_cluster():
     import torch
 
     import planner
     from planner.hetero import mixed_request_error
 
-    with pytest.raises(SpecError, match=r"do not plan mixed clusters \(2xcpu\+4xcpu\) yet.*"
-                                        r"--cluster 2xcpu"):
-        planner.plan(torch.nn.Linear(4, 4), "1x2xcpu+1x4xcpu", args=(torch.zeros(1, 4),))
-    assert mixed_request_error(Cluster.parse("8xH100+8xA100-80GB"), "train").startswith(
-        "train plans on a mixed cluster (8xH100-SXM-80GB+8xA100-80GB) are not supported yet")
+    with pytest.raises(SpecError, match=r"train plans on a mixed cluster \(2xcpu\+4xcpu\) are "
+                                        r"not supported yet.*--cluster 2xcpu"):
+        planner.plan(torch.nn.Linear(4, 4), "1x2xcpu+1x4xcpu", Workload(batch_size=1,
+                     phase="train"), args=(torch.zeros(1, 4),))
+    assert mixed_request_error(Cluster.parse("8xH100+8xA100-80GB"), "decode") is None
