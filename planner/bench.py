@@ -3,7 +3,8 @@
 Each case plans a preset on a cluster for a workload and records the objective, the solver
 status, the solve time and the baseline ratios. ``compare`` checks a run against the golden
 file: a case fails if its objective got worse by more than ``tolerance`` (0.5%), it lost
-OPTIMAL status, or its solve exceeded its time budget. Only ``plan bench --update-golden``
+OPTIMAL status, its solve exceeded its time budget, or (a mixed cluster) it is slower than
+the best plan on one of its groups alone (its ``alone:<group>`` baselines). Only ``plan bench --update-golden``
 rewrites the golden file, and it prints what moved.
 """
 
@@ -78,7 +79,7 @@ def run_case(case: BenchCase, perturb: Callable | None = None) -> CaseResult:
     traced, model = _TRACED[key]
     cluster, step = Cluster.parse(case.cluster), None
     if case.phase == "decode":  # the decode step `plan` prices with (traced on cpu only)
-        step_key = (*key, "decode", work.kv_context_len, cluster.device)
+        step_key = (*key, "decode", work.kv_context_len, tuple(g.device for g in cluster.groups))
         if step_key not in _TRACED:
             _TRACED[step_key] = decode_step_for(model, traced, work, cluster)
         step = _TRACED[step_key]
@@ -109,6 +110,10 @@ def compare(results: list[CaseResult], golden: dict, cases: list[BenchCase],
                 problems.append(f"objective {change:+.2%} (> {tolerance:.1%} worse)")
             if g["status"] == "OPTIMAL" and r.status != "OPTIMAL":
                 problems.append(f"status {r.status} (was OPTIMAL)")
+        for name, ratio in r.baseline_ratios.items():  # mixed clusters: each group alone
+            if name.startswith("alone:") and ratio is not None and ratio < 1 - 1e-9:
+                problems.append(f"slower than the best plan on {name[6:]} alone "
+                                f"({1 / ratio:.3f}x its objective)")
         if r.wall_s > budget[r.name]:
             problems.append(f"solve {r.wall_s:.1f} s > budget {budget[r.name]:g} s")
         rows.append({"name": r.name, "objective": r.objective,

@@ -77,3 +77,34 @@ def test_compare_flags_lost_optimality_and_time_budget_but_not_small_noise():
     missing = compare([_result("new-case", 1.0)], GOLDEN, CASES + [
         type(case)("new-case", "gpt2", "8xH100", 1, 128, "prefill", "latency", 10)])[0]
     assert not missing["ok"] and "golden" in missing["problems"][0]
+
+
+MIXED = [c for c in CASES if Cluster.parse(c.cluster).is_mixed]
+
+
+def test_mixed_cases_are_at_least_as_fast_as_each_group_alone():
+    """Three or more mixed-cluster cases; in the golden file no group alone beats the mixed
+    plan (ratio >= 1; None: nothing fits on that group alone), and a result that a group
+    alone beats fails the suite."""
+    assert len(MIXED) >= 3 and {c.phase for c in MIXED} == {"prefill", "decode"}
+    for case in MIXED:
+        ratios = GOLDEN[case.name]["baseline_ratios"]
+        groups = Cluster.parse(case.cluster).groups
+        assert set(ratios) == {f"alone:{g.spec_string}" for g in groups}
+        assert all(r is None or r >= 1 for r in ratios.values())
+    assert any(r > 1.05 for c in MIXED for r in GOLDEN[c.name]["baseline_ratios"].values()
+               if r is not None)
+    case = MIXED[0]
+    slower = CaseResult(case.name, "OPTIMAL", GOLDEN[case.name]["objective"], 0.1, 1, 1, [8], 1,
+                        {"alone:8xH100-SXM-80GB": 0.98})
+    row = compare([slower], GOLDEN, CASES)[0]
+    assert not row["ok"] and "slower than the best plan on 8xH100-SXM-80GB alone" in \
+        row["problems"][0]
+
+
+def test_the_70b_mixed_prefill_case_matches_golden():
+    case = next(c for c in MIXED if c.name == "llama-3-70b-mixed-h100-a100-prefill-latency")
+    result = run_case(case)
+    assert compare([result], GOLDEN, CASES)[0]["ok"]
+    assert result.status == "OPTIMAL"
+    assert min(result.baseline_ratios.values()) > 1.05  # both groups alone are slower
