@@ -258,13 +258,14 @@ _UNREACHED = 1 << 60  # "no partial plan" in the DP bound's int64 arrays (sums s
 
 
 class _StageSums:
-    """``sum_min(M)``: the least sum of stage times plus the cheaper hop of each cut over the
-    plans of a combo whose every stage takes at most ``M`` ticks: a DP over (boundary, group
-    position, devices used in that group), exact but for the relaxations that make it a
-    bound (each cut at its cheaper link, the tp group's node alignment and a ``pp`` pin
-    ignored). The arcs are the CP-SAT model's (memory within the group's capacity, degrees
-    every layer allows), a group is left with a device count it allows, and every group's
-    devices stay within its largest share.
+    """``sum_min(M)``: the least sum of stage times and hops over the plans of a combo whose
+    every stage takes at most ``M`` ticks: a DP over (boundary, group position, devices
+    used in that group). The arcs are the CP-SAT model's (memory within the group's
+    capacity, degrees every layer allows), a stage's tp group stays inside one node, a cut
+    is priced as the solvers price it (inside a group by where the next stage starts,
+    between groups on the slower side), a group is left with a device count it allows and
+    holds at most its largest share. Only a ``pp`` pin is ignored, so for the stage times
+    and hops it is exact; the bound's only slack is that ``M`` caps stages, not hops.
     """
 
     def __init__(self, combo: _Combo) -> None:
@@ -296,8 +297,16 @@ class _StageSums:
         floor = max(min(v for g in combo.groups for v in g.ticks[j].values()) for j in range(L))
         self.values = np.unique(np.concatenate(values)) if values else np.zeros(0, np.int64)
         self.values = self.values[self.values >= floor]
-        self.hop = [[0] + [min(a, b) for a, b in zip(g.hop_intra, g.hop_inter)]
-                    for g in combo.groups]  # hop[q][j]: the cheaper link of the cut before j
+        # the cut before boundary j inside group q, after u of its devices: intra-node, or
+        # inter-node when the next stage starts a node (u a multiple of the node), and a
+        # stage of tp t may start after u devices only inside one node
+        self.intra = [[0, *g.hop_intra] for g in combo.groups]
+        self.extra = [[0, *(b - a for a, b in zip(g.hop_intra, g.hop_inter))]
+                      for g in combo.groups]
+        units = np.arange(self.S + 1)
+        self.on_node = [(units % g.per_node == 0).astype(np.int64) for g in combo.groups]
+        self.fits = [{t: units % g.per_node + t <= g.per_node for t in g.tps}
+                     for g in combo.groups]
         self.leave = [np.array(sorted(g.sizes), dtype=np.int64) for g in combo.groups]
         self._memo: dict[int, int] = {}
         self.at: int | None = None  # the largest stage time of the bound's best case
@@ -325,7 +334,8 @@ class _StageSums:
                             best[j, q, 0] = came
             for q, g in enumerate(combo.groups):
                 fresh = best[j, q, 0]
-                used = best[j, q, 1:g.s_max] + self.hop[q][j]  # a stage of the group before
+                used = best[j, q, 1:g.s_max] + self.intra[q][j] \
+                    + self.extra[q][j] * self.on_node[q][1:g.s_max]  # after a stage of q
                 for t in g.tps:
                     pt = self.prefix[q][t]
                     b = min(self.ends[q][t][j],
@@ -338,8 +348,10 @@ class _StageSums:
                         np.minimum(rows[:, t], fresh + times, out=rows[:, t])
                     width = g.s_max - t
                     if width > 0:
+                        source = np.where(self.fits[q][t][1:1 + width], used[:width],
+                                          _UNREACHED)
                         np.minimum(rows[:, t + 1:t + 1 + width],
-                                   used[None, :width] + times[:, None],
+                                   source[None, :] + times[:, None],
                                    out=rows[:, t + 1:t + 1 + width])
         return best
 
@@ -372,7 +384,11 @@ class _StageSums:
                     if self.ends[q][t][a] < j - 1 or pt[j] - pt[a] > limit:
                         continue
                     before = int(best[a, q, u - t])
-                    hop = self.hop[q][a] if u - t > 0 else 0
+                    was = u - t
+                    if was > 0 and not self.fits[q][t][was]:
+                        continue
+                    hop = self.intra[q][a] + self.extra[q][a] * int(self.on_node[q][was]) \
+                        if was > 0 else 0
                     if before < _UNREACHED and before + hop + int(pt[j] - pt[a]) == value:
                         step = (a, t, before)
                         break
