@@ -5,6 +5,7 @@ Usage:
     .venv/bin/python benchmarks/solver_scaling.py --infeasible --verify  # refusals, checked
     .venv/bin/python benchmarks/solver_scaling.py --synthetic            # arch-shaped tables
     .venv/bin/python benchmarks/solver_scaling.py --builder pkg.module:factory
+    .venv/bin/python benchmarks/solver_scaling.py --only + --repeats 5   # the mixed case
 
 By default each case traces the preset on the ``meta`` device and prices it with the
 project's cost model (``planner.cost_builder.CostBuilder``); every timed solve starts from
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner.cluster import Cluster, Workload  # noqa: E402
 from planner.cost_table import CostTable, LayerCost, Link  # noqa: E402
+from planner.hetero import solve_mixed  # noqa: E402
 from planner.solver import InfeasiblePlanError, solve  # noqa: E402
 
 __all__ = ["SyntheticArch", "synthetic_builder", "CASES", "main"]
@@ -136,6 +138,8 @@ def cost_model_builder(model: str, cluster: Cluster, workload: Workload):
         print(f"<!-- traced {model} {workload.batch_size}x{seq} in "
               f"{time.perf_counter() - start:.1f} s -->", flush=True)
     traced = _TRACED[key]
+    if cluster.is_mixed:  # one builder per group
+        return lambda w: [CostBuilder(traced, g, w) for g in cluster.groups]
     return lambda w: CostBuilder(traced, cluster, w)
 
 
@@ -152,6 +156,8 @@ CASES = [
     ("llama-3-70b", "8x8xH100", "decode", "throughput", 64, 2048),
     ("llama-3-405b", "128x8xH100", "prefill", "latency", 8, 2048),
     ("llama-3-405b", "128x8xH100", "decode", "throughput", 256, 2048),
+    # a mixed cluster (planner.hetero.solve_mixed, one table per group)
+    ("llama-3-405b", "64x8xH100+64x8xA100-80GB", "prefill", "latency", 8, 2048),
     # infeasible
     ("llama-3-70b", "8xH100", "prefill", "throughput", 2048, 2048),
     ("llama-3-70b", "8xH100", "decode", "throughput", 64, 2048, 131072),
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--time-limit", type=float, default=60.0)
-    parser.add_argument("--only", help="substring of the model name to run")
+    parser.add_argument("--only", help="substring of the model name or cluster spec to run")
     parser.add_argument("--infeasible", action="store_true", help="only the cases that do not fit")
     parser.add_argument("--verify", action="store_true",
                         help="check that every suggested change fits and one step less does not")
@@ -194,13 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     refusals, failed = [], 0
     for model, spec, phase, objective, batch, seq, *rest in CASES:
-        if args.only and args.only not in model:
+        if args.only and args.only not in model and args.only not in spec:
             continue
         context = rest[0] if rest else None
         cluster = Cluster.parse(spec)
         work = Workload(batch_size=batch, seq_len=seq, phase=phase, objective=objective,
                         context_len=context)
-        if args.synthetic:
+        if args.synthetic and cluster.is_mixed:
+            fresh = lambda w, m=model, c=cluster: [  # noqa: E731
+                synthetic_builder(ARCHS[m], g, w) for g in c.groups]
+        elif args.synthetic:
             fresh = lambda w, m=model, c=cluster: synthetic_builder(ARCHS[m], c, w)  # noqa: E731
         elif factory is not None:
             fresh = lambda w, m=model, c=cluster: factory(m, c, w)  # noqa: E731
@@ -211,8 +220,12 @@ def main(argv: list[str] | None = None) -> int:
             builder = fresh(work)
             start = time.perf_counter()
             try:
-                sol = solve(builder, cluster, work, num_workers=args.workers,
-                            time_limit_s=args.time_limit, rebuild=fresh)
+                if cluster.is_mixed:  # the best group alone, the DP bounds, CP-SAT
+                    sol = solve_mixed(builder, cluster, work, num_workers=args.workers,
+                                      time_limit_s=args.time_limit)
+                else:
+                    sol = solve(builder, cluster, work, num_workers=args.workers,
+                                time_limit_s=args.time_limit, rebuild=fresh)
             except InfeasiblePlanError as e:
                 refusal = e
             times.append(time.perf_counter() - start)
@@ -224,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = median <= budget and (refusal is not None or sol.solver.status == "OPTIMAL")
         failed += not ok
         ctx = str(work.kv_context_len) if phase == "decode" else "-"
-        head = (f"| {model} | {spec} | {cluster.num_devices} | {builder(1, 1).num_layers} | "
+        layers = (builder[0] if cluster.is_mixed else builder)(1, 1).num_layers
+        head = (f"| {model} | {spec} | {cluster.num_devices} | {layers} | "
                 f"{phase} / {objective} | {batch} | {ctx} | ")
         tail = f"{median:.2f} | {max(times):.2f} | {budget:g} | {'pass' if ok else 'FAIL'} | "
         if refusal is not None:
