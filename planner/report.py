@@ -95,8 +95,7 @@ def render_plan(plan: Plan, console: Console) -> None:
         table.add_column(col, justify="left" if col in ("layers", "devices (replica 0)",
                                                         "memory / usable capacity",
                                                         "gpu") else "right",
-                         no_wrap=col == "memory / usable capacity",
-                         min_width=max(len(g.device) for g in c.groups) if col == "gpu" else None)
+                         no_wrap=col in ("memory / usable capacity", "gpu"))
     for i, s in enumerate(plan.stages):
         first, last = s.layers
         names = f"{plan.layers[first].name} .. {plan.layers[last].name}" if last > first else plan.layers[first].name
@@ -112,7 +111,7 @@ def render_plan(plan: Plan, console: Console) -> None:
             cells[7:7] = [s.recompute, str(flight[i]) if i < len(flight) else "-",
                           fmt_seconds(tail[i]) if i < len(tail) else "-"]
         if mixed:
-            cells[5:5] = [c.groups[s.group].device]
+            cells[5:5] = [gpu_labels(plan)[s.group]]
         table.add_row(*cells)
     console.print(table)
     _render_sharding(plan, console)
@@ -168,6 +167,15 @@ def mixed_line(plan: Plan) -> str:
     gain = (f"{ratio:.2f}x faster than" if ratio > 1 + 1e-9 else "as fast as")
     return (f"mixed cluster: this plan is {gain} the best plan on one group alone "
             f"({name.removeprefix('alone:')}; {plan.workload.objective})")
+
+
+def gpu_labels(plan: Plan) -> list[str]:
+    """Each group's device as ``plan show`` names it in the stage table: the catalogue
+    name's first part (``H100`` for ``H100-SXM-80GB``) when that tells the groups apart, so
+    the table fits the terminal; the full name otherwise (``plan explain`` gives it)."""
+    short = [g.device.split("-")[0] for g in plan.cluster.groups]
+    full = [g.device for g in plan.cluster.groups]
+    return short if len(set(short)) == len(set(full)) else full
 
 
 def _cluster_name(plan: Plan) -> str:
