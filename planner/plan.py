@@ -305,7 +305,7 @@ class Plan:
             return LayerCosts(c.compute_s, c.comm_s, c.memory_bytes, c.kv_cache_bytes)
 
         def group_of(stage) -> int:
-            return cluster.group_of(stage.devices[0][0]) if cluster.is_mixed else 0
+            return cluster.group_of(stage.devices[0][0]) if getattr(cluster, "is_mixed", False) else 0
 
         def table_of(stage) -> CostTable:
             return group_tables[group_of(stage)] if group_tables else table
