@@ -306,10 +306,13 @@ def _plan_model(args: argparse.Namespace) -> int:
         else:
             _print_layer_table(traced, cluster)
         return 0
-    if args.profile and (cluster.is_mixed or cluster.device != "cpu"):
-        devices = ", ".join(dict.fromkeys(g.device for g in cluster.groups))
+    if args.profile and cluster.is_mixed:
+        raise _UsageError(f"--profile measures this machine's cpu as the one device of a "
+                          f"cluster, but {cluster.spec_string} mixes node groups; drop --profile "
+                          f"or plan for an Nxcpu cluster")
+    if args.profile and cluster.device != "cpu":
         raise _UsageError(f"--profile measures this machine's cpu, but the cluster's devices are "
-                          f"{devices}; drop --profile or plan for an Nxcpu cluster")
+                          f"{cluster.device}; drop --profile or plan for an Nxcpu cluster")
     profile = _profile_here(args, overrides, workload) if args.profile else None
     pins = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("dp", args.dp),
                                 ("microbatches", args.microbatches)) if v is not None}

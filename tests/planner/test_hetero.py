@@ -481,6 +481,8 @@ def test_training_and_target_on_a_mixed_cluster_are_refused_with_what_to_do(caps
             "--cluster 2xH100-SXM-80GB", out_file=out)
     refused([*HF_LLAMA, "--cluster", "1x2xH100+1x4xA100-80GB", "--target", "vllm",
              "--out", out], capsys, "engines take no mixed cluster", out_file=out)
+    refused([*HF_LLAMA, "--cluster", "1x2xcpu+1x4xcpu", "--profile", "--out", out], capsys,
+            "2xcpu+4xcpu mixes node groups; drop --profile", out_file=out)
     refused([*HF_LLAMA, "--cluster", "2xcpu+", "--batch", "1"], capsys,
             "nothing empty between them")
 
