@@ -611,7 +611,7 @@ def solve_mixed_reference(builders: Sequence[CostTableBuilder], cluster: MixedCl
 # --------------------------------------------------------------------------- CP-SAT
 
 
-def _model(combo: _Combo, objective: str, cutoff: int | None, hint=None):
+def _model(combo: _Combo, objective: str, cutoff: int | None):
     """The CP-SAT model of one combo: a path through nodes (boundary j, position q)."""
     L, m, K = combo.num_layers, combo.m, len(combo.groups)
     arcs = []  # (a, b, t, q, time)
@@ -725,10 +725,6 @@ def _model(combo: _Combo, objective: str, cutoff: int | None, hint=None):
     if cutoff is not None:
         model.Add(obj <= cutoff)
     model.Minimize(obj)
-    if hint is not None:
-        chosen = set(hint)
-        for i, arc in enumerate(arcs):
-            model.AddHint(y[i], arc[:4] in chosen)
     return model, y, arcs, obj
 
 
