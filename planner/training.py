@@ -24,6 +24,8 @@ programming over the same combos (the tests' oracle).
 
 from __future__ import annotations
 
+import bisect
+import collections
 import itertools
 import math
 import time
@@ -37,6 +39,7 @@ from cost_models.layer_cost import comm_time
 from cost_models.roofline import layer_work, work_time
 from planner.cluster import Cluster, Workload
 from planner.cost_table import TICK_S, CostTable, to_ticks
+from planner.reference_solver import _front3, _unwind
 from planner.solver import (
     InfeasiblePlanError,
     PlanError,
@@ -519,28 +522,31 @@ def _bottleneck_floor(combo: TrainCombo) -> int:
     return _bottleneck_bound(relaxed) or 0
 
 
-def _lower_bound(combo: TrainCombo, bottleneck: int = 0) -> int | None:
-    """Valid for every plan of the combo: the stage sum at every layer's fastest variant,
-    the bottleneck at least the slowest layer, the sum over the most stages, the
-    device-seconds over the replica and ``bottleneck`` (``_bottleneck_floor``), and the
-    tail at least ``_tail_floor``."""
+def _lower_bound(combo: TrainCombo, bottleneck: int = 0, pp: int | None = None) -> int | None:
+    """Valid for every plan of the combo (of ``pp`` stages, if given): the stage sum at
+    every layer's fastest variant (plus ``pp - 1`` of the cheapest hop), the bottleneck at
+    least the slowest layer, the sum over the most stages, the device-seconds over the
+    replica and ``bottleneck``, and the tail at least ``_tail_floor``."""
     if not all(combo.ticks):
         return None
     fastest = _fastest(combo)
     cheapest = sum(min(t * v for (t, _), v in c.items()) for c in combo.ticks)
     total = sum(fastest)
     stages_max = min(combo.num_layers, combo.s_max // min(combo.tps))
-    if combo.pp is not None:
-        if combo.pp > stages_max:
+    pp = combo.pp if pp is None else pp
+    hops = 0
+    if pp is not None:
+        if pp > stages_max:
             return None
-        stages_max = combo.pp
+        stages_max = pp
+        hops = (pp - 1) * min(combo.hop_intra + combo.hop_inter, default=0)
     worst = max(max(fastest), -(-total // stages_max), -(-cheapest // combo.s_max), bottleneck)
     m, s_max = combo.m, combo.s_max
     # Coupled: layer j at (tp, rc) adds c to the sum and tp * c to the device-seconds, and
     # the bottleneck >= device-seconds / S_max.
     coupled = sum(min(v * (1 + (m - 1) * t / s_max) for (t, _), v in c.items())
                   for c in combo.ticks)
-    pipeline = max(total + (m - 1) * worst, int(math.floor(coupled * (1 - 1e-12))))
+    pipeline = max(total + (m - 1) * worst, int(math.floor(coupled * (1 - 1e-12)))) + hops
     return pipeline + _tail_floor(combo)
 
 
@@ -581,19 +587,29 @@ def _split(combo, ticks, t, rc, k, flight):
     memory at ``flight`` microbatches in flight; exactly ``k`` stages or None."""
     table = combo.table
 
+    workspace = table.forward.workspace(t)
+
+    def layer_bytes(j, start):  # layer j's memory in a stage from start
+        return (table.state[j][t] + table.borrowed_state(j, start, t)
+                + flight * table.saved[j][(t, rc)])
+
     def greedy(limit):
-        cuts, start, acc = [], 0, 0
+        cuts, start, acc, mem = [], 0, 0, workspace
         for j, v in enumerate(ticks):
             if v > limit:
                 return None
-            if acc + v > limit or table.stage_memory(start, j, t, rc, flight) > combo.cap:
+            add = layer_bytes(j, start)
+            if acc + v > limit or mem + add > combo.cap:
                 if start == j:
                     return None
                 cuts.append((start, j - 1))
                 start, acc = j, 0
-                if table.stage_memory(j, j, t, rc, flight) > combo.cap:
+                add = layer_bytes(j, j)
+                mem = workspace
+                if mem + add > combo.cap:
                     return None
             acc += v
+            mem += add
         cuts.append((start, len(ticks) - 1))
         return cuts
 
@@ -616,6 +632,247 @@ def _split(combo, ticks, t, rc, k, flight):
             return None
         parts[i:i + 1] = [(a, a), (a + 1, b)]
     return parts
+
+
+# --------------------------------------------------------------------------- exact search
+
+
+def _stage_counts(combo: TrainCombo) -> list[tuple[int, int]]:
+    """``(pp, bound)`` for every stage count the combo allows, by bound: ``_lower_bound``
+    with ``pp`` stages (the sum over ``pp`` stages, ``pp - 1`` of the cheapest hop)."""
+    top = min(combo.num_layers, combo.s_max // min(combo.tps))
+    pps = [combo.pp] if combo.pp is not None else range(1, top + 1)
+    out = [(pp, _lower_bound(combo, pp=pp)) for pp in pps if pp <= top]
+    return sorted(((pp, b) for pp, b in out if b is not None), key=lambda x: (x[1], x[0]))
+
+
+def _largest_floor(combo: TrainCombo, pp: int, limit: int) -> int:
+    """The largest bottleneck a ``pp``-stage plan can have and still be ``<= limit`` by
+    ``_pp_bound`` (negative when none can)."""
+    return (limit - _pp_bound(combo, pp, 0)) // max(combo.m - 1, 1) if combo.m > 1 else \
+        limit - _pp_bound(combo, pp, 0)
+
+
+def _spread_floor(combo: TrainCombo, pp: int) -> int:
+    """A floor on the largest stage time of ``pp`` stages: the slowest layer at its
+    fastest, the layers' fastest sum over ``pp`` and their device-seconds over ``S_max``."""
+    fastest = _fastest(combo)
+    cheapest = sum(min(t * v for (t, _), v in c.items()) for c in combo.ticks)
+    return max(max(fastest), -(-sum(fastest) // pp), -(-cheapest // combo.s_max))
+
+
+def _pp_bound(combo: TrainCombo, pp: int, floor: int) -> int:
+    """Valid for every ``pp``-stage plan whose largest stage time is at least ``floor``:
+    every layer at its fastest, the fewest hops, ``(m - 1) floor`` and the tail floor."""
+    min_hop = min(combo.hop_intra + combo.hop_inter, default=0)
+    return (sum(_fastest(combo)) + (pp - 1) * min_hop + (combo.m - 1) * floor
+            + _tail_floor(combo))
+
+
+class _Positions:
+    """Whether ``pp`` stages of the combo can all be within a time limit ``M``, with each
+    stage's memory at its position's in-flight count (1F1B: ``min(pp - k, m)``), and the
+    least such ``M`` (``least``): a valid floor on ``max E`` of every ``pp``-stage plan.
+
+    A relaxation of the plans: hops, the placement rule, tied copies and an engine's own
+    split are ignored, and each stage takes whichever recompute option reaches furthest.
+    Feasibility of ``M`` is monotone and the least ``M`` is some stage's time, so it is a
+    bisection over the stage times that fit; each test (``fits``) is a fewest-devices walk
+    over ``(stages so far, boundary)``: a stage that fits may be shortened and still fit,
+    and how far a stage from ``a`` reaches does not decrease with ``a``, so boundary ``x``
+    is reached from a window of starts ``[lo, x)`` whose fewest devices is a sliding
+    minimum. ``O(pp * L * |tp| * |rc|)`` per test.
+    """
+
+    BIG = 1 << 62
+
+    def __init__(self, combo: TrainCombo) -> None:
+        self.combo = combo
+        L, table, cap = combo.num_layers, combo.table, combo.cap
+        self.rows = []  # (tp, [(prefix time, prefix states, prefix saved, room)] per rc)
+        for t in combo.tps:
+            per_rc = []
+            for rc in combo.rcs:
+                pt, ps, pv = [0], [0], [0]
+                for j in range(L):
+                    v = combo.ticks[j].get((t, rc))
+                    pt.append(pt[-1] + (self.BIG if v is None else v))
+                    ps.append(ps[-1] + table.state[j].get(t, 0))
+                    pv.append(pv[-1] + table.saved[j].get((t, rc), 0))
+                per_rc.append((pt, ps, pv, cap - table.forward.workspace(t)))
+            self.rows.append((t, per_rc))
+        self._ends: dict = {}
+        self._reach: dict = {}
+        least = combo.m if combo.schedule == "gpipe" else 1
+        values = set()
+        for (_, per_rc), ends in zip(self.rows, self.ends(least)):
+            for (pt, *_), end in zip(per_rc, ends):
+                for a in range(L):
+                    values.update(pt[b] - pt[a] for b in range(a + 1, end[a] + 1))
+        self.values = sorted(v for v in values if v < self.BIG)
+
+    def ends(self, flight: int) -> list[list[list[int]]]:
+        """Per tp and rc, the furthest boundary a stage from each layer reaches in memory
+        holding ``flight`` microbatches."""
+        if flight not in self._ends:
+            out = []
+            for _, per_rc in self.rows:
+                row = []
+                for _, ps, pv, room in per_rc:
+                    g = [s + flight * v for s, v in zip(ps, pv)]
+                    row.append([bisect.bisect_right(g, g[a] + room, a) - 1
+                                for a in range(self.combo.num_layers)])
+                out.append(row)
+            self._ends[flight] = out
+        return self._ends[flight]
+
+    def _stage_ends(self, limit: int, flight: int) -> list[list[int]]:
+        """Per tp, the furthest boundary a stage from each layer reaches within ``limit``
+        and memory at ``flight``, with its best recompute option."""
+        key = (limit, flight)
+        if key not in self._reach:
+            L, out = self.combo.num_layers, []
+            for (_, per_rc), mems in zip(self.rows, self.ends(flight)):
+                best = [-1] * L
+                for (pt, *_), e in zip(per_rc, mems):
+                    for a in range(L):
+                        end = bisect.bisect_right(pt, pt[a] + limit, a, e[a] + 1) - 1 \
+                            if e[a] > a else a - 1
+                        if end > best[a]:
+                            best[a] = end
+                out.append(best)
+            self._reach[key] = out
+        return self._reach[key]
+
+    def fits(self, limit: int, pp: int) -> bool:
+        combo, L, big = self.combo, self.combo.num_layers, self.BIG
+        cur = [0] + [big] * L  # fewest devices covering layers [0, x) with k stages
+        for k in range(pp):
+            ends = self._stage_ends(limit, combo.in_flight(k, pp))
+            new = [big] * (L + 1)
+            for (t, _), end in zip(self.rows, ends):
+                window: collections.deque = collections.deque()  # starts, cur increasing
+                lo, a = 0, 0
+                for x in range(1, L + 1):
+                    while a < x:  # starts before x enter the window
+                        while window and cur[window[-1]] >= cur[a]:
+                            window.pop()
+                        window.append(a)
+                        a += 1
+                    while lo < x and end[lo] < x:  # a stage from lo cannot reach x
+                        lo += 1
+                    while window and window[0] < lo:
+                        window.popleft()
+                    if window and cur[window[0]] + t < new[x]:
+                        new[x] = cur[window[0]] + t
+            cur = new
+            if min(cur) > combo.s_max:
+                return False
+        return cur[L] <= combo.s_max
+
+    def least(self, pp: int, above: int = 0, within: float = 1e-3) -> int | None:
+        """A floor on the least limit that fits ``pp`` stages, within ``within`` of it
+        (relative), searched among the stage times ``>= above`` (the caller knows none
+        below fits); None when none fits. The bisection keeps ``values[lo]`` at or below
+        the least limit, so stopping early returns a valid floor."""
+        values = self.values
+        lo, hi = bisect.bisect_left(values, above), len(values) - 1
+        if lo > hi or not self.fits(values[hi], pp):
+            return None
+        while lo < hi and values[hi] - values[lo] > within * values[hi]:
+            mid = (lo + hi) // 2
+            if self.fits(values[mid], pp):
+                hi = mid
+            else:
+                lo = mid + 1
+        return values[lo]
+
+
+def _best_stages(combo: TrainCombo, starts: list[list], per_node: int, pp: int,
+                 cutoff: int | None, floor: int, deadline: float | None = None):
+    """``(value, path)`` of the best ``pp``-stage plan of the combo at or below ``cutoff``,
+    None when there is none, or ``"timeout"`` when ``deadline`` passed first.
+
+    Exact: a forward walk over the boundaries with states ``(devices used, stages so
+    far)``, so stage ``k``'s in-flight count, hence its memory, is exact; labels are the
+    Pareto front of (stage and hop sum, their max, the largest tail), each non-decreasing
+    in the step time ``sum + (m - 1) max + tail``. ``starts[a]`` are the arcs
+    (``_arcs``) from boundary ``a``. Two facts keep the fronts small: every ``pp``-stage
+    plan has ``max >= floor`` (``_Positions.least``) and ``tail >= _tail_floor``, so
+    labels carry ``max(max, floor)`` and ``max(tail, tail floor)`` without changing the value
+    of any complete plan; and a label is dropped when its sum plus every remaining layer
+    at its fastest option and the fewest remaining hops already exceeds ``cutoff``.
+    """
+    L, m, cap = combo.num_layers, combo.m, combo.cap
+    fastest = _fastest(combo)
+    rest = [0] * (L + 1)
+    for j in range(L - 1, -1, -1):
+        rest[j] = rest[j + 1] + fastest[j]
+    min_hop = min(combo.hop_intra + combo.hop_inter, default=0)
+    tail_floor, min_tp = _tail_floor(combo), min(combo.tps)
+    limit = cutoff if cutoff is not None else 1 << 62
+    # The stages after boundary x run on the R devices left, so their max is at least
+    # their device-seconds over R, each layer's at least its cheapest tp * time
+    # (``cheap``), and, coupled with the sum, layer j adds at least min c (1 + (m-1) tp / R).
+    cheap = [0] * (L + 1)
+    for j in range(L - 1, -1, -1):
+        cheap[j] = cheap[j + 1] + min(t * v for (t, _), v in combo.ticks[j].items())
+    coupled: dict[int, list[int]] = {}
+
+    def coupled_rest(x: int, left: int) -> int:
+        if left not in coupled:
+            row = [0.0] * (L + 1)
+            for j in range(L - 1, -1, -1):
+                row[j] = row[j + 1] + min(v * (1 + (m - 1) * t / left)
+                                          for (t, _), v in combo.ticks[j].items())
+            coupled[left] = [int(math.floor(v * (1 - 1e-12))) for v in row]
+        return coupled[left][x]
+    labels: list[dict] = [{} for _ in range(L + 1)]
+    labels[0][(0, 0)] = [(0, floor, tail_floor, None)]
+    for x in range(L):
+        if deadline is not None and time.perf_counter() > deadline:
+            return "timeout"
+        for (used, k), raw in labels[x].items():
+            front = _front3(raw)
+            flight = combo.in_flight(k, pp)
+            left = pp - k - 1  # stages after this one
+            for a, b, t, rc, t_ab, static, saved, tail in starts[x]:
+                if (left == 0) != (b == L - 1) or L - 1 - b < left:
+                    continue
+                if used % per_node + t > per_node or static + flight * saved > cap:
+                    continue
+                used2 = used + t
+                if used2 + left * min_tp > combo.s_max:
+                    continue
+                if left == 0:
+                    if used2 not in combo.sizes:
+                        continue
+                    hop = 0
+                else:
+                    hop = combo.hop_inter[b] if used2 % per_node == 0 else combo.hop_intra[b]
+                hops_after = max(left - 1, 0) * min_hop
+                ahead = t_ab + hop + rest[b + 1] + hops_after
+                spread, ahead2 = 0, 0
+                if left:
+                    room = combo.s_max - used2
+                    spread = -(-cheap[b + 1] // room)
+                    ahead2 = t_ab + hop + coupled_rest(b + 1, room) + hops_after
+                target = None
+                for s, w, tl, path in front:
+                    w2, tl2 = max(w, t_ab, hop), max(tl, tail)
+                    if s + tl2 + max(ahead + (m - 1) * max(w2, spread), ahead2) > limit:
+                        continue
+                    if target is None:
+                        target = labels[b + 1].setdefault((used2, k + 1), [])
+                    target.append((s + t_ab + hop, w2, tl2, ((a, b, t, rc), path)))
+        labels[x] = {}
+    best = None
+    for raw in labels[L].values():
+        for s, w, tl, path in _front3(raw):
+            value = s + (m - 1) * w + tl
+            if best is None or value < best[0]:
+                best = (value, list(_unwind(path)))
+    return best
 
 
 # --------------------------------------------------------------------------- CP-SAT
@@ -865,32 +1122,43 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
         if limit is not None and combo.lb > limit:
             pruned += 1
             continue
-        remaining = deadline - time.perf_counter()
-        if remaining <= 0:
+        if time.perf_counter() >= deadline:
             open_bounds.append(combo.lb)
             continue
-        if combo.bottleneck is None:  # exact for the relaxed stage times; often prunes
-            combo.bottleneck = _bottleneck_floor(combo)
-            combo.lb = max(combo.lb, _lower_bound(combo, combo.bottleneck) or 0)
-            if limit is not None and combo.lb > limit:
+        starts: list[list] | None = None
+        positions = None
+        for pp, cheap in _stage_counts(combo):
+            limit = best[0] - 1 if best is not None else (incumbent[0] if incumbent else None)
+            if limit is not None and cheap > limit:
                 pruned += 1
                 continue
-        hint = incumbent[2] if incumbent is not None and incumbent[1] is combo else None
-        built = _cp_model(combo, per_node, limit, hint)
-        solved += 1
-        if built is None:
-            continue
-        model, y, arcs, obj = built
-        solver, status = _run(model, num_workers, remaining)
-        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            value = int(round(solver.Value(obj)))
-            path = sorted(tuple(arcs[i][:4]) for i in range(len(arcs)) if solver.Value(y[i]))
-            if best is None or value < best[0]:
-                best = (value, combo, path)
-            if status == cp_model.FEASIBLE:
-                open_bounds.append(max(combo.lb, int(math.ceil(solver.BestObjectiveBound()))))
-        elif status == cp_model.UNKNOWN:
-            open_bounds.append(max(combo.lb, int(math.ceil(solver.BestObjectiveBound()))))
+            if time.perf_counter() >= deadline:
+                open_bounds.append(cheap)
+                continue
+            if positions is None:
+                positions = _Positions(combo)
+            # One test first: can every stage be short enough for the limit at all?
+            top = None if limit is None else _largest_floor(combo, pp, limit)
+            if top is not None and (top < 0 or not positions.fits(top, pp)):
+                pruned += 1
+                continue
+            floor = positions.least(pp, _spread_floor(combo, pp))
+            if floor is None:  # pp stages do not fit
+                continue
+            bound = max(cheap, _pp_bound(combo, pp, floor))
+            if limit is not None and bound > limit:
+                pruned += 1
+                continue
+            if starts is None:
+                starts = [[] for _ in range(combo.num_layers)]
+                for arc in _arcs(combo, limit):
+                    starts[arc[0]].append(arc)
+            solved += 1
+            found = _best_stages(combo, starts, per_node, pp, limit, floor, deadline)
+            if found == "timeout":
+                open_bounds.append(bound)
+            elif found is not None and (best is None or found[0] < best[0]):
+                best = (found[0], combo, found[1])
     if best is None and incumbent is not None:
         best = incumbent
     if best is None:
