@@ -25,13 +25,13 @@ programming over the same combos (the tests' oracle).
 from __future__ import annotations
 
 import bisect
-import collections
 import itertools
 import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 from ortools.sat.python import cp_model
 
 from cost_models import training as tm
@@ -39,7 +39,7 @@ from cost_models.layer_cost import comm_time
 from cost_models.roofline import layer_work, work_time
 from planner.cluster import Cluster, Workload
 from planner.cost_table import TICK_S, CostTable, to_ticks
-from planner.reference_solver import _front3, _unwind
+from planner.reference_solver import _unwind
 from planner.solver import (
     InfeasiblePlanError,
     PlanError,
@@ -51,7 +51,6 @@ from planner.solver import (
     _bottleneck_bound,
     _Combo,
     _divisors,
-    _run,
     check_pins,
     place_stages,
     replica_size_allowed,
@@ -137,6 +136,8 @@ class TrainTable:
     dtype: str
     tail_of: object = field(repr=False, default=None)  # (param bytes) -> seconds
     _tails: dict = field(default_factory=dict, repr=False)
+    #: tick tables by (tps, rcs), shared by the tables with the same ``time`` rows
+    ticks_memo: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -197,6 +198,8 @@ class TrainCostBuilder:
         self.spec = forward.spec
         self._tables: dict = {}
         self._layer: dict = {}
+        self._times: dict = {}
+        self._saved: dict = {}
 
     @property
     def tp_degrees(self):
@@ -244,35 +247,45 @@ class TrainCostBuilder:
         rows = self._per_layer(mb)
         dtype, spec, w = self.workload.dtype, self.spec, self.forward.workload
         cal = self.forward.calibration
-        time_, comm, state, saved, params = [], [], [], [], []
-        gathers: dict = {}
-        for row in rows:
-            t_row, c_row, st_row, sv_row, p_row = {}, {}, {}, {}, {}
-            for t, (c, k, attn_s, produced, into, attn_b, pbytes) in row.items():
-                g = 0.0
-                if zero == 3 and dp > 1 and pbytes:
-                    if pbytes not in gathers:
-                        gathers[pbytes] = comm_time("all_gather", pbytes, dp, spec, link=link,
-                                                    calibration=cal)
-                    g = gathers[pbytes]
-                for rc in tm.RECOMPUTE:
-                    t_row[(t, rc)] = tm.layer_step_s(c, k, rc, attn_s, g)
-                    c_row[(t, rc)] = 2 * k + (k if rc == "full" else 0.0) + 2 * g
-                    sv_row[(t, rc)] = tm.saved_activation_bytes(produced, into, attn_b, rc)
-                st_row[t] = tm.model_state_bytes(pbytes // _bytes(dtype), dtype, zero, dp)
-                p_row[t] = pbytes
-            time_.append(t_row)
-            comm.append(c_row)
-            state.append(st_row)
-            saved.append(sv_row)
-            params.append(p_row)
+        gather = zero == 3 and dp > 1
+        # Times depend on (mb, and for ZeRO-3 dp and link); activations on mb; states on
+        # (zero, dp): each part is built once and shared by the tables that agree on it.
+        part = (mb, dp, link) if gather else (mb,)
+        if part not in self._times:
+            gathers: dict = {}
+            time_, comm = [], []
+            for row in rows:
+                t_row, c_row = {}, {}
+                for t, (c, k, attn_s, _produced, _into, _attn_b, pbytes) in row.items():
+                    g = 0.0
+                    if gather and pbytes:
+                        if pbytes not in gathers:
+                            gathers[pbytes] = comm_time("all_gather", pbytes, dp, spec,
+                                                        link=link, calibration=cal)
+                        g = gathers[pbytes]
+                    for rc in tm.RECOMPUTE:
+                        t_row[(t, rc)] = tm.layer_step_s(c, k, rc, attn_s, g)
+                        c_row[(t, rc)] = 2 * k + (k if rc == "full" else 0.0) + 2 * g
+                time_.append(t_row)
+                comm.append(c_row)
+            self._times[part] = (time_, comm, {})  # {}: _make_combo's tick tables
+        if mb not in self._saved:
+            self._saved[mb] = (
+                [{(t, rc): tm.saved_activation_bytes(produced, into, attn_b, rc)
+                  for t, (_c, _k, _a, produced, into, attn_b, _p) in row.items()
+                  for rc in tm.RECOMPUTE} for row in rows],
+                [{t: v[6] for t, v in row.items()} for row in rows])
+        saved, params = self._saved[mb]
+        state = [{t: tm.model_state_bytes(pbytes // _bytes(dtype), dtype, zero, dp)
+                  for t, pbytes in row.items()} for row in params]
+        time_, comm, ticks = self._times[part]
 
         def tail_of(nbytes: int) -> float:
             return tm.stage_tail_s(nbytes, dtype, zero, dp, spec, self.forward.efficiencies,
                                    link=link, runtime=w.runtime, calibration=cal)
 
         table = TrainTable(fwd, dp, zero, link, time_, comm, state, saved, params, dtype,
-                           tail_of=tail_of)
+                           tail_of=tail_of, ticks_memo=ticks)
         self._tables[key] = table
         return table
 
@@ -301,6 +314,7 @@ class TrainCombo:
     lb: int = 0
     bottleneck: int | None = None  # _bottleneck_floor, computed when the combo is solved
     allowed: frozenset | None = None  # the only (first, last) stages (Restriction.split)
+    memo: dict = field(default_factory=dict, repr=False)  # bounds' parts, computed once
 
     @property
     def num_layers(self) -> int:
@@ -457,11 +471,15 @@ def _restricted(r: Restriction, table, dp, m, zero, schedule, link, degrees, mod
 
 def _make_combo(table: TrainTable, dp, m, zero, schedule, link, tps, rcs, sizes, pp, cap):
     tps = tuple(t for t in tps if t <= max(sizes))
-    L = table.num_layers
-    ticks = [{(t, rc): to_ticks(v) for (t, rc), v in table.time[j].items()
-              if t in tps and rc in rcs} for j in range(L)]
-    intra = [to_ticks(table.hop_s(j, False)) for j in range(L - 1)]
-    inter = [to_ticks(table.hop_s(j, True)) for j in range(L - 1)]
+    L, memo = table.num_layers, table.ticks_memo
+    if (tps, rcs) not in memo:
+        memo[(tps, rcs)] = [{(t, rc): to_ticks(v) for (t, rc), v in table.time[j].items()
+                             if t in tps and rc in rcs} for j in range(L)]
+    if "hops" not in memo:
+        memo["hops"] = ([to_ticks(table.hop_s(j, False)) for j in range(L - 1)],
+                        [to_ticks(table.hop_s(j, True)) for j in range(L - 1)])
+    ticks = memo[(tps, rcs)]
+    intra, inter = memo["hops"]
     return TrainCombo(dp, m, zero, schedule, link, table, tps, rcs, tuple(sizes), pp, cap,
                       ticks, intra, inter)
 
@@ -493,7 +511,16 @@ def path_value(combo: TrainCombo, path, per_node: int) -> int | None:
 
 
 def _fastest(combo: TrainCombo) -> list[int]:
-    return [min(c.values()) for c in combo.ticks]
+    if "fastest" not in combo.memo:
+        combo.memo["fastest"] = [min(c.values()) for c in combo.ticks]
+    return combo.memo["fastest"]
+
+
+def _cheapest(combo: TrainCombo) -> int:
+    """The layers' device-seconds, each at its cheapest ``tp * time``."""
+    if "cheapest" not in combo.memo:
+        combo.memo["cheapest"] = sum(min(t * v for (t, _), v in c.items()) for c in combo.ticks)
+    return combo.memo["cheapest"]
 
 
 def _tail_floor(combo: TrainCombo) -> int:
@@ -501,9 +528,11 @@ def _tail_floor(combo: TrainCombo) -> int:
     replica's parameter bytes per device spread over its devices (``sum_i tp_i bytes_i >=
     sum_j min_tp tp * bytes_j`` and ``sum_i tp_i <= S_max``), and a tail grows with the
     bytes it syncs and updates."""
-    spread = sum(min(t * combo.table.params[j][t] for t in combo.tps if t in combo.table.params[j])
-                 for j in range(combo.num_layers))
-    return to_ticks(combo.table.tail_of_bytes(-(-spread // combo.s_max)))
+    if "tail_floor" not in combo.memo:
+        spread = sum(min(t * combo.table.params[j][t] for t in combo.tps
+                         if t in combo.table.params[j]) for j in range(combo.num_layers))
+        combo.memo["tail_floor"] = to_ticks(combo.table.tail_of_bytes(-(-spread // combo.s_max)))
+    return combo.memo["tail_floor"]
 
 
 def _bottleneck_floor(combo: TrainCombo) -> int:
@@ -530,8 +559,7 @@ def _lower_bound(combo: TrainCombo, bottleneck: int = 0, pp: int | None = None) 
     if not all(combo.ticks):
         return None
     fastest = _fastest(combo)
-    cheapest = sum(min(t * v for (t, _), v in c.items()) for c in combo.ticks)
-    total = sum(fastest)
+    cheapest, total = _cheapest(combo), sum(fastest)
     stages_max = min(combo.num_layers, combo.s_max // min(combo.tps))
     pp = combo.pp if pp is None else pp
     hops = 0
@@ -544,8 +572,10 @@ def _lower_bound(combo: TrainCombo, bottleneck: int = 0, pp: int | None = None) 
     m, s_max = combo.m, combo.s_max
     # Coupled: layer j at (tp, rc) adds c to the sum and tp * c to the device-seconds, and
     # the bottleneck >= device-seconds / S_max.
-    coupled = sum(min(v * (1 + (m - 1) * t / s_max) for (t, _), v in c.items())
-                  for c in combo.ticks)
+    if "coupled" not in combo.memo:
+        combo.memo["coupled"] = sum(min(v * (1 + (m - 1) * t / s_max) for (t, _), v in c.items())
+                                    for c in combo.ticks)
+    coupled = combo.memo["coupled"]
     pipeline = max(total + (m - 1) * worst, int(math.floor(coupled * (1 - 1e-12)))) + hops
     return pipeline + _tail_floor(combo)
 
@@ -647,17 +677,23 @@ def _stage_counts(combo: TrainCombo) -> list[tuple[int, int]]:
 
 
 def _largest_floor(combo: TrainCombo, pp: int, limit: int) -> int:
-    """The largest bottleneck a ``pp``-stage plan can have and still be ``<= limit`` by
-    ``_pp_bound`` (negative when none can)."""
-    return (limit - _pp_bound(combo, pp, 0)) // max(combo.m - 1, 1) if combo.m > 1 else \
-        limit - _pp_bound(combo, pp, 0)
+    """The largest bottleneck a ``pp``-stage plan can have and still be ``<= limit``
+    (negative when no plan can): the sum holds the bottleneck stage, so ``m W + tail floor
+    <= limit``, and every layer at its fastest, so ``_pp_bound(W) <= limit``."""
+    base = _pp_bound(combo, pp, 0)
+    if base > limit:
+        return -1
+    top = (limit - _tail_floor(combo)) // combo.m
+    if combo.m > 1:
+        top = min(top, (limit - base) // (combo.m - 1))
+    return top
 
 
 def _spread_floor(combo: TrainCombo, pp: int) -> int:
     """A floor on the largest stage time of ``pp`` stages: the slowest layer at its
     fastest, the layers' fastest sum over ``pp`` and their device-seconds over ``S_max``."""
     fastest = _fastest(combo)
-    cheapest = sum(min(t * v for (t, _), v in c.items()) for c in combo.ticks)
+    cheapest = _cheapest(combo)
     return max(max(fastest), -(-sum(fastest) // pp), -(-cheapest // combo.s_max))
 
 
@@ -678,13 +714,14 @@ class _Positions:
     split are ignored, and each stage takes whichever recompute option reaches furthest.
     Feasibility of ``M`` is monotone and the least ``M`` is some stage's time, so it is a
     bisection over the stage times that fit; each test (``fits``) is a fewest-devices walk
-    over ``(stages so far, boundary)``: a stage that fits may be shortened and still fit,
-    and how far a stage from ``a`` reaches does not decrease with ``a``, so boundary ``x``
-    is reached from a window of starts ``[lo, x)`` whose fewest devices is a sliding
-    minimum. ``O(pp * L * |tp| * |rc|)`` per test.
+    over ``(stages to the end, boundary)``: a stage that fits may be shortened and still
+    fit, so the stage from ``a``
+    holds layers ``a .. x - 1`` for every ``x`` up to its furthest reach, a range minimum
+    of the fewest devices after it (a sparse table). Integer ticks and bytes in int64
+    numpy arrays.
     """
 
-    BIG = 1 << 62
+    BIG = 1 << 52  # ticks of a layer at a degree it does not allow (128 of them fit int64)
 
     def __init__(self, combo: TrainCombo) -> None:
         self.combo = combo
@@ -693,84 +730,111 @@ class _Positions:
         for t in combo.tps:
             per_rc = []
             for rc in combo.rcs:
-                pt, ps, pv = [0], [0], [0]
-                for j in range(L):
-                    v = combo.ticks[j].get((t, rc))
-                    pt.append(pt[-1] + (self.BIG if v is None else v))
-                    ps.append(ps[-1] + table.state[j].get(t, 0))
-                    pv.append(pv[-1] + table.saved[j].get((t, rc), 0))
+                v = [combo.ticks[j].get((t, rc), self.BIG) for j in range(L)]
+                pt = np.concatenate(([0], np.cumsum(np.array(v, dtype=np.int64))))
+                ps = np.concatenate(([0], np.cumsum(np.array(
+                    [table.state[j].get(t, 0) for j in range(L)], dtype=np.int64))))
+                pv = np.concatenate(([0], np.cumsum(np.array(
+                    [table.saved[j].get((t, rc), 0) for j in range(L)], dtype=np.int64))))
                 per_rc.append((pt, ps, pv, cap - table.forward.workspace(t)))
             self.rows.append((t, per_rc))
         self._ends: dict = {}
         self._reach: dict = {}
+        self._walks: dict = {}
+        self._needs: dict = {}
         least = combo.m if combo.schedule == "gpipe" else 1
-        values = set()
+        values = []
         for (_, per_rc), ends in zip(self.rows, self.ends(least)):
             for (pt, *_), end in zip(per_rc, ends):
                 for a in range(L):
-                    values.update(pt[b] - pt[a] for b in range(a + 1, end[a] + 1))
-        self.values = sorted(v for v in values if v < self.BIG)
+                    if end[a] > a:
+                        values.append(pt[a + 1:end[a] + 1] - pt[a])
+        found = np.unique(np.concatenate(values)) if values else np.zeros(0, np.int64)
+        self.values = [int(v) for v in found[found < self.BIG]]
 
-    def ends(self, flight: int) -> list[list[list[int]]]:
+    def ends(self, flight: int) -> list[list[np.ndarray]]:
         """Per tp and rc, the furthest boundary a stage from each layer reaches in memory
-        holding ``flight`` microbatches."""
+        holding ``flight`` microbatches (``a - 1`` or ``a``: not one layer)."""
         if flight not in self._ends:
-            out = []
-            for _, per_rc in self.rows:
-                row = []
-                for _, ps, pv, room in per_rc:
-                    g = [s + flight * v for s, v in zip(ps, pv)]
-                    row.append([bisect.bisect_right(g, g[a] + room, a) - 1
-                                for a in range(self.combo.num_layers)])
-                out.append(row)
-            self._ends[flight] = out
+            self._ends[flight] = [
+                [np.searchsorted(ps + flight * pv, (ps + flight * pv)[:-1] + room,
+                                 side="right") - 1 for _, ps, pv, room in per_rc]
+                for _, per_rc in self.rows]
         return self._ends[flight]
 
-    def _stage_ends(self, limit: int, flight: int) -> list[list[int]]:
+    def _stage_ends(self, limit: int, flight: int) -> list[np.ndarray]:
         """Per tp, the furthest boundary a stage from each layer reaches within ``limit``
         and memory at ``flight``, with its best recompute option."""
         key = (limit, flight)
         if key not in self._reach:
-            L, out = self.combo.num_layers, []
+            out = []
             for (_, per_rc), mems in zip(self.rows, self.ends(flight)):
-                best = [-1] * L
+                best = None
                 for (pt, *_), e in zip(per_rc, mems):
-                    for a in range(L):
-                        end = bisect.bisect_right(pt, pt[a] + limit, a, e[a] + 1) - 1 \
-                            if e[a] > a else a - 1
-                        if end > best[a]:
-                            best[a] = end
+                    end = np.minimum(np.searchsorted(pt, pt[:-1] + limit, side="right") - 1, e)
+                    best = end if best is None else np.maximum(best, end)
                 out.append(best)
             self._reach[key] = out
         return self._reach[key]
 
     def fits(self, limit: int, pp: int) -> bool:
-        combo, L, big = self.combo, self.combo.num_layers, self.BIG
-        cur = [0] + [big] * L  # fewest devices covering layers [0, x) with k stages
-        for k in range(pp):
-            ends = self._stage_ends(limit, combo.in_flight(k, pp))
-            new = [big] * (L + 1)
-            for (t, _), end in zip(self.rows, ends):
-                window: collections.deque = collections.deque()  # starts, cur increasing
-                lo, a = 0, 0
-                for x in range(1, L + 1):
-                    while a < x:  # starts before x enter the window
-                        while window and cur[window[-1]] >= cur[a]:
-                            window.pop()
-                        window.append(a)
-                        a += 1
-                    while lo < x and end[lo] < x:  # a stage from lo cannot reach x
-                        lo += 1
-                    while window and window[0] < lo:
-                        window.popleft()
-                    if window and cur[window[0]] + t < new[x]:
-                        new[x] = cur[window[0]] + t
-            cur = new
-            if min(cur) > combo.s_max:
-                return False
-        return cur[L] <= combo.s_max
+        """Whether ``pp`` stages fit with every stage time ``<= limit``."""
+        return pp < len(self._walk(limit)) and bool(self._walk(limit)[pp])
 
-    def least(self, pp: int, above: int = 0, within: float = 1e-3) -> int | None:
+    def _walk(self, limit: int) -> np.ndarray:
+        """``ok[k]``: ``k`` stages fit within ``limit``, for every ``k`` at once. Walks back
+        from the last layer: the stage with ``k`` stages from it to the end holds
+        ``in_flight(pp - k, pp)`` microbatches, which for GPipe and 1F1B depends on ``k``
+        alone (``m``; ``min(k, m)``), so one walk serves every stage count."""
+        if limit in self._walks:
+            return self._walks[limit]
+        combo, L, big = self.combo, self.combo.num_layers, self.BIG
+        top = min(L, combo.s_max // min(combo.tps))
+        starts = np.arange(L)
+        tps = np.array([t for t, _ in self.rows], dtype=np.int64)[:, None]
+        levels = max(1, (L + 1).bit_length())
+        cur = np.full(L + 1, big, dtype=np.int64)  # fewest devices covering [x, L), k stages
+        cur[L] = 0
+        ok = np.zeros(top + 1, dtype=bool)
+        needs = [cur]
+        for k in range(1, top + 1):
+            # table[i, x] = min cur[x .. x + 2**i - 1] (big past the end)
+            table = np.full((levels, L + 1), big, dtype=np.int64)
+            table[0] = cur
+            for i in range(1, levels):
+                half = 1 << (i - 1)
+                table[i, :L + 1 - half] = np.minimum(table[i - 1, :L + 1 - half],
+                                                     table[i - 1, half:])
+            flight = combo.in_flight(top - k, top)  # min(k, m) (1F1B) or m (GPipe)
+            end = np.array(self._stage_ends(limit, flight))  # (tp, start)
+            # the stage from a holds layers a .. x - 1 for the boundaries x in a + 1 .. end
+            span = np.maximum(end - starts, 1)
+            level = np.floor(np.log2(span)).astype(np.int64)
+            first = np.minimum(starts + 1, L)
+            second = np.clip(end - (1 << level) + 1, 0, L)
+            best = np.minimum(table[level, first], table[level, second]) + tps
+            best[end <= starts] = big
+            new = np.full(L + 1, big, dtype=np.int64)
+            new[:L] = best.min(axis=0)
+            cur = np.minimum(new, big)
+            needs.append(cur)
+            ok[k] = cur[0] <= combo.s_max
+            if cur.min() > combo.s_max:
+                break
+        self._walks[limit] = ok
+        self._needs[limit] = needs
+        return ok
+
+    def needs(self, limit: int) -> list[list[int]]:
+        """``needs[k][x]``: the fewest devices on which layers ``x..L-1`` fit as ``k``
+        stages (the last ``k`` of the pipeline) each within ``limit`` (``BIG``: none)."""
+        self._walk(limit)
+        needs = self._needs[limit]
+        top = min(self.combo.num_layers, self.combo.s_max // min(self.combo.tps))
+        big = [self.BIG] * (self.combo.num_layers + 1)
+        return [n.tolist() for n in needs] + [big] * (top + 1 - len(needs))
+
+    def least(self, pp: int, above: int = 0, within: float = 2e-3) -> int | None:
         """A floor on the least limit that fits ``pp`` stages, within ``within`` of it
         (relative), searched among the stage times ``>= above`` (the caller knows none
         below fits); None when none fits. The bisection keeps ``values[lo]`` at or below
@@ -789,7 +853,8 @@ class _Positions:
 
 
 def _best_stages(combo: TrainCombo, starts: list[list], per_node: int, pp: int,
-                 cutoff: int | None, floor: int, deadline: float | None = None):
+                 cutoff: int | None, floor: int, deadline: float | None = None,
+                 needs: list[list[int]] | None = None):
     """``(value, path)`` of the best ``pp``-stage plan of the combo at or below ``cutoff``,
     None when there is none, or ``"timeout"`` when ``deadline`` passed first.
 
@@ -803,7 +868,7 @@ def _best_stages(combo: TrainCombo, starts: list[list], per_node: int, pp: int,
     of any complete plan; and a label is dropped when its sum plus every remaining layer
     at its fastest option and the fewest remaining hops already exceeds ``cutoff``.
     """
-    L, m, cap = combo.num_layers, combo.m, combo.cap
+    L, m = combo.num_layers, combo.m
     fastest = _fastest(combo)
     rest = [0] * (L + 1)
     for j in range(L - 1, -1, -1):
@@ -827,52 +892,84 @@ def _best_stages(combo: TrainCombo, starts: list[list], per_node: int, pp: int,
                                           for (t, _), v in combo.ticks[j].items())
             coupled[left] = [int(math.floor(v * (1 - 1e-12))) for v in row]
         return coupled[left][x]
+    # Devices used enter the state only by their residue on the node (placement, hops)
+    # when a completion that fits after u devices also fits after u - per_node (the sizes
+    # allow it): then fewer devices with the same residue is simply better, one more
+    # coordinate of the front.
+    sizes = set(combo.sizes)
+    by_residue = all(s - q * per_node in sizes for s in sizes
+                     for q in range(1, s // per_node + 1) if s - q * per_node >= 1)
     labels: list[dict] = [{} for _ in range(L + 1)]
-    labels[0][(0, 0)] = [(0, floor, tail_floor, None)]
+    labels[0][(0, 0)] = [(0, floor, tail_floor, 0, None)]
     for x in range(L):
         if deadline is not None and time.perf_counter() > deadline:
             return "timeout"
-        for (used, k), raw in labels[x].items():
-            front = _front3(raw)
+        for (_, k), raw in labels[x].items():
+            groups: dict[int, list] = {}
+            for label in _front4(raw):
+                groups.setdefault(label[3], []).append(label)
             flight = combo.in_flight(k, pp)
             left = pp - k - 1  # stages after this one
-            for a, b, t, rc, t_ab, static, saved, tail in starts[x]:
-                if (left == 0) != (b == L - 1) or L - 1 - b < left:
-                    continue
-                if used % per_node + t > per_node or static + flight * saved > cap:
-                    continue
-                used2 = used + t
-                if used2 + left * min_tp > combo.s_max:
-                    continue
-                if left == 0:
-                    if used2 not in combo.sizes:
-                        continue
-                    hop = 0
-                else:
-                    hop = combo.hop_inter[b] if used2 % per_node == 0 else combo.hop_intra[b]
-                hops_after = max(left - 1, 0) * min_hop
-                ahead = t_ab + hop + rest[b + 1] + hops_after
-                spread, ahead2 = 0, 0
-                if left:
-                    room = combo.s_max - used2
-                    spread = -(-cheap[b + 1] // room)
-                    ahead2 = t_ab + hop + coupled_rest(b + 1, room) + hops_after
-                target = None
-                for s, w, tl, path in front:
-                    w2, tl2 = max(w, t_ab, hop), max(tl, tail)
-                    if s + tl2 + max(ahead + (m - 1) * max(w2, spread), ahead2) > limit:
-                        continue
-                    if target is None:
-                        target = labels[b + 1].setdefault((used2, k + 1), [])
-                    target.append((s + t_ab + hop, w2, tl2, ((a, b, t, rc), path)))
+            for used, front in groups.items():
+                _extend(combo, starts[x], labels, front, used, k, flight, left, per_node,
+                        by_residue, rest, cheap, coupled_rest, min_hop, min_tp, limit, needs)
         labels[x] = {}
     best = None
     for raw in labels[L].values():
-        for s, w, tl, path in _front3(raw):
+        for s, w, tl, _, path in _front4(raw):
             value = s + (m - 1) * w + tl
             if best is None or value < best[0]:
                 best = (value, list(_unwind(path)))
     return best
+
+
+def _front4(labels: list) -> list:
+    """Labels ``(sum, max, tail, devices, path)`` that no other is at or below in all four."""
+    labels.sort(key=lambda label: label[:4])
+    kept: list = []
+    for label in labels:
+        if not any(k[1] <= label[1] and k[2] <= label[2] and k[3] <= label[3] for k in kept):
+            kept.append(label)
+    return kept
+
+
+def _extend(combo, arcs, labels, front, used, k, flight, left, per_node, by_residue, rest,
+            cheap, coupled_rest, min_hop, min_tp, limit, needs):
+    """``_best_stages``' step: every arc from the labels ``front`` (``used`` devices, ``k``
+    stages so far) into the labels of the boundary after it."""
+    L, m, cap = combo.num_layers, combo.m, combo.cap
+    for a, b, t, rc, t_ab, static, saved, tail in arcs:
+        if (left == 0) != (b == L - 1) or L - 1 - b < left:
+            continue
+        if used % per_node + t > per_node or static + flight * saved > cap:
+            continue
+        used2 = used + t
+        if used2 + left * min_tp > combo.s_max:
+            continue
+        if needs is not None and left and needs[left][b + 1] > combo.s_max - used2:
+            continue  # the layers after b do not fit the devices left in time and memory
+        if left == 0:
+            if used2 not in combo.sizes:
+                continue
+            hop = 0
+        else:
+            hop = combo.hop_inter[b] if used2 % per_node == 0 else combo.hop_intra[b]
+        hops_after = max(left - 1, 0) * min_hop
+        ahead = t_ab + hop + rest[b + 1] + hops_after
+        spread, ahead2 = 0, 0
+        if left:
+            room = combo.s_max - used2
+            spread = -(-cheap[b + 1] // room)
+            ahead2 = t_ab + hop + coupled_rest(b + 1, room) + hops_after
+        target = None
+        for s, w, tl, _, path in front:
+            w2, tl2 = max(w, t_ab, hop), max(tl, tail)
+            if s + tl2 + max(ahead + (m - 1) * max(w2, spread), ahead2) > limit:
+                continue
+            if target is None:
+                key = (used2 % per_node if by_residue else used2, k + 1)
+                target = labels[b + 1].setdefault(key, [])
+            target.append((s + t_ab + hop, w2, tl2, used2, ((a, b, t, rc), path)))
 
 
 # --------------------------------------------------------------------------- CP-SAT
@@ -1107,7 +1204,7 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
             scored.append(combo)
     scored.sort(key=lambda c: (c.lb, c.dp, c.m, c.zero))
     incumbent = None
-    for combo in scored[:24]:
+    for combo in scored[:6]:
         if incumbent is not None and combo.lb >= incumbent[0]:
             break
         found = _heuristic(combo, per_node)
@@ -1137,12 +1234,15 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                 continue
             if positions is None:
                 positions = _Positions(combo)
-            # One test first: can every stage be short enough for the limit at all?
-            top = None if limit is None else _largest_floor(combo, pp, limit)
-            if top is not None and (top < 0 or not positions.fits(top, pp)):
-                pruned += 1
-                continue
-            floor = positions.least(pp, _spread_floor(combo, pp))
+            # One test first: can every stage be short enough for the limit at all? The
+            # walk at the one-stage limit (the largest) answers for every stage count.
+            if limit is not None:
+                widest = _largest_floor(combo, 1, limit)
+                if _largest_floor(combo, pp, limit) < 0 or not positions.fits(widest, pp):
+                    pruned += 1
+                    continue
+            # The same start for every stage count, so their bisections share walks.
+            floor = positions.least(pp, _spread_floor(combo, combo.s_max))
             if floor is None:  # pp stages do not fit
                 continue
             bound = max(cheap, _pp_bound(combo, pp, floor))
@@ -1154,7 +1254,8 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                 for arc in _arcs(combo, limit):
                     starts[arc[0]].append(arc)
             solved += 1
-            found = _best_stages(combo, starts, per_node, pp, limit, floor, deadline)
+            needs = None if limit is None else positions.needs(_largest_floor(combo, 1, limit))
+            found = _best_stages(combo, starts, per_node, pp, limit, floor, deadline, needs)
             if found == "timeout":
                 open_bounds.append(bound)
             elif found is not None and (best is None or found[0] < best[0]):
