@@ -1,5 +1,5 @@
 """Planning a training step: dp (with a ZeRO level) x pipeline (schedule, per-stage
-recompute) x per-stage tp x microbatches, proven optimal by CP-SAT (docs/training.md).
+recompute) x per-stage tp x microbatches, proven optimal (docs/training.md).
 
 The search keeps ``planner.solver``'s two levels:
 
@@ -10,13 +10,16 @@ The search keeps ``planner.solver``'s two levels:
    gradient sync, so each link is its own combo with the replica sizes it implies.
    GPipe is searched only when pinned: it has 1F1B's step time and holds at least as many
    microbatches on every stage, so 1F1B dominates it.
-2. *Inner*: a path over the layer boundaries; an arc ``(a, b, tp, recompute)`` is a stage.
-   The step time is ``sum E + (m - 1) max E + T``: stage times (forward + backward +
-   recompute per microbatch) and p2p hops (both directions) through the flow-shop
-   makespan, then ``T``, the slowest stage's tail (dp collectives and the AdamW update).
-   Under 1F1B a stage's activation memory depends on how many stages follow it
-   (``min(pp - i, m)`` microbatches in flight), written in the model as ``1 + the cuts
-   after it``.
+2. *Inner*: per stage count ``pp``, a path over the layer boundaries; an arc ``(a, b, tp,
+   recompute)`` is a stage. The step time is ``sum E + (m - 1) max E + T``: stage times
+   (forward + backward + recompute per microbatch) and p2p hops (both directions) through
+   the flow-shop makespan, then ``T``, the slowest stage's tail (dp collectives and the
+   AdamW update). Under 1F1B stage ``k`` holds ``min(pp - k, m)`` microbatches, exact once
+   ``pp`` is fixed. Each ``(combo, pp)`` is pruned by lower bounds (``_lower_bound``, the
+   position bottleneck ``_Positions``) or solved exactly by a dynamic programme over
+   ``(boundary, devices, stages so far)`` with Pareto labels (``_best_stages``), both
+   below the best plan so far. (A CP-SAT path model was used before: its LP bound of
+   ``sum + (m - 1) max + T`` was too weak to close llama-3-70b on 64 devices in 60 s.)
 
 ``planner.reference_solver.solve_train_reference`` computes the same optimum by dynamic
 programming over the same combos (the tests' oracle).
@@ -32,7 +35,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from ortools.sat.python import cp_model
 
 from cost_models import training as tm
 from cost_models.layer_cost import comm_time
@@ -48,8 +50,6 @@ from planner.solver import (
     Solution,
     SolverStats,
     Stage,
-    _bottleneck_bound,
-    _Combo,
     _divisors,
     check_pins,
     place_stages,
@@ -312,7 +312,6 @@ class TrainCombo:
     hop_intra: list[int]
     hop_inter: list[int]
     lb: int = 0
-    bottleneck: int | None = None  # _bottleneck_floor, computed when the combo is solved
     allowed: frozenset | None = None  # the only (first, last) stages (Restriction.split)
     memo: dict = field(default_factory=dict, repr=False)  # bounds' parts, computed once
 
@@ -535,22 +534,6 @@ def _tail_floor(combo: TrainCombo) -> int:
     return combo.memo["tail_floor"]
 
 
-def _bottleneck_floor(combo: TrainCombo) -> int:
-    """The inference solver's exact bottleneck bound (``planner.solver._bottleneck_bound``)
-    on a relaxation of the combo: every layer at its fastest recompute option for time and
-    its smallest one for memory (the fewest microbatches any stage holds), tied copies
-    ignored. A valid floor on the largest stage time of every plan of the combo."""
-    least = combo.m if combo.schedule == "gpipe" else 1
-    table = combo.table
-    ticks = [{t: min(v for (tt, _), v in c.items() if tt == t) for t, _ in c} for c in combo.ticks]
-    mem = [{t: table.state[j][t] + least * min(table.saved[j][(t, rc)] for rc in combo.rcs
-                                               if (t, rc) in combo.ticks[j])
-            for t in ticks[j]} for j in range(combo.num_layers)]
-    relaxed = _Combo(combo.dp, combo.m, table.forward, combo.tps, ticks, mem, [], [],
-                     combo.cap, combo.sizes, combo.pp)
-    return _bottleneck_bound(relaxed) or 0
-
-
 def _lower_bound(combo: TrainCombo, bottleneck: int = 0, pp: int | None = None) -> int | None:
     """Valid for every plan of the combo (of ``pp`` stages, if given): the stage sum at
     every layer's fastest variant (plus ``pp - 1`` of the cheapest hop), the bottleneck at
@@ -665,6 +648,57 @@ def _split(combo, ticks, t, rc, k, flight):
 
 
 # --------------------------------------------------------------------------- exact search
+
+
+def _arcs(combo: TrainCombo, cutoff: int | None):
+    """Stages ``(a, b, tp, rc, time, static, saved, tail)`` that fit with the fewest
+    microbatches in flight any stage holds (1F1B: one; GPipe: m) and cannot be excluded by
+    the cutoff. A recompute option is dropped where a faster one of the same stage fits at
+    every position (m in flight): same memory for states, same tail, less time."""
+    L, m, table = combo.num_layers, combo.m, combo.table
+    fastest = _fastest(combo)
+    prefix = [0]
+    for v in fastest:
+        prefix.append(prefix[-1] + v)
+    least = m if combo.schedule == "gpipe" else 1
+    arcs = []
+    for a in range(L):
+        for t in combo.tps:
+            static, nbytes = table.forward.workspace(t), 0
+            acc = {rc: 0 for rc in combo.rcs}
+            saved = {rc: 0 for rc in combo.rcs}
+            alive = set(combo.rcs)
+            for b in range(a, L):
+                if t not in table.state[b]:
+                    break
+                static += table.state[b][t] + table.borrowed_state(b, a, t)
+                nbytes += table.params[b][t] + table.forward.borrowed_bytes(b, a, t)
+                tail = None
+                safe = False  # a faster option fits at every position
+                for rc in combo.rcs:  # none, selective, full: fastest first
+                    if rc not in alive or (t, rc) not in combo.ticks[b]:
+                        alive.discard(rc)
+                        continue
+                    acc[rc] += combo.ticks[b][(t, rc)]
+                    saved[rc] += table.saved[b][(t, rc)]
+                    if static + least * saved[rc] > combo.cap:
+                        alive.discard(rc)  # a longer stage holds more; others may fit
+                        continue
+                    if cutoff is not None:
+                        if m * acc[rc] > cutoff:
+                            alive.discard(rc)
+                            continue
+                        if m * acc[rc] + prefix[a] + prefix[L] - prefix[b + 1] > cutoff:
+                            continue
+                    if safe or (combo.allowed is not None and (a, b) not in combo.allowed):
+                        continue
+                    if tail is None:
+                        tail = to_ticks(table.tail_of_bytes(nbytes))
+                    arcs.append((a, b, t, rc, acc[rc], static, saved[rc], tail))
+                    safe = static + m * saved[rc] <= combo.cap
+                if not alive or static > combo.cap:
+                    break
+    return arcs
 
 
 def _stage_counts(combo: TrainCombo) -> list[tuple[int, int]]:
@@ -972,159 +1006,6 @@ def _extend(combo, arcs, labels, front, used, k, flight, left, per_node, by_resi
             target.append((s + t_ab + hop, w2, tl2, used2, ((a, b, t, rc), path)))
 
 
-# --------------------------------------------------------------------------- CP-SAT
-
-
-def _arcs(combo: TrainCombo, cutoff: int | None):
-    """Stages ``(a, b, tp, rc, time, static, saved, tail)`` that fit with the fewest
-    microbatches in flight any stage holds (1F1B: one; GPipe: m) and cannot be excluded by
-    the cutoff. A recompute option is dropped where a faster one of the same stage fits at
-    every position (m in flight): same memory for states, same tail, less time."""
-    L, m, table = combo.num_layers, combo.m, combo.table
-    fastest = _fastest(combo)
-    prefix = [0]
-    for v in fastest:
-        prefix.append(prefix[-1] + v)
-    least = m if combo.schedule == "gpipe" else 1
-    arcs = []
-    for a in range(L):
-        for t in combo.tps:
-            static, nbytes = table.forward.workspace(t), 0
-            acc = {rc: 0 for rc in combo.rcs}
-            saved = {rc: 0 for rc in combo.rcs}
-            alive = set(combo.rcs)
-            for b in range(a, L):
-                if t not in table.state[b]:
-                    break
-                static += table.state[b][t] + table.borrowed_state(b, a, t)
-                nbytes += table.params[b][t] + table.forward.borrowed_bytes(b, a, t)
-                tail = None
-                safe = False  # a faster option fits at every position
-                for rc in combo.rcs:  # none, selective, full: fastest first
-                    if rc not in alive or (t, rc) not in combo.ticks[b]:
-                        alive.discard(rc)
-                        continue
-                    acc[rc] += combo.ticks[b][(t, rc)]
-                    saved[rc] += table.saved[b][(t, rc)]
-                    if static + least * saved[rc] > combo.cap:
-                        alive.discard(rc)  # a longer stage holds more; others may fit
-                        continue
-                    if cutoff is not None:
-                        if m * acc[rc] > cutoff:
-                            alive.discard(rc)
-                            continue
-                        if m * acc[rc] + prefix[a] + prefix[L] - prefix[b + 1] > cutoff:
-                            continue
-                    if safe or (combo.allowed is not None and (a, b) not in combo.allowed):
-                        continue
-                    if tail is None:
-                        tail = to_ticks(table.tail_of_bytes(nbytes))
-                    arcs.append((a, b, t, rc, acc[rc], static, saved[rc], tail))
-                    safe = static + m * saved[rc] <= combo.cap
-                if not alive or static > combo.cap:
-                    break
-    return arcs
-
-
-def _cp_model(combo: TrainCombo, per_node: int, cutoff: int | None, hint=None):
-    L, m = combo.num_layers, combo.m
-    arcs = _arcs(combo, cutoff)
-    model = cp_model.CpModel()
-    y = [model.NewBoolVar(f"y{i}") for i in range(len(arcs))]
-    out_arcs: list[list[int]] = [[] for _ in range(L + 1)]
-    in_arcs: list[list[int]] = [[] for _ in range(L + 1)]
-    for i, arc in enumerate(arcs):
-        out_arcs[arc[0]].append(i)
-        in_arcs[arc[1] + 1].append(i)
-    if not out_arcs[0] or not in_arcs[L]:
-        return None
-    model.AddExactlyOne(y[i] for i in out_arcs[0])
-    model.AddExactlyOne(y[i] for i in in_arcs[L])
-    cut = [None] * (L + 1)
-    for j in range(1, L):
-        cut[j] = model.NewBoolVar(f"cut{j}")
-        model.Add(sum(y[i] for i in in_arcs[j]) == cut[j])
-        model.Add(sum(y[i] for i in out_arcs[j]) == cut[j])
-    size = model.NewIntVarFromDomain(cp_model.Domain.FromValues(list(combo.sizes)), "devices")
-    model.Add(size == sum(arcs[i][2] * y[i] for i in range(len(arcs))))
-    if combo.pp is not None:
-        model.Add(sum(y) == combo.pp)
-    # Offsets: the placement rule (no TP group across a node) and inter-node hops.
-    hop = [0] * (L + 1)
-    spans = max(combo.sizes) > per_node
-    offset = [model.NewConstant(0)]
-    for j in range(1, L + 1):
-        o = model.NewIntVar(0, combo.s_max, f"off{j}")
-        model.Add(o == offset[-1] + sum(arcs[i][2] * y[i] for i in in_arcs[j]))
-        offset.append(o)
-    for j in range(L):
-        if spans and per_node > 1:
-            rem = model.NewIntVar(0, per_node - 1, f"rem{j}")
-            q = model.NewIntVar(0, combo.s_max // per_node, f"node{j}")
-            model.Add(offset[j] == per_node * q + rem)
-        elif spans:
-            rem = model.NewConstant(0)
-        else:
-            rem = offset[j]
-        model.Add(rem + sum(arcs[i][2] * y[i] for i in out_arcs[j]) <= per_node)
-        if j == 0:
-            continue
-        intra, inter = combo.hop_intra[j - 1], combo.hop_inter[j - 1]
-        if not spans or intra == inter:
-            hop[j] = intra * cut[j]
-            continue
-        z = model.NewBoolVar(f"z{j}")
-        model.Add(rem == 0).OnlyEnforceIf(z)
-        model.Add(rem >= 1).OnlyEnforceIf(z.Not())
-        w = model.NewBoolVar(f"w{j}")
-        model.AddBoolAnd([z, cut[j]]).OnlyEnforceIf(w)
-        model.AddBoolOr([z.Not(), cut[j].Not()]).OnlyEnforceIf(w.Not())
-        hop[j] = intra * cut[j] + (inter - intra) * w
-    # 1F1B: a stage starting at boundary a holds min(stages from it to the end, m)
-    # microbatches; the stages from it to the end are 1 + the cuts after a.
-    if combo.schedule == "1f1b":
-        flight: dict[int, object] = {}
-        for i, (a, _b, _t, _rc, _, static, saved, _) in enumerate(arcs):
-            if static + m * saved <= combo.cap:
-                continue  # fits whatever follows it
-            if a not in flight:
-                f = model.NewIntVar(1, m, f"flight{a}")
-                model.AddMinEquality(f, [1 + sum(cut[j] for j in range(a + 1, L)), m])
-                flight[a] = f
-            model.Add(static + saved * flight[a] <= combo.cap).OnlyEnforceIf(y[i])
-    fastest = _fastest(combo)
-    prefix = [0]
-    for v in fastest:
-        prefix.append(prefix[-1] + v)
-    stage_sum = prefix[L] + sum((arc[4] - prefix[arc[1] + 1] + prefix[arc[0]]) * y[i]
-                                for i, arc in enumerate(arcs))
-    hop_sum = sum(hop[j] for j in range(1, L))
-    top = max([a[4] for a in arcs] + combo.hop_inter + combo.hop_intra + [0])
-    floor = combo.bottleneck or 0
-    worst = model.NewIntVar(floor, max(top, floor), "bottleneck")
-    for a in range(L):
-        if out_arcs[a]:
-            model.Add(worst >= sum(arcs[i][4] * y[i] for i in out_arcs[a]))
-    for j in range(1, L):
-        model.Add(worst >= hop[j])
-    model.Add(combo.s_max * worst >= sum(arc[2] * arc[4] * y[i] for i, arc in enumerate(arcs)))
-    tails = [arc[7] for arc in arcs]
-    tail_floor = _tail_floor(combo)
-    tail = model.NewIntVar(tail_floor, max(max(tails), tail_floor), "tail")
-    for a in range(L):
-        if out_arcs[a]:
-            model.Add(tail >= sum(tails[i] * y[i] for i in out_arcs[a]))
-    obj = stage_sum + hop_sum + (m - 1) * worst + tail
-    if cutoff is not None:
-        model.Add(obj <= cutoff)
-    model.Minimize(obj)
-    if hint is not None:
-        chosen = set(hint)
-        for i, arc in enumerate(arcs):
-            model.AddHint(y[i], tuple(arc[:4]) in chosen)
-    return model, y, arcs, obj
-
-
 # --------------------------------------------------------------------------- results
 
 
@@ -1186,7 +1067,11 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                 pins: Mapping | None = None, num_workers: int = 2,
                 time_limit_s: float = 60.0, restriction: Restriction | None = None,
                 tp_degrees=None) -> TrainSolution:
-    """The training plan of least step time, proven optimal by CP-SAT.
+    """The training plan of least step time, proven optimal: every ``(combo, stage
+    count)`` is either pruned by a valid lower bound above the best plan found or solved
+    exactly by ``_best_stages`` (``OPTIMAL``); on the time limit, ``FEASIBLE`` with the
+    least bound of those left. ``num_workers`` is unused (the search runs in this
+    process; kept for the callers shared with inference).
 
     Raises:
         PlanError: contradictory pins, or nothing found in the time limit.

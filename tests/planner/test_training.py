@@ -4,6 +4,7 @@ position, baselines, pins and the CLI's train flags."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -158,6 +159,71 @@ def test_cp_sat_training_optimum_equals_the_reference(instance):
     terms = 2 * len(got.solution.stages) + 2
     assert abs(got.step_s - got.solution.solver.objective) <= terms * 1e-10
     assert got.solution.predicted.peak_memory_bytes <= cap
+
+
+@st.composite
+def _deep_instances(draw):
+    """More layers, nodes and microbatches than ``_instances``: deep pipelines whose labels
+    merge by the devices' residue on the node, and memory tight enough that position
+    matters (1F1B stage k holds min(pp - k, m) microbatches)."""
+    L = draw(st.integers(5, 8))
+    base = [draw(st.integers(1, 20)) * 1e-3 for _ in range(L)]
+    params = [draw(st.integers(1, 8)) * 10**6 for _ in range(L)]
+    acts = [draw(st.integers(1, 8)) * 10**6 for _ in range(L)]
+    boundary = tuple(draw(st.integers(1, 8)) * 10**6 for _ in range(L - 1))
+    nodes = draw(st.integers(2, 4))
+    batch = draw(st.sampled_from([4, 8]))
+    total = sum(params) * 8 + sum(acts) * batch
+    cap = int(total * draw(st.sampled_from([0.15, 0.25, 0.4, 2.0])))
+    pins = draw(st.sampled_from([{}, {"dp": 1}, {"microbatches": 4}, {"zero": 3}]))
+    return _Synthetic(base, params, acts, boundary, (1, 2)), nodes, 2, batch, cap, pins
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_deep_instances())
+def test_deep_pipelines_equal_the_reference(instance):
+    builder, nodes, per_node, batch, cap, pins = instance
+    cluster, work = _cluster(nodes, per_node, cap), _workload(batch)
+    try:
+        ref = solve_train_reference(builder, cluster, work, pins=pins)
+    except InfeasiblePlanError:
+        with pytest.raises(InfeasiblePlanError):
+            solve_train(builder, cluster, work, pins=pins, time_limit_s=30)
+        return
+    got = solve_train(builder, cluster, work, pins=pins, time_limit_s=30)
+    assert got.solution.solver.status == "OPTIMAL"
+    assert got.solution.solver.objective_ticks == ref.solution.solver.objective_ticks
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_deep_instances(), st.integers(1, 6))
+def test_position_bottleneck_is_the_least_largest_stage_by_enumeration(instance, pp):
+    """``_Positions.least`` (exact with ``within=0``) against every split of the layers
+    into ``pp`` stages, each at any (tp, recompute) whose memory at its position's
+    in-flight count fits, on at most ``S_max`` devices (no placement, as it relaxes)."""
+    from planner.training import _Positions
+
+    builder, nodes, per_node, batch, cap, _ = instance
+    space = train_space(builder, _cluster(nodes, per_node, cap), _workload(batch), None)
+    combo = space.combos[len(space.combos) // 2]
+    L, best = combo.num_layers, None
+    for cuts in itertools.combinations(range(1, L), pp - 1):
+        bounds = (0, *cuts, L)
+        options = []
+        for k in range(pp):
+            a, b = bounds[k], bounds[k + 1] - 1
+            flight = combo.in_flight(k, pp)
+            options.append([
+                (t, sum(combo.ticks[j][(t, rc)] for j in range(a, b + 1)))
+                for t in combo.tps for rc in combo.rcs
+                if combo.table.forward.workspace(t) + sum(
+                    combo.table.state[j][t] + flight * combo.table.saved[j][(t, rc)]
+                    for j in range(a, b + 1)) <= combo.cap])
+        for choice in itertools.product(*options):
+            if sum(t for t, _ in choice) <= combo.s_max:
+                worst = max(v for _, v in choice)
+                best = worst if best is None else min(best, worst)
+    assert _Positions(combo).least(pp, within=0.0) == best
 
 
 def test_1f1b_stage_memory_depends_on_its_position_and_gpipe_holds_every_microbatch():
