@@ -4,6 +4,7 @@ Usage:
     .venv/bin/python benchmarks/solver_scaling.py                        # the real cost model
     .venv/bin/python benchmarks/solver_scaling.py --infeasible --verify  # refusals, checked
     .venv/bin/python benchmarks/solver_scaling.py --synthetic            # arch-shaped tables
+    .venv/bin/python benchmarks/solver_scaling.py --train                # training cases only
     .venv/bin/python benchmarks/solver_scaling.py --builder pkg.module:factory
     .venv/bin/python benchmarks/solver_scaling.py --only + --repeats 5   # the mixed case
 
@@ -13,6 +14,12 @@ a fresh builder, so the time includes building the cost tables it needs (tracing
 reported separately). ``--builder`` names another ``factory(model, cluster, workload) ->
 CostTableBuilder``; the synthetic mode builds roofline-shaped tables from the architecture
 numbers below with +-3% seeded noise per layer, and is labelled synthetic in the output.
+
+The training cases (``phase`` train, ``--train`` runs only them) plan one optimizer step
+with ``planner.training.solve_train`` on a ``TrainCostBuilder`` over the forward cost model
+(sequence parallelism on), timed the same way: a fresh builder per solve, tables built
+inside the timed call; ``objective s`` is the step time. They need the real cost model, so
+``--synthetic`` and ``--builder`` skip them.
 
 The last cases do not fit: the solver refuses them with the smallest changes that would
 fit (``InfeasiblePlanError``), and a refusal has the same time budget as a plan (the
@@ -140,7 +147,7 @@ def cost_model_builder(model: str, cluster: Cluster, workload: Workload):
     traced = _TRACED[key]
     if cluster.is_mixed:  # one builder per group
         return lambda w: [CostBuilder(traced, g, w) for g in cluster.groups]
-    return lambda w: CostBuilder(traced, cluster, w)
+    return lambda w, **options: CostBuilder(traced, cluster, w, **options)
 
 
 # (model, cluster, phase, objective, batch, seq[, KV context]). The last ones do not fit:
@@ -158,6 +165,12 @@ CASES = [
     ("llama-3-405b", "128x8xH100", "decode", "throughput", 256, 2048),
     # a mixed cluster (planner.hetero.solve_mixed, one table per group)
     ("llama-3-405b", "64x8xH100+64x8xA100-80GB", "prefill", "latency", 8, 2048),
+    # Training, one AdamW step (issue 14). 70B: 256 sequences of 4096 tokens (1M tokens), a
+    # common fine-tuning / continued-pretraining batch for 64 GPUs. 405B: Llama 3's own
+    # pre-training start, 4M-token batches of 4096-token sequences (1024 sequences; the
+    # Llama 3 paper, section 3.4.1), on 512 GPUs.
+    ("llama-3-70b", "8x8xH100", "train", "latency", 256, 4096),
+    ("llama-3-405b", "64x8xH100", "train", "latency", 1024, 4096),
     # infeasible
     ("llama-3-70b", "8xH100", "prefill", "throughput", 2048, 2048),
     ("llama-3-70b", "8xH100", "decode", "throughput", 64, 2048, 131072),
@@ -184,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=60.0)
     parser.add_argument("--only", help="substring of the model name or cluster spec to run")
     parser.add_argument("--infeasible", action="store_true", help="only the cases that do not fit")
+    parser.add_argument("--train", action="store_true", help="only the training cases")
     parser.add_argument("--verify", action="store_true",
                         help="check that every suggested change fits and one step less does not")
     args = parser.parse_args(argv)
@@ -199,8 +213,16 @@ def main(argv: list[str] | None = None) -> int:
           "median s | max s | budget s | pass | dp | pp | tp | m |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     refusals, failed = [], 0
+    trains = []
     for model, spec, phase, objective, batch, seq, *rest in CASES:
         if args.only and args.only not in model and args.only not in spec:
+            continue
+        if (args.train and phase != "train") or (args.infeasible and phase == "train"):
+            continue
+        if phase == "train":
+            if args.synthetic or factory is not None:
+                continue
+            failed += not _train_case(model, spec, batch, seq, args, trains)
             continue
         context = rest[0] if rest else None
         cluster = Cluster.parse(spec)
@@ -248,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             tps = sorted({s.tp for s in sol.stages})
             print(head + f"{sol.solver.status} | " + tail + f"{sol.dp} | {sol.pp} | "
                   f"{'/'.join(map(str, tps))} | {sol.microbatches} |", flush=True)
+    for line in trains:
+        print(line)
     for model, spec, work, fresh, refusal in refusals:
         print(f"\n{model} on {spec}, {work.phase} batch {work.batch_size}: {refusal}")
         if args.verify:
@@ -260,6 +284,38 @@ def main(argv: list[str] | None = None) -> int:
                   f"not ({time.perf_counter() - start:.1f} s of re-solves)")
     print(f"\n{failed} case(s) over budget or not OPTIMAL" if failed else "\nall cases within budget")
     return 1 if failed else 0
+
+
+def _train_case(model: str, spec: str, batch: int, seq: int, args, notes: list) -> bool:
+    """Time ``solve_train`` on one training case and print its row; True when it passes."""
+    from dataclasses import replace
+
+    from planner.training import TrainCostBuilder, solve_train
+
+    cluster = Cluster.parse(spec)
+    work = Workload(batch_size=batch, seq_len=seq, phase="train")
+    forward = replace(work, phase="prefill")
+    fresh = cost_model_builder(model, cluster, forward)
+    times, sol = [], None
+    for _ in range(args.repeats):
+        fwd = fresh(forward, sequence_parallel=True)
+        start = time.perf_counter()
+        sol = solve_train(TrainCostBuilder(fwd, work), cluster, work,
+                          num_workers=args.workers, time_limit_s=args.time_limit)
+        times.append(time.perf_counter() - start)
+    s = sol.solution
+    median, budget = statistics.median(times), budget_s(cluster.num_devices)
+    ok = median <= budget and s.solver.status == "OPTIMAL"
+    tps = sorted({st.tp for st in s.stages})
+    print(f"| {model} | {spec} | {cluster.num_devices} | {fwd(1, 1).num_layers} | train / step | "
+          f"{batch} | - | {s.solver.status} | {median:.2f} | {max(times):.2f} | {budget:g} | "
+          f"{'pass' if ok else 'FAIL'} | {s.dp} | {s.pp} | {'/'.join(map(str, tps))} | "
+          f"{s.microbatches} |", flush=True)
+    notes.append(f"\n{model} on {spec}, train batch {batch} x seq {seq}: step "
+                 f"{sol.step_s:.4f} s, bound {s.solver.bound:.4f} s, gap {s.solver.gap:.2%}, "
+                 f"ZeRO {sol.zero}, recompute {'/'.join(sorted(set(sol.recompute)))}, "
+                 f"(combo, pp) solved {s.solver.combos_solved}, pruned {s.solver.combos_pruned}")
+    return ok
 
 
 if __name__ == "__main__":

@@ -200,6 +200,7 @@ class TrainCostBuilder:
         self._layer: dict = {}
         self._times: dict = {}
         self._saved: dict = {}
+        self._states: dict = {}
 
     @property
     def tp_degrees(self):
@@ -276,8 +277,13 @@ class TrainCostBuilder:
                   for rc in tm.RECOMPUTE} for row in rows],
                 [{t: v[6] for t, v in row.items()} for row in rows])
         saved, params = self._saved[mb]
-        state = [{t: tm.model_state_bytes(pbytes // _bytes(dtype), dtype, zero, dp)
-                  for t, pbytes in row.items()} for row in params]
+        states = self._states
+        for row in params:
+            for pbytes in row.values():
+                if (pbytes, zero, dp) not in states:
+                    states[(pbytes, zero, dp)] = tm.model_state_bytes(pbytes // _bytes(dtype),
+                                                                      dtype, zero, dp)
+        state = [{t: states[(pbytes, zero, dp)] for t, pbytes in row.items()} for row in params]
         time_, comm, ticks = self._times[part]
 
         def tail_of(nbytes: int) -> float:
@@ -515,6 +521,24 @@ def _fastest(combo: TrainCombo) -> list[int]:
     return combo.memo["fastest"]
 
 
+def _total(combo: TrainCombo) -> int:
+    if "total" not in combo.memo:
+        combo.memo["total"] = sum(_fastest(combo))
+    return combo.memo["total"]
+
+
+def _slowest(combo: TrainCombo) -> int:
+    if "slowest" not in combo.memo:
+        combo.memo["slowest"] = max(_fastest(combo))
+    return combo.memo["slowest"]
+
+
+def _min_hop(combo: TrainCombo) -> int:
+    if "min_hop" not in combo.memo:
+        combo.memo["min_hop"] = min(combo.hop_intra + combo.hop_inter, default=0)
+    return combo.memo["min_hop"]
+
+
 def _cheapest(combo: TrainCombo) -> int:
     """The layers' device-seconds, each at its cheapest ``tp * time``."""
     if "cheapest" not in combo.memo:
@@ -541,8 +565,7 @@ def _lower_bound(combo: TrainCombo, bottleneck: int = 0, pp: int | None = None) 
     replica and ``bottleneck``, and the tail at least ``_tail_floor``."""
     if not all(combo.ticks):
         return None
-    fastest = _fastest(combo)
-    cheapest, total = _cheapest(combo), sum(fastest)
+    cheapest, total, slowest = _cheapest(combo), _total(combo), _slowest(combo)
     stages_max = min(combo.num_layers, combo.s_max // min(combo.tps))
     pp = combo.pp if pp is None else pp
     hops = 0
@@ -550,8 +573,8 @@ def _lower_bound(combo: TrainCombo, bottleneck: int = 0, pp: int | None = None) 
         if pp > stages_max:
             return None
         stages_max = pp
-        hops = (pp - 1) * min(combo.hop_intra + combo.hop_inter, default=0)
-    worst = max(max(fastest), -(-total // stages_max), -(-cheapest // combo.s_max), bottleneck)
+        hops = (pp - 1) * _min_hop(combo)
+    worst = max(slowest, -(-total // stages_max), -(-cheapest // combo.s_max), bottleneck)
     m, s_max = combo.m, combo.s_max
     # Coupled: layer j at (tp, rc) adds c to the sum and tp * c to the device-seconds, and
     # the bottleneck >= device-seconds / S_max.
@@ -601,10 +624,13 @@ def _split(combo, ticks, t, rc, k, flight):
     table = combo.table
 
     workspace = table.forward.workspace(t)
+    own = [table.state[j][t] + flight * table.saved[j][(t, rc)] for j in range(len(ticks))]
+    # layers holding a tied copy in some stage (a copy counts when its previous reader is
+    # before the stage's first layer, so first = j shows every one)
+    tied = {j for j in range(len(ticks)) if table.borrowed_state(j, j, t)}
 
     def layer_bytes(j, start):  # layer j's memory in a stage from start
-        return (table.state[j][t] + table.borrowed_state(j, start, t)
-                + flight * table.saved[j][(t, rc)])
+        return own[j] + table.borrowed_state(j, start, t) if j in tied else own[j]
 
     def greedy(limit):
         cuts, start, acc, mem = [], 0, 0, workspace
@@ -726,16 +752,13 @@ def _largest_floor(combo: TrainCombo, pp: int, limit: int) -> int:
 def _spread_floor(combo: TrainCombo, pp: int) -> int:
     """A floor on the largest stage time of ``pp`` stages: the slowest layer at its
     fastest, the layers' fastest sum over ``pp`` and their device-seconds over ``S_max``."""
-    fastest = _fastest(combo)
-    cheapest = _cheapest(combo)
-    return max(max(fastest), -(-sum(fastest) // pp), -(-cheapest // combo.s_max))
+    return max(_slowest(combo), -(-_total(combo) // pp), -(-_cheapest(combo) // combo.s_max))
 
 
 def _pp_bound(combo: TrainCombo, pp: int, floor: int) -> int:
     """Valid for every ``pp``-stage plan whose largest stage time is at least ``floor``:
     every layer at its fastest, the fewest hops, ``(m - 1) floor`` and the tail floor."""
-    min_hop = min(combo.hop_intra + combo.hop_inter, default=0)
-    return (sum(_fastest(combo)) + (pp - 1) * min_hop + (combo.m - 1) * floor
+    return (_total(combo) + (pp - 1) * _min_hop(combo) + (combo.m - 1) * floor
             + _tail_floor(combo))
 
 
@@ -776,15 +799,23 @@ class _Positions:
         self._reach: dict = {}
         self._walks: dict = {}
         self._needs: dict = {}
-        least = combo.m if combo.schedule == "gpipe" else 1
-        values = []
-        for (_, per_rc), ends in zip(self.rows, self.ends(least)):
-            for (pt, *_), end in zip(per_rc, ends):
-                for a in range(L):
-                    if end[a] > a:
-                        values.append(pt[a + 1:end[a] + 1] - pt[a])
-        found = np.unique(np.concatenate(values)) if values else np.zeros(0, np.int64)
-        self.values = [int(v) for v in found[found < self.BIG]]
+        self._values: list[int] | None = None
+
+    @property
+    def values(self) -> list[int]:
+        """The times of the stages that fit with the fewest microbatches in flight, sorted."""
+        if self._values is None:
+            L, combo = self.combo.num_layers, self.combo
+            least = combo.m if combo.schedule == "gpipe" else 1
+            values = []
+            for (_, per_rc), ends in zip(self.rows, self.ends(least)):
+                for (pt, *_), end in zip(per_rc, ends):
+                    for a in range(L):
+                        if end[a] > a:
+                            values.append(pt[a + 1:end[a] + 1] - pt[a])
+            found = np.unique(np.concatenate(values)) if values else np.zeros(0, np.int64)
+            self._values = [int(v) for v in found[found < self.BIG]]
+        return self._values
 
     def ends(self, flight: int) -> list[list[np.ndarray]]:
         """Per tp and rc, the furthest boundary a stage from each layer reaches in memory
@@ -1089,7 +1120,7 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
             scored.append(combo)
     scored.sort(key=lambda c: (c.lb, c.dp, c.m, c.zero))
     incumbent = None
-    for combo in scored[:6]:
+    for combo in scored[:3]:
         if incumbent is not None and combo.lb >= incumbent[0]:
             break
         found = _heuristic(combo, per_node)
