@@ -799,6 +799,7 @@ class _Positions:
         self._reach: dict = {}
         self._walks: dict = {}
         self._needs: dict = {}
+        self._sums: dict = {}
         self._values: list[int] | None = None
 
     @property
@@ -890,6 +891,52 @@ class _Positions:
         self._needs[limit] = needs
         return ok
 
+    def sums(self, limit: int, price: int) -> list[list[int]]:
+        """``sums[k][x]``: the least ``sum (time + price * tp)`` over ways to hold layers
+        ``x..L-1`` as the last ``k`` stages, each within ``limit`` and memory at its
+        position (``BIG``: none). For a plan on ``R`` devices, ``sums[k][x] - price * R``
+        is a floor on those stages' time sum (Lagrange on the device count, any price
+        ``>= 0``). A stage from ``a`` to ``b`` costs ``pt[b] - pt[a] + price * tp``, so
+        the best ``b`` is a range minimum of ``pt[b] + sums[k-1][b]``."""
+        key = (limit, price)
+        if key in self._sums:
+            return self._sums[key]
+        combo, L, big = self.combo, self.combo.num_layers, self.BIG
+        top = min(L, combo.s_max // min(combo.tps))
+        starts = np.arange(L)
+        levels = max(1, (L + 1).bit_length())
+        cur = np.full(L + 1, big, dtype=np.int64)
+        cur[L] = 0
+        out = [cur.tolist()]
+        for k in range(1, top + 1):
+            flight = combo.in_flight(top - k, top)
+            new = np.full(L + 1, big, dtype=np.int64)
+            for (t, per_rc), mems in zip(self.rows, self.ends(flight)):
+                for (pt, *_), e in zip(per_rc, mems):
+                    end = np.minimum(np.searchsorted(pt, pt[:-1] + limit, side="right") - 1, e)
+                    g = pt + cur  # < 2**60: 128 layers of BIG at most
+                    table = np.full((levels, L + 1), big, dtype=np.int64)
+                    table[0] = g
+                    for i in range(1, levels):
+                        half = 1 << (i - 1)
+                        table[i, :L + 1 - half] = np.minimum(table[i - 1, :L + 1 - half],
+                                                             table[i - 1, half:])
+                    span = np.maximum(end - starts, 1)
+                    level = np.floor(np.log2(span)).astype(np.int64)
+                    first = np.minimum(starts + 1, L)
+                    second = np.clip(end - (1 << level) + 1, 0, L)
+                    best = np.minimum(table[level, first], table[level, second]) - pt[:-1] \
+                        + price * t
+                    best[end <= starts] = big
+                    new[:L] = np.minimum(new[:L], best)
+            cur = np.minimum(new, big)
+            out.append(cur.tolist())
+            if cur.min() >= big:
+                break
+        out += [[big] * (L + 1)] * (top + 1 - len(out))
+        self._sums[key] = out
+        return out
+
     def needs(self, limit: int) -> list[list[int]]:
         """``needs[k][x]``: the fewest devices on which layers ``x..L-1`` fit as ``k``
         stages (the last ``k`` of the pipeline) each within ``limit`` (``BIG``: none)."""
@@ -919,7 +966,7 @@ class _Positions:
 
 def _best_stages(combo: TrainCombo, starts: list[list], per_node: int, pp: int,
                  cutoff: int | None, floor: int, deadline: float | None = None,
-                 needs: list[list[int]] | None = None):
+                 needs: list[list[int]] | None = None, sums=None):
     """``(value, path)`` of the best ``pp``-stage plan of the combo at or below ``cutoff``,
     None when there is none, or ``"timeout"`` when ``deadline`` passed first.
 
@@ -977,7 +1024,8 @@ def _best_stages(combo: TrainCombo, starts: list[list], per_node: int, pp: int,
             left = pp - k - 1  # stages after this one
             for used, front in groups.items():
                 _extend(combo, starts[x], labels, front, used, k, flight, left, per_node,
-                        by_residue, rest, cheap, coupled_rest, min_hop, min_tp, limit, needs)
+                        by_residue, rest, cheap, coupled_rest, min_hop, min_tp, limit, needs,
+                        sums)
         labels[x] = {}
     best = None
     for raw in labels[L].values():
@@ -999,7 +1047,7 @@ def _front4(labels: list) -> list:
 
 
 def _extend(combo, arcs, labels, front, used, k, flight, left, per_node, by_residue, rest,
-            cheap, coupled_rest, min_hop, min_tp, limit, needs):
+            cheap, coupled_rest, min_hop, min_tp, limit, needs, sums):
     """``_best_stages``' step: every arc from the labels ``front`` (``used`` devices, ``k``
     stages so far) into the labels of the boundary after it."""
     L, m, cap = combo.num_layers, combo.m, combo.cap
@@ -1020,7 +1068,11 @@ def _extend(combo, arcs, labels, front, used, k, flight, left, per_node, by_resi
         else:
             hop = combo.hop_inter[b] if used2 % per_node == 0 else combo.hop_intra[b]
         hops_after = max(left - 1, 0) * min_hop
-        ahead = t_ab + hop + rest[b + 1] + hops_after
+        later = rest[b + 1]
+        if sums is not None and left:
+            price, table = sums
+            later = max(later, table[left][b + 1] - price * (combo.s_max - used2))
+        ahead = t_ab + hop + later + hops_after
         spread, ahead2 = 0, 0
         if left:
             room = combo.s_max - used2
@@ -1170,8 +1222,18 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                 for arc in _arcs(combo, limit):
                     starts[arc[0]].append(arc)
             solved += 1
-            needs = None if limit is None else positions.needs(_largest_floor(combo, 1, limit))
-            found = _best_stages(combo, starts, per_node, pp, limit, floor, deadline, needs)
+            needs = sums = None
+            if limit is not None:
+                widest = _largest_floor(combo, 1, limit)
+                needs = positions.needs(widest)
+                price = floor // 4  # about a stage's time per device at tp 4 (measured best)
+                sums = (price, positions.sums(widest, price))
+                later = sums[1][pp][0] - price * combo.s_max
+                if later > _total(combo) and bound - _total(combo) + later > limit:
+                    pruned += 1
+                    continue
+            found = _best_stages(combo, starts, per_node, pp, limit, floor, deadline, needs,
+                                 sums)
             if found == "timeout":
                 open_bounds.append(bound)
             elif found is not None and (best is None or found[0] < best[0]):

@@ -198,15 +198,19 @@ def test_deep_pipelines_equal_the_reference(instance):
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(_deep_instances(), st.integers(1, 6))
 def test_position_bottleneck_is_the_least_largest_stage_by_enumeration(instance, pp):
-    """``_Positions.least`` (exact with ``within=0``) against every split of the layers
-    into ``pp`` stages, each at any (tp, recompute) whose memory at its position's
-    in-flight count fits, on at most ``S_max`` devices (no placement, as it relaxes)."""
+    """``_Positions.least`` (exact with ``within=0``) and ``_Positions.sums`` against every
+    split of the layers into ``pp`` stages, each at any (tp, recompute) whose memory at its
+    position's in-flight count fits, on at most ``S_max`` devices (no placement, as they
+    relax)."""
     from planner.training import _Positions
 
     builder, nodes, per_node, batch, cap, _ = instance
     space = train_space(builder, _cluster(nodes, per_node, cap), _workload(batch), None)
     combo = space.combos[len(space.combos) // 2]
-    L, best = combo.num_layers, None
+    L, best, least_sum = combo.num_layers, None, None
+    # _Positions.sums: the least sum of (time + price * tp) with every stage <= limit
+    limit = max(max(c.values()) for c in combo.ticks) * 2
+    price = 10**6
     for cuts in itertools.combinations(range(1, L), pp - 1):
         bounds = (0, *cuts, L)
         options = []
@@ -220,10 +224,17 @@ def test_position_bottleneck_is_the_least_largest_stage_by_enumeration(instance,
                     combo.table.state[j][t] + flight * combo.table.saved[j][(t, rc)]
                     for j in range(a, b + 1)) <= combo.cap])
         for choice in itertools.product(*options):
+            worst = max(v for _, v in choice)
             if sum(t for t, _ in choice) <= combo.s_max:
-                worst = max(v for _, v in choice)
                 best = worst if best is None else min(best, worst)
-    assert _Positions(combo).least(pp, within=0.0) == best
+            if worst <= limit:  # sums: no device limit, priced instead
+                priced = sum(v + price * t for t, v in choice)
+                least_sum = priced if least_sum is None else min(least_sum, priced)
+    positions = _Positions(combo)
+    assert positions.least(pp, within=0.0) == best
+    if pp <= len(positions.sums(limit, price)) - 1:
+        got = positions.sums(limit, price)[pp][0]
+        assert got == least_sum if least_sum is not None else got >= positions.BIG
 
 
 def test_1f1b_stage_memory_depends_on_its_position_and_gpipe_holds_every_microbatch():
