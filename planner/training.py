@@ -905,30 +905,32 @@ class _Positions:
         top = min(L, combo.s_max // min(combo.tps))
         starts = np.arange(L)
         levels = max(1, (L + 1).bit_length())
+        # every (tp, rc) option at once: rows of prefix times, their time reach, their tp
+        pts = np.array([pt for _, per_rc in self.rows for pt, *_ in per_rc])
+        costs = np.array([t for t, per_rc in self.rows for _ in per_rc], dtype=np.int64)
+        reach = np.array([np.searchsorted(pt, pt[:-1] + limit, side="right") - 1
+                          for pt in pts])
+        rows = np.arange(len(pts))[:, None]
+        first = np.minimum(starts + 1, L)
         cur = np.full(L + 1, big, dtype=np.int64)
         cur[L] = 0
         out = [cur.tolist()]
         for k in range(1, top + 1):
             flight = combo.in_flight(top - k, top)
+            end = np.minimum(reach, np.array([e for row in self.ends(flight) for e in row]))
+            table = np.full((levels, len(pts), L + 1), 1 << 62, dtype=np.int64)
+            table[0] = pts + cur  # < 2**60: 128 layers of BIG at most
+            for i in range(1, levels):
+                half = 1 << (i - 1)
+                table[i, :, :L + 1 - half] = np.minimum(table[i - 1, :, :L + 1 - half],
+                                                        table[i - 1, :, half:])
+            level = np.floor(np.log2(np.maximum(end - starts, 1))).astype(np.int64)
+            second = np.clip(end - (1 << level) + 1, 0, L)
+            best = np.minimum(table[level, rows, first], table[level, rows, second]) \
+                - pts[:, :-1] + price * costs[:, None]
+            best[end <= starts] = big
             new = np.full(L + 1, big, dtype=np.int64)
-            for (t, per_rc), mems in zip(self.rows, self.ends(flight)):
-                for (pt, *_), e in zip(per_rc, mems):
-                    end = np.minimum(np.searchsorted(pt, pt[:-1] + limit, side="right") - 1, e)
-                    g = pt + cur  # < 2**60: 128 layers of BIG at most
-                    table = np.full((levels, L + 1), big, dtype=np.int64)
-                    table[0] = g
-                    for i in range(1, levels):
-                        half = 1 << (i - 1)
-                        table[i, :L + 1 - half] = np.minimum(table[i - 1, :L + 1 - half],
-                                                             table[i - 1, half:])
-                    span = np.maximum(end - starts, 1)
-                    level = np.floor(np.log2(span)).astype(np.int64)
-                    first = np.minimum(starts + 1, L)
-                    second = np.clip(end - (1 << level) + 1, 0, L)
-                    best = np.minimum(table[level, first], table[level, second]) - pt[:-1] \
-                        + price * t
-                    best[end <= starts] = big
-                    new[:L] = np.minimum(new[:L], best)
+            new[:L] = best.min(axis=0)
             cur = np.minimum(new, big)
             out.append(cur.tolist())
             if cur.min() >= big:
@@ -1226,7 +1228,7 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
             if limit is not None:
                 widest = _largest_floor(combo, 1, limit)
                 needs = positions.needs(widest)
-                price = floor // 4  # about a stage's time per device at tp 4 (measured best)
+                price = widest // 4  # about a stage's time per device at tp 4; one table a limit
                 sums = (price, positions.sums(widest, price))
                 later = sums[1][pp][0] - price * combo.s_max
                 if later > _total(combo) and bound - _total(combo) + later > limit:
