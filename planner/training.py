@@ -1206,16 +1206,25 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                 positions = _Positions(combo)
             # One test first: can every stage be short enough for the limit at all? The
             # walk at the one-stage limit (the largest) answers for every stage count.
+            # Then the Lagrange floor on the stage sum (one table for the limit).
+            later, needs, sums = _total(combo), None, None
             if limit is not None:
                 widest = _largest_floor(combo, 1, limit)
                 if _largest_floor(combo, pp, limit) < 0 or not positions.fits(widest, pp):
+                    pruned += 1
+                    continue
+                needs = positions.needs(widest)
+                price = widest // 4  # about a stage's time per device at tp 4; one table a limit
+                sums = (price, positions.sums(widest, price))
+                later = max(later, sums[1][pp][0] - price * combo.s_max)
+                if _pp_bound(combo, pp, _spread_floor(combo, pp)) - _total(combo) + later > limit:
                     pruned += 1
                     continue
             # The same start for every stage count, so their bisections share walks.
             floor = positions.least(pp, _spread_floor(combo, combo.s_max))
             if floor is None:  # pp stages do not fit
                 continue
-            bound = max(cheap, _pp_bound(combo, pp, floor))
+            bound = max(cheap, _pp_bound(combo, pp, floor) - _total(combo) + later)
             if limit is not None and bound > limit:
                 pruned += 1
                 continue
@@ -1224,16 +1233,6 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                 for arc in _arcs(combo, limit):
                     starts[arc[0]].append(arc)
             solved += 1
-            needs = sums = None
-            if limit is not None:
-                widest = _largest_floor(combo, 1, limit)
-                needs = positions.needs(widest)
-                price = widest // 4  # about a stage's time per device at tp 4; one table a limit
-                sums = (price, positions.sums(widest, price))
-                later = sums[1][pp][0] - price * combo.s_max
-                if later > _total(combo) and bound - _total(combo) + later > limit:
-                    pruned += 1
-                    continue
             found = _best_stages(combo, starts, per_node, pp, limit, floor, deadline, needs,
                                  sums)
             if found == "timeout":
