@@ -75,6 +75,7 @@ __all__ = [
     "work_time",
     "layer_work",
     "measure_peaks",
+    "measure_matmul_rows",
     "fit_efficiencies",
     "fit_class_scales",
     "calibrate_device",
@@ -83,18 +84,24 @@ __all__ = [
     "efficiencies_for",
 ]
 
-OP_CLASSES = ("matmul", "attention", "elementwise", "norm", "embedding", "reduction", "view", "other")
+OP_CLASSES = ("matmul", "attention", "elementwise", "norm", "embedding", "reduction", "copy",
+              "view", "other")
 _SCHEMA = "fx-planner/roofline/v1"
 
 
 @dataclass(frozen=True)
 class OpWork:
-    """Work of one op class; ``planner.layers.OpStats`` is this type."""
+    """Work of one op class; ``planner.layers.OpStats`` is this type.
+
+    ``rows`` is the number of rows of the matmul class's GEMMs (the tokens of the step,
+    set by ``layer_work``), 0 where unknown: a calibrated CPU prices GEMMs of few rows by
+    ``Efficiencies.matmul_rows``."""
 
     count: int = 0
     flops: float = 0
     bytes_read: float = 0
     bytes_written: float = 0
+    rows: float = 0
 
     @property
     def bytes(self) -> float:
@@ -106,10 +113,12 @@ class OpWork:
             self.flops + other.flops,
             self.bytes_read + other.bytes_read,
             self.bytes_written + other.bytes_written,
+            max(self.rows, other.rows),
         )
 
     def scaled(self, flops: float = 1.0, bytes_: float = 1.0) -> OpWork:
-        return OpWork(self.count, self.flops * flops, self.bytes_read * bytes_, self.bytes_written * bytes_)
+        return OpWork(self.count, self.flops * flops, self.bytes_read * bytes_,
+                      self.bytes_written * bytes_, self.rows)
 
 
 # ------------------------------------------------------------------ analytical op work
@@ -202,6 +211,7 @@ GPU_EFFICIENCIES: dict[str, ClassEfficiency] = {
     "matmul": ClassEfficiency(0.70, 0.80, 0.0),
     "attention": ClassEfficiency(0.50, 0.80, 0.0),
     "elementwise": ClassEfficiency(0.50, 0.85, 0.0),
+    "copy": ClassEfficiency(0.50, 0.85, 0.0),  # a strided copy: an elementwise kernel
     "norm": ClassEfficiency(0.50, 0.80, 0.0),
     "embedding": ClassEfficiency(0.50, 0.70, 0.0),
     "reduction": ClassEfficiency(0.50, 0.80, 0.0),
@@ -233,6 +243,9 @@ class Efficiencies:
         kernel_s: the device's own fixed time per kernel, charged per kernel in every
             runtime (``cost_models.runtime``); 0 where the per-op ``overhead_s`` already
             holds all fixed cost (the CPU calibration).
+        matmul_rows: GEMM rows -> measured / fitted time of GEMMs of that many rows whose
+            weights stream from memory (``measure_matmul_rows``); the matmul class's time
+            is multiplied by it, interpolated in log rows. Empty (factor 1) for defaults.
     """
 
     device: str
@@ -244,12 +257,32 @@ class Efficiencies:
     layer_scale: float = 1.0
     class_scales: Mapping[str, float] = field(default_factory=dict)
     kernel_s: float = 0.0
+    matmul_rows: Mapping[int, float] = field(default_factory=dict)
 
     def for_class(self, op_class: str) -> ClassEfficiency:
         return self.classes.get(op_class) or self.classes["other"]
 
     def scale_for(self, op_class: str) -> float:
         return self.class_scales.get(op_class, self.layer_scale)
+
+    def rows_factor(self, rows: float) -> float:
+        """``matmul_rows`` at ``rows`` GEMM rows: 1 where nothing was measured, the rows are
+        unknown (0) or they are ``FIT_ROWS`` or more (the matmul fit's own range); below
+        the smallest measured rows that row count's factor; else linear in log rows
+        between the two neighbours (``FIT_ROWS`` counting as a point of factor 1)."""
+        if not self.matmul_rows or rows <= 0 or rows >= FIT_ROWS:
+            return 1.0
+        pts = sorted((int(r), float(f)) for r, f in self.matmul_rows.items() if r < FIT_ROWS)
+        pts.append((FIT_ROWS, 1.0))
+        if rows <= pts[0][0]:
+            return pts[0][1]
+        if rows >= pts[-1][0]:
+            return pts[-1][1]
+        for (r0, f0), (r1, f1) in zip(pts, pts[1:]):
+            if rows <= r1:
+                t = math.log(rows / r0) / math.log(r1 / r0)
+                return f0 + t * (f1 - f0)
+        return pts[-1][1]  # pragma: no cover
 
     def to_dict(self) -> dict:
         return {
@@ -262,6 +295,7 @@ class Efficiencies:
             "layer_scale": self.layer_scale,
             "class_scales": dict(self.class_scales),
             "kernel_s": self.kernel_s,
+            "matmul_rows": {str(r): f for r, f in self.matmul_rows.items()},
         }
 
     @classmethod
@@ -276,6 +310,7 @@ class Efficiencies:
             d.get("layer_scale", 1.0),
             dict(d.get("class_scales", {})),
             d.get("kernel_s", 0.0),
+            {int(r): float(f) for r, f in d.get("matmul_rows", {}).items()},
         )
 
 
@@ -299,8 +334,11 @@ def class_times(
     which kernels run and which pay a CPU launch), before the in-layer scales."""
     peak = efficiencies.peak_flops.get(dtype) or efficiencies.peak_flops["float32"]
     if runtime == "eager" and not efficiencies.kernel_s:  # the calibrated (CPU) path
-        return {c: op_time(w, efficiencies.for_class(c), peak, efficiencies.memory_bandwidth)
-                for c, w in work.items()}  # fmt: skip
+        out = {c: op_time(w, efficiencies.for_class(c), peak, efficiencies.memory_bandwidth)
+               for c, w in work.items()}  # fmt: skip
+        if "matmul" in out:
+            out["matmul"] *= efficiencies.rows_factor(work["matmul"].rows)
+        return out
     return {c: op_time(k.work, efficiencies.for_class(c), peak, efficiencies.memory_bandwidth,
                        kernels=k.kernels, launches=k.launches, kernel_s=efficiencies.kernel_s)
             for c, k in kernels_of(work, runtime).items()}  # fmt: skip
@@ -387,7 +425,7 @@ def layer_work(
             acts = max(w.bytes_read - weights, 0.0)
             wf = sharded.weight_fraction if sharded is not None else 1.0
             w = OpWork(w.count, w.flops * r * flops_f, (weights * wf + acts * r * bytes_f) * d,
-                       w.bytes_written * r * d * bytes_f)
+                       w.bytes_written * r * d * bytes_f, tokens)
             out[op_class] = w
             continue
         elif op_class == "attention":
@@ -454,6 +492,54 @@ def measure_peaks(threads: int | None = None, repeats: int = 5) -> tuple[float, 
     finally:
         torch.set_num_threads(prev)
     return 2 * 1024**3 / best_mm, 2 * src.numel() * 4 / best_copy
+
+
+# GEMM shapes (in, out) of ``measure_matmul_rows``: the projections of small decoders
+# (hidden 512-2048, MLP 8/3 x hidden), each weight at least 1 MiB in float32.
+MATMUL_ROWS_SHAPES = ((512, 512), (512, 1376), (1376, 512), (1024, 1024), (2048, 2048))
+MATMUL_ROWS = (1, 2, 4, 8)
+# From this many GEMM rows on, the matmul fit itself holds (factor 1): the calibration
+# set's smallest GEMMs have 16 rows (``planner.calibration.CALIBRATION_SHAPES``: batch 1,
+# 16 tokens), and the factors are interpolated up to it.
+FIT_ROWS = 16
+
+
+def measure_matmul_rows(eff: Efficiencies, rows: Sequence[int] = MATMUL_ROWS,
+                        shapes: Sequence[tuple[int, int]] = MATMUL_ROWS_SHAPES,
+                        stream_bytes: float = 256 * 2**20, repeats: int = 7) -> dict[int, float]:
+    """Measured / fitted time of ``F.linear`` with ``rows`` rows on weights read from memory.
+
+    Decode multiplies a few rows (the batch) by every weight of the model, which comes
+    from DRAM on every step; the calibration's matmuls have 16 rows or more on weights that
+    stay in cache. For each shape, ``stream_bytes`` of distinct weights are multiplied one
+    after another (each leaves the cache before it comes back), the median over
+    ``repeats`` passes is divided by ``op_time`` of the same GEMM under ``eff``'s matmul fit,
+    and the factor of a row count is the median over the shapes.
+
+    Returns:
+        ``{rows: factor}``, what ``Efficiencies.matmul_rows`` holds.
+    """
+    eff_mm = eff.for_class("matmul")
+    peak = eff.peak_flops.get("float32") or next(iter(eff.peak_flops.values()))
+    ratios: dict[int, list[float]] = {r: [] for r in rows}
+    with torch.no_grad():
+        for k, n in shapes:
+            copies = max(2, math.ceil(stream_bytes / (k * n * 4)))
+            weights = [torch.randn(n, k) for _ in range(copies)]
+            for r in rows:
+                x = torch.randn(r, k)
+                for w in weights[:2]:
+                    torch.nn.functional.linear(x, w)
+                passes = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    for w in weights:
+                        torch.nn.functional.linear(x, w)
+                    passes.append((time.perf_counter() - t0) / copies)
+                fitted = op_time(matmul_work(r, k, n, 4), eff_mm, peak, eff.memory_bandwidth)
+                ratios[r].append(float(np.median(passes)) / fitted)
+            del weights
+    return {r: float(np.median(v)) for r, v in ratios.items()}
 
 
 _COMPUTE_GRID = np.logspace(-3, 0.3, 56)  # fraction of peak FLOP/s
@@ -583,6 +669,7 @@ def calibrate_device(
     threads: int | None = None,
     cache: str | os.PathLike | None = None,
     save: bool = True,
+    matmul_rows: bool = True,
 ) -> Efficiencies:
     """Measure this device's peaks, fit efficiencies to ``samples`` and store the result.
 
@@ -595,6 +682,8 @@ def calibrate_device(
         threads: intra-op threads the samples were measured with.
         cache: cache directory.
         save: write ``<cache>/roofline-<device>.json``.
+        matmul_rows: on ``cpu``, measure the few-row GEMM factors (``measure_matmul_rows``,
+            about 10 s) after the fit.
     """
     peak, bw = measure_peaks(threads)
     eff = fit_efficiencies(samples, peak, bw, device=device)
@@ -605,6 +694,14 @@ def calibrate_device(
     if ratios:
         eff = replace(eff, layer_scale=float(np.median(ratios)))
         eff = replace(eff, class_scales=fit_class_scales(layers, eff))
+    if device == "cpu" and matmul_rows:
+        prev = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            eff = replace(eff, matmul_rows=measure_matmul_rows(eff))
+        finally:
+            torch.set_num_threads(prev)
     if save:
         save_efficiencies(eff, device_fingerprint(device, threads), cache)
     return eff

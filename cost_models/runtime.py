@@ -50,7 +50,7 @@ __all__ = ["RUNTIMES", "FUSIBLE", "NO_KERNEL", "Kernels", "kernels", "default_ru
 RUNTIMES = ("eager", "compiled", "cudagraphs")
 # Op classes torch.compile (inductor) fuses into the kernels around the matmuls and the
 # attention kernel (which stay library calls: cuBLAS, flash/SDPA).
-FUSIBLE = ("elementwise", "norm", "reduction", "other")
+FUSIBLE = ("elementwise", "norm", "reduction", "copy", "other")
 # Metadata-only ops: no kernel on a GPU.
 NO_KERNEL = ("view",)
 

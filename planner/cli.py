@@ -959,13 +959,18 @@ def _calibrate(argv: list[str]) -> int:
     if args.json:
         print(json.dumps({"roofline": {"peak_flops": eff.peak_flops,
                                        "memory_bandwidth": eff.memory_bandwidth,
-                                       "layer_scale": eff.layer_scale},
+                                       "layer_scale": eff.layer_scale,
+                                       "matmul_rows": {str(r): f for r, f
+                                                       in eff.matmul_rows.items()}},
                           "collectives": result.to_dict()}, indent=2))
         return 0
     _console().print(
         f"roofline of this cpu: measured peak {eff.peak_flops['float32'] / 1e9:.1f} GFLOP/s, "
         f"copy bandwidth {eff.memory_bandwidth / 1e9:.1f} GB/s, layer scale {eff.layer_scale:.3f}"
     )
+    if eff.matmul_rows:
+        _console().print("GEMMs of few rows on weights from memory, measured / fitted: " + ", ".join(
+            f"{r} row{'s' if r > 1 else ''} x{f:.2f}" for r, f in sorted(eff.matmul_rows.items())))
     table = Table(title=f"gloo on {cluster.num_devices} ranks, p{result.percentile:g} per call "
                         f"of {args.reps} chains of {result.chain} back-to-back calls per size")
     for col in ("collective", "ranks", "alpha (latency)", "bus bandwidth", "sizes fitted"):

@@ -218,9 +218,44 @@ def _body_work(name: str, body: fx.GraphModule) -> NodeWork:
                     count=sum(w.count for w in works if w.op_class != "view"))
 
 
+# Layout ops that return a view when the input's strides allow one and copy otherwise.
+_MAYBE_COPY_OPS = {"reshape", "flatten", "contiguous"}
+
+
+def _copies(name: str, node: fx.Node) -> bool:
+    """Whether a ``reshape``/``flatten``/``contiguous`` node must copy: its input's recorded
+    strides cannot be viewed as its output's shape (an ``expand`` of GQA's keys reshaped to
+    every head, a transposed tensor made contiguous). Decided on a meta tensor of the same
+    sizes and strides; nothing is computed."""
+    if name not in _MAYBE_COPY_OPS or node.op not in ("call_function", "call_method"):
+        return False
+    src = _arg_value(node.args[0]) if node.args else None
+    out = node.meta.get("val")
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return False
+    try:
+        probe = torch.empty_strided(tuple(src.shape), tuple(src.stride()), dtype=src.dtype,
+                                    device="meta")
+    except (TypeError, RuntimeError):  # symbolic sizes: leave it a view
+        return False
+    if name == "contiguous":
+        return not probe.is_contiguous()
+    try:
+        probe.view(tuple(out.shape))
+    except RuntimeError:
+        return True
+    return False
+
+
 def node_work(node: fx.Node) -> NodeWork:
-    """FLOPs and bytes of ``node`` from its recorded ``meta["val"]`` and its inputs' values."""
+    """FLOPs and bytes of ``node`` from its recorded ``meta["val"]`` and its inputs' values.
+
+    A layout op that must copy (``_copies``) is class ``copy``: it reads and writes every
+    element of its output."""
     name = op_name(node)
+    if name in _MAYBE_COPY_OPS and _copies(name, node):
+        nbytes = tensor_bytes(node.meta.get("val"))
+        return NodeWork(name, "copy", 0, nbytes, nbytes)
     if node.op in ("placeholder", "output", "get_attr") or name in _VIEW_OPS:
         return NodeWork(name, "view", 0, 0, 0)
     body = _higher_order_body(node)

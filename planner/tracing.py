@@ -788,9 +788,10 @@ def _fingerprint(gm, layers: list[Layer], layer_of, input_shapes) -> str:
     per_traced_layer: dict[int, list] = {}
     for node in gm.graph.nodes:
         work = node_work(node)
-        # Views and layout no-ops are left out: export keeps a `contiguous` on meta that it
-        # elides on cpu, and they cost nothing.
-        if node.op in ("get_attr", "placeholder", "output") or work.op_class == "view":
+        # Views and layout ops are left out: export keeps a `contiguous` on meta that it
+        # elides on cpu; a layout op that copies (class copy) follows from the shapes
+        # and strides of the ops around it.
+        if node.op in ("get_attr", "placeholder", "output") or work.op_class in ("view", "copy"):
             continue
         per_traced_layer.setdefault(layer_of[node.name], []).append((work.op, node_shape(node)))
     h = hashlib.sha256()

@@ -163,3 +163,45 @@ def test_class_scales_round_trip_through_the_stored_record():
     assert again == eff
     w = {"matmul": OpWork(1, 1e6, 0, 0), "norm": OpWork(1, 1e6, 0, 0), "other": OpWork(1, 1e6, 0, 0)}
     assert work_time(w, again, "float32") == pytest.approx((0.8 + 1.3 + 0.9) * 1e6 / 1e9)
+
+
+def test_matmul_work_carries_the_gemm_rows_of_the_step():
+    """``layer_work`` records how many rows the layer's GEMMs have: the tokens of a
+    prefill microbatch, the sequences of a decode step."""
+    prefill = layer_work(_block(), ARCH, 1, Workload(batch_size=2, seq_len=16, dtype="float32"), 2)
+    assert prefill["matmul"].rows == 32
+    decode = Workload(batch_size=3, seq_len=16, dtype="float32", phase="decode", context_len=64)
+    assert layer_work(_block(), ARCH, 1, decode, 3, TracedShape(2, 16, 4))["matmul"].rows == 3
+    assert prefill["elementwise"].rows == 0  # only the matmul class has GEMM rows
+
+
+def test_few_row_gemms_are_priced_by_the_measured_factor_interpolated_in_log_rows():
+    eff = replace(_two_class_efficiencies(1.0), matmul_rows={1: 0.5, 2: 1.2, 4: 1.4, 8: 1.1})
+    assert eff.rows_factor(1) == 0.5
+    assert eff.rows_factor(4) == 1.4
+    assert eff.rows_factor(3) == pytest.approx(1.2 + (1.4 - 1.2) * np.log(3 / 2) / np.log(2))
+    assert eff.rows_factor(12) == pytest.approx(1.1 + (1.0 - 1.1) * np.log(12 / 8) / np.log(2))
+    assert [eff.rows_factor(r) for r in (0, 16, 17, 4096)] == [1.0] * 4  # unknown, fit's range
+    assert _two_class_efficiencies(1.0).rows_factor(1) == 1.0  # nothing measured
+    w = {"matmul": OpWork(1, 1e6, 0, 0, rows=1), "norm": OpWork(1, 1e6, 0, 0, rows=1)}
+    # only the matmul class is scaled: 0.5 x its 1 ms, the norm's 1 ms as it was
+    assert work_time(w, eff, "float32") == pytest.approx(0.5e-3 + 1e-3)
+    assert Efficiencies.from_dict(eff.to_dict()) == eff
+
+
+def test_measured_row_factors_are_measured_over_fitted_time_of_each_row_count():
+    """A real (small) measurement: one factor per row count, each the measured time of
+    that GEMM over what the fit says; with a fit that makes every GEMM free but its
+    overhead, the factor is the measured seconds over that overhead."""
+    from cost_models.roofline import measure_matmul_rows
+
+    eff = Efficiencies("cpu", {"float32": 1e30}, 1e30,
+                       {"matmul": ClassEfficiency(1.0, 1.0, 1e-7), "other": ClassEfficiency(1, 1, 0)},
+                       "calibrated")
+    factors = measure_matmul_rows(eff, rows=(1, 8), shapes=((64, 64),), stream_bytes=2**20,
+                                  repeats=3)
+    assert sorted(factors) == [1, 8]
+    # an 8-row GEMM does 8x the FLOPs of a 1-row one on the same weights: never faster
+    # than a tenth of it, and a 64x64 float32 GEMM takes well over the 0.1 us the fit says
+    assert all(f > 1.0 for f in factors.values())
+    assert factors[8] > 0.1 * factors[1]

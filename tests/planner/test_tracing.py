@@ -319,3 +319,26 @@ def test_moe_meta_trace_equals_the_cpu_trace(blocks):
     assert all(p.is_meta for p in meta.graph_module.parameters())
     histc = [n for n in meta.graph_module.graph.nodes if "histc" in str(n.target)]
     assert histc and all(n.meta["val"].dtype == torch.float32 for n in histc)  # the cpu path
+
+
+def test_a_layout_op_that_must_copy_is_priced_as_a_copy_of_its_output():
+    """GQA's keys expanded to every head and reshaped, and a transposed tensor made
+    contiguous, are copies (class ``copy``, reading and writing the output's bytes); the
+    same ops on tensors whose strides allow a view stay free views."""
+    class Layout(nn.Module):
+        def forward(self, k, x):
+            b, kv, s, d = k.shape
+            rep = k[:, :, None].expand(b, kv, 2, s, d).reshape(b, kv * 2, s, d)  # copies
+            flat = x.reshape(x.shape[0], -1)  # a view
+            made = x.transpose(1, 2).contiguous()  # copies
+            kept = x.contiguous()  # already contiguous: a view
+            return rep, flat, made, kept
+
+    g = torch.export.export(Layout(), (torch.zeros(2, 3, 5, 4), torch.zeros(2, 6, 7)),
+                            strict=False).graph_module
+    works = {n.name: node_work(n) for n in g.graph.nodes if n.op == "call_function"}
+    assert {w.op for w in works.values()} >= {"reshape", "contiguous"}
+    copies = {name: w for name, w in works.items() if w.op_class == "copy"}
+    assert sorted(w.bytes_written for w in copies.values()) == [2 * 6 * 7 * 4, 2 * 6 * 5 * 4 * 4]
+    assert all(w.bytes_read == w.bytes_written and w.flops == 0 for w in copies.values())
+    assert len(copies) == 2  # the flat reshape and the no-op contiguous are not copies
