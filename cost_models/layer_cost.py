@@ -128,7 +128,8 @@ def compute_time(
 ) -> float:
     """Roofline seconds of one microbatch through ``layer`` on one rank of the TP group."""
     work = layer_work(layer, arch, tp, workload, microbatch_size, traced, sharded=sharded)
-    return work_time(work, efficiencies, workload.dtype, runtime_of(workload))
+    # The ranks of a tensor-parallel group run their GEMMs at the same moment.
+    return work_time(work, efficiencies, workload.dtype, runtime_of(workload), shared=tp > 1)
 
 
 def layer_cost(

@@ -246,6 +246,9 @@ class Efficiencies:
         matmul_rows: GEMM rows -> measured / fitted time of GEMMs of that many rows whose
             weights stream from memory (``measure_matmul_rows``); the matmul class's time
             is multiplied by it, interpolated in log rows. Empty (factor 1) for defaults.
+        matmul_rows_shared: the same, measured while every other rank of the host streams
+            its own weights at once (what the ranks of a tensor-parallel group do: they
+            share the host's memory bandwidth); used for layers priced at tp > 1.
     """
 
     device: str
@@ -258,6 +261,7 @@ class Efficiencies:
     class_scales: Mapping[str, float] = field(default_factory=dict)
     kernel_s: float = 0.0
     matmul_rows: Mapping[int, float] = field(default_factory=dict)
+    matmul_rows_shared: Mapping[int, float] = field(default_factory=dict)
 
     def for_class(self, op_class: str) -> ClassEfficiency:
         return self.classes.get(op_class) or self.classes["other"]
@@ -265,14 +269,18 @@ class Efficiencies:
     def scale_for(self, op_class: str) -> float:
         return self.class_scales.get(op_class, self.layer_scale)
 
-    def rows_factor(self, rows: float) -> float:
+    def rows_factor(self, rows: float, shared: bool = False) -> float:
         """``matmul_rows`` at ``rows`` GEMM rows: 1 where nothing was measured, the rows are
         unknown (0) or they are ``FIT_ROWS`` or more (the matmul fit's own range); below
         the smallest measured rows that row count's factor; else linear in log rows
-        between the two neighbours (``FIT_ROWS`` counting as a point of factor 1)."""
-        if not self.matmul_rows or rows <= 0 or rows >= FIT_ROWS:
+        between the two neighbours (``FIT_ROWS`` counting as a point of factor 1).
+        ``shared``: the factors measured with the host's other ranks streaming at once
+        (``matmul_rows_shared``), where they were measured."""
+        table = self.matmul_rows_shared if shared and self.matmul_rows_shared \
+            else self.matmul_rows
+        if not table or rows <= 0 or rows >= FIT_ROWS:
             return 1.0
-        pts = sorted((int(r), float(f)) for r, f in self.matmul_rows.items() if r < FIT_ROWS)
+        pts = sorted((int(r), float(f)) for r, f in table.items() if r < FIT_ROWS)
         pts.append((FIT_ROWS, 1.0))
         if rows <= pts[0][0]:
             return pts[0][1]
@@ -296,6 +304,7 @@ class Efficiencies:
             "class_scales": dict(self.class_scales),
             "kernel_s": self.kernel_s,
             "matmul_rows": {str(r): f for r, f in self.matmul_rows.items()},
+            "matmul_rows_shared": {str(r): f for r, f in self.matmul_rows_shared.items()},
         }
 
     @classmethod
@@ -311,6 +320,7 @@ class Efficiencies:
             dict(d.get("class_scales", {})),
             d.get("kernel_s", 0.0),
             {int(r): float(f) for r, f in d.get("matmul_rows", {}).items()},
+            {int(r): float(f) for r, f in d.get("matmul_rows_shared", {}).items()},
         )
 
 
@@ -328,16 +338,18 @@ def op_time(work: OpWork, eff: ClassEfficiency, peak_flops: float, bandwidth: fl
 
 
 def class_times(
-    work: Mapping[str, OpWork], efficiencies: Efficiencies, dtype: str, runtime: str = "eager"
+    work: Mapping[str, OpWork], efficiencies: Efficiencies, dtype: str, runtime: str = "eager",
+    *, shared: bool = False,
 ) -> dict[str, float]:
     """Roofline seconds of each op class's work under ``runtime`` (``cost_models.runtime``:
-    which kernels run and which pay a CPU launch), before the in-layer scales."""
+    which kernels run and which pay a CPU launch), before the in-layer scales. ``shared``:
+    the other ranks of the host run at the same time (a tensor-parallel group)."""
     peak = efficiencies.peak_flops.get(dtype) or efficiencies.peak_flops["float32"]
     if runtime == "eager" and not efficiencies.kernel_s:  # the calibrated (CPU) path
         out = {c: op_time(w, efficiencies.for_class(c), peak, efficiencies.memory_bandwidth)
                for c, w in work.items()}  # fmt: skip
         if "matmul" in out:
-            out["matmul"] *= efficiencies.rows_factor(work["matmul"].rows)
+            out["matmul"] *= efficiencies.rows_factor(work["matmul"].rows, shared)
         return out
     return {c: op_time(k.work, efficiencies.for_class(c), peak, efficiencies.memory_bandwidth,
                        kernels=k.kernels, launches=k.launches, kernel_s=efficiencies.kernel_s)
@@ -345,10 +357,12 @@ def class_times(
 
 
 def work_time(work: Mapping[str, OpWork], efficiencies: Efficiencies, dtype: str,
-              runtime: str = "eager") -> float:
-    """Seconds for a layer's per-class work on the device ``efficiencies`` describes."""
+              runtime: str = "eager", *, shared: bool = False) -> float:
+    """Seconds for a layer's per-class work on the device ``efficiencies`` describes
+    (``shared``: see ``class_times``)."""
     return sum(efficiencies.scale_for(c) * t
-               for c, t in class_times(work, efficiencies, dtype, runtime).items())  # fmt: skip
+               for c, t in class_times(work, efficiencies, dtype, runtime,
+                                       shared=shared).items())  # fmt: skip
 
 
 # ------------------------------------------------------------------ scaling a traced layer
@@ -504,9 +518,23 @@ MATMUL_ROWS = (1, 2, 4, 8)
 FIT_ROWS = 16
 
 
+def _stream_weights(ready, stop, stream_bytes: float) -> None:
+    """Another rank of the host: multiply one row by ``stream_bytes`` of weights, over and
+    over, until ``stop`` is set (run in a child process by ``measure_matmul_rows``)."""
+    torch.set_num_threads(1)
+    weights = [torch.randn(1376, 512) for _ in range(max(2, math.ceil(stream_bytes / 2818048)))]
+    x = torch.randn(1, 512)
+    ready.set()
+    with torch.no_grad():
+        while not stop.is_set():
+            for w in weights:
+                torch.nn.functional.linear(x, w)
+
+
 def measure_matmul_rows(eff: Efficiencies, rows: Sequence[int] = MATMUL_ROWS,
                         shapes: Sequence[tuple[int, int]] = MATMUL_ROWS_SHAPES,
-                        stream_bytes: float = 256 * 2**20, repeats: int = 7) -> dict[int, float]:
+                        stream_bytes: float = 256 * 2**20, repeats: int = 7,
+                        others: int = 0) -> dict[int, float]:
     """Measured / fitted time of ``F.linear`` with ``rows`` rows on weights read from memory.
 
     Decode multiplies a few rows (the batch) by every weight of the model, which comes
@@ -516,9 +544,35 @@ def measure_matmul_rows(eff: Efficiencies, rows: Sequence[int] = MATMUL_ROWS,
     ``repeats`` passes is divided by ``op_time`` of the same GEMM under ``eff``'s matmul fit,
     and the factor of a row count is the median over the shapes.
 
+    ``others`` more processes (one thread each) stream their own weights for the whole
+    measurement, as the other ranks of a tensor-parallel group on this host do.
+
     Returns:
-        ``{rows: factor}``, what ``Efficiencies.matmul_rows`` holds.
+        ``{rows: factor}``, what ``Efficiencies.matmul_rows`` (``others=0``) and
+        ``matmul_rows_shared`` hold.
     """
+    if others:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        stop = ctx.Event()
+        procs = []
+        try:
+            for _ in range(others):
+                ready = ctx.Event()
+                p = ctx.Process(target=_stream_weights, args=(ready, stop, stream_bytes),
+                                daemon=True)
+                p.start()
+                procs.append(p)
+                if not ready.wait(120):
+                    raise RuntimeError("a weight-streaming process did not start in 120 s")
+            return measure_matmul_rows(eff, rows, shapes, stream_bytes, repeats)
+        finally:
+            stop.set()
+            for p in procs:
+                p.join(30)
+                if p.is_alive():
+                    p.kill()
     eff_mm = eff.for_class("matmul")
     peak = eff.peak_flops.get("float32") or next(iter(eff.peak_flops.values()))
     ratios: dict[int, list[float]] = {r: [] for r in rows}
@@ -670,6 +724,7 @@ def calibrate_device(
     cache: str | os.PathLike | None = None,
     save: bool = True,
     matmul_rows: bool = True,
+    host_ranks: int = 1,
 ) -> Efficiencies:
     """Measure this device's peaks, fit efficiencies to ``samples`` and store the result.
 
@@ -684,6 +739,9 @@ def calibrate_device(
         save: write ``<cache>/roofline-<device>.json``.
         matmul_rows: on ``cpu``, measure the few-row GEMM factors (``measure_matmul_rows``,
             about 10 s) after the fit.
+        host_ranks: ranks a plan runs on this host (``plan calibrate --cluster Nxcpu``);
+            above 1 the factors are measured a second time with the other ranks streaming
+            at once (``matmul_rows_shared``).
     """
     peak, bw = measure_peaks(threads)
     eff = fit_efficiencies(samples, peak, bw, device=device)
@@ -696,10 +754,12 @@ def calibrate_device(
         eff = replace(eff, class_scales=fit_class_scales(layers, eff))
     if device == "cpu" and matmul_rows:
         prev = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads or 1)  # as a rank runs (and the profiler measures)
         try:
             eff = replace(eff, matmul_rows=measure_matmul_rows(eff))
+            if host_ranks > 1:
+                eff = replace(eff, matmul_rows_shared=measure_matmul_rows(
+                    eff, others=host_ranks - 1))
         finally:
             torch.set_num_threads(prev)
     if save:

@@ -71,8 +71,9 @@ def profile_calibration_set(shapes=None, *, models=None, repeats: int = 150, cac
     return [(n, b, s, t, p) for (n, b, s, t, _, _), p in zip(traced, profiles)]
 
 
-def fit_this_device(profiled, *, cache=None, save: bool = True):
-    """Fit the roofline of this CPU to ``profile_calibration_set`` results (and store it)."""
+def fit_this_device(profiled, *, cache=None, save: bool = True, host_ranks: int = 1):
+    """Fit the roofline of this CPU to ``profile_calibration_set`` results (and store it);
+    ``host_ranks``: ranks plans run on this host (``calibrate_device``)."""
     from cost_models.roofline import calibrate_device, layer_work
     from planner.cluster import Workload
 
@@ -82,16 +83,17 @@ def fit_this_device(profiled, *, cache=None, save: bool = True):
         work = Workload(batch_size=batch, seq_len=seq, dtype="float32", phase="prefill")
         layer_pairs += [(layer_work(layer, traced.arch, 1, work, batch), lp.time_s)
                         for layer, lp in zip(traced.layers, prof.layers)]  # fmt: skip
-    return calibrate_device(samples, layer_pairs, cache=cache, save=save)
+    return calibrate_device(samples, layer_pairs, cache=cache, save=save, host_ranks=host_ranks)
 
 
-def calibrate_this_device(*, repeats: int = 150, cache=None, models=None,
+def calibrate_this_device(*, repeats: int = 150, cache=None, models=None, host_ranks: int = 1,
                           progress: Callable[[int, int, str], None] | None = None):
-    """Profile the calibration set on the CPU here and store fitted roofline efficiencies.
+    """Profile the calibration set on the CPU here and store fitted roofline efficiencies
+    (``host_ranks``: the ranks plans run on this host, ``plan calibrate --cluster Nxcpu``).
 
     Returns:
         ``cost_models.roofline.Efficiencies`` (also written to the cache).
     """
     profiled = profile_calibration_set(models=models, repeats=repeats, cache=cache,
                                        progress=progress)  # fmt: skip
-    return fit_this_device(profiled, cache=cache)
+    return fit_this_device(profiled, cache=cache, host_ranks=host_ranks)

@@ -953,7 +953,8 @@ def _calibrate(argv: list[str]) -> int:
         def progress(done, total, what):
             bar.update(task, total=total, completed=done, description=f"roofline: {what}")
 
-        eff = calibrate_this_device(repeats=args.repeats, progress=progress)
+        eff = calibrate_this_device(repeats=args.repeats, progress=progress,
+                                    host_ranks=cluster.num_devices)
         bar.update(task, description=f"collectives on {cluster.num_devices} gloo ranks")
         result = calibrate(cluster.num_devices, "gloo", reps=args.reps)
     if args.json:
@@ -961,7 +962,9 @@ def _calibrate(argv: list[str]) -> int:
                                        "memory_bandwidth": eff.memory_bandwidth,
                                        "layer_scale": eff.layer_scale,
                                        "matmul_rows": {str(r): f for r, f
-                                                       in eff.matmul_rows.items()}},
+                                                       in eff.matmul_rows.items()},
+                                       "matmul_rows_shared": {
+                                           str(r): f for r, f in eff.matmul_rows_shared.items()}},
                           "collectives": result.to_dict()}, indent=2))
         return 0
     _console().print(
@@ -971,6 +974,11 @@ def _calibrate(argv: list[str]) -> int:
     if eff.matmul_rows:
         _console().print("GEMMs of few rows on weights from memory, measured / fitted: " + ", ".join(
             f"{r} row{'s' if r > 1 else ''} x{f:.2f}" for r, f in sorted(eff.matmul_rows.items())))
+    if eff.matmul_rows_shared:
+        _console().print(f"the same with the other {cluster.num_devices - 1} rank(s) of this host "
+                         "streaming at once: " + ", ".join(
+                             f"{r} row{'s' if r > 1 else ''} x{f:.2f}"
+                             for r, f in sorted(eff.matmul_rows_shared.items())))
     table = Table(title=f"gloo on {cluster.num_devices} ranks, p{result.percentile:g} per call "
                         f"of {args.reps} chains of {result.chain} back-to-back calls per size")
     for col in ("collective", "ranks", "alpha (latency)", "bus bandwidth", "sizes fitted"):

@@ -187,6 +187,12 @@ def test_few_row_gemms_are_priced_by_the_measured_factor_interpolated_in_log_row
     # only the matmul class is scaled: 0.5 x its 1 ms, the norm's 1 ms as it was
     assert work_time(w, eff, "float32") == pytest.approx(0.5e-3 + 1e-3)
     assert Efficiencies.from_dict(eff.to_dict()) == eff
+    # a tensor-parallel group's ranks share the host: the factors measured that way
+    both = replace(eff, matmul_rows_shared={1: 0.9, 8: 1.3})
+    assert both.rows_factor(1, shared=True) == 0.9 and both.rows_factor(1) == 0.5
+    assert work_time(w, both, "float32", shared=True) == pytest.approx(0.9e-3 + 1e-3)
+    assert eff.rows_factor(1, shared=True) == 0.5  # nothing measured shared: the lone factors
+    assert Efficiencies.from_dict(both.to_dict()) == both
 
 
 def test_measured_row_factors_are_measured_over_fitted_time_of_each_row_count():
@@ -201,6 +207,9 @@ def test_measured_row_factors_are_measured_over_fitted_time_of_each_row_count():
     factors = measure_matmul_rows(eff, rows=(1, 8), shapes=((64, 64),), stream_bytes=2**20,
                                   repeats=3)
     assert sorted(factors) == [1, 8]
+    shared = measure_matmul_rows(eff, rows=(1,), shapes=((64, 64),), stream_bytes=2**20,
+                                 repeats=3, others=1)  # one more process streams meanwhile
+    assert list(shared) == [1] and shared[1] > 1.0
     # an 8-row GEMM does 8x the FLOPs of a 1-row one on the same weights: never faster
     # than a tenth of it, and a 64x64 float32 GEMM takes well over the 0.1 us the fit says
     assert all(f > 1.0 for f in factors.values())
