@@ -30,6 +30,26 @@ def _stages(plan) -> list[tuple[int, int, int, list[list[int]], object]]:
     return out
 
 
+def _stage_figures(stage, i: int, table, first: int, last: int, tp: int, cap: int,
+                   capacity_note: str, source: str, problems: list[str]) -> tuple[float, float, int]:
+    """Stage ``i``'s compute, comm and memory per device as ``table`` prices layers
+    ``first..last`` at ``tp``; appends to ``problems`` where the memory exceeds ``cap`` or
+    the plan's recorded figures differ from the table's (``source`` names it)."""
+    compute = math.fsum(table.costs[j][tp].compute_s for j in range(first, last + 1))
+    comm = math.fsum(table.costs[j][tp].comm_s for j in range(first, last + 1))
+    memory = table.stage_memory_bytes(first, last, tp)
+    if memory > cap:
+        problems.append(f"stage {i}: {memory} bytes per device > capacity {cap} {capacity_note}")
+    for name, value in (("compute_s", compute), ("comm_s", comm)):
+        if not _close(_stage_figure(stage, name), value):
+            problems.append(f"stage {i}: predicted {name} {_stage_figure(stage, name)} "
+                            f"!= {value} from {source}")
+    if _stage_figure(stage, "memory_bytes") != memory:
+        problems.append(f"stage {i}: predicted memory {_stage_figure(stage, 'memory_bytes')} "
+                        f"!= {memory} from {source}")
+    return compute, comm, memory
+
+
 def _stage_figure(stage, name: str):
     pred = getattr(stage, "predicted", None)
     return getattr(pred, name) if pred is not None else getattr(stage, name)
@@ -113,19 +133,9 @@ def check_plan(
                 problems.append(f"stage {i} replica {r}: TP group spans nodes {sorted(group_nodes)}")
             stage_nodes.append(min(group_nodes) if group_nodes else -1)
         nodes_of.append(stage_nodes)
-        compute = math.fsum(table.costs[j][tp].compute_s for j in range(first, last + 1))
-        comm = math.fsum(table.costs[j][tp].comm_s for j in range(first, last + 1))
-        memory = table.stage_memory_bytes(first, last, tp)
-        if memory > cap:
-            problems.append(f"stage {i}: {memory} bytes per device > capacity {cap} "
-                            f"(memory x (1 - headroom))")
-        for name, value in (("compute_s", compute), ("comm_s", comm)):
-            if not _close(_stage_figure(stage, name), value):
-                problems.append(f"stage {i}: predicted {name} {_stage_figure(stage, name)} "
-                                f"!= {value} from the table")
-        if _stage_figure(stage, "memory_bytes") != memory:
-            problems.append(f"stage {i}: predicted memory {_stage_figure(stage, 'memory_bytes')}"
-                            f" != {memory} from the table")
+        compute, comm, memory = _stage_figures(stage, i, table, first, last, tp, cap,
+                                               "(memory x (1 - headroom))", "the table",
+                                               problems)
         times.append(compute + comm)
         peak = max(peak, memory)
     if problems:
@@ -211,19 +221,10 @@ def _check_mixed(plan, tables, cluster, workload: Workload) -> list[str]:
             problems.append(f"stage {i}: some of layers {first}..{last} do not allow tp {tp} "
                             f"on group {g}")
             continue
-        compute = math.fsum(table.costs[j][tp].compute_s for j in range(first, last + 1))
-        comm = math.fsum(table.costs[j][tp].comm_s for j in range(first, last + 1))
-        memory = table.stage_memory_bytes(first, last, tp)
         cap = int(group.device_spec.memory_bytes * (1.0 - workload.memory_headroom))
-        if memory > cap:
-            problems.append(f"stage {i}: {memory} bytes per device > capacity {cap} of group "
-                            f"{g} ({group.device})")
-        for name, value in (("compute_s", compute), ("comm_s", comm)):
-            if not _close(_stage_figure(stage, name), value):
-                problems.append(f"stage {i}: predicted {name} {_stage_figure(stage, name)} "
-                                f"!= {value} from group {g}'s table")
-        if _stage_figure(stage, "memory_bytes") != memory:
-            problems.append(f"stage {i}: predicted memory != {memory} from group {g}'s table")
+        compute, comm, memory = _stage_figures(stage, i, table, first, last, tp, cap,
+                                               f"of group {g} ({group.device})",
+                                               f"group {g}'s table", problems)
         times.append(compute + comm)
         places.append((g, nodes))
         peak = max(peak, memory)
