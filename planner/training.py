@@ -327,7 +327,9 @@ class TrainCombo:
 
     @property
     def s_max(self) -> int:
-        return max(self.sizes)
+        if "s_max" not in self.memo:
+            self.memo["s_max"] = max(self.sizes)
+        return self.memo["s_max"]
 
     def tail(self, a: int, b: int, t: int) -> int:
         return to_ticks(self.table.tail_s(a, b, t))
@@ -796,7 +798,11 @@ class _Positions:
                 per_rc.append((pt, ps, pv, cap - table.forward.workspace(t)))
             self.rows.append((t, per_rc))
         self._ends: dict = {}
-        self._reach: dict = {}
+        # every (tp, rc) option as one row: prefix times, and the memory ends by flight
+        self._pts = np.array([pt for _, per_rc in self.rows for pt, *_ in per_rc])
+        self._shape = (len(self.rows), len(combo.rcs), L)
+        self._mem: dict = {}
+        self._time_reach: dict = {}
         self._walks: dict = {}
         self._needs: dict = {}
         self._sums: dict = {}
@@ -828,20 +834,16 @@ class _Positions:
                 for _, per_rc in self.rows]
         return self._ends[flight]
 
-    def _stage_ends(self, limit: int, flight: int) -> list[np.ndarray]:
+    def _stage_ends(self, limit: int, flight: int) -> np.ndarray:
         """Per tp, the furthest boundary a stage from each layer reaches within ``limit``
-        and memory at ``flight``, with its best recompute option."""
-        key = (limit, flight)
-        if key not in self._reach:
-            out = []
-            for (_, per_rc), mems in zip(self.rows, self.ends(flight)):
-                best = None
-                for (pt, *_), e in zip(per_rc, mems):
-                    end = np.minimum(np.searchsorted(pt, pt[:-1] + limit, side="right") - 1, e)
-                    best = end if best is None else np.maximum(best, end)
-                out.append(best)
-            self._reach[key] = out
-        return self._reach[key]
+        and memory at ``flight``, with its best recompute option (``(tp, start)``)."""
+        if flight not in self._mem:
+            self._mem[flight] = np.array([e for row in self.ends(flight) for e in row])
+        if limit not in self._time_reach:
+            self._time_reach = {limit: np.array(
+                [np.searchsorted(pt, pt[:-1] + limit, side="right") - 1 for pt in self._pts])}
+        end = np.minimum(self._time_reach[limit], self._mem[flight])
+        return end.reshape(self._shape).max(axis=1)
 
     def fits(self, limit: int, pp: int) -> bool:
         """Whether ``pp`` stages fit with every stage time ``<= limit``."""
@@ -859,6 +861,9 @@ class _Positions:
         starts = np.arange(L)
         tps = np.array([t for t, _ in self.rows], dtype=np.int64)[:, None]
         levels = max(1, (L + 1).bit_length())
+        logs = np.floor(np.log2(np.arange(1, L + 2))).astype(np.int64)
+        logs = np.concatenate(([0], logs))  # logs[n] = floor(log2(n)), n >= 1
+        first = np.minimum(starts + 1, L)
         cur = np.full(L + 1, big, dtype=np.int64)  # fewest devices covering [x, L), k stages
         cur[L] = 0
         ok = np.zeros(top + 1, dtype=bool)
@@ -872,11 +877,9 @@ class _Positions:
                 table[i, :L + 1 - half] = np.minimum(table[i - 1, :L + 1 - half],
                                                      table[i - 1, half:])
             flight = combo.in_flight(top - k, top)  # min(k, m) (1F1B) or m (GPipe)
-            end = np.array(self._stage_ends(limit, flight))  # (tp, start)
+            end = self._stage_ends(limit, flight)  # (tp, start)
             # the stage from a holds layers a .. x - 1 for the boundaries x in a + 1 .. end
-            span = np.maximum(end - starts, 1)
-            level = np.floor(np.log2(span)).astype(np.int64)
-            first = np.minimum(starts + 1, L)
+            level = logs[np.maximum(end - starts, 1)]
             second = np.clip(end - (1 << level) + 1, 0, L)
             best = np.minimum(table[level, first], table[level, second]) + tps
             best[end <= starts] = big
@@ -996,16 +999,13 @@ def _best_stages(combo: TrainCombo, starts: list[list], per_node: int, pp: int,
     cheap = [0] * (L + 1)
     for j in range(L - 1, -1, -1):
         cheap[j] = cheap[j + 1] + min(t * v for (t, _), v in combo.ticks[j].items())
-    coupled: dict[int, list[int]] = {}
+    coupled = _coupled_rows(combo)
 
     def coupled_rest(x: int, left: int) -> int:
-        if left not in coupled:
-            row = [0.0] * (L + 1)
-            for j in range(L - 1, -1, -1):
-                row[j] = row[j + 1] + min(v * (1 + (m - 1) * t / left)
-                                          for (t, _), v in combo.ticks[j].items())
-            coupled[left] = [int(math.floor(v * (1 - 1e-12))) for v in row]
-        return coupled[left][x]
+        row = coupled.get(left)
+        if row is None:
+            row = coupled[left] = _coupled_row(combo, left)
+        return row[x]
     # Devices used enter the state only by their residue on the node (placement, hops)
     # when a completion that fits after u devices also fits after u - per_node (the sizes
     # allow it): then fewer devices with the same residue is simply better, one more
@@ -1038,6 +1038,32 @@ def _best_stages(combo: TrainCombo, starts: list[list], per_node: int, pp: int,
     return best
 
 
+def _coupled_rows(combo: TrainCombo) -> dict:
+    """``_coupled_row`` by devices left, shared by every stage count of the combo."""
+    if "coupled_rows" not in combo.memo:
+        combo.memo["coupled_rows"] = {}
+    return combo.memo["coupled_rows"]
+
+
+def _coupled_row(combo: TrainCombo, left: int) -> list[int]:
+    """``row[x]``: a floor on ``sum_j c_j (1 + (m - 1) tp_j / left)`` over the layers from
+    ``x``, each at its least option (the stage sum coupled with device-seconds over the
+    ``left`` devices): the same float operations, in the same order, as a Python loop
+    from the last layer."""
+    if "coupled_parts" not in combo.memo:
+        width = max(len(c) for c in combo.ticks)
+        v = np.full((combo.num_layers, width), np.inf)
+        t = np.zeros((combo.num_layers, width))
+        for j, c in enumerate(combo.ticks):
+            for i, ((tp, _), x) in enumerate(c.items()):
+                v[j, i], t[j, i] = x, tp
+        combo.memo["coupled_parts"] = (v, t)
+    v, t = combo.memo["coupled_parts"]
+    least = (v * (1 + (combo.m - 1) * t / left)).min(axis=1)
+    row = np.concatenate((np.cumsum(least[::-1])[::-1], [0.0]))
+    return [int(math.floor(x * (1 - 1e-12))) for x in row.tolist()]
+
+
 def _front4(labels: list) -> list:
     """Labels ``(sum, max, tail, devices, path)`` that no other is at or below in all four."""
     labels.sort(key=lambda label: label[:4])
@@ -1052,43 +1078,54 @@ def _extend(combo, arcs, labels, front, used, k, flight, left, per_node, by_resi
             cheap, coupled_rest, min_hop, min_tp, limit, needs, sums):
     """``_best_stages``' step: every arc from the labels ``front`` (``used`` devices, ``k``
     stages so far) into the labels of the boundary after it."""
-    L, m, cap = combo.num_layers, combo.m, combo.cap
+    L, m1, cap, s_max = combo.num_layers, combo.m - 1, combo.cap, combo.s_max
+    sizes, hop_inter, hop_intra = combo.sizes, combo.hop_inter, combo.hop_intra
+    offset = used % per_node
+    hops_after = max(left - 1, 0) * min_hop
+    need_row = needs[left] if needs is not None and left else None
+    price, sum_row = 0, None
+    if sums is not None and left:
+        price, sum_row = sums[0], sums[1][left]
     for a, b, t, rc, t_ab, static, saved, tail in arcs:
         if (left == 0) != (b == L - 1) or L - 1 - b < left:
             continue
-        if used % per_node + t > per_node or static + flight * saved > cap:
+        if offset + t > per_node or static + flight * saved > cap:
             continue
         used2 = used + t
-        if used2 + left * min_tp > combo.s_max:
+        room = s_max - used2
+        if room < left * min_tp:
             continue
-        if needs is not None and left and needs[left][b + 1] > combo.s_max - used2:
+        if need_row is not None and need_row[b + 1] > room:
             continue  # the layers after b do not fit the devices left in time and memory
         if left == 0:
-            if used2 not in combo.sizes:
+            if used2 not in sizes:
                 continue
             hop = 0
         else:
-            hop = combo.hop_inter[b] if used2 % per_node == 0 else combo.hop_intra[b]
-        hops_after = max(left - 1, 0) * min_hop
+            hop = hop_inter[b] if used2 % per_node == 0 else hop_intra[b]
         later = rest[b + 1]
-        if sums is not None and left:
-            price, table = sums
-            later = max(later, table[left][b + 1] - price * (combo.s_max - used2))
+        if sum_row is not None:
+            lagrange = sum_row[b + 1] - price * room
+            if lagrange > later:
+                later = lagrange
         ahead = t_ab + hop + later + hops_after
         spread, ahead2 = 0, 0
         if left:
-            room = combo.s_max - used2
             spread = -(-cheap[b + 1] // room)
             ahead2 = t_ab + hop + coupled_rest(b + 1, room) + hops_after
+        wa = t_ab if t_ab > hop else hop
+        step = t_ab + hop
         target = None
         for s, w, tl, _, path in front:
-            w2, tl2 = max(w, t_ab, hop), max(tl, tail)
-            if s + tl2 + max(ahead + (m - 1) * max(w2, spread), ahead2) > limit:
+            w2 = w if w > wa else wa
+            tl2 = tl if tl > tail else tail
+            v = ahead + m1 * (w2 if w2 > spread else spread)
+            if s + tl2 + (v if v > ahead2 else ahead2) > limit:
                 continue
             if target is None:
                 key = (used2 % per_node if by_residue else used2, k + 1)
                 target = labels[b + 1].setdefault(key, [])
-            target.append((s + t_ab + hop, w2, tl2, used2, ((a, b, t, rc), path)))
+            target.append((s + step, w2, tl2, used2, ((a, b, t, rc), path)))
 
 
 # --------------------------------------------------------------------------- results
