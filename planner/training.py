@@ -805,6 +805,14 @@ class _Positions:
         self._time_reach: dict = {}
         self._walks: dict = {}
         self._needs: dict = {}
+        self._known: dict = {}  # pp -> (largest limit known not to fit, least known to)
+        self._top = min(L, combo.s_max // min(combo.tps))
+        self._starts = np.arange(L)
+        self._first = np.minimum(self._starts + 1, L)
+        self._tps = np.array([t for t, _ in self.rows], dtype=np.int64)[:, None]
+        self._levels = max(1, (L + 1).bit_length())
+        logs = np.floor(np.log2(np.arange(1, L + 2))).astype(np.int64)
+        self._logs = np.concatenate(([0], logs))  # logs[n] = floor(log2(n)), n >= 1
         self._sums: dict = {}
         self._values: list[int] | None = None
 
@@ -846,29 +854,42 @@ class _Positions:
         return end.reshape(self._shape).max(axis=1)
 
     def fits(self, limit: int, pp: int) -> bool:
-        """Whether ``pp`` stages fit with every stage time ``<= limit``."""
-        return pp < len(self._walk(limit)) and bool(self._walk(limit)[pp])
+        """Whether ``pp`` stages fit with every stage time ``<= limit``. Feasibility is
+        monotone in the limit, so each stage count keeps its largest limit known not to
+        fit and its least known to fit, and walks only between them."""
+        if pp > self._top:
+            return False
+        no, yes = self._known.get(pp, (-1, None))
+        if limit <= no:
+            return False
+        if yes is not None and limit >= yes:
+            return True
+        walk = self._walk(limit, pp)
+        ok = pp <= walk["k"] and walk["ok"][pp]
+        self._known[pp] = (no, limit if yes is None else min(yes, limit)) if ok else \
+            (max(no, limit), yes)
+        return ok
 
-    def _walk(self, limit: int) -> np.ndarray:
-        """``ok[k]``: ``k`` stages fit within ``limit``, for every ``k`` at once. Walks back
-        from the last layer: the stage with ``k`` stages from it to the end holds
-        ``in_flight(pp - k, pp)`` microbatches, which for GPipe and 1F1B depends on ``k``
-        alone (``m``; ``min(k, m)``), so one walk serves every stage count."""
-        if limit in self._walks:
-            return self._walks[limit]
-        combo, L, big = self.combo, self.combo.num_layers, self.BIG
-        top = min(L, combo.s_max // min(combo.tps))
-        starts = np.arange(L)
-        tps = np.array([t for t, _ in self.rows], dtype=np.int64)[:, None]
-        levels = max(1, (L + 1).bit_length())
-        logs = np.floor(np.log2(np.arange(1, L + 2))).astype(np.int64)
-        logs = np.concatenate(([0], logs))  # logs[n] = floor(log2(n)), n >= 1
-        first = np.minimum(starts + 1, L)
-        cur = np.full(L + 1, big, dtype=np.int64)  # fewest devices covering [x, L), k stages
-        cur[L] = 0
-        ok = np.zeros(top + 1, dtype=bool)
-        needs = [cur]
-        for k in range(1, top + 1):
+    def _walk(self, limit: int, upto: int | None = None) -> dict:
+        """``ok[k]``: ``k`` stages fit within ``limit``, for every ``k`` up to ``upto`` (all
+        by default) at once, and ``needs[k]``. Walks back from the last layer: the stage
+        with ``k`` stages from it to the end holds ``in_flight(pp - k, pp)`` microbatches,
+        which for GPipe and 1F1B depends on ``k`` alone (``m``; ``min(k, m)``), so one walk
+        serves every stage count; it goes on from where it stopped when asked for more
+        stages, and stops for good once no suffix fits the devices (``dead``)."""
+        combo, L, big, top = self.combo, self.combo.num_layers, self.BIG, self._top
+        walk = self._walks.get(limit)
+        if walk is None:
+            cur = np.full(L + 1, big, dtype=np.int64)  # fewest devices covering [x, L)
+            cur[L] = 0
+            walk = self._walks[limit] = {"k": 0, "ok": [False], "needs": [cur], "dead": False}
+        upto = top if upto is None else min(upto, top)
+        if walk["k"] >= upto or walk["dead"]:
+            return walk
+        starts, first, logs, tps = self._starts, self._first, self._logs, self._tps
+        levels = self._levels
+        cur = walk["needs"][-1]
+        for k in range(walk["k"] + 1, upto + 1):
             # table[i, x] = min cur[x .. x + 2**i - 1] (big past the end)
             table = np.full((levels, L + 1), big, dtype=np.int64)
             table[0] = cur
@@ -886,13 +907,13 @@ class _Positions:
             new = np.full(L + 1, big, dtype=np.int64)
             new[:L] = best.min(axis=0)
             cur = np.minimum(new, big)
-            needs.append(cur)
-            ok[k] = cur[0] <= combo.s_max
+            walk["needs"].append(cur)
+            walk["ok"].append(bool(cur[0] <= combo.s_max))
+            walk["k"] = k
             if cur.min() > combo.s_max:
+                walk["dead"] = True
                 break
-        self._walks[limit] = ok
-        self._needs[limit] = needs
-        return ok
+        return walk
 
     def sums(self, limit: int, price: int) -> list[list[int]]:
         """``sums[k][x]``: the least ``sum (time + price * tp)`` over ways to hold layers
@@ -945,11 +966,16 @@ class _Positions:
     def needs(self, limit: int) -> list[list[int]]:
         """``needs[k][x]``: the fewest devices on which layers ``x..L-1`` fit as ``k``
         stages (the last ``k`` of the pipeline) each within ``limit`` (``BIG``: none)."""
-        self._walk(limit)
-        needs = self._needs[limit]
-        top = min(self.combo.num_layers, self.combo.s_max // min(self.combo.tps))
-        big = [self.BIG] * (self.combo.num_layers + 1)
-        return [n.tolist() for n in needs] + [big] * (top + 1 - len(needs))
+        if limit not in self._needs:
+            needs = self._walk(limit)["needs"]
+            big = [self.BIG] * (self.combo.num_layers + 1)
+            self._needs[limit] = [n.tolist() for n in needs] + [big] * (self._top + 1 - len(needs))
+        return self._needs[limit]
+
+    def below(self, limit: int) -> int | None:
+        """The largest stage time in ``values`` at or below ``limit`` (None: none is)."""
+        i = bisect.bisect_right(self.values, limit)
+        return self.values[i - 1] if i else None
 
     def least(self, pp: int, above: int = 0, within: float = 2e-3) -> int | None:
         """A floor on the least limit that fits ``pp`` stages, within ``within`` of it
@@ -1250,7 +1276,6 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                 if _largest_floor(combo, pp, limit) < 0 or not positions.fits(widest, pp):
                     pruned += 1
                     continue
-                needs = positions.needs(widest)
                 price = widest // 4  # about a stage's time per device at tp 4; one table a limit
                 sums = (price, positions.sums(widest, price))
                 later = max(later, sums[1][pp][0] - price * combo.s_max)
@@ -1258,7 +1283,17 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                     pruned += 1
                     continue
             # The same start for every stage count, so their bisections share walks.
-            floor = positions.least(pp, _spread_floor(combo, combo.s_max))
+            above = _spread_floor(combo, combo.s_max)
+            if limit is not None and combo.m > 1:
+                # The bound is base + (m - 1) floor: above the limit exactly when no stage
+                # time up to (limit - base) // (m - 1) fits pp stages, which one walk at the
+                # largest such time answers (feasibility is monotone in the limit).
+                base = _pp_bound(combo, pp, 0) - _total(combo) + later
+                top_value = positions.below((limit - base) // (combo.m - 1))
+                if top_value is None or top_value < above or not positions.fits(top_value, pp):
+                    pruned += 1
+                    continue
+            floor = positions.least(pp, above)
             if floor is None:  # pp stages do not fit
                 continue
             bound = max(cheap, _pp_bound(combo, pp, floor) - _total(combo) + later)
@@ -1269,6 +1304,8 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                 starts = [[] for _ in range(combo.num_layers)]
                 for arc in _arcs(combo, limit):
                     starts[arc[0]].append(arc)
+            if limit is not None:
+                needs = positions.needs(widest)
             solved += 1
             found = _best_stages(combo, starts, per_node, pp, limit, floor, deadline, needs,
                                  sums)
