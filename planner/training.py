@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import operator
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -517,9 +518,20 @@ def path_value(combo: TrainCombo, path, per_node: int) -> int | None:
     return sum(values) + (combo.m - 1) * max(values) + max(tails)
 
 
+def _shared(combo: TrainCombo, name: str, make, *more):
+    """A figure of the combo's tick rows, shared by every combo with the same rows (the
+    table's ``ticks_memo``, keyed by the tp degrees and recompute options) and ``more``."""
+    key = (name, combo.tps, combo.rcs) + more
+    memo = combo.table.ticks_memo
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
+
+
 def _fastest(combo: TrainCombo) -> list[int]:
     if "fastest" not in combo.memo:
-        combo.memo["fastest"] = [min(c.values()) for c in combo.ticks]
+        combo.memo["fastest"] = _shared(combo, "fastest",
+                                        lambda: [min(c.values()) for c in combo.ticks])
     return combo.memo["fastest"]
 
 
@@ -544,7 +556,8 @@ def _min_hop(combo: TrainCombo) -> int:
 def _cheapest(combo: TrainCombo) -> int:
     """The layers' device-seconds, each at its cheapest ``tp * time``."""
     if "cheapest" not in combo.memo:
-        combo.memo["cheapest"] = sum(min(t * v for (t, _), v in c.items()) for c in combo.ticks)
+        combo.memo["cheapest"] = _shared(combo, "cheapest", lambda: sum(
+            min(t * v for (t, _), v in c.items()) for c in combo.ticks))
     return combo.memo["cheapest"]
 
 
@@ -581,8 +594,9 @@ def _lower_bound(combo: TrainCombo, bottleneck: int = 0, pp: int | None = None) 
     # Coupled: layer j at (tp, rc) adds c to the sum and tp * c to the device-seconds, and
     # the bottleneck >= device-seconds / S_max.
     if "coupled" not in combo.memo:
-        combo.memo["coupled"] = sum(min(v * (1 + (m - 1) * t / s_max) for (t, _), v in c.items())
-                                    for c in combo.ticks)
+        combo.memo["coupled"] = _shared(combo, "coupled", lambda: sum(
+            min(v * (1 + (m - 1) * t / s_max) for (t, _), v in c.items())
+            for c in combo.ticks), m, s_max)
     coupled = combo.memo["coupled"]
     pipeline = max(total + (m - 1) * worst, int(math.floor(coupled * (1 - 1e-12)))) + hops
     return pipeline + _tail_floor(combo)
@@ -1066,9 +1080,7 @@ def _best_stages(combo: TrainCombo, starts: list[list], per_node: int, pp: int,
 
 def _coupled_rows(combo: TrainCombo) -> dict:
     """``_coupled_row`` by devices left, shared by every stage count of the combo."""
-    if "coupled_rows" not in combo.memo:
-        combo.memo["coupled_rows"] = {}
-    return combo.memo["coupled_rows"]
+    return _shared(combo, "coupled_rows", dict, combo.m)
 
 
 def _coupled_row(combo: TrainCombo, left: int) -> list[int]:
@@ -1076,26 +1088,33 @@ def _coupled_row(combo: TrainCombo, left: int) -> list[int]:
     ``x``, each at its least option (the stage sum coupled with device-seconds over the
     ``left`` devices): the same float operations, in the same order, as a Python loop
     from the last layer."""
-    if "coupled_parts" not in combo.memo:
+    def parts():
         width = max(len(c) for c in combo.ticks)
         v = np.full((combo.num_layers, width), np.inf)
         t = np.zeros((combo.num_layers, width))
         for j, c in enumerate(combo.ticks):
             for i, ((tp, _), x) in enumerate(c.items()):
                 v[j, i], t[j, i] = x, tp
-        combo.memo["coupled_parts"] = (v, t)
-    v, t = combo.memo["coupled_parts"]
+        return v, t
+    v, t = _shared(combo, "coupled_parts", parts)
     least = (v * (1 + (combo.m - 1) * t / left)).min(axis=1)
     row = np.concatenate((np.cumsum(least[::-1])[::-1], [0.0]))
     return [int(math.floor(x * (1 - 1e-12))) for x in row.tolist()]
 
 
+_FIRST4 = operator.itemgetter(0, 1, 2, 3)
+
+
 def _front4(labels: list) -> list:
     """Labels ``(sum, max, tail, devices, path)`` that no other is at or below in all four."""
-    labels.sort(key=lambda label: label[:4])
+    labels.sort(key=_FIRST4)
     kept: list = []
     for label in labels:
-        if not any(k[1] <= label[1] and k[2] <= label[2] and k[3] <= label[3] for k in kept):
+        _, w, tl, u, _ = label
+        for k in kept:
+            if k[1] <= w and k[2] <= tl and k[3] <= u:
+                break
+        else:
             kept.append(label)
     return kept
 
