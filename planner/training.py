@@ -202,6 +202,7 @@ class TrainCostBuilder:
         self._times: dict = {}
         self._saved: dict = {}
         self._states: dict = {}
+        self._gathers: dict = {}
 
     @property
     def tp_degrees(self):
@@ -254,7 +255,7 @@ class TrainCostBuilder:
         # (zero, dp): each part is built once and shared by the tables that agree on it.
         part = (mb, dp, link) if gather else (mb,)
         if part not in self._times:
-            gathers: dict = {}
+            gathers = self._gathers.setdefault((dp, link), {})  # by parameter bytes
             time_, comm = [], []
             for row in rows:
                 t_row, c_row = {}, {}
