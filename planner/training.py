@@ -1231,6 +1231,10 @@ def evaluate(combo: TrainCombo, path, space: TrainSpace, objective: str,
                          tuple(tails), tuple(flights), step, mfu, tokens / step, combo.link)
 
 
+#: How many of the best-bounded combos the first heuristic plan may come from.
+_HEURISTIC_WINDOW = 8
+
+
 def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload, *,
                 pins: Mapping | None = None, num_workers: int = 2,
                 time_limit_s: float = 60.0, restriction: Restriction | None = None,
@@ -1257,9 +1261,17 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
             scored.append(combo)
     scored.sort(key=lambda c: (c.lb, c.dp, c.m, c.zero))
     incumbent = None
-    for combo in scored[:3]:
+    # The heuristic on the best combo of each of the first three dp degrees among the
+    # eight best bounds: ZeRO levels of one dp give nearly the same heuristic plan, and a
+    # first incumbent from another dp can be much nearer the optimum (llama-3-405b on
+    # 64x8xH100: dp 4, where the DP then finds the optimum before the dp 2 combos).
+    degrees: set[int] = set()
+    for combo in scored[:_HEURISTIC_WINDOW]:
         if incumbent is not None and combo.lb >= incumbent[0]:
             break
+        if combo.dp in degrees or len(degrees) == 3:
+            continue
+        degrees.add(combo.dp)
         found = _heuristic(combo, per_node)
         if found is not None and (incumbent is None or found[0] < incumbent[0]):
             incumbent = (found[0], combo, found[1])
