@@ -284,13 +284,9 @@ class Efficiencies:
         pts.append((FIT_ROWS, 1.0))
         if rows <= pts[0][0]:
             return pts[0][1]
-        if rows >= pts[-1][0]:
-            return pts[-1][1]
-        for (r0, f0), (r1, f1) in zip(pts, pts[1:]):
-            if rows <= r1:
-                t = math.log(rows / r0) / math.log(r1 / r0)
-                return f0 + t * (f1 - f0)
-        return pts[-1][1]  # pragma: no cover
+        # rows < FIT_ROWS, the last point: a neighbour pair always brackets it
+        (r0, f0), (r1, f1) = next((a, b) for a, b in zip(pts, pts[1:]) if rows <= b[0])
+        return f0 + math.log(rows / r0) / math.log(r1 / r0) * (f1 - f0)
 
     def to_dict(self) -> dict:
         return {
@@ -522,8 +518,9 @@ def _stream_weights(ready, stop, stream_bytes: float) -> None:
     """Another rank of the host: multiply one row by ``stream_bytes`` of weights, over and
     over, until ``stop`` is set (run in a child process by ``measure_matmul_rows``)."""
     torch.set_num_threads(1)
-    weights = [torch.randn(1376, 512) for _ in range(max(2, math.ceil(stream_bytes / 2818048)))]
-    x = torch.randn(1, 512)
+    k, n = MATMUL_ROWS_SHAPES[1]  # 512 in, 1376 out
+    weights = [torch.randn(n, k) for _ in range(max(2, math.ceil(stream_bytes / (k * n * 4))))]
+    x = torch.randn(1, k)
     ready.set()
     with torch.no_grad():
         while not stop.is_set():

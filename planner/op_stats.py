@@ -253,7 +253,7 @@ def node_work(node: fx.Node) -> NodeWork:
     A layout op that must copy (``_copies``) is class ``copy``: it reads and writes every
     element of its output."""
     name = op_name(node)
-    if name in _MAYBE_COPY_OPS and _copies(name, node):
+    if _copies(name, node):
         nbytes = tensor_bytes(node.meta.get("val"))
         return NodeWork(name, "copy", 0, nbytes, nbytes)
     if node.op in ("placeholder", "output", "get_attr") or name in _VIEW_OPS:

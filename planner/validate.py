@@ -30,6 +30,24 @@ def _stages(plan) -> list[tuple[int, int, int, list[list[int]], object]]:
     return out
 
 
+def _pipeline_problems(pred, times: list[float], hops: list[float], m: int, batch: int,
+                       peak: int) -> list[str]:
+    """The plan's predicted latency, throughput and peak memory against the flow-shop
+    recomputation from its stage times and hops (``m`` microbatches of a ``batch``)."""
+    problems = []
+    every = times + hops
+    latency = math.fsum(every) + (m - 1) * max(every)
+    period = max(m * max(every), math.fsum(every))
+    if not _close(pred.latency_s, latency):
+        problems.append(f"predicted latency {pred.latency_s} s != {latency} s recomputed")
+    if not _close(pred.throughput_samples_per_s, batch / period):
+        problems.append(f"predicted throughput {pred.throughput_samples_per_s} != "
+                        f"{batch / period}")
+    if pred.peak_memory_bytes != peak:
+        problems.append(f"predicted peak memory {pred.peak_memory_bytes} != {peak}")
+    return problems
+
+
 def _stage_figures(stage, i: int, table, first: int, last: int, tp: int, cap: int,
                    capacity_note: str, source: str, problems: list[str]) -> tuple[float, float, int]:
     """Stage ``i``'s compute, comm and memory per device as ``table`` prices layers
@@ -147,18 +165,7 @@ def check_plan(
         inter = any(a != b for a, b in zip(nodes_of[i], nodes_of[i + 1]))
         link = table.inter_node if inter else table.intra_node
         hops.append(link.latency_s + table.boundary_bytes[last] / link.bandwidth_bytes_per_s)
-    every = times + hops
-    latency = math.fsum(every) + (m - 1) * max(every)
-    period = max(m * max(every), math.fsum(every))
-    pred = plan.predicted
-    if not _close(pred.latency_s, latency):
-        problems.append(f"predicted latency {pred.latency_s} s != {latency} s recomputed")
-    throughput = batch / period
-    if not _close(pred.throughput_samples_per_s, throughput):
-        problems.append(f"predicted throughput {pred.throughput_samples_per_s} != {throughput}")
-    if pred.peak_memory_bytes != peak:
-        problems.append(f"predicted peak memory {pred.peak_memory_bytes} != {peak}")
-    return problems
+    return problems + _pipeline_problems(plan.predicted, times, hops, m, batch, peak)
 
 
 def _check_mixed(plan, tables, cluster, workload: Workload) -> list[str]:
@@ -241,15 +248,4 @@ def _check_mixed(plan, tables, cluster, workload: Workload) -> list[str]:
             latency = max(a.inter_node.latency_s, b.inter_node.latency_s)
             bandwidth = min(a.inter_node.bandwidth_bytes_per_s, b.inter_node.bandwidth_bytes_per_s)
         hops.append(latency + a.boundary_bytes[stages[i][1]] / bandwidth)
-    every = times + hops
-    latency = math.fsum(every) + (m - 1) * max(every)
-    period = max(m * max(every), math.fsum(every))
-    pred = plan.predicted
-    if not _close(pred.latency_s, latency):
-        problems.append(f"predicted latency {pred.latency_s} s != {latency} s recomputed")
-    if not _close(pred.throughput_samples_per_s, batch / period):
-        problems.append(f"predicted throughput {pred.throughput_samples_per_s} != "
-                        f"{batch / period}")
-    if pred.peak_memory_bytes != peak:
-        problems.append(f"predicted peak memory {pred.peak_memory_bytes} != {peak}")
-    return problems
+    return problems + _pipeline_problems(plan.predicted, times, hops, m, batch, peak)
