@@ -23,7 +23,11 @@ builds a ``Trainer`` for this rank's stages (several with virtual stages):
   stage modules with ``ScheduleGPipe``, ``Schedule1F1B`` or ``ScheduleInterleaved1F1B``
   (virtual stages: this rank holds stages ``i ≡ its stage (mod pp)``), the loss on the
   last stage, ``scale_grads=False`` (the loss is already scaled); pp 1 runs the
-  microbatches in a loop. A weight two stages share (GPT-2's tied embedding and head)
+  microbatches in a loop. Stages whose tp degrees differ run the Trainer's own GPipe or
+  1F1B (torch's order of forwards and backwards) with its own stage-boundary
+  ``isend``/``irecv``: rank ``j`` of a stage receives its inputs from rank
+  ``j % tp_prev`` and sends their gradient back there; a sender sums what its receivers
+  send. A weight two stages share (GPT-2's tied embedding and head)
   is held by each; their gradients are summed over the ranks holding it before the
   optimizer step (Megatron's embedding group), so the copies stay equal.
 - **data parallelism** (``parallelism.zero``): 0 ``DistributedDataParallel`` (in a
@@ -436,9 +440,10 @@ def untrainable(layout, schedule: str | None) -> str | None:
         return (f"its {len(layout.stages)} virtual stages share one device group (pp 1); "
                 "interleaved 1F1B needs pp >= 2: re-plan with --pp 2 or more, or "
                 "--virtual-stages 1")
-    if pp > 1 and not layout.uniform_tp:
-        return (f"its stages have different tp degrees ({[s.tp for s in layout.stages]}); "
-                "training runs pipelines whose stages share one tp: re-plan with --tp N")
+    if pp > 1 and not layout.uniform_tp and schedule == "interleaved":
+        return (f"its stages have different tp degrees ({[s.tp for s in layout.stages]}) and "
+                "interleaved 1F1B runs only pipelines whose stages share one tp: re-plan with "
+                "--schedule 1f1b or gpipe (they run mixed tp), or with --tp N")
     if pp > 1 and schedule == "1f1b" and m < pp:
         return (f"1F1B needs at least as many microbatches as stages (microbatches {m}, "
                 f"pp {pp}); re-plan with more microbatches or --schedule gpipe")
@@ -533,8 +538,12 @@ class Trainer:
         return mine
 
     def _tied_groups(self, traced, all_stages) -> list:
-        """Weights that several stages hold: ``[(names per stage, group or None)]`` for
-        those this rank holds, with the group of the ranks holding the other copies."""
+        """Weights that several stages hold: ``[(names per stage, group or None, whole)]``
+        for those this rank holds, with the group of the ranks holding the other copies.
+
+        Copies in stages of one tp hold the same piece on tp rank k: the group pairs tp
+        rank k of each. Copies in stages whose tp differs (``whole``) meet as whole
+        weights: the group is every rank of the replica that holds a copy."""
         owners: dict[int, dict[int, str]] = {}
         for s in all_stages:
             for name, p in s.module.named_parameters(remove_duplicate=False):
@@ -546,15 +555,22 @@ class Trainer:
         mine = set(self.layout.local_stages(self.rank))
         for copies in tied:
             held = [i for i, _ in copies]
+            whole = len({self.layout.stages[i].tp for i in held}) > 1
             group = None
             for r in range(self.layout.dp):
+                if whole:
+                    ranks = sorted({d for i in held for d in self.layout.stages[i].devices[r]})
+                    g = dist.new_group(ranks, timeout=self.timeout)
+                    if r == me.replica:
+                        group = g
+                    continue
                 for k in range(self.layout.stages[held[0]].tp):
                     ranks = sorted({self.layout.stages[i].devices[r][k] for i in held})
                     g = dist.new_group(ranks, timeout=self.timeout) if len(ranks) > 1 else None
                     if (r, k) == (me.replica, me.tp_rank):
                         group = g
             if mine & set(held):
-                out.append(([(i, n) for i, n in copies if i in mine], group))
+                out.append(([(i, n) for i, n in copies if i in mine], group, whole))
         return out
 
     def _wrap_data_parallel(self) -> None:
@@ -633,6 +649,8 @@ class Trainer:
         return losses
 
     def _run_pipeline(self, inputs, ids, loss_fn) -> list:
+        if not self.layout.uniform_tp:
+            return self._run_boundary_pipeline(inputs, ids, loss_fn)
         from torch.distributed.pipelining import (
             PipelineStage,
             Schedule1F1B,
@@ -663,6 +681,107 @@ class Trainer:
             self._schedule.step()
         return losses
 
+    def _run_boundary_pipeline(self, inputs, ids, loss_fn) -> list:
+        """GPipe or 1F1B over stages whose tp degrees differ, with the project's own
+        stage-boundary ``isend``/``irecv`` (``PipelineStage`` pairs tp rank k of every
+        stage, which different degrees cannot).
+
+        Forward: rank ``j`` of stage i + 1 receives the (replicated) stage outputs from rank
+        ``j % tp_i`` of stage i (``ParallelLayout.boundary_peers``). Backward mirrors it:
+        each rank sends the gradient of its stage inputs back to the rank it received them
+        from, and a sender sums what its receivers send (zeros when it fed none). That sum
+        is the gradient its outputs need: a replicated value's gradient on a tp rank is
+        that rank's part, the tp group's parts add up to the whole (each rank's loss is
+        scaled by ``1/tp``; the row-parallel all-reduce's adjoint sums them), so the parts
+        the receivers computed from rank k's copy belong to rank k, each counted once.
+        Every rank of a stage runs every forward and backward (their collectives need the
+        whole tp group), in torch's order (``_pipeline_order``). Every send and receive
+        waits at most ``self.timeout``.
+        """
+        from codegen.runtime import _wait
+
+        (stage,) = self.stages
+        module, m = stage.module, self.layout.microbatches
+        recv_from, send_to = self.layout.boundary_peers(self.rank)
+        graph = stage.graph.module.graph
+        specs = [(tuple(int(d) for d in n.meta["val"].shape), n.meta["val"].dtype)
+                 for n in graph.nodes if n.op == "placeholder"]
+        out_node = next(n for n in graph.nodes if n.op == "output")
+        out_specs = [(tuple(int(d) for d in n.meta["val"].shape), n.meta["val"].dtype)
+                     for n in out_node.args[0]]
+        n_in, n_out = len(specs), len(out_specs)
+        chunks = list(zip(*(t.tensor_split(m) for t in inputs), strict=True))
+        id_chunks = ids.tensor_split(m)
+        where = f"rank {self.rank} (stage {stage.index})"
+        saved: dict = {}
+        sends: list = []
+        losses: list = []
+
+        def send(t, dst, tag, what):
+            t = t.detach().contiguous()
+            sends.append((dist.isend(t, dst=dst, tag=tag), t, f"{where} sending {what} to "
+                          f"rank {dst}"))
+
+        def recv(spec, src, tag, what):
+            t = torch.empty(spec[0], dtype=spec[1], device=self.device)
+            return dist.irecv(t, src=src, tag=tag), t, f"{where} waiting for {what} from " \
+                f"rank {src}"
+
+        def wait_all(works):
+            for w, _, what in works:
+                _wait(w, self.timeout, what)
+
+        def forward(k):
+            if recv_from is None:
+                args = list(chunks[k])
+            else:
+                works = [recv(sp, recv_from, 2 * k * n_in + i, f"microbatch {k}")
+                         for i, sp in enumerate(specs)]
+                wait_all(works)
+                args = [t.requires_grad_() if t.is_floating_point() else t
+                        for _, t, _ in works]
+            out = module(*args)
+            out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+            if self.is_last:
+                loss = loss_fn(out, id_chunks[k])
+                losses.append(loss)
+                saved[k] = (args, loss)
+                return
+            for dst in send_to:
+                for i, t in enumerate(out):
+                    send(t, dst, 2 * k * n_out + i, f"microbatch {k}")
+            saved[k] = (args, out)
+
+        def backward(k):
+            args, out = saved.pop(k)
+            with _no_sync(module, k == m - 1):
+                if self.is_last:
+                    out.backward()
+                else:
+                    floating = [i for i, (_, dtype) in enumerate(out_specs)
+                                if dtype.is_floating_point]
+                    grads = {i: torch.zeros(out_specs[i][0], dtype=out_specs[i][1],
+                                            device=self.device) for i in floating}
+                    for src in send_to:
+                        works = [recv(out_specs[i], src, (2 * k + 1) * n_out + i,
+                                      f"the gradient of microbatch {k}") for i in floating]
+                        wait_all(works)
+                        for i, (_, g, _) in zip(floating, works, strict=True):
+                            grads[i] += g
+                    pairs = [(out[i], grads[i]) for i in floating if out[i].requires_grad]
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            if recv_from is None:
+                return
+            for i, a in enumerate(args):
+                if a.is_floating_point():
+                    g = a.grad if a.grad is not None else torch.zeros_like(a)
+                    send(g, recv_from, (2 * k + 1) * n_in + i, f"the gradient of microbatch {k}")
+
+        for kind, k in _pipeline_order(self.schedule_name, stage.index, self.pp, m):
+            (forward if kind == "F" else backward)(k)
+        wait_all(sends)
+        return losses
+
     def _average_grads(self) -> None:
         """ZeRO 0/1 in a pipeline: average the gradients over the dp group in one flat
         all-reduce after the schedule. (DDP under ``torch.distributed.pipelining``'s 1F1B
@@ -683,7 +802,10 @@ class Trainer:
 
     def _sum_tied(self) -> None:
         """Sum the gradient of each weight several stages hold over its copies."""
-        for copies, group in self._tied:
+        for copies, group, whole in self._tied:
+            if whole:
+                self._sum_tied_whole(copies, group)
+                continue
             grads = []
             for i, name in copies:
                 stage = next(s for s in self.stages if s.index == i)
@@ -704,6 +826,75 @@ class Trainer:
                     p.grad = _like(p, total.clone())
                 else:
                     _local(p.grad).copy_(total)
+
+    def _sum_tied_whole(self, copies, group) -> None:
+        """Sum a tied weight's gradient over copies in stages of different tp: each holder
+        adds its stage's gradient to a whole-weight buffer (a tp piece at its place; a
+        replicated part, which every tp rank has whole after ``tp_grad_sum``, from tp
+        rank 0 only, so it counts once), the buffers are summed over the holders and each
+        takes its piece back (its ZeRO-2/3 shard of it under ``fully_shard``)."""
+        from planner.sharding import Shard
+
+        k = self.coords.tp_rank
+        held = []
+        total = None
+        for i, name in copies:
+            stage = next(s for s in self.stages if s.index == i)
+            p = stage.graph.module.get_parameter(name)
+            g = p.grad if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype,
+                                                                device=self.device)
+            g = g.full_tensor() if hasattr(g, "full_tensor") else g  # gathered over dp
+            place = stage.report.analysis.params.get(name) if stage.report.analysis else None
+            tp = self.layout.stages[i].tp
+            if not isinstance(place, Shard) or tp == 1:
+                place = None
+                full = g.clone() if k == 0 else torch.zeros_like(g)
+            else:
+                shape = list(g.shape)
+                shape[place.dim] = sum(size for size, _ in place.blocks)
+                full = torch.zeros(shape, dtype=g.dtype, device=g.device)
+                offset = 0
+                for (start, n), (_, split) in zip(place.pieces(tp, k), place.blocks,
+                                                  strict=True):
+                    if split or k == 0:
+                        full.narrow(place.dim, start, n).copy_(g.narrow(place.dim, offset, n))
+                    offset += n
+            total = full if total is None else total + full
+            held.append((p, place, tp))
+        work = dist.all_reduce(total, group=group, async_op=True)
+        work.wait(self.timeout)
+        for p, place, tp in held:
+            piece = total if place is None else torch.cat(
+                [total.narrow(place.dim, a, n) for a, n in place.pieces(tp, k)], place.dim)
+            if hasattr(p, "device_mesh"):  # this rank's fully_shard shard of its piece
+                from torch.distributed.tensor import distribute_tensor
+
+                piece = distribute_tensor(piece, p.device_mesh, p.placements,
+                                          src_data_rank=None).to_local()
+            if p.grad is None:
+                p.grad = _like(p, piece.clone())
+            else:
+                _local(p.grad).copy_(piece)
+
+
+def _pipeline_order(schedule: str, stage: int, pp: int, m: int) -> list[tuple[str, int]]:
+    """Stage ``stage``'s forwards ``("F", k)`` and backwards ``("B", k)`` in the order of
+    torch's ``ScheduleGPipe`` (every forward, then every backward) or ``Schedule1F1B``
+    (``min(m, pp − stage)`` forwards, then one backward and one forward in turn, then
+    the remaining backwards), microbatches in order.
+
+    >>> _pipeline_order("1f1b", 1, 3, 4)
+    [('F', 0), ('F', 1), ('B', 0), ('F', 2), ('B', 1), ('F', 3), ('B', 2), ('B', 3)]
+    """
+    if schedule == "gpipe":
+        return [("F", k) for k in range(m)] + [("B", k) for k in range(m)]
+    warmup = min(m, pp - stage)
+    order = [("F", k) for k in range(warmup)]
+    for k in range(m):
+        order.append(("B", k))
+        if warmup + k < m:
+            order.append(("F", warmup + k))
+    return order
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

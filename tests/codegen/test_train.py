@@ -3,7 +3,7 @@
 Every dimension at least once over the zoo GPT, HF Llama (GQA) and HF GPT-2 (tied
 embedding, Conv1D, fused c_attn): dp 2 at each ZeRO level, tp 2 with and without
 sequence parallelism, pp 2 with GPipe, 1F1B and interleaved 1F1B (v = 2), tp 2 × pp 2,
-dp 2 × pp 2, recompute none/selective/full. Few torchrun jobs, many cases each; every loss within 1e-4
+dp 2 × pp 2, pp 3 with stages of different tp, recompute none/selective/full. Few torchrun jobs, many cases each; every loss within 1e-4
 (relative) of the reference at every step and every final weight within 1e-4.
 """
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from codegen.layout import ParallelLayout
-from codegen.train import attention_cores, next_token_loss, recompute
+from codegen.train import _pipeline_order, attention_cores, next_token_loss, recompute, untrainable
 from tests.codegen.plans import pinned_plan, run_cases, traced_for
 
 BATCH, SEQ, STEPS = 4, 8, 3
@@ -107,17 +107,28 @@ def test_two_ranks_train_steps_equal_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_four_ranks_dp_x_pp_train_steps_equal_single_process(tmp_path):
+def test_four_ranks_dp_x_pp_and_mixed_tp_train_steps_equal_single_process(tmp_path):
     """dp 2 × pp 2: the replicas' gradients meet after the pipeline schedule (ZeRO 1 by a
-    flat all-reduce under 1F1B; ZeRO 3 by ``fully_shard`` under GPipe, with recompute)."""
+    flat all-reduce under 1F1B; ZeRO 3 by ``fully_shard`` under GPipe, with recompute).
+
+    pp 3 with stage tps (2, 1, 1) and (1, 2, 1): the Trainer's own schedule and boundary
+    send/recv. GPT-2's tied embedding lives in stage 0 at tp 2 and its head in stage 2 at
+    tp 1 (the copies meet as whole weights); HF Llama runs 1F1B with sequence parallelism
+    and full recompute in its tp-2 stage, whose two ranks each send their part of the
+    input gradient to the one rank that fed them."""
     simple = ParallelLayout.simple
     pp2 = [(0, 1, 1), (2, 3, 1)]
     cases = [
         _case(GPT2, simple(2, pp2, 2), zero=1, schedule="1f1b"),
         _case(LLAMA, simple(2, pp2, 2), zero=3, schedule="gpipe", recompute="full"),
+        _case(GPT2, simple(1, [(0, 1, 2), (2, 2, 1), (3, 3, 1)], 2), schedule="gpipe"),
+        _case(LLAMA, simple(1, [(0, 0, 1), (1, 2, 2), (3, 3, 1)], 4, sequence_parallel=True),
+              schedule="1f1b", recompute=["none", "full", "none"]),
     ]
     results = run_cases(cases, 4, tmp_path)
     _check(cases, results)
+    assert [r[2]["stage"] for r in results] == [0, 0, 1, 2]
+    assert [r[3]["stage"] for r in results] == [0, 1, 1, 2]
 
 
 @pytest.mark.slow
@@ -145,6 +156,36 @@ def test_plan_run_check_steps_tp_x_pp_on_four_ranks_end_to_end(tmp_path):
 
 
 # --------------------------------------------------------------------- one process
+
+
+def test_mixed_tp_pipelines_are_trainable_except_interleaved():
+    simple = ParallelLayout.simple
+    for stages in ([(0, 1, 2), (2, 3, 1)], [(0, 1, 1), (2, 3, 2)],
+                   [(0, 1, 2), (2, 2, 1), (3, 3, 1)]):
+        for schedule in ("gpipe", "1f1b"):
+            assert untrainable(simple(1, stages, 4), schedule) is None, (stages, schedule)
+    assert untrainable(simple(2, [(0, 1, 2), (2, 3, 1)], 2, sequence_parallel=True),
+                       "1f1b") is None
+    why = untrainable(simple(1, [(0, 0, 2), (1, 1, 1), (2, 2, 2), (3, 3, 1)], 4,
+                             virtual_stages=2), "interleaved")
+    assert "different tp degrees ([2, 1, 2, 1])" in why and "--schedule 1f1b or gpipe" in why
+
+
+def test_own_pipeline_order_is_torchs_gpipe_and_1f1b_order():
+    """The mixed-tp schedule runs each stage's forwards and backwards in the order of
+    ``ScheduleGPipe`` / ``Schedule1F1B._step_microbatches`` (torch 2.13)."""
+    assert _pipeline_order("gpipe", 1, 3, 2) == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
+    f, b = "F", "B"
+    assert _pipeline_order("1f1b", 0, 3, 4) == [(f, 0), (f, 1), (f, 2), (b, 0), (f, 3),
+                                                (b, 1), (b, 2), (b, 3)]
+    assert _pipeline_order("1f1b", 2, 3, 4) == [(f, 0), (b, 0), (f, 1), (b, 1), (f, 2),
+                                                (b, 2), (f, 3), (b, 3)]
+    for stage in range(4):
+        order = _pipeline_order("1f1b", stage, 4, 6)
+        assert sorted(order) == [(b, k) for k in range(6)] + [(f, k) for k in range(6)]
+        # in flight at once: at most pp − stage microbatches (1F1B's memory bound)
+        live = [sum(1 if a == f else -1 for a, _ in order[:i + 1]) for i in range(12)]
+        assert max(live) == 4 - stage
 
 
 def test_microbatch_losses_add_up_to_the_batch_loss():
