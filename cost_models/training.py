@@ -50,6 +50,8 @@ __all__ = [
     "stage_tail_s",
     "in_flight",
     "pipeline_step_s",
+    "interleaved_step_s",
+    "round_bounds",
     "model_flops_per_step",
 ]
 
@@ -191,6 +193,41 @@ def pipeline_step_s(stage_s: Sequence[float], hops_s: Sequence[float], tails_s: 
     For uniform stages this is ``(m + pp - 1)`` slots of one stage: the GPipe/1F1B bubble."""
     values = list(stage_s) + list(hops_s)
     return sum(values) + (microbatches - 1) * max(values) + max(tails_s, default=0.0)
+
+
+def interleaved_step_s(device_s: Sequence[float], links_s: Sequence[float],
+                       tails_s: Sequence[float], microbatches: int, virtual_stages: int) -> float:
+    """Step time of one replica under interleaved 1F1B with ``v`` chunks per device group.
+
+    ``device_s[i]``: device group ``i``'s forward + backward of one microbatch through all
+    its chunks; ``links_s``: each link's p2p per microbatch (all its hops, both
+    directions; the link from the last group back to the first included). The bottleneck
+    works ``m`` microbatches; the fill and drain cost one *chunk* of every other group,
+    ``1/v`` of its time (Narayanan et al. 2021: the bubble shrinks by ``v``)::
+
+        step = (m - 1/v) max E + (sum E) / v + T
+
+    ``v = 1`` is ``pipeline_step_s``'s flow shop; uniform groups of ``t`` give
+    Megatron-LM's ``m t + (pp - 1) t / v``.
+
+    >>> interleaved_step_s([4.0, 4.0], [], [0.0], microbatches=8, virtual_stages=2)
+    34.0
+    """
+    values = list(device_s) + list(links_s)
+    v = virtual_stages
+    return (microbatches - 1 / v) * max(values) + sum(values) / v + max(tails_s, default=0.0)
+
+
+def round_bounds(num_layers: int, virtual_stages: int) -> list[int]:
+    """Where each round of an interleaved split starts (and, last, ``num_layers``): ``v``
+    rounds of ``num_layers / v`` layers, the first ones one shorter when it does not
+    divide. Each round is split among the pp device groups the same way.
+
+    >>> round_bounds(10, 3)
+    [0, 3, 6, 10]
+    """
+    v = virtual_stages
+    return [r * num_layers // v for r in range(v)] + [num_layers]
 
 
 def model_flops_per_step(forward_flops: float) -> float:

@@ -23,6 +23,7 @@ path.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Mapping
 
@@ -234,6 +235,28 @@ def _best_train_path(combo, per_node: int, pp: int):
     return best
 
 
+def _every_pattern(combo, per_node: int):
+    """(value, pattern) of the best interleaved plan of one combo by enumerating every
+    pattern (``planner.interleaved``: group offsets in a round, tp and recompute per
+    group) and pricing each with ``pattern_value``; small instances only."""
+    from cost_models.training import round_bounds
+    from planner.interleaved import pattern_value
+
+    bounds = round_bounds(combo.num_layers, combo.v)
+    shortest = min(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    best = None
+    top = min(shortest, combo.s_max // min(combo.tps))
+    for pp in [combo.pp] if combo.pp is not None else range(2, top + 1):
+        for cuts in itertools.combinations(range(1, shortest), pp - 1):
+            for tps in itertools.product(combo.tps, repeat=pp):  # pattern_value: one tp
+                for rcs in itertools.product(combo.rcs, repeat=pp):
+                    pattern = list(zip((0, *cuts), tps, rcs, strict=True))
+                    value = pattern_value(combo, pattern, per_node)
+                    if value is not None and (best is None or value < best[0]):
+                        best = (value, pattern)
+    return best
+
+
 def solve_train_reference(builder, cluster: Cluster, workload: Workload, *,
                           pins: Mapping | None = None, restriction=None, tp_degrees=None):
     """Exact optimum of a training request by dynamic programming over every combo and
@@ -249,6 +272,11 @@ def solve_train_reference(builder, cluster: Cluster, workload: Workload, *,
     space = train_space(builder, cluster, workload, pins, restriction, tp_degrees)
     best = None
     for combo in space.combos:
+        if combo.v > 1:
+            found = _every_pattern(combo, space.devices_per_node)
+            if found is not None and (best is None or found[0] < best[0]):
+                best = (found[0], combo, found[1])
+            continue
         pps = [combo.pp] if combo.pp is not None else range(
             1, min(combo.num_layers, combo.s_max // min(combo.tps)) + 1)
         for pp in pps:

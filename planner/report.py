@@ -41,7 +41,10 @@ def _memory_bar(used: int, capacity: int) -> str:
 
 
 def _timeline(plan: Plan) -> list[str]:
-    """GPipe fill / steady / drain, one row per stage, time scaled to the terminal."""
+    """GPipe fill / steady / drain, one row per stage, time scaled to the terminal (none for
+    interleaved 1F1B, whose rows would be device groups running several stages)."""
+    if plan.parallelism.virtual_stages > 1:
+        return []
     m = plan.parallelism.microbatches
     times = [s.predicted.compute_s + s.predicted.comm_s for s in plan.stages]
     slot = max(times) if times else 0.0
@@ -72,9 +75,10 @@ def render_plan(plan: Plan, console: Console) -> None:
         f"({c.num_devices} devices) | {w.phase} batch {w.batch_size} seq {w.seq_len} {w.dtype} | "
         f"objective: {w.objective} | runtime: {w.runtime}"
     )
-    used = par.dp * sum(s.tp for s in plan.stages)
+    groups = plan.stages[:par.pp]  # with virtual stages, stage i runs on group i mod pp
+    used = par.dp * sum(s.tp for s in groups)
     console.print(
-        f"[bold green]plan:[/] dp {par.dp} x pp {par.pp} x tp {'/'.join(str(s.tp) for s in plan.stages)}"
+        f"[bold green]plan:[/] dp {par.dp} x pp {par.pp} x tp {'/'.join(str(s.tp) for s in groups)}"
         f" = {used} of {c.num_devices} devices, {par.microbatches} microbatch(es) of {par.microbatch_size}"
         f", sequence parallel {'on' if par.sequence_parallel else 'off'}"
     )
@@ -115,8 +119,15 @@ def render_plan(plan: Plan, console: Console) -> None:
         table.add_row(*cells)
     console.print(table)
     _render_sharding(plan, console)
-    console.print("[bold]pipeline timeline[/] (one replica; fill, steady state, drain):")
-    for row in _timeline(plan):
+    rows = _timeline(plan)
+    if rows:
+        console.print("[bold]pipeline timeline[/] (one replica; fill, steady state, drain):")
+    elif plan.parallelism.virtual_stages > 1:
+        console.print(f"interleaved 1F1B: each of the {plan.parallelism.pp} device groups runs "
+                      f"{plan.parallelism.virtual_stages} stages (stage i on group i mod "
+                      f"{plan.parallelism.pp}); the step time is docs/training.md's "
+                      "interleaved formula", highlight=False)
+    for row in rows:
         console.print(row, highlight=False)
     p = plan.predicted
     usable = " / ".join(f"{g.device} {fmt_bytes(_capacity(plan, i))}"

@@ -9,7 +9,10 @@ The search keeps ``planner.solver``'s two levels:
    share a node (``dp x replica size <= devices per node``) or not: it prices the
    gradient sync, so each link is its own combo with the replica sizes it implies.
    GPipe is searched only when pinned: it has 1F1B's step time and holds at least as many
-   microbatches on every stage, so 1F1B dominates it.
+   microbatches on every stage, so 1F1B dominates it. Interleaved 1F1B (``--schedule
+   interleaved``, ``--virtual-stages V``) is searched only when pinned too, over periodic
+   splits (``planner.interleaved``), after the others: each ``(combo, pp)`` pruned by
+   ``_interleaved_bound`` or solved by ``planner.interleaved.best_pattern``.
 2. *Inner*: per stage count ``pp``, a path over the layer boundaries; an arc ``(a, b, tp,
    recompute)`` is a stage. The step time is ``sum E + (m - 1) max E + T``: stage times
    (forward + backward + recompute per microbatch) and p2p hops (both directions) through
@@ -71,6 +74,12 @@ class TrainPins:
     zero: int | None = None
     schedule: str | None = None
     recompute: str | None = None
+    virtual_stages: int | None = None
+
+
+#: Virtual stages per device group ``--schedule interleaved`` tries without
+#: ``--virtual-stages`` (Megatron-LM's examples use 2 to 4; ``--virtual-stages V`` plans any).
+SEARCHED_VIRTUAL_STAGES = (2, 3, 4)
 
 
 def train_pins(pins: Mapping | None) -> tuple[dict[str, int], TrainPins]:
@@ -95,16 +104,19 @@ def train_pins(pins: Mapping | None) -> tuple[dict[str, int], TrainPins]:
     elif v is not None and v > 1 and schedule not in (None, "interleaved"):
         problems.append(f"virtual_stages {v} needs --schedule interleaved (the {schedule} "
                         "schedule runs one stage per device group); drop --virtual-stages")
-    if schedule == "interleaved" or (v is not None and v > 1):
-        problems.append("the interleaved 1F1B schedule (virtual stages) is not searched by this "
-                        "planner yet: plan --schedule 1f1b (or gpipe), whose stages split the "
-                        "layers non-uniformly instead")
+    elif v == 1 and schedule == "interleaved":
+        problems.append("interleaved 1F1B holds 2 or more virtual stages per device group: "
+                        "pin --virtual-stages 2 or more, or drop it")
+    if (schedule == "interleaved" or (v is not None and v > 1)) and pins.get("pp") == 1:
+        problems.append("interleaved 1F1B needs 2 or more pipeline stages: drop --pp 1")
     if zero and pins.get("dp") == 1:
         problems.append(f"zero {zero} shards over the data-parallel replicas and dp 1 has none "
                         "to shard over: drop --zero, or pin --dp 2 or more")
     if problems:
         raise PlanError("pins contradict the request: " + "; ".join(problems))
-    return pins, TrainPins(zero, schedule, recompute)
+    if v is not None and v > 1:
+        schedule = "interleaved"
+    return pins, TrainPins(zero, schedule, recompute, v)
 
 
 # --------------------------------------------------------------------------- cost table
@@ -322,6 +334,7 @@ class TrainCombo:
     lb: int = 0
     allowed: frozenset | None = None  # the only (first, last) stages (Restriction.split)
     memo: dict = field(default_factory=dict, repr=False)  # bounds' parts, computed once
+    v: int = 1  # virtual stages per device group (interleaved 1F1B; planner.interleaved)
 
     @property
     def num_layers(self) -> int:
@@ -337,7 +350,7 @@ class TrainCombo:
         return to_ticks(self.table.tail_s(a, b, t))
 
     def in_flight(self, stage: int, pp: int) -> int:
-        return tm.in_flight(self.schedule, stage, pp, self.m)
+        return tm.in_flight(self.schedule, stage, pp, self.m, self.v)
 
 
 @dataclass
@@ -382,6 +395,16 @@ def train_space(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
     rcs = (tpins.recompute,) if tpins.recompute else tm.RECOMPUTE
     schedules = (tpins.schedule,) if tpins.schedule else ("1f1b",)
     r = restriction or Restriction()
+    if restriction is not None and tpins.schedule == "interleaved":
+        raise PlanError(f"interleaved 1F1B is not searched for --target {r.name}: its plans "
+                        "split each round of layers the planner's own way; drop --schedule "
+                        "interleaved / --virtual-stages, or drop --target")
+    # Interleaved 1F1B is searched when pinned (docs/training.md, "Interleaved 1F1B": its
+    # bounds do not see memory, so on llama-3-70b 8x8xH100 the unpinned search would spend
+    # ~40 s on pairs that cannot beat 1F1B).
+    virtual: tuple[int, ...] = ()  # virtual stages of the interleaved combos
+    if tpins.schedule == "interleaved":
+        virtual = (tpins.virtual_stages,) if tpins.virtual_stages else SEARCHED_VIRTUAL_STAGES
     if r.recompute is not None:
         rcs = tuple(rc for rc in rcs if rc in r.recompute)
     if r.schedules is not None:
@@ -423,6 +446,12 @@ def train_space(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                     table = builder(mb, dp, zero, link)
                     sp = table.forward.sequence_parallel
                     for schedule, degrees, modes in itertools.product(schedules, tp_sets, rc_sets):
+                        if schedule == "interleaved":
+                            combos.extend(_make_combo(table, dp, m, zero, schedule, link,
+                                                      degrees, modes, link_sizes,
+                                                      plain.get("pp"), cap, v)
+                                          for v in virtual)
+                            continue
                         if r.sequence_parallel_with_tp is not None and max(degrees) > 1 \
                                 and sp != r.sequence_parallel_with_tp and min(degrees) > 1:
                             continue
@@ -478,7 +507,8 @@ def _restricted(r: Restriction, table, dp, m, zero, schedule, link, degrees, mod
     return combo
 
 
-def _make_combo(table: TrainTable, dp, m, zero, schedule, link, tps, rcs, sizes, pp, cap):
+def _make_combo(table: TrainTable, dp, m, zero, schedule, link, tps, rcs, sizes, pp, cap,
+                v: int = 1):
     tps = tuple(t for t in tps if t <= max(sizes))
     L, memo = table.num_layers, table.ticks_memo
     if (tps, rcs) not in memo:
@@ -490,7 +520,7 @@ def _make_combo(table: TrainTable, dp, m, zero, schedule, link, tps, rcs, sizes,
     ticks = memo[(tps, rcs)]
     intra, inter = memo["hops"]
     return TrainCombo(dp, m, zero, schedule, link, table, tps, rcs, tuple(sizes), pp, cap,
-                      ticks, intra, inter)
+                      ticks, intra, inter, v=v)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -1196,11 +1226,15 @@ class TrainSolution:
     mfu: float
     tokens_per_s: float
     link: str
+    virtual_stages: int = 1
 
 
 def evaluate(combo: TrainCombo, path, space: TrainSpace, objective: str,
              stats: SolverStats) -> TrainSolution:
-    """The plan's figures from the unrounded table (the same formulas as ``path_value``)."""
+    """The plan's figures from the unrounded table (the same formulas as ``path_value``;
+    an interleaved combo's path is its pattern, ``planner.interleaved.pattern_value``)."""
+    if combo.v > 1:
+        return _evaluate_interleaved(combo, path, space, objective, stats)
     table, per_node, pp = combo.table, space.devices_per_node, len(path)
     devices = place_stages([t for _, _, t, _ in path], combo.dp, per_node)
     stages, times, hops, tails, flights = [], [], [], [], []
@@ -1231,6 +1265,57 @@ def evaluate(combo: TrainCombo, path, space: TrainSpace, objective: str,
                          tuple(tails), tuple(flights), step, mfu, tokens / step, combo.link)
 
 
+def _evaluate_interleaved(combo: TrainCombo, pattern, space: TrainSpace, objective: str,
+                         stats: SolverStats) -> TrainSolution:
+    """``evaluate`` for an interleaved pattern: the plan's stages are the chunks in model
+    order (chunk ``r pp + i`` on group ``i``'s devices); a chunk's ``compute_s``/``comm_s``
+    are its own layers', its ``memory_bytes``, in-flight count and tail its group's (what
+    the device holds and does after the pipeline drains)."""
+    from planner import interleaved as il
+
+    table, per_node, pp, v = combo.table, space.devices_per_node, len(pattern), combo.v
+    bounds = tm.round_bounds(combo.num_layers, v)
+    devices = place_stages([t for _, t, _ in pattern], combo.dp, per_node)
+    group_s, links, tails, memory, flights = [], [], [], [], []
+    used = 0
+    for i, (start, t, rc) in enumerate(pattern):
+        end = pattern[i + 1][0] if i + 1 < pp else None
+        chunks = il.chunks_of(bounds, start, end)
+        group_s.append(sum(table.time[j][(t, rc)] for a, b in chunks for j in range(a, b + 1)))
+        nbytes = sum(table.params[j][t] + table.forward.borrowed_bytes(j, a, t)
+                     for a, b in chunks for j in range(a, b + 1))
+        tails.append(table.tail_of_bytes(nbytes))
+        flights.append(combo.in_flight(i, pp))
+        memory.append(table.forward.workspace(t) + sum(
+            table.state[j][t] + table.borrowed_state(j, a, t)
+            + flights[-1] * table.saved[j][(t, rc)] for a, b in chunks for j in range(a, b + 1)))
+        used += t
+        if i + 1 < pp:
+            inter = used % per_node == 0
+            links.append(sum(table.hop_s(a + end - 1, inter) for a in bounds[:-1]))
+    links.append(sum(table.hop_s(b - 1, used > per_node) for b in bounds[1:-1]))
+    step = tm.interleaved_step_s(group_s, links, tails, combo.m, v)
+    stages, recompute, tail_s, in_flight = [], [], [], []
+    for a, b, t, rc, i in il.pattern_chunks(combo, pattern):
+        total = sum(table.time[j][(t, rc)] for j in range(a, b + 1))
+        comm = sum(table.comm[j][(t, rc)] for j in range(a, b + 1))
+        stages.append(Stage(a, b, t, devices[i], total - comm, comm, memory[i],
+                            int(table.forward.kv_heads_replicated.get(t, 1))))
+        recompute.append(rc)
+        tail_s.append(tails[i])
+        in_flight.append(flights[i])
+    used_devices = combo.dp * sum(t for _, t, _ in pattern)
+    mfu = tm.model_flops_per_step(space.forward_flops) / step / (used_devices * space.peak_flops)
+    prediction = Prediction(step, space.batch_size / step, max(memory), step, tuple(links))
+    solution = Solution(objective, space.batch_size, combo.dp, combo.m,
+                        space.batch_size // (combo.dp * combo.m), tuple(stages), prediction,
+                        stats, table.forward.sequence_parallel)
+    tokens = space.batch_size * space.seq_len
+    return TrainSolution(solution, combo.zero, combo.schedule, tuple(recompute),
+                         tuple(tail_s), tuple(in_flight), step, mfu, tokens / step, combo.link,
+                         virtual_stages=v)
+
+
 #: How many of the best-bounded combos the first heuristic plan may come from.
 _HEURISTIC_WINDOW = 8
 
@@ -1254,7 +1339,7 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
     space = train_space(builder, cluster, workload, pins, restriction, tp_degrees)
     per_node = space.devices_per_node
     scored = []
-    for combo in space.combos:
+    for combo in (c for c in space.combos if c.v == 1):
         lb = _lower_bound(combo)
         if lb is not None:
             combo.lb = lb
@@ -1347,6 +1432,9 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                 best = (found[0], combo, found[1])
     if best is None and incumbent is not None:
         best = incumbent
+    counts = [0, 0]
+    best = _search_interleaved(space, best, open_bounds, deadline, counts)
+    solved, pruned = solved + counts[0], pruned + counts[1]
     if best is None:
         if time.perf_counter() >= deadline:
             raise PlanError(f"no training plan found within the {time_limit_s:g} s time limit")
@@ -1358,6 +1446,77 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                         objective_ticks=value, gap=(value - bound) / value if value else 0.0,
                         combos_solved=solved, combos_pruned=pruned)
     return evaluate(combo, path, space, workload.objective, stats)
+
+
+def _interleaved_bound(combo: TrainCombo, pp: int) -> int | None:
+    """Valid for every ``pp``-group interleaved plan of the combo: the groups' sum is at
+    least the layers' fastest sum, the bottleneck at least its share of it over ``pp``
+    groups and of the device-seconds over the replica, the tail at least ``_tail_floor``."""
+    if not all(combo.ticks):
+        return None
+    total = _total(combo)
+    worst = max(-(-total // pp), -(-_cheapest(combo) // combo.s_max))
+    v = combo.v
+    return -(-((combo.m * v - 1) * worst + total) // v) + _tail_floor(combo)
+
+
+#: How many of the best-bounded interleaved (combo, pp) pairs the even patterns come from.
+_HEURISTIC_PAIRS = 64
+
+
+def _even_pattern(combo: TrainCombo, pp: int, per_node: int):
+    """The best pattern with the round split evenly and one (tp, recompute) for every
+    group, priced by ``pattern_value``; ``(value, pattern)`` or None."""
+    from planner.interleaved import pattern_value
+
+    shortest = min(b - a for a, b in itertools.pairwise(tm.round_bounds(combo.num_layers,
+                                                                         combo.v)))
+    starts = [k * shortest // pp for k in range(pp)]
+    best = None
+    for t in combo.tps:
+        if pp * t not in combo.sizes:
+            continue
+        for rc in combo.rcs:
+            value = pattern_value(combo, [(s, t, rc) for s in starts], per_node)
+            if value is not None and (best is None or value < best[0]):
+                best = (value, [(s, t, rc) for s in starts])
+    return best
+
+
+def _search_interleaved(space: TrainSpace, best, open_bounds: list, deadline: float,
+                        counts: list):
+    """The interleaved combos after the others: each ``(combo, pp)`` pruned by
+    ``_interleaved_bound`` against ``best`` or solved exactly by
+    ``planner.interleaved.best_pattern``; returns the new best ``(value, combo, path)``
+    (an interleaved path is its pattern). ``counts``: solved, pruned (added to)."""
+    from planner.interleaved import best_pattern, stage_counts
+
+    todo = []
+    for combo in (c for c in space.combos if c.v > 1):
+        for pp in stage_counts(combo):
+            bound = _interleaved_bound(combo, pp)
+            if bound is not None:
+                todo.append((bound, pp, combo))
+    todo.sort(key=lambda x: x[0])
+    # A first incumbent from even patterns (one tp and recompute for every group) of the
+    # best-bounded pairs, so that the exact searches after it prune from the start.
+    for _bound, pp, combo in todo[:_HEURISTIC_PAIRS]:
+        found = _even_pattern(combo, pp, space.devices_per_node)
+        if found is not None and (best is None or found[0] < best[0]):
+            best = (found[0], combo, found[1])
+    for bound, pp, combo in todo:
+        limit = best[0] - 1 if best is not None else None
+        if limit is not None and bound > limit:
+            counts[1] += 1
+            continue
+        if time.perf_counter() >= deadline:
+            open_bounds.append(bound)
+            continue
+        counts[0] += 1
+        found = best_pattern(combo, pp, space.devices_per_node, limit)
+        if found is not None and (best is None or found[0] < best[0]):
+            best = (found[0], combo, found[1])
+    return best
 
 
 def _infeasible_message(space: TrainSpace, cluster: Cluster, workload: Workload) -> str:
@@ -1455,7 +1614,8 @@ def to_plan(sol: TrainSolution, table: TrainTable, cluster: Cluster, workload: W
     }
     return replace(plan,
                    parallelism=replace(plan.parallelism, zero=sol.zero, schedule=sol.schedule,
-                                       virtual_stages=1),
+                                       pp=len(sol.solution.stages) // sol.virtual_stages,
+                                       virtual_stages=sol.virtual_stages),
                    stages=stages,
                    predicted=Predicted(p.latency_s, p.throughput_samples_per_s,
                                        p.peak_memory_bytes, mfu=sol.mfu),
@@ -1512,10 +1672,12 @@ def _try(builder, cluster, workload, pins, num_workers, time_limit_s, restrictio
                         tp_degrees=tp_degrees)
     except PlanError as e:
         return {"feasible": False, "reason": str(e).split(":")[0]}
-    sol = s.solution
+    sol, v = s.solution, s.virtual_stages
+    groups = sol.stages[:sol.pp // v]
     return {"feasible": True, "step_s": s.step_s, "mfu": s.mfu, "zero": s.zero,
-            "recompute": list(s.recompute), "dp": sol.dp, "pp": sol.pp,
-            "tp": [st.tp for st in sol.stages], "microbatches": sol.microbatches,
+            "recompute": list(s.recompute[:len(groups)]), "dp": sol.dp, "pp": len(groups),
+            "virtual_stages": v, "schedule": s.schedule,
+            "tp": [st.tp for st in groups], "microbatches": sol.microbatches,
             "peak_memory_bytes": sol.predicted.peak_memory_bytes,
             "status": sol.solver.status}
 

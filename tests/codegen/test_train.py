@@ -50,6 +50,19 @@ def _case(model, layout, **train):
             "plan_obj": plan, "blocks": blocks, "name": f"{model[0]} {train} {layout}"}
 
 
+def _planned_case(model, cluster: str, **pins):
+    """A case whose plan the training planner made (pinned as given) for ``cluster``."""
+    import planner
+    from planner.api import plan_traced
+
+    traced = _traced(model)
+    work = planner.Workload(batch_size=BATCH, seq_len=SEQ, phase="train", dtype="float32")
+    plan = plan_traced(traced, planner.Cluster.parse(cluster), work, pins=pins, alternatives=0)
+    blocks = {j for j, layer in enumerate(traced.layers) if layer.kind == "block"}
+    return {"model": model[0], "overrides": model[1], "plan": plan.to_dict(), "steps": STEPS,
+            "plan_obj": plan, "blocks": blocks, "name": f"{model[0]} planned {pins}"}
+
+
 def _check(cases, results):
     """Losses and final weights equal the reference; every rank saw the same loss; the
     backward collectives are the adjoints of exactly the plan's recorded forward ones;
@@ -96,11 +109,15 @@ def test_two_ranks_train_steps_equal_single_process(tmp_path):
         _case(GPT2, simple(1, [(0, 3, 2)], 2, sequence_parallel=True), recompute="selective"),
         _case(GPT, simple(1, pp2, 2), schedule="gpipe"),
         _case(LLAMA, simple(1, pp2, 2), schedule="1f1b", recompute=["full", "none"]),
-        # interleaved: rank 0 holds stages 0 and 2, rank 1 stages 1 and 3; GPT-2's tied
-        # embedding lives in stages 0 and 3, on different ranks
-        _case(GPT2, simple(1, [(0, 0, 1), (1, 1, 1), (2, 2, 1), (3, 3, 1)], 2,
-                           virtual_stages=2)),
+        # interleaved, as the planner splits it (planner.interleaved): rank 0 holds stages
+        # 0 and 2, rank 1 stages 1 and 3; GPT-2's tied embedding lives in stages 0 and 3,
+        # on different ranks
+        _planned_case(GPT2, "2xcpu", schedule="interleaved", virtual_stages=2,
+                      microbatches=2),
     ]
+    plan = cases[-1]["plan_obj"]
+    assert (plan.parallelism.pp, plan.parallelism.virtual_stages) == (2, 2)
+    assert [s.layers for s in plan.stages] == [(0, 0), (1, 1), (2, 2), (3, 3)]
     results = run_cases(cases, 2, tmp_path)
     _check(cases, results)
     assert [results[r][8]["stages"] for r in range(2)] == [[0, 2], [1, 3]]

@@ -68,3 +68,36 @@ def test_stage_tail_is_the_collectives_priced_by_comm_time_plus_the_update():
 def test_pipeline_step_uniform_stages_is_m_plus_pp_minus_one_slots_plus_the_tail():
     assert tm.pipeline_step_s([2.0] * 4, [0.0] * 3, [0.5, 0.7, 0.1, 0.2], 8) == \
         pytest.approx((8 + 4 - 1) * 2.0 + 0.7)
+
+
+def test_interleaved_step_is_the_flow_shop_at_one_chunk_and_megatrons_bubble_when_uniform():
+    """v = 1 is the 1F1B flow shop; uniform groups of t give Megatron-LM's m t + (pp - 1) t / v
+    (Narayanan et al. 2021, eq. for the interleaved bubble)."""
+    e, hops, tails = [3.0, 5.0, 4.0], [0.5, 0.25], [1.0, 2.0, 1.5]
+    assert tm.interleaved_step_s(e, hops, tails, 6, 1) == \
+        pytest.approx(tm.pipeline_step_s(e, hops, tails, 6))
+    for pp, m, v, t in [(4, 8, 2, 1.5), (8, 16, 4, 0.25), (2, 3, 3, 2.0)]:
+        assert tm.interleaved_step_s([t] * pp, [], [0.0], m, v) == \
+            pytest.approx(m * t + (pp - 1) * t / v)
+    # the bubble shrinks with v; the steady state (m x the bottleneck) does not
+    steps = [tm.interleaved_step_s(e, [], [0.0], 8, v) for v in (1, 2, 4)]
+    assert steps[0] > steps[1] > steps[2] > 8 * max(e)
+
+
+def test_round_bounds_split_the_layers_into_v_nearly_equal_rounds():
+    assert tm.round_bounds(8, 2) == [0, 4, 8]
+    assert tm.round_bounds(10, 3) == [0, 3, 6, 10]
+    for n, v in [(82, 4), (34, 3), (7, 7)]:
+        b = tm.round_bounds(n, v)
+        sizes = [y - x for x, y in zip(b, b[1:])]
+        assert b[0] == 0 and b[-1] == n and len(sizes) == v and max(sizes) - min(sizes) <= 1
+
+
+def test_interleaved_holds_at_least_1f1b_microbatches_at_every_position():
+    """Per chunk (rounded up) Megatron's warm-up count: never fewer than 1F1B's min(pp - i, m)
+    at the same position, so interleaving trades memory for the smaller bubble."""
+    for pp, m, v in [(4, 8, 2), (8, 16, 3), (2, 2, 2), (4, 4, 4)]:
+        got = [tm.in_flight("interleaved", i, pp, m, v) for i in range(pp)]
+        assert all(g >= tm.in_flight("1f1b", i, pp, m) for i, g in enumerate(got))
+        assert got == sorted(got, reverse=True)
+    assert [tm.in_flight("interleaved", i, 4, 8, 2) for i in range(4)] == [6, 5, 4, 3]

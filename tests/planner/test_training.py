@@ -195,6 +195,68 @@ def test_deep_pipelines_equal_the_reference(instance):
     assert got.solution.solver.objective_ticks == ref.solution.solver.objective_ticks
 
 
+@st.composite
+def _interleaved_instances(draw):
+    """Pinned interleaved 1F1B: 4..9 layers in 2 or 3 rounds, memory tight enough that the
+    groups' in-flight counts matter."""
+    L = draw(st.integers(4, 9))
+    base = [draw(st.integers(1, 20)) * 1e-3 for _ in range(L)]
+    params = [draw(st.integers(1, 8)) * 10**6 for _ in range(L)]
+    acts = [draw(st.integers(1, 8)) * 10**6 for _ in range(L)]
+    boundary = tuple(draw(st.integers(1, 8)) * 10**6 for _ in range(L - 1))
+    nodes = draw(st.integers(1, 2))
+    batch = draw(st.sampled_from([2, 4, 8]))
+    total = sum(params) * 8 + sum(acts) * batch
+    cap = int(total * draw(st.sampled_from([0.2, 0.35, 2.0])))
+    pins = draw(st.sampled_from([{"schedule": "interleaved"}, {"virtual_stages": 2},
+                                 {"virtual_stages": 3}, {"virtual_stages": 2, "pp": 3},
+                                 {"virtual_stages": 2, "dp": 1, "zero": 0}]))
+    tps = draw(st.sampled_from([(1,), (1, 2)]))
+    per_node = draw(st.sampled_from([2, 4]))
+    return _Synthetic(base, params, acts, boundary, tps), nodes, per_node, batch, cap, pins
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_interleaved_instances())
+def test_interleaved_optimum_equals_every_pattern_enumerated(instance):
+    """The interleaved search (bounds, even-split incumbent, label DP) finds the least step
+    time of every periodic split the reference enumerates; the plan's stages are the
+    chunks in model order on their groups' devices, its figures the formula's."""
+    builder, nodes, per_node, batch, cap, pins = instance
+    cluster, work = _cluster(nodes, per_node, cap), _workload(batch)
+    try:
+        ref = solve_train_reference(builder, cluster, work, pins=pins)
+    except InfeasiblePlanError:
+        with pytest.raises(InfeasiblePlanError):
+            solve_train(builder, cluster, work, pins=pins, time_limit_s=30)
+        return
+    except PlanError:
+        return  # too few layers or devices for the pinned pp / v
+    got = solve_train(builder, cluster, work, pins=pins, time_limit_s=30)
+    assert got.solution.solver.status == "OPTIMAL"
+    assert got.solution.solver.objective_ticks == ref.solution.solver.objective_ticks
+    assert got.schedule == "interleaved" and got.virtual_stages >= 2
+    sol, v = got.solution, got.virtual_stages
+    pp = sol.pp // v
+    assert sol.pp == pp * v and pp >= 2
+    if "virtual_stages" in pins:
+        assert v == pins["virtual_stages"]
+    stages = sol.stages
+    assert stages[0].first == 0 and stages[-1].last == len(builder.base) - 1
+    assert all(b.first == a.last + 1 for a, b in zip(stages, stages[1:]))
+    for i, s in enumerate(stages):  # chunk i on group i mod pp: same devices, tp, recompute
+        g = stages[i % pp]
+        assert (s.devices, s.tp, got.recompute[i]) == (g.devices, g.tp, got.recompute[i % pp])
+        assert s.memory_bytes == g.memory_bytes <= cap
+    # the step: interleaved_step_s over the groups' times, the links and the tails
+    groups = [sum(s.compute_s + s.comm_s for s in stages[i::pp]) for i in range(pp)]
+    want = tm.interleaved_step_s(groups, sol.predicted.p2p_s, got.tail_s, sol.microbatches, v)
+    assert got.step_s == pytest.approx(want, rel=1e-12)
+    # ticks: each layer and link rounded by half a tick, the bottleneck counted ~m times
+    rounding = (sol.microbatches + 1) * (len(builder.base) + 2 * pp + 2) * 0.5e-10
+    assert abs(got.step_s - sol.solver.objective) <= rounding
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(_deep_instances(), st.integers(1, 6))
 def test_position_bottleneck_is_the_least_largest_stage_by_enumeration(instance, pp):
@@ -271,7 +333,8 @@ def test_memory_forces_recompute_only_on_the_stages_that_hold_more_microbatches(
     ({"recompute": "half"}, "recompute 'half' must be one of none, selective, full"),
     ({"zero": 2, "dp": 1}, "dp 1 has none to shard over"),
     ({"schedule": "1f1b", "virtual_stages": 2}, "virtual_stages 2 needs --schedule interleaved"),
-    ({"schedule": "interleaved", "virtual_stages": 2}, "not searched by this planner yet"),
+    ({"schedule": "interleaved", "virtual_stages": 1}, "pin --virtual-stages 2 or more"),
+    ({"virtual_stages": 2, "pp": 1}, "interleaved 1F1B needs 2 or more pipeline stages"),
 ])
 def test_contradictory_training_pins_are_one_plan_error(pins, expected):
     builder = _Synthetic([1e-3] * 2, [10**5] * 2, [10**5] * 2, (10**5,))
@@ -347,8 +410,10 @@ TINY = ["gpt-tiny", "--cluster", "2xcpu", "--batch", "2", "--seq", "16", "--alte
 @pytest.mark.parametrize("extra, expected", [
     (["--zero", "2"], "--zero describe a training step; add --phase train or drop them"),
     (["--recompute", "full", "--phase", "decode"], "--recompute describe a training step"),
-    (["--phase", "train", "--schedule", "interleaved", "--virtual-stages", "2"],
-     "interleaved 1F1B schedule (virtual stages) is not searched"),
+    (["--phase", "train", "--schedule", "interleaved", "--virtual-stages", "2", "--pp", "1"],
+     "interleaved 1F1B needs 2 or more pipeline stages: drop --pp 1"),
+    (["--phase", "train", "--schedule", "interleaved", "--target", "torchtitan"],
+     "interleaved 1F1B is not searched for --target torchtitan"),
     (["--phase", "train", "--zero", "1", "--dp", "1"], "dp 1 has none to shard over"),
     (["--phase", "train", "--target", "vllm"], "--target"),
 ])
