@@ -23,6 +23,7 @@ exact: ``best_pattern``). ``planner.reference_solver`` enumerates every pattern 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from cost_models import training as tm
@@ -47,6 +48,82 @@ def stage_counts(combo) -> list[int]:
     top = min(shortest, combo.s_max // min(combo.tps))
     pps = [combo.pp] if combo.pp is not None else range(2, top + 1)
     return [pp for pp in pps if 2 <= pp <= top and runs(combo.m, pp)]
+
+
+def _arrays(combo, t: int) -> list:
+    """Per recompute mode with every layer at ``(t, rc)``: (ticks, states, saved) arrays."""
+    import numpy as np
+
+    key = ("interleaved_arrays", t)
+    if key not in combo.memo:
+        table, L, rows = combo.table, combo.num_layers, []
+        state = np.array([table.state[j][t] for j in range(L)], dtype=float)
+        for rc in combo.rcs:
+            if all((t, rc) in combo.ticks[j] for j in range(L)):
+                rows.append((np.array([combo.ticks[j][(t, rc)] for j in range(L)], dtype=float),
+                             state, np.array([table.saved[j][(t, rc)] for j in range(L)],
+                                             dtype=float)))
+        combo.memo[key] = rows
+    return combo.memo[key]
+
+
+def memory_floor(combo, pp: int, t: int) -> tuple[int, int] | None:
+    """``(floor on max E, floor on sum E)`` of every ``pp``-group pattern at tp ``t``, or
+    None when no pattern at ``t`` fits in memory.
+
+    Group ``i`` holds its chunks' states plus ``f_i`` (its in-flight count) times their
+    saved activations within ``cap - workspace``; with one recompute mode, its time is at
+    most the fractional knapsack of the layers by time per byte within that memory
+    (``K_i``, the best mode's). The groups' times add up to at least the layers' fastest
+    sum ``F``, so ``sum_i min(max E, K_i) >= F``: the floor is the least such ``max E``
+    (relaxed: any group may take any layer, tied copies ignored)."""
+    import numpy as np
+
+    key = ("interleaved_memory", pp, t)
+    if key in combo.memo:
+        return combo.memo[key]
+    table, L = combo.table, combo.num_layers
+    budget = combo.cap - table.forward.workspace(t)
+    flights = np.array([combo.in_flight(i, pp) for i in range(pp)], dtype=float)[:, None]
+    rows = _arrays(combo, t)
+    best = np.zeros(pp)
+    fastest = np.full(L, np.inf)
+    at = np.arange(pp)
+    for c, state, saved in rows:
+        fastest = np.minimum(fastest, c)
+        mu = state[None, :] + flights * saved[None, :]
+        order = np.argsort(-(c[None, :] / np.maximum(mu, 1.0)), axis=1, kind="stable")
+        mus = np.take_along_axis(mu, order, axis=1)
+        cs = c[order]
+        cum_mu, cum_c = np.cumsum(mus, axis=1), np.cumsum(cs, axis=1)
+        whole = (cum_mu <= budget).sum(axis=1)  # layers that fit whole, best ratio first
+        last = np.maximum(whole - 1, 0)
+        cover = np.where(whole > 0, cum_c[at, last], 0.0)
+        room = budget - np.where(whole > 0, cum_mu[at, last], 0.0)
+        nxt = np.minimum(whole, L - 1)
+        frac = np.clip(room / np.maximum(mus[at, nxt], 1.0), 0.0, 1.0)
+        cover = cover + np.where(whole < L, frac * cs[at, nxt], 0.0)
+        best = np.maximum(best, cover)
+    if not rows or not np.isfinite(fastest).all() or budget <= 0:
+        combo.memo[key] = None
+        return None
+    need = float(fastest.sum())
+    caps = np.sort(best)
+    if caps.sum() < need * (1 - 1e-12):
+        combo.memo[key] = None
+        return None
+    # least B with sum_i min(B, K_i) >= need: walk the sorted caps
+    below, floor = 0.0, need
+    for k, cap_k in enumerate(caps):
+        rest = pp - k  # groups whose cap is at least cap_k
+        b = (need - below) / rest
+        if b <= cap_k:
+            floor = b
+            break
+        below += cap_k
+    out = (int(math.floor(floor * (1 - 1e-12))), int(need))
+    combo.memo[key] = out
+    return out
 
 
 def chunks_of(bounds: list[int], start: int, end: int | None) -> list[tuple[int, int]]:

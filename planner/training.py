@@ -1448,16 +1448,28 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
     return evaluate(combo, path, space, workload.objective, stats)
 
 
-def _interleaved_bound(combo: TrainCombo, pp: int) -> int | None:
-    """Valid for every ``pp``-group interleaved plan of the combo: the groups' sum is at
-    least the layers' fastest sum, the bottleneck at least its share of it over ``pp``
-    groups and of the device-seconds over the replica, the tail at least ``_tail_floor``."""
+def _interleaved_bound(combo: TrainCombo, pp: int, per_node: int) -> int | None:
+    """Valid for every ``pp``-group interleaved plan of the combo, or None when none fits:
+    per tp ``t`` the groups could use, the groups' sum is at least the layers' fastest
+    sum ``F_t``, the bottleneck at least ``F_t / pp``, the device-seconds over the replica
+    and the memory floor (``planner.interleaved.memory_floor``); the tail at least
+    ``_tail_floor``; the least over ``t``."""
+    from planner.interleaved import memory_floor
+
     if not all(combo.ticks):
         return None
-    total = _total(combo)
-    worst = max(-(-total // pp), -(-_cheapest(combo) // combo.s_max))
-    v = combo.v
-    return -(-((combo.m * v - 1) * worst + total) // v) + _tail_floor(combo)
+    v, best = combo.v, None
+    for t in combo.tps:
+        if pp * t not in combo.sizes or t > per_node:
+            continue
+        floor = memory_floor(combo, pp, t)
+        if floor is None:
+            continue
+        worst, total = floor
+        worst = max(worst, -(-total // pp), -(-_cheapest(combo) // combo.s_max))
+        value = -(-((combo.m * v - 1) * worst + total) // v)
+        best = value if best is None else min(best, value)
+    return None if best is None else best + _tail_floor(combo)
 
 
 #: How many of the best-bounded interleaved (combo, pp) pairs the even patterns come from.
@@ -1494,7 +1506,7 @@ def _search_interleaved(space: TrainSpace, best, open_bounds: list, deadline: fl
     todo = []
     for combo in (c for c in space.combos if c.v > 1):
         for pp in stage_counts(combo):
-            bound = _interleaved_bound(combo, pp)
+            bound = _interleaved_bound(combo, pp, space.devices_per_node)
             if bound is not None:
                 todo.append((bound, pp, combo))
     todo.sort(key=lambda x: x[0])
