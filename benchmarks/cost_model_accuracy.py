@@ -5,6 +5,7 @@ Usage:
     .venv/bin/python benchmarks/cost_model_accuracy.py --quick    # fewer repetitions
     .venv/bin/python benchmarks/cost_model_accuracy.py --no-collectives
     .venv/bin/python benchmarks/cost_model_accuracy.py --collectives-only
+    .venv/bin/python benchmarks/cost_model_accuracy.py --part train   # training steps (~3 min)
 
 1. Measurement: the three models (hand-written GPT, HF GPT-2, HF Llama; tiny configs,
    random weights) are profiled at the CALIBRATION and the EVALUATION shapes in one
@@ -25,6 +26,21 @@ Prints a table per category with the median and worst relative error, and the ta
 time median <= 15% per layer, <= 25% per collective; predicted peak memory never below
 measured and at most 25% above. Exit status 0 whether or not targets are met (the table
 says); 2 on a crash.
+
+``--part train`` (docs/training.md, "Cost model accuracy on this CPU"): the training step
+predicted against measured, single process. The roofline of this CPU is calibrated first
+(``calibrate_this_device``, into the run's cache, which the plans then read). The same
+three models are traced at ``TRAIN_SHAPE`` and profiled forward and forward + backward
+(``profile_models(train=True)``, one interleaved pass); for every model and
+``TRAIN_CONFIGS`` entry (pp 1, dp 1, tp 1; microbatches 1 and 2; recompute none and
+full) ``plan_traced`` on ``1xcpu`` makes the plan without and with the profile, and
+``planner.parallelize`` runs the plan's ``Trainer`` (the code ``plan run`` trains with:
+next-token loss, backward, AdamW) in a one-rank gloo group. Steps are timed after
+``--train-warmup`` untimed ones, one step of every (model, configuration) per round so a
+slow spell of the host hits all alike; the measured step is the median over
+``--train-steps`` rounds. The table gives both predictions of ``predicted.latency_s``, the
+measured median and p10-p90, and the errors; then the plan's AdamW update (the stage's
+tail at dp 1) against the median of the optimizer's ``step`` timed inside the steps.
 """
 
 from __future__ import annotations
@@ -55,6 +71,8 @@ from planner.calibration import (  # noqa: E402
 
 EVALUATION_SHAPES = [(1, 64), (4, 32), (2, 128)]
 COLLECTIVE_HELDOUT = (16 * 1024, 256 * 1024, 2 * 1024 * 1024)
+TRAIN_SHAPE = (4, 64)  # batch x sequence of the training step
+TRAIN_CONFIGS = [(1, "none"), (1, "full"), (2, "none"), (2, "full")]  # (microbatches, recompute)
 
 
 def _rel(pred: float, meas: float) -> float:
@@ -188,6 +206,111 @@ def run(quick: bool, with_collectives: bool, cache: str) -> int:
     return 0
 
 
+def _timed(fn, into: list[float]):
+    """``fn`` that appends the seconds of each call to ``into``."""
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        into.append(time.perf_counter() - start)
+        return out
+    return timed
+
+
+def train_accuracy(cache: str, steps: int, warmup: int, repeats: int) -> int:
+    """Training step predicted (roofline, and with the profile) vs measured; see the module
+    docstring. Prints the table and the summary."""
+    import datetime
+    import os
+    import statistics
+
+    import torch.distributed as dist
+
+    import planner
+    from cost_models.profiler import profile_models
+    from planner.api import plan_traced
+    from planner.calibration import calibrate_this_device
+    from planner.cluster import Workload
+
+    os.environ["FX_PLANNER_CACHE"] = cache  # the plans read the calibration made here
+    t0 = time.time()
+    eff = calibrate_this_device(repeats=repeats, cache=cache)
+    print(f"roofline calibrated ({time.time() - t0:.0f} s): measured peak "
+          f"{eff.peak_flops['float32'] / 1e9:.1f} GFLOP/s, layer scale {eff.layer_scale:.3f}")
+    batch, seq = TRAIN_SHAPE
+    models = calibration_models()
+    inputs = {name: calibration_inputs(name, batch, seq) for name, _ in models}
+    traced = {name: planner.trace(model, *inputs[name], name=name) for name, model in models}
+    t1 = time.time()
+    profiles = dict(zip(traced, profile_models(
+        [(traced[name], *inputs[name]) for name, _ in models], repeats=repeats, cache=cache,
+        train=True)))
+    print(f"profiled forward and forward + backward at {batch}x{seq} "
+          f"({time.time() - t1:.0f} s)")
+    work = Workload(batch_size=batch, seq_len=seq, dtype="float32", phase="train")
+    cluster = planner.Cluster.parse("1xcpu")
+    cases = []  # (name, m, rc, roofline plan, profiled plan)
+    for name, _model in models:
+        for m, rc in TRAIN_CONFIGS:
+            pins = {"dp": 1, "pp": 1, "tp": 1, "microbatches": m, "recompute": rc}
+            plans = [plan_traced(traced[name], cluster, work, pins=pins, profile=prof,
+                                 alternatives=0) for prof in (None, profiles[name])]
+            cases.append((name, m, rc, *plans))
+    with tempfile.TemporaryDirectory() as store:
+        dist.init_process_group("gloo", init_method=f"file://{store}/store", rank=0,
+                                world_size=1, timeout=datetime.timedelta(seconds=120))
+        try:
+            by_name = dict(models)
+            runners = []
+            optimizer_s: list[list[float]] = [[] for _ in cases]  # the update inside the step
+            for i, (name, _m, _rc, roof, _) in enumerate(cases):
+                args, kwargs = inputs[name]
+                local = planner.parallelize(by_name[name], roof, args, kwargs)
+                local.trainer.optimizer.step = _timed(local.trainer.optimizer.step,
+                                                      optimizer_s[i])
+                runners.append(lambda local=local, a=args, k=kwargs: local.step(*a, **k))
+            for _ in range(warmup):
+                for run in runners:
+                    run()
+            times: list[list[float]] = [[] for _ in runners]
+            for spent in optimizer_s:
+                spent.clear()
+            for _ in range(steps):  # one step of every case per round
+                for i, run in enumerate(runners):
+                    start = time.perf_counter()
+                    run()
+                    times[i].append(time.perf_counter() - start)
+        finally:
+            dist.destroy_process_group()
+    print(f"\ntraining step on 1xcpu, {batch}x{seq}, float32, 1 thread, pp 1, dp 1, tp 1, "
+          f"ZeRO 0 (measured: median of {steps} steps after {warmup} untimed, interleaved)")
+    print(f"{'model':<9} {'m':>2} {'recompute':<9} {'roofline ms':>11} {'profiled ms':>11} "
+          f"{'source':<9} {'measured ms':>11} {'p10-p90 ms':>13} {'err roof':>9} "
+          f"{'err prof':>9} | {'AdamW pred':>10} {'AdamW meas':>10}")
+    roof_err, prof_err = [], []
+    for (name, m, rc, roof, prof), ts, opt in zip(cases, times, optimizer_s):
+        meas = statistics.median(ts)
+        p10, p90 = np.percentile(ts, 10), np.percentile(ts, 90)
+        er, ep = _rel(roof.predicted.latency_s, meas), _rel(prof.predicted.latency_s, meas)
+        roof_err.append(er)
+        prof_err.append(ep)
+        tail = roof.extra["training"]["stage_tail_s"][0]  # dp 1: the AdamW update alone
+        print(f"{name:<9} {m:>2} {rc:<9} {roof.predicted.latency_s * 1e3:11.2f} "
+              f"{prof.predicted.latency_s * 1e3:11.2f} {prof.provenance:<9} {meas * 1e3:11.2f} "
+              f"{p10 * 1e3:6.2f}-{p90 * 1e3:<6.2f} {er * 100:8.1f}% {ep * 100:8.1f}% | "
+              f"{tail * 1e3:10.2f} {statistics.median(opt) * 1e3:10.2f}")
+    print("\nsummary")
+    print(_summary("train step, roofline", roof_err, "not a target"))
+    print(_summary("train step, with the profile", prof_err, "not a target"))
+    measured_rows = [e for e, c in zip(prof_err, cases) if c[4].provenance != "predicted"]
+    if measured_rows:
+        print(_summary("  (rows the profile prices)", measured_rows, "not a target"))
+        print(_summary("  (the same rows, roofline)", [e for e, c in zip(roof_err, cases)
+                                                        if c[4].provenance != "predicted"],
+                       "not a target"))
+    print(f"wall {time.time() - t0:.0f} s")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -196,8 +319,21 @@ def main() -> int:
                         help="only the gloo runs (section 4), with their summary")
     parser.add_argument("--cache", default=None,
                         help="cache directory (default: a fresh temporary one)")  # fmt: skip
+    parser.add_argument("--part", choices=["forward", "train"], default="forward",
+                        help="forward: layers, memory and collectives (the sections above); "
+                        "train: training steps predicted vs measured")
+    parser.add_argument("--train-steps", type=int, default=15,
+                        help="--part train: timed steps per case")
+    parser.add_argument("--train-warmup", type=int, default=3,
+                        help="--part train: untimed steps per case")
     a = parser.parse_args()
     torch.set_num_threads(1)
+    if a.part == "train":
+        repeats = 50 if a.quick else 150
+        if a.cache:
+            return train_accuracy(a.cache, a.train_steps, a.train_warmup, repeats)
+        with tempfile.TemporaryDirectory() as cache:
+            return train_accuracy(cache, a.train_steps, a.train_warmup, repeats)
     if a.collectives_only:
         errors = collectives_accuracy(20 if a.quick else 50)
         print(_summary("collectives", errors, "median <= 25%"))

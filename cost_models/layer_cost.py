@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from cost_models.types import ArchLike, ClusterLike, LayerLike, WorkloadLike
 
 __all__ = ["LayerEstimate", "layer_cost", "layer_memory_at", "collectives_at", "boundary_time",
-           "compute_time", "comm_time", "nccl_pick", "runtime_of"]
+           "compute_time", "comm_time", "nccl_pick", "runtime_of", "runs_as_traced",
+           "measured_scale"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,42 @@ def compute_time(
     return work_time(work, efficiencies, workload.dtype, runtime_of(workload), shared=tp > 1)
 
 
+def runs_as_traced(workload: WorkloadLike, microbatch_size: int, traced: TracedShape) -> bool:
+    """Whether the workload runs a layer at the shape it was traced (and profiled) at: a
+    measurement of the layer applies only there."""
+    return (workload.phase == "prefill"
+            and microbatch_size == traced.batch_size
+            and workload.seq_len == traced.seq_len
+            and workload.dtype_bytes == traced.dtype_bytes)
+
+
+def measured_scale(
+    layer: LayerLike,
+    arch: ArchLike | None,
+    tp: int,
+    workload: WorkloadLike,
+    efficiencies: Efficiencies,
+    microbatch_size: int,
+    traced: TracedShape,
+    *,
+    sharded: ShardedLayer | None = None,
+    roofline_s: float | None = None,
+) -> float:
+    """The factor from a time measured at tp 1 to one rank of ``tp``: the roofline's own
+    tp-1 -> tp ratio of the layer's compute (exactly 1 at tp 1).
+
+    Args:
+        roofline_s: the layer's roofline compute at ``tp``, when the caller has it.
+    """
+    if tp <= 1:
+        return 1.0
+    if roofline_s is None:
+        roofline_s = compute_time(layer, arch, tp, workload, efficiencies, microbatch_size,
+                                  traced, sharded=sharded)
+    one = compute_time(layer, arch, 1, workload, efficiencies, microbatch_size, traced)
+    return roofline_s / one if one > 0 else 1.0
+
+
 def layer_cost(
     layer: LayerLike,
     arch: ArchLike | None,
@@ -188,15 +225,9 @@ def layer_cost(
         compute = compute_time(compute_layer, arch, tp, workload, eff, microbatch_size,
                                compute_traced, sharded=sharded)
     source = "predicted"
-    same_shape = (
-        workload.phase == "prefill"
-        and microbatch_size == traced.batch_size
-        and workload.seq_len == traced.seq_len
-        and workload.dtype_bytes == traced.dtype_bytes
-    )
-    if measured is not None and same_shape:
-        one = compute_time(layer, arch, 1, workload, eff, microbatch_size, traced)
-        compute = measured.time_s * (compute / one if one > 0 else 1.0)
+    if measured is not None and runs_as_traced(workload, microbatch_size, traced):
+        compute = measured.time_s * measured_scale(layer, arch, tp, workload, eff,
+                                                   microbatch_size, traced, roofline_s=compute)
         source = "measured"
     comm = sum(
         comm_time(kind, nbytes, tp, spec, link=link, calibration=calibration)

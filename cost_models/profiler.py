@@ -19,10 +19,19 @@ of the c10 CPU (or CUDA) allocator; the running sum's maximum is the layer's pea
 newly allocated bytes (its temporaries and outputs, including buffers inside ATen kernels
 that no graph node shows). On CUDA, ``torch.cuda.max_memory_allocated`` is used instead.
 
+With ``train=True`` every layer is also timed forward + backward (``TrainTiming``, what
+a training step runs per layer and microbatch): the same GraphModule and inputs, its
+floating inputs and its parameters requiring grad, the forward under autograd and then
+``torch.autograd.grad`` of its differentiable outputs (a fixed random gradient per output)
+with respect to both, in the same interleaved rounds and with the same statistics as the
+forward. It costs a backward per call, so it is measured only when asked.
+
 Results are cached on disk, one JSON file per (layer signature, device fingerprint):
 the signature hashes the layer's ops, shapes, dtypes and wiring (not node names, so the
 identical blocks of a transformer share one measurement), the fingerprint the CPU/GPU
-model, torch version and thread count. A second run is a pure cache read.
+model, torch version and thread count. Forward + backward timings are stored under a
+key of their own, so inference profiles written before (or without) them stay valid. A
+second run is a pure cache read.
 
 >>> # profile = profile_model(traced, args=(ids,), progress=lambda done, total, name, hit: ...)
 """
@@ -41,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 from cost_models.cache import (
     cache_dir,
@@ -56,6 +66,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NodeTiming",
+    "TrainTiming",
     "LayerProfile",
     "ModelProfile",
     "ProgressHook",
@@ -68,6 +79,7 @@ __all__ = [
 ]
 
 _SCHEMA = "fx-planner/profile/v2"
+_TRAIN_SCHEMA = "fx-planner/profile-train/v1"
 
 # Consecutive calls per timing round; the layer's time is the lowest round median.
 ROUND_CALLS = 5
@@ -95,6 +107,30 @@ class NodeTiming:
 
 
 @dataclass(frozen=True)
+class TrainTiming:
+    """Measured forward + backward of one layer at the traced shape (one microbatch of a
+    training step): the forward under autograd, then the gradients of its parameters and
+    of its floating inputs. Same statistics as ``LayerProfile``.
+
+    Attributes:
+        median_s, p10_s, p90_s: of all timed calls.
+        best_s: lowest median of ``ROUND_CALLS`` consecutive calls (``time_s``).
+        repeats: timed calls.
+    """
+
+    median_s: float
+    p10_s: float
+    p90_s: float
+    best_s: float
+    repeats: int
+
+    @property
+    def time_s(self) -> float:
+        """Forward + backward for the cost model: the best-round time."""
+        return self.best_s
+
+
+@dataclass(frozen=True)
 class LayerProfile:
     """Measured cost of one layer at the traced shape.
 
@@ -110,6 +146,7 @@ class LayerProfile:
         input_bytes: bytes of the tensors the layer receives from earlier layers.
         nodes: per-node breakdown from the interpreter run.
         cached: read from the cache rather than measured in this run.
+        train: forward + backward timing (``profile_models(train=True)``), else None.
     """
 
     index: int
@@ -124,6 +161,7 @@ class LayerProfile:
     input_bytes: int
     nodes: tuple[NodeTiming, ...] = ()
     cached: bool = False
+    train: TrainTiming | None = None
 
     @property
     def time_s(self) -> float:
@@ -363,7 +401,14 @@ def _record_path(root: Path, fingerprint: dict, signature: str, settings: dict) 
 def _to_record(p: LayerProfile) -> dict:
     d = asdict(p)
     d.pop("cached")
+    d.pop("train")  # stored under its own key (``_train_settings``)
     return d
+
+
+def _train_settings(settings: dict) -> dict:
+    """The cache key of forward + backward timings: the forward's settings and what is
+    measured, so the two never read each other's records."""
+    return {**settings, "schema": _TRAIN_SCHEMA, "measure": "forward+backward"}
 
 
 def _from_record(d: dict, index: int, name: str) -> LayerProfile:
@@ -406,6 +451,7 @@ def profile_models(
     cache: str | os.PathLike | None = None,
     use_cache: bool = True,
     progress: ProgressHook | None = None,
+    train: bool = False,
 ) -> list[ModelProfile]:
     """Measure every layer of several traced models, their timing rounds interleaved.
 
@@ -433,6 +479,8 @@ def profile_models(
         use_cache: read cached layers (measurements are written either way).
         progress: called as ``progress(done, total, layer_name, from_cache)``; ``done``
             counts layers (measured layers advance with the rounds).
+        train: also time every layer forward + backward (``LayerProfile.train``), in the
+            same rounds; cached under a key of its own.
 
     Returns:
         One profile per item, layers in order.
@@ -452,9 +500,11 @@ def profile_models(
                 "with real weights and fold_blocks=False"
             )
         models.append(_ModelRun(traced, tuple(args), dict(kwargs or {}), layer_signatures(traced)))
+    train_settings = _train_settings(settings)
     total = sum(len(m.traced.layers) for m in models)
     done = 0
     for m in models:
+        m.train = train
         if not use_cache:
             continue
         for j, layer in enumerate(m.traced.layers):
@@ -468,23 +518,40 @@ def profile_models(
                 warnings.warn(f"ignoring malformed cached profile of {layer.name}: {e}",
                               stacklevel=2)  # fmt: skip
                 continue
+            if train:
+                data = read_record(_record_path(root, fingerprint, m.signatures[j],
+                                                train_settings), _TRAIN_SCHEMA, fingerprint)
+                try:
+                    m.trains[j] = TrainTiming(**data) if data is not None else None
+                except TypeError as e:
+                    warnings.warn(f"ignoring malformed cached training profile of "
+                                  f"{layer.name}: {e}", stacklevel=2)
+                if m.trains.get(j) is None:
+                    m.trains.pop(j, None)
+                    continue
             done += 1
             if progress:
                 progress(done, total, layer.name, True)
-    pending = [m for m in models if len(m.results) < len(m.traced.layers)]
+    pending = [m for m in models if len(m.results) < len(m.traced.layers)
+               or (train and len(m.trains) < len(m.traced.layers))]
     if pending:
         prev_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            fresh = _measure(pending, device, warmup, repeats, node_repeats, min_time_s,
-                             progress, done, total)  # fmt: skip
+            fresh, fresh_train = _measure(pending, device, warmup, repeats, node_repeats,
+                                          min_time_s, progress, done, total)
         finally:
             torch.set_num_threads(prev_threads)
         for p in fresh:
             write_record(_record_path(root, fingerprint, p.signature, settings), _SCHEMA,
                          _to_record(p), fingerprint)  # fmt: skip
+        for signature, timing in fresh_train:
+            write_record(_record_path(root, fingerprint, signature, train_settings),
+                         _TRAIN_SCHEMA, asdict(timing), fingerprint)
     return [
-        ModelProfile(device, fingerprint, tuple(m.results[j] for j in range(len(m.traced.layers))))
+        ModelProfile(device, fingerprint, tuple(
+            replace(m.results[j], train=m.trains[j]) if train else m.results[j]
+            for j in range(len(m.traced.layers))))
         for m in models
     ]
 
@@ -497,11 +564,14 @@ class _ModelRun:
     signatures: list[str]
     results: dict[int, LayerProfile] = field(default_factory=dict)
     node_runs: list[dict[str, float]] = field(default_factory=list)
+    train: bool = False  # forward + backward timings asked for
+    trains: dict[int, TrainTiming] = field(default_factory=dict)
 
 
 @dataclass
 class _Job:
-    """One layer (the first of its signature in its model) being timed."""
+    """One layer (the first of its signature in its model) being timed: its forward, or
+    (``call`` set) its forward + backward."""
 
     run: _ModelRun
     index: int
@@ -509,88 +579,152 @@ class _Job:
     module: fx.GraphModule
     values: list
     times: list[float] = field(default_factory=list)
+    call: Callable[[], Any] | None = None  # forward + backward; None: the forward
+
+    def __call__(self) -> Any:
+        return self.call() if self.call is not None else self.module(*self.values)
+
+
+def _forward_backward(module: fx.GraphModule, values: list) -> Callable[[], Any]:
+    """A call of ``module`` forward and backward on ``values``: floating inputs and the
+    parameters are what the gradients are taken with respect to; each differentiable
+    output gets a fixed random gradient (drawn once, seed 0). A layer none of whose
+    outputs depends on them (a mask, positions) runs its forward alone."""
+    inputs = [v.detach().requires_grad_(True)
+              if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in values]
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    wrt = [v for v in inputs if isinstance(v, torch.Tensor) and v.requires_grad] + params
+
+    def differentiable():
+        return [o for o in pytree.tree_leaves(module(*inputs))
+                if isinstance(o, torch.Tensor) and o.requires_grad]
+
+    with torch.enable_grad():
+        shapes = [(o.shape, o.dtype, o.device) for o in differentiable()]
+    if not shapes:
+        return lambda: module(*inputs)
+    gen = torch.Generator(device=shapes[0][2]).manual_seed(0)
+    grads = [torch.randn(shape, dtype=dtype, device=dev, generator=gen)
+             for shape, dtype, dev in shapes]
+
+    def call():
+        with torch.enable_grad():
+            return torch.autograd.grad(differentiable(), wrt, grads, allow_unused=True)
+
+    return call
+
+
+def _timing(times: np.ndarray) -> dict:
+    return {"median_s": float(np.median(times)), "p10_s": float(np.percentile(times, 10)),
+            "p90_s": float(np.percentile(times, 90)), "best_s": best_round(times),
+            "repeats": len(times)}
 
 
 def _measure(models: list[_ModelRun], device, warmup, repeats, node_repeats, min_time_s,
-             progress, done, total) -> list[LayerProfile]:  # fmt: skip
-    """Time the uncached layers of ``models``; returns the fresh measurements (one per
-    signature per model) after filling each model's ``results``."""
+             progress, done, total) -> tuple[list[LayerProfile], list[tuple[str, TrainTiming]]]:
+    """Time the uncached layers of ``models`` (forward, and forward + backward where
+    asked); returns the fresh measurements (one per signature per model) after filling
+    each model's ``results`` and ``trains``."""
     sync = _sync_for(device)
     jobs: list[_Job] = []
+    train_jobs: list[_Job] = []
     timers: list[tuple[_ModelRun, fx.GraphModule, list]] = []
-    with torch.no_grad():
-        for m in models:
-            gm = m.traced.graph_module
-            per_layer = _layer_nodes(m.traced)
-            todo = [j for j in range(len(m.traced.layers)) if j not in m.results]
-            modules = {j: _layer_module(gm, per_layer[j]) for j in todo}
-            keep = {name for _, inputs in modules.values() for name in inputs}
-            flat = _flat_inputs(gm, m.args, m.kwargs)
-            timer = _NodeTimer(gm, keep, sync)
-            timer.run(*flat, enable_io_processing=False)  # the values crossing layers
-            timers.append((m, gm, flat))
-            seen: set[str] = set()
-            for j in todo:
-                if m.signatures[j] in seen:
-                    continue
-                seen.add(m.signatures[j])
-                module, inputs = modules[j]
-                values = [timer.kept[name] for name in inputs]
-                jobs.append(_Job(m, j, per_layer[j], module, values))
-        for job in jobs:
-            for _ in range(warmup):
-                job.module(*job.values)
-        sync()
-        rounds = max(-(-repeats // ROUND_CALLS), node_repeats, 1)
-        start = time.perf_counter()
-        r = 0
-        while r < rounds or time.perf_counter() - start < min_time_s:
-            if r < max(node_repeats, 1):
-                for m, gm, flat in timers:
-                    timer = _NodeTimer(gm, set(), sync)
-                    timer.run(*flat, enable_io_processing=False)
-                    m.node_runs.append(timer.times)
-            for job in jobs:
-                fn, vals = job.module, job.values
-                for _ in range(ROUND_CALLS):
-                    t0 = time.perf_counter()
-                    fn(*vals)
-                    sync()
-                    job.times.append(time.perf_counter() - t0)
-            r += 1
-            if progress and r <= rounds:  # jobs is not empty: every model here has a layer to time
-                name = jobs[-1].run.traced.layers[jobs[-1].index].name
-                progress(done + (total - done) * r // rounds, total, name, False)
+    params_grad: dict[int, tuple[torch.Tensor, bool]] = {}  # restored at the end
+    try:
+        with torch.no_grad():
+            for m in models:
+                gm = m.traced.graph_module
+                per_layer = _layer_nodes(m.traced)
+                n = len(m.traced.layers)
+                todo = [j for j in range(n) if j not in m.results]
+                todo_train = [j for j in range(n) if m.train and j not in m.trains]
+                modules = {j: _layer_module(gm, per_layer[j]) for j in {*todo, *todo_train}}
+                keep = {name for _, inputs in modules.values() for name in inputs}
+                flat = _flat_inputs(gm, m.args, m.kwargs)
+                timer = _NodeTimer(gm, keep, sync)
+                timer.run(*flat, enable_io_processing=False)  # the values crossing layers
+                if todo:
+                    timers.append((m, gm, flat))
+                for js, out, train in ((todo, jobs, False), (todo_train, train_jobs, True)):
+                    seen: set[str] = set()
+                    for j in js:
+                        if m.signatures[j] in seen:
+                            continue
+                        seen.add(m.signatures[j])
+                        module, inputs = modules[j]
+                        values = [timer.kept[name] for name in inputs]
+                        job = _Job(m, j, per_layer[j], module, values)
+                        if train:
+                            for p in module.parameters():
+                                if p.is_floating_point():
+                                    params_grad.setdefault(id(p), (p, p.requires_grad))
+                                    p.requires_grad_(True)
+                            job.call = _forward_backward(module, values)
+                        out.append(job)
+            everything = jobs + train_jobs
+            for job in everything:
+                for _ in range(warmup):
+                    job()
+            sync()
+            rounds = max(-(-repeats // ROUND_CALLS), node_repeats, 1)
+            start = time.perf_counter()
+            r = 0
+            while r < rounds or time.perf_counter() - start < min_time_s:
+                if r < max(node_repeats, 1):
+                    for m, gm, flat in timers:
+                        timer = _NodeTimer(gm, set(), sync)
+                        timer.run(*flat, enable_io_processing=False)
+                        m.node_runs.append(timer.times)
+                for job in everything:
+                    for _ in range(ROUND_CALLS):
+                        t0 = time.perf_counter()
+                        job()
+                        sync()
+                        job.times.append(time.perf_counter() - t0)
+                r += 1
+                if progress and r <= rounds:  # every model here has a layer to time
+                    last = everything[-1]
+                    name = last.run.traced.layers[last.index].name
+                    progress(done + (total - done) * r // rounds, total, name, False)
 
-        fresh: list[LayerProfile] = []
-        by_key: dict[tuple[int, str], LayerProfile] = {}
-        for job in jobs:
-            m, j = job.run, job.index
-            times = np.asarray(job.times)
-            ir = getattr(m.traced, "graph", None)
-            p = LayerProfile(
-                index=j, name=m.traced.layers[j].name, signature=m.signatures[j],
-                median_s=float(np.median(times)), p10_s=float(np.percentile(times, 10)),
-                p90_s=float(np.percentile(times, 90)), repeats=len(times),
-                best_s=best_round(times),
-                peak_alloc_bytes=measure_peak_bytes(lambda f=job.module, v=job.values: f(*v), device),
-                input_bytes=_tensor_bytes(job.values),
-                nodes=tuple(
-                    _node_timing(n, ir, [run[n.name] for run in m.node_runs if n.name in run])
-                    for n in job.nodes
-                    if n.op.startswith("call_")
-                ),
-            )  # fmt: skip
-            fresh.append(p)
-            by_key[(id(m), m.signatures[j])] = p
-        for m in models:
-            for j, layer in enumerate(m.traced.layers):
-                if j in m.results:
-                    continue
-                p = by_key[(id(m), m.signatures[j])]
-                m.results[j] = p if p.index == j else replace(
-                    p, index=j, name=layer.name, cached=True)  # an identical block, timed once
-    return fresh
+            fresh: list[LayerProfile] = []
+            by_key: dict[tuple[int, str], LayerProfile] = {}
+            for job in jobs:
+                m, j = job.run, job.index
+                ir = getattr(m.traced, "graph", None)
+                p = LayerProfile(
+                    index=j, name=m.traced.layers[j].name, signature=m.signatures[j],
+                    **_timing(np.asarray(job.times)),
+                    peak_alloc_bytes=measure_peak_bytes(job, device),
+                    input_bytes=_tensor_bytes(job.values),
+                    nodes=tuple(
+                        _node_timing(n, ir, [run[n.name] for run in m.node_runs if n.name in run])
+                        for n in job.nodes
+                        if n.op.startswith("call_")
+                    ),
+                )  # fmt: skip
+                fresh.append(p)
+                by_key[(id(m), m.signatures[j])] = p
+            fresh_train: list[tuple[str, TrainTiming]] = []
+            train_by_key: dict[tuple[int, str], TrainTiming] = {}
+            for job in train_jobs:
+                m, j = job.run, job.index
+                timing = TrainTiming(**_timing(np.asarray(job.times)))
+                fresh_train.append((m.signatures[j], timing))
+                train_by_key[(id(m), m.signatures[j])] = timing
+    finally:
+        for p, flag in params_grad.values():
+            p.requires_grad_(flag)
+    for m in models:
+        for j, layer in enumerate(m.traced.layers):
+            if m.train and j not in m.trains:
+                m.trains[j] = train_by_key[(id(m), m.signatures[j])]
+            if j in m.results:
+                continue
+            p = by_key[(id(m), m.signatures[j])]
+            m.results[j] = p if p.index == j else replace(
+                p, index=j, name=layer.name, cached=True)  # an identical block, timed once
+    return fresh, fresh_train
 
 
 def _node_timing(node: fx.Node, ir, times: list[float]) -> NodeTiming:

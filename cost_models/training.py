@@ -15,6 +15,10 @@ Per layer and microbatch (``layer_step_s``)::
     recompute: none +0, selective +a (the attention core's forward), full +c +k
     ZeRO-3: + 2 all-gathers of the layer's parameter shard over dp (forward, backward)
 
+Where the layer's forward + backward was measured on the device (the profiler's
+``TrainTiming``, scaled to the tp rank like a measured forward), that time ``f`` replaces
+the kernels' ``3c``: ``f + 2k + recompute + gathers``, with ``c`` the (measured) forward.
+
 Per stage and step, after the pipeline has drained (``stage_tail_s``): the gradient
 all-reduce (ZeRO 0/1) or reduce-scatter (2/3) over dp, the parameter all-gather that
 ZeRO 1/2 need after the sharded update, and the AdamW update of the local shard. The
@@ -84,7 +88,8 @@ def model_state_bytes(params: int, dtype: str, zero: int, dp: int) -> int:
 
 
 def layer_step_s(forward_compute_s: float, forward_comm_s: float, recompute: str,
-                 attention_s: float = 0.0, zero3_gather_s: float = 0.0) -> float:
+                 attention_s: float = 0.0, zero3_gather_s: float = 0.0,
+                 forward_backward_s: float | None = None) -> float:
     """One microbatch through a layer, forward and backward (module docstring).
 
     Args:
@@ -94,10 +99,13 @@ def layer_step_s(forward_compute_s: float, forward_comm_s: float, recompute: str
         attention_s: the forward of the layer's attention core (selective recompute).
         zero3_gather_s: one all-gather of the layer's parameter shard over dp (ZeRO-3;
             paid in forward and again in backward).
+        forward_backward_s: the forward and backward kernels as measured on the device;
+            None: the roofline's ``3 * forward_compute_s``.
     """
     extra = {"none": 0.0, "selective": attention_s,
              "full": forward_compute_s + forward_comm_s}[recompute]
-    return 3 * forward_compute_s + 2 * forward_comm_s + extra + 2 * zero3_gather_s
+    kernels = 3 * forward_compute_s if forward_backward_s is None else forward_backward_s
+    return kernels + 2 * forward_comm_s + extra + 2 * zero3_gather_s
 
 
 def saved_activation_bytes(produced: int, layer_input: int, attention: int,

@@ -262,19 +262,20 @@ def _plan_train(traced, cluster, workload, *, pins, solver, profile, alternative
                 time_limit_s, num_workers, name, source, sequence_parallel, target,
                 adjust_costs=None) -> Plan:
     """A training plan (``planner.training``): the forward is priced by ``CostBuilder`` with
-    ``phase "prefill"`` (measured layers are not used: a profile times inference forwards),
-    the step by ``cost_models.training``. Sequence parallelism is searched like prefill."""
+    ``phase "prefill"`` (a profile's measured forwards where the microbatch runs a layer
+    at the profiled shape), the step by ``cost_models.training`` (a profile's measured
+    forward + backward, ``LayerProfile.train``, in place of the roofline's 3x forward where
+    it has one). Sequence parallelism is searched like prefill."""
     from planner.training import plan_train
 
     forward = replace(workload, phase="prefill")
     options, restriction, tp_degrees = _search_options(traced, cluster, forward,
                                                        sequence_parallel, target)
-    del profile  # a profile times inference forwards at the traced shape
     best, failure = None, None
     extra = {"source": source or {}, "workload_full": workload.to_dict(),
              "arch": traced.arch.to_dict() if traced.arch else None}
     for sp in options:
-        builder = CostBuilder(traced, cluster, forward, sequence_parallel=sp)
+        builder = CostBuilder(traced, cluster, forward, sequence_parallel=sp, profile=profile)
         if adjust_costs is not None:  # what-if: every forward table adjusted (plan bench)
             builder = _AdjustedBuilder(builder, adjust_costs)
         try:
@@ -287,11 +288,28 @@ def _plan_train(traced, cluster, workload, *, pins, solver, profile, alternative
         except InfeasiblePlanError as e:
             failure = failure or e
             continue
+        if profile is not None:
+            plan = _with_train_sources(plan, builder, profile)
         if best is None or plan.predicted.latency_s < best.predicted.latency_s:
             best = plan
     if best is None:
         raise failure
     return best
+
+
+def _with_train_sources(plan: Plan, builder, profile) -> Plan:
+    """``layers[].source`` and ``provenance`` of a train plan priced with a profile: a layer
+    is ``measured`` when its forward + backward at the plan's microbatch is the profile's."""
+    par = plan.parallelism
+    mb = plan.workload.batch_size // (par.dp * par.microbatches)
+    sources = ["measured" if src == "measured" and measured.train is not None else "predicted"
+               for src, measured in zip(builder.sources(mb, 1), profile.layers, strict=True)]
+    kinds = set(sources)
+    provenance = "measured" if kinds == {"measured"} else "mixed" if "measured" in kinds \
+        else "predicted"
+    return replace(plan, provenance=provenance,
+                   layers=tuple(replace(layer, source=src)
+                                for layer, src in zip(plan.layers, sources, strict=True)))
 
 
 def _decode_pricing(decode_traced) -> str:

@@ -477,17 +477,18 @@ class _status:
 
 
 def _profile_here(args, overrides, workload):
-    """Profile the model on this machine at the workload's microbatch-1 shape (cpu)."""
+    """Profile the model on this machine at the workload's microbatch-1 shape (cpu); a
+    train workload also times every layer forward + backward."""
     from planner.models.loader import load_model
     from planner.tracing import trace
 
     loaded = load_model(args.model, overrides, batch_size=args.batch, seq_len=args.seq,
                         dtype=workload.torch_dtype, device="cpu")
     traced = trace(loaded.model, loaded.args, loaded.kwargs, name=loaded.name, arch=loaded.arch)
-    return _run_profile(traced, loaded)
+    return _run_profile(traced, loaded, train=workload.phase == "train")
 
 
-def _run_profile(traced, loaded, min_time_s: float | None = None):
+def _run_profile(traced, loaded, min_time_s: float | None = None, train: bool = False):
     from rich.progress import Progress
 
     from cost_models.profiler import profile_model
@@ -499,7 +500,7 @@ def _run_profile(traced, loaded, min_time_s: float | None = None):
             bar.update(task, completed=done, description=f"profiling {name}{' (cached)' if cached else ''}")
 
         return profile_model(traced, loaded.args, loaded.kwargs, progress=progress,
-                             min_time_s=min_time_s)  # fmt: skip
+                             min_time_s=min_time_s, train=train)  # fmt: skip
 
 
 def _print_layer_table(traced, cluster) -> None:

@@ -201,7 +201,10 @@ class TrainCostBuilder:
     Args:
         forward: ``planner.cost_builder.CostBuilder`` for the workload with ``phase
             "prefill"`` (the forward of one microbatch); its tables, sharding strategies
-            and links are reused as they are.
+            and links are reused as they are. Where its profile has a layer's forward +
+            backward (``LayerProfile.train``) and the microbatch runs the layer at the
+            profiled shape, that time, scaled to the tp rank as the measured forward is
+            (``layer_cost.measured_scale``), replaces the roofline's 3x forward.
         workload: the train workload (dtype, runtime).
     """
 
@@ -226,12 +229,17 @@ class TrainCostBuilder:
 
     def _per_layer(self, mb: int) -> list[dict]:
         """Per layer and tp, for microbatch size ``mb``: forward compute/comm, attention
-        core forward, activation bytes (produced, input, attention core), params."""
+        core forward, activation bytes (produced, input, attention core), params, and the
+        measured forward + backward (None where not measured)."""
+        from cost_models.layer_cost import measured_scale, runs_as_traced
+
         if mb in self._layer:
             return self._layer[mb]
         fwd = self.forward(mb, 1)
         traced, w = self.forward.traced, self.forward.workload
         shape = self.forward.traced_shape
+        profile = self.forward.profile
+        as_profiled = profile is not None and runs_as_traced(w, mb, shape)
         ratio = mb * w.seq_len / shape.tokens
         d = w.dtype_bytes / shape.dtype_bytes
         rows = []
@@ -248,8 +256,12 @@ class TrainCostBuilder:
                 attn_bytes = stats.bytes_written * ratio * d * frac if stats else 0.0
                 produced = layer.activation_bytes * ratio * d * frac
                 into = fwd.boundary_bytes[j - 1] if j > 0 else 0
+                measured = profile.layers[j].train if as_profiled else None
+                fb = None if measured is None else measured.time_s * measured_scale(
+                    layer, traced.arch, t, w, self.forward.efficiencies, mb, shape,
+                    sharded=sharded)
                 row[t] = (c.compute_s, c.comm_s, attn_s, int(math.ceil(produced)), int(into),
-                          int(math.ceil(attn_bytes)), c.memory_bytes)
+                          int(math.ceil(attn_bytes)), c.memory_bytes, fb)
             rows.append(row)
         self._layer[mb] = rows
         return rows
@@ -271,7 +283,7 @@ class TrainCostBuilder:
             time_, comm = [], []
             for row in rows:
                 t_row, c_row = {}, {}
-                for t, (c, k, attn_s, _produced, _into, _attn_b, pbytes) in row.items():
+                for t, (c, k, attn_s, _produced, _into, _attn_b, pbytes, fb) in row.items():
                     g = 0.0
                     if gather and pbytes:
                         if pbytes not in gathers:
@@ -279,7 +291,7 @@ class TrainCostBuilder:
                                                         link=link, calibration=cal)
                         g = gathers[pbytes]
                     for rc in tm.RECOMPUTE:
-                        t_row[(t, rc)] = tm.layer_step_s(c, k, rc, attn_s, g)
+                        t_row[(t, rc)] = tm.layer_step_s(c, k, rc, attn_s, g, fb)
                         c_row[(t, rc)] = 2 * k + (k if rc == "full" else 0.0) + 2 * g
                 time_.append(t_row)
                 comm.append(c_row)
@@ -287,7 +299,7 @@ class TrainCostBuilder:
         if mb not in self._saved:
             self._saved[mb] = (
                 [{(t, rc): tm.saved_activation_bytes(produced, into, attn_b, rc)
-                  for t, (_c, _k, _a, produced, into, attn_b, _p) in row.items()
+                  for t, (_c, _k, _a, produced, into, attn_b, _p, _fb) in row.items()
                   for rc in tm.RECOMPUTE} for row in rows],
                 [{t: v[6] for t, v in row.items()} for row in rows])
         saved, params = self._saved[mb]

@@ -118,3 +118,35 @@ def test_min_time_adds_rounds_until_the_measurement_has_lasted_that_long(tiny_gp
     block = slow.layers[1]
     assert block.repeats > profiler.ROUND_CALLS
     assert block.repeats % profiler.ROUND_CALLS == 0
+
+
+def test_train_profile_times_forward_and_backward_under_its_own_cache_key(tiny_gpt, tmp_path,
+                                                                          monkeypatch):
+    _, traced, ids = tiny_gpt
+    grads_before = [(p.requires_grad, p.grad) for p in traced.graph_module.parameters()]
+    prof = profile_model(traced, args=(ids,), cache=tmp_path / "a", warmup=2, repeats=20,
+                         node_repeats=1, min_time_s=0, train=True)
+    for p in prof.layers:
+        assert 0 < p.train.best_s <= p.train.median_s and p.train.time_s == p.train.best_s
+        assert p.train.repeats == 20
+    block = prof.layers[1]  # forward and forward + backward timed in the same rounds
+    backward = block.train.time_s - block.time_s
+    assert 0.5 <= backward / block.time_s <= 8  # ~2x the forward's FLOPs, plus autograd
+    # Gradients are taken, not accumulated, and the parameters are left as they were.
+    assert [(p.requires_grad, p.grad) for p in traced.graph_module.parameters()] == grads_before
+
+    # An inference profile written before stays valid: its records are read, the backward
+    # is measured and stored under a key of its own.
+    inference = _profile(traced, ids, tmp_path / "b")
+    assert all(p.train is None for p in inference.layers)
+    trained = _profile(traced, ids, tmp_path / "b", train=True)
+    assert [p.time_s for p in trained.layers] == [p.time_s for p in inference.layers]
+    assert len({f.parent for f in (tmp_path / "b" / "profile").rglob("*.json")}) == 2
+
+    def no_measuring(*a, **k):
+        raise AssertionError("a cached training profile must not run the model")
+
+    monkeypatch.setattr(profiler, "_measure", no_measuring)
+    again = _profile(traced, ids, tmp_path / "b", train=True)
+    assert [p.train for p in again.layers] == [p.train for p in trained.layers]
+    assert _profile(traced, ids, tmp_path / "b").cache_hits == len(traced.layers)

@@ -234,6 +234,21 @@ def test_profile_measures_then_reads_the_cache(tmp_path):
     assert bad.returncode == 2 and "--min-time must be >= 0" in bad.stderr
 
 
+def test_train_plan_with_profile_prices_the_measured_layers(tmp_path, monkeypatch, capsys):
+    from tests.bad_input.cli_helpers import call  # in-process: a subprocess costs 5+ s here
+
+    monkeypatch.setenv("FX_PLANNER_CACHE", str(tmp_path))
+    code, out, err = call(["gpt-tiny", "--phase", "train", "--cluster", "1xcpu", "--profile",
+                           "--batch", "2", "--seq", "16", "--microbatches", "1",
+                           "--alternatives", "0", "--json"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["workload"]["phase"] == "train" and data["provenance"] == "measured"
+    assert {layer["source"] for layer in data["layers"]} == {"measured"}
+    # forward and forward + backward records, each under its own key
+    assert len({f.parent for f in (tmp_path / "profile").rglob("*.json")}) == 2
+
+
 @pytest.mark.slow
 def test_calibrate_fits_positive_alpha_beta_on_2_gloo_ranks(tmp_path):
     r = run_env({"FX_PLANNER_CACHE": str(tmp_path)}, "calibrate", "--cluster", "2xcpu",
