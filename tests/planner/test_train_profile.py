@@ -10,6 +10,7 @@ import torch
 
 import planner
 from cost_models.profiler import profile_model
+from planner.api import plan_traced
 from planner.cost_builder import CostBuilder
 from planner.models import GPT, GPTConfig
 from planner.training import TrainCostBuilder
@@ -29,8 +30,9 @@ def profiled(tmp_path_factory):
 def test_the_train_table_charges_the_measured_forward_backward_at_the_profiled_shape(profiled):
     _, _, traced, prof = profiled
     work = planner.Workload(batch_size=2, seq_len=16, dtype="float32", phase="train")
-    forward = CostBuilder(traced, planner.Cluster.parse("1xcpu"), replace(work, phase="prefill"),
+    forward = CostBuilder(traced, planner.Cluster.parse("2xcpu"), replace(work, phase="prefill"),
                           profile=prof)
+    assert 2 in forward.tp_degrees
     table = TrainCostBuilder(forward, work)(2, 1, 0, "intra")
     fwd = forward(2, 1)
     for j, p in enumerate(prof.layers):
@@ -39,6 +41,10 @@ def test_the_train_table_charges_the_measured_forward_backward_at_the_profiled_s
         assert fwd.costs[j][1].compute_s == p.time_s
         assert table.time[j][(1, "full")] == p.train.time_s + p.time_s
         assert table.time[j][(1, "selective")] >= p.train.time_s
+        # at tp 2 scaled as the measured forward is, plus forward's and backward's collectives
+        c = fwd.costs[j][2]
+        assert table.time[j][(2, "none")] - 2 * c.comm_s == pytest.approx(
+            p.train.time_s * c.compute_s / p.time_s, rel=1e-9)
     # At another microbatch size the profile does not apply (as for inference): 3x forward.
     half = TrainCostBuilder(forward, work)(1, 1, 0, "intra")
     assert [half.time[j][(1, "none")] for j in range(len(prof.layers))] == \
@@ -55,3 +61,10 @@ def test_a_plan_with_the_profile_records_measured_layers(profiled):
     (stage,) = plan.stages
     assert stage.predicted.compute_s == pytest.approx(
         sum(p.train.time_s for p in prof.layers), rel=1e-9)
+
+
+def test_a_cpu_profile_is_refused_for_a_train_plan_on_another_device(profiled):
+    _, _, traced, prof = profiled
+    work = planner.Workload(batch_size=2, seq_len=16, dtype="bfloat16", phase="train")
+    with pytest.raises(ValueError, match="measured on cpu but the cluster's devices are H100"):
+        plan_traced(traced, planner.Cluster.parse("8xH100"), work, profile=prof, alternatives=0)
