@@ -499,12 +499,12 @@ def profile_models(
                 f"{traced.name} was traced folded (a few blocks copied); profile a model traced "
                 "with real weights and fold_blocks=False"
             )
-        models.append(_ModelRun(traced, tuple(args), dict(kwargs or {}), layer_signatures(traced)))
+        models.append(_ModelRun(traced, tuple(args), dict(kwargs or {}), layer_signatures(traced),
+                                train=train))
     train_settings = _train_settings(settings)
     total = sum(len(m.traced.layers) for m in models)
     done = 0
     for m in models:
-        m.train = train
         if not use_cache:
             continue
         for j, layer in enumerate(m.traced.layers):
