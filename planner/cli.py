@@ -171,7 +171,8 @@ def _model_parser() -> argparse.ArgumentParser:
     p.add_argument("--alternatives", type=_count, default=6,
                    help="other (dp, pp, tp) families to solve for `plan explain` (0: none)")
     p.add_argument("--profile", action="store_true",
-                   help="measure layer times on this machine's device and use them where they apply")
+                   help="measure layer times on this machine's device (with --phase train: "
+                   "forward and forward + backward) and use them where they apply")
     p.add_argument("--layers-only", action="store_true",
                    help="print the traced layer table and stop (no cost model, no solver)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
