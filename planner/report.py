@@ -290,6 +290,10 @@ def _explain_training(plan: Plan, console: Console) -> None:
     console.print(f"chosen: zero {par.zero}, recompute {recompute}, step "
                   f"{fmt_seconds(p.latency_s)}, peak memory {fmt_bytes(p.peak_memory_bytes)} "
                   f"of {fmt_bytes(_capacity(plan))} usable", highlight=False)
+    if par.pp > 1 and par.schedule != "interleaved":
+        console.print(f"schedule {par.schedule}; interleaved 1F1B is searched only when asked: "
+                      "re-plan with --schedule interleaved to compare (docs/training.md, "
+                      "\"Interleaved 1F1B\")", highlight=False)
     if not alts:
         console.print("this plan file carries no alternatives (made with --alternatives 0)")
         return
@@ -302,8 +306,9 @@ def _explain_training(plan: Plan, console: Console) -> None:
                           f"does not fit or cannot be planned: {a.get('reason', '')}")
             continue
         ratio = a["step_s"] / p.latency_s if p.latency_s else float("nan")
-        shape = (f"dp {a['dp']} x pp {a['pp']} x tp {'/'.join(map(str, a['tp']))}, zero "
-                 f"{a['zero']}, m {a['microbatches']}")
+        v = a.get("virtual_stages", 1)
+        shape = (f"dp {a['dp']} x pp {a['pp']}{f' x v {v}' if v > 1 else ''} x tp "
+                 f"{'/'.join(map(str, a['tp']))}, zero {a['zero']}, m {a['microbatches']}")
         why = ("slower: " if ratio > 1 + 1e-9 else "ties: " if ratio >= 1 - 1e-9 else
                "faster (time-limited search): ") + _memory_why(a, p.peak_memory_bytes)
         table.add_row(a["change"], shape, fmt_seconds(a["step_s"]), f"{ratio:.3f}x",
