@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from cost_models import training as tm
 from planner.cost_table import to_ticks
+from planner.reference_solver import _front3
 
 __all__ = ["Arc", "chunks_of", "pattern_value", "best_pattern", "stage_counts", "runs"]
 
@@ -259,16 +260,6 @@ def pattern_value(combo, pattern, per_node: int) -> int | None:
     return _value(sum(every), max(every), max(tails), combo.m, v)
 
 
-def _front(labels: list) -> list:
-    """Labels ``(sum, max, tail, path)`` not dominated in all three."""
-    labels.sort(key=lambda label: label[:3])
-    kept: list = []
-    for label in labels:
-        if not any(k[0] <= label[0] and k[1] <= label[1] and k[2] <= label[2] for k in kept):
-            kept.append(label)
-    return kept
-
-
 def best_pattern(combo, pp: int, per_node: int, limit: int | None = None):
     """``(value, pattern)`` of the best ``pp``-group pattern of the combo with value at
     most ``limit``, or None. Forward over the round offsets with states ``(group, offset,
@@ -313,7 +304,7 @@ def best_pattern(combo, pp: int, per_node: int, limit: int | None = None):
         last = i + 1 == pp
         following: dict = {}
         for (start, used, tp), raw in sorted(layer.items(), key=lambda x: x[0][:2]):
-            front = _front(raw)
+            front = _front3(raw)
             ends = [None] if last else range(start + 1, shortest - (pp - i - 2))
             for t in combo.tps if tp is None else (tp,):
                 if used % per_node + t > per_node or used + t > combo.s_max:
@@ -344,7 +335,7 @@ def best_pattern(combo, pp: int, per_node: int, limit: int | None = None):
         if used not in combo.sizes:
             continue
         wrap = _wrap(combo, bounds, used, per_node)
-        for s, w, tl, path in _front(raw):
+        for s, w, tl, path in _front3(raw):
             value = _value(s + wrap, max(w, wrap), tl, m, v)
             if (limit is None or value <= limit) and (best is None or value < best[0]):
                 best = (value, path)
