@@ -24,6 +24,7 @@ exact: ``best_pattern``). ``planner.reference_solver`` enumerates every pattern 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from cost_models import training as tm
@@ -260,9 +261,11 @@ def pattern_value(combo, pattern, per_node: int) -> int | None:
     return _value(sum(every), max(every), max(tails), combo.m, v)
 
 
-def best_pattern(combo, pp: int, per_node: int, limit: int | None = None):
+def best_pattern(combo, pp: int, per_node: int, limit: int | None = None,
+                 deadline: float | None = None):
     """``(value, pattern)`` of the best ``pp``-group pattern of the combo with value at
-    most ``limit``, or None. Forward over the round offsets with states ``(group, offset,
+    most ``limit``, None, or ``"timeout"`` when ``time.perf_counter()`` passes ``deadline``
+    (checked once per state). Forward over the round offsets with states ``(group, offset,
     devices used, tp)``; a label whose partial value already exceeds ``limit`` is dropped (the
     value only grows)."""
     m, v = combo.m, combo.v
@@ -304,6 +307,8 @@ def best_pattern(combo, pp: int, per_node: int, limit: int | None = None):
         last = i + 1 == pp
         following: dict = {}
         for (start, used, tp), raw in sorted(layer.items(), key=lambda x: x[0][:2]):
+            if deadline is not None and time.perf_counter() >= deadline:
+                return "timeout"
             front = _front3(raw)
             ends = [None] if last else range(start + 1, shortest - (pp - i - 2))
             for t in combo.tps if tp is None else (tp,):

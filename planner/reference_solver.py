@@ -31,6 +31,7 @@ from planner.cluster import Cluster, Workload
 from planner.cost_table import TICK_S, CostTableBuilder
 from planner.solver import (
     InfeasiblePlanError,
+    PlanError,
     Solution,
     SolverStats,
     _build_space,
@@ -284,6 +285,11 @@ def solve_train_reference(builder, cluster: Cluster, workload: Workload, *,
             if found is not None and (best is None or found[0] < best[0]):
                 best = (found[0], combo, found[1])
     if best is None:
+        from planner.interleaved import stage_counts
+        from planner.training import _no_shape_message
+
+        if not any(c.v == 1 or stage_counts(c) for c in space.combos):
+            raise PlanError(_no_shape_message(pins, cluster, workload))
         raise InfeasiblePlanError(_infeasible_message(space, cluster, workload))
     value, combo, path = best
     stats = SolverStats("OPTIMAL", value * TICK_S, value * TICK_S, time.perf_counter() - start,

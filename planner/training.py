@@ -1444,12 +1444,14 @@ def solve_train(builder: TrainCostBuilder, cluster: Cluster, workload: Workload,
                 best = (found[0], combo, found[1])
     if best is None and incumbent is not None:
         best = incumbent
-    counts = [0, 0]
+    counts = [0, 0, 0]
     best = _search_interleaved(space, best, open_bounds, deadline, counts)
     solved, pruned = solved + counts[0], pruned + counts[1]
     if best is None:
         if time.perf_counter() >= deadline:
             raise PlanError(f"no training plan found within the {time_limit_s:g} s time limit")
+        if not counts[2] and not any(c.v == 1 for c in space.combos):
+            raise PlanError(_no_shape_message(pins, cluster, workload))
         raise InfeasiblePlanError(_infeasible_message(space, cluster, workload))
     value, combo, path = best
     bound = min(open_bounds + [value])
@@ -1512,12 +1514,13 @@ def _search_interleaved(space: TrainSpace, best, open_bounds: list, deadline: fl
     """The interleaved combos after the others: each ``(combo, pp)`` pruned by
     ``_interleaved_bound`` against ``best`` or solved exactly by
     ``planner.interleaved.best_pattern``; returns the new best ``(value, combo, path)``
-    (an interleaved path is its pattern). ``counts``: solved, pruned (added to)."""
+    (an interleaved path is its pattern). ``counts``: solved, pruned, pairs (added to)."""
     from planner.interleaved import best_pattern, stage_counts
 
     todo = []
     for combo in (c for c in space.combos if c.v > 1):
         for pp in stage_counts(combo):
+            counts[2] += 1
             bound = _interleaved_bound(combo, pp, space.devices_per_node)
             if bound is not None:
                 todo.append((bound, pp, combo))
@@ -1537,10 +1540,21 @@ def _search_interleaved(space: TrainSpace, best, open_bounds: list, deadline: fl
             open_bounds.append(bound)
             continue
         counts[0] += 1
-        found = best_pattern(combo, pp, space.devices_per_node, limit)
-        if found is not None and (best is None or found[0] < best[0]):
+        found = best_pattern(combo, pp, space.devices_per_node, limit, deadline)
+        if found == "timeout":
+            open_bounds.append(bound)
+        elif found is not None and (best is None or found[0] < best[0]):
             best = (found[0], combo, found[1])
     return best
+
+
+def _no_shape_message(pins, cluster: Cluster, workload: Workload) -> str:
+    pinned = ", ".join(f"{k} {v}" for k, v in sorted((pins or {}).items())) or "none"
+    return (f"the pins ({pinned}) leave no plan shape to search on {cluster.num_devices} "
+            f"{cluster.device} devices at batch {workload.batch_size}: ZeRO 1-3 needs dp >= 2, "
+            "interleaved 1F1B needs pp >= 2 groups, a round of at least pp layers and "
+            "microbatches its schedule runs (a multiple of max(1, m // pp)); drop or change a "
+            "pin (--zero, --schedule, --virtual-stages, --pp, --dp, --microbatches)")
 
 
 def _infeasible_message(space: TrainSpace, cluster: Cluster, workload: Workload) -> str:

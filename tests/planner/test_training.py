@@ -414,6 +414,8 @@ TINY = ["gpt-tiny", "--cluster", "2xcpu", "--batch", "2", "--seq", "16", "--alte
      "interleaved 1F1B needs 2 or more pipeline stages: drop --pp 1"),
     (["--phase", "train", "--schedule", "interleaved", "--target", "torchtitan"],
      "interleaved 1F1B is not searched for --target torchtitan"),
+    (["--phase", "train", "--schedule", "interleaved", "--virtual-stages", "8"],
+     "leave no plan shape to search on 2 cpu devices"),
     (["--phase", "train", "--zero", "1", "--dp", "1"], "dp 1 has none to shard over"),
     (["--phase", "train", "--target", "vllm"], "--target"),
 ])
