@@ -450,3 +450,28 @@ def test_train_plan_for_a_target_exports_to_it(target, tmp_path, capsys):
     assert training_differences(Plan.load(out), target) == []
     code, text, err = call(["export", out, "--to", target], capsys)
     assert code == 0 and target in text.splitlines()[0].lower(), err
+
+
+def test_cli_interleaved_plan_holds_pp_groups_times_virtual_stages(capsys, tmp_path):
+    """``--schedule interleaved --virtual-stages 2``: the plan file has pp groups × v
+    stages in model order, stage i on group i mod pp's devices, and loads back valid;
+    ``plan show`` names the groups instead of drawing a flow-shop timeline."""
+    from tests.bad_input.cli_helpers import call
+
+    out_file = tmp_path / "il.json"
+    code, out, err = call([*TINY, "--phase", "train", "--schedule", "interleaved",
+                           "--virtual-stages", "2", "--out", out_file], capsys)
+    assert code == 0, err
+    assert "dp 1 x pp 2 x tp 1/1 = 2 of 2 devices" in out
+    assert "each of the 2 device groups runs 2 stages" in out and "timeline" not in out
+    plan = Plan.load(out_file)
+    par = plan.parallelism
+    assert (par.schedule, par.pp, par.virtual_stages) == ("interleaved", 2, 2)
+    assert len(plan.stages) == 4 and plan.stages[0].layers[0] == 0
+    assert plan.stages[-1].layers[1] == plan.model.num_layers - 1
+    for i, s in enumerate(plan.stages):
+        g = plan.stages[i % 2]
+        assert s.devices == g.devices and s.predicted.memory_bytes == g.predicted.memory_bytes
+    flights = plan.extra["training"]["in_flight"]
+    assert flights == [tm.in_flight("interleaved", i % 2, 2, par.microbatches, 2)
+                       for i in range(4)]
