@@ -190,8 +190,7 @@ class LocalModule(nn.Module):
         micro = self.layout.microbatches
         if self.is_first:
             chunks = list(zip(*(t.tensor_split(micro) for t in inputs), strict=True))
-        specs = [(tuple(int(d) for d in n.meta["val"].shape), n.meta["val"].dtype)
-                 for n in self.module.graph.nodes if n.op == "placeholder"]
+        specs = node_specs(n for n in self.module.graph.nodes if n.op == "placeholder")
         sends, outs = [], []
         for m in range(micro):
             if self.is_first:
@@ -218,6 +217,12 @@ class LocalModule(nn.Module):
         if not self.is_last:
             return None
         return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+
+
+def node_specs(nodes) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """``(shape, dtype)`` of each graph node's traced value: the buffers a stage-boundary
+    receive allocates."""
+    return [(tuple(int(d) for d in n.meta["val"].shape), n.meta["val"].dtype) for n in nodes]
 
 
 def _bytes_ratio(plan, traced) -> float | None:

@@ -703,17 +703,14 @@ class Trainer:
         whole tp group), in torch's order (``_pipeline_order``). Every send and receive
         waits at most ``self.timeout``.
         """
-        from codegen.runtime import _wait
+        from codegen.runtime import _wait, node_specs
 
         (stage,) = self.stages
         module, m = stage.module, self.layout.microbatches
         recv_from, send_to = self.layout.boundary_peers(self.rank)
         graph = stage.graph.module.graph
-        specs = [(tuple(int(d) for d in n.meta["val"].shape), n.meta["val"].dtype)
-                 for n in graph.nodes if n.op == "placeholder"]
-        out_node = next(n for n in graph.nodes if n.op == "output")
-        out_specs = [(tuple(int(d) for d in n.meta["val"].shape), n.meta["val"].dtype)
-                     for n in out_node.args[0]]
+        specs = node_specs(n for n in graph.nodes if n.op == "placeholder")
+        out_specs = node_specs(next(n for n in graph.nodes if n.op == "output").args[0])
         n_in, n_out = len(specs), len(out_specs)
         chunks = list(zip(*(t.tensor_split(m) for t in inputs), strict=True))
         id_chunks = ids.tensor_split(m)

@@ -56,6 +56,7 @@ __all__ = [
     "pipeline_step_s",
     "interleaved_step_s",
     "round_bounds",
+    "shortest_round",
     "model_flops_per_step",
 ]
 
@@ -236,6 +237,12 @@ def round_bounds(num_layers: int, virtual_stages: int) -> list[int]:
     """
     v = virtual_stages
     return [r * num_layers // v for r in range(v)] + [num_layers]
+
+
+def shortest_round(num_layers: int, virtual_stages: int) -> int:
+    """Layers in the shortest round of ``round_bounds`` (the first: ``num_layers // v``),
+    the most groups a periodic split can have."""
+    return num_layers // virtual_stages
 
 
 def model_flops_per_step(forward_flops: float) -> float:

@@ -45,9 +45,7 @@ def stage_counts(combo) -> list[int]:
     """The group counts an interleaved combo can have: at least 2, at most the shortest
     round's layers (a chunk holds a layer at least) and what the replica's devices allow,
     where the runtime's schedule runs the combo's microbatches."""
-    bounds = tm.round_bounds(combo.num_layers, combo.v)
-    shortest = min(b - a for a, b in zip(bounds, bounds[1:], strict=False))
-    top = min(shortest, combo.s_max // min(combo.tps))
+    top = min(tm.shortest_round(combo.num_layers, combo.v), combo.s_max // min(combo.tps))
     pps = [combo.pp] if combo.pp is not None else range(2, top + 1)
     return [pp for pp in pps if 2 <= pp <= top and runs(combo.m, pp)]
 
@@ -234,7 +232,7 @@ def pattern_value(combo, pattern, per_node: int) -> int | None:
     constraint (offsets, placement, memory, degrees, replica size)."""
     pp, v = len(pattern), combo.v
     bounds = tm.round_bounds(combo.num_layers, v)
-    shortest = min(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    shortest = tm.shortest_round(combo.num_layers, v)
     starts = [s for s, _, _ in pattern]
     if len({t for _, t, _ in pattern}) > 1:  # the runtime interleaves one tp only
         return None
@@ -270,7 +268,7 @@ def best_pattern(combo, pp: int, per_node: int, limit: int | None = None,
     value only grows)."""
     m, v = combo.m, combo.v
     bounds = tm.round_bounds(combo.num_layers, v)
-    shortest = min(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    shortest = tm.shortest_round(combo.num_layers, v)
     if not 2 <= pp <= shortest or not runs(m, pp):
         return None
     arcs: dict = {}

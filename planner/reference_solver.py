@@ -240,14 +240,12 @@ def _every_pattern(combo, per_node: int):
     """(value, pattern) of the best interleaved plan of one combo by enumerating every
     pattern (``planner.interleaved``: group offsets in a round, tp and recompute per
     group) and pricing each with ``pattern_value``; small instances only."""
-    from cost_models.training import round_bounds
-    from planner.interleaved import pattern_value
+    from cost_models.training import shortest_round
+    from planner.interleaved import pattern_value, stage_counts
 
-    bounds = round_bounds(combo.num_layers, combo.v)
-    shortest = min(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    shortest = shortest_round(combo.num_layers, combo.v)
     best = None
-    top = min(shortest, combo.s_max // min(combo.tps))
-    for pp in [combo.pp] if combo.pp is not None else range(2, top + 1):
+    for pp in stage_counts(combo):
         for cuts in itertools.combinations(range(1, shortest), pp - 1):
             for tps in itertools.product(combo.tps, repeat=pp):  # pattern_value: one tp
                 for rcs in itertools.product(combo.rcs, repeat=pp):

@@ -159,9 +159,13 @@ class TrainTable:
     def tail_s(self, first: int, last: int, tp: int) -> float:
         """A stage's tail (``cost_models.training.stage_tail_s``) from its parameter bytes,
         borrowed (tied) copies included."""
-        nbytes = sum(self.params[j][tp] + self.forward.borrowed_bytes(j, first, tp)
-                     for j in range(first, last + 1))
-        return self.tail_of_bytes(nbytes)
+        return self.tail_of_bytes(self.param_bytes(first, last, tp))
+
+    def param_bytes(self, first: int, last: int, tp: int) -> int:
+        """Parameter bytes per device of a stage of layers ``first..last`` (what its tail
+        syncs and updates), borrowed (tied) copies included."""
+        return sum(self.params[j][tp] + self.forward.borrowed_bytes(j, first, tp)
+                   for j in range(first, last + 1))
 
     def tail_of_bytes(self, nbytes: int) -> float:
         if nbytes not in self._tails:
@@ -1294,13 +1298,12 @@ def _evaluate_interleaved(combo: TrainCombo, pattern, space: TrainSpace, objecti
         end = pattern[i + 1][0] if i + 1 < pp else None
         chunks = il.chunks_of(bounds, start, end)
         group_s.append(sum(table.time[j][(t, rc)] for a, b in chunks for j in range(a, b + 1)))
-        nbytes = sum(table.params[j][t] + table.forward.borrowed_bytes(j, a, t)
-                     for a, b in chunks for j in range(a, b + 1))
-        tails.append(table.tail_of_bytes(nbytes))
+        tails.append(table.tail_of_bytes(sum(table.param_bytes(a, b, t) for a, b in chunks)))
         flights.append(combo.in_flight(i, pp))
-        memory.append(table.forward.workspace(t) + sum(
-            table.state[j][t] + table.borrowed_state(j, a, t)
-            + flights[-1] * table.saved[j][(t, rc)] for a, b in chunks for j in range(a, b + 1)))
+        # one workspace per device, however many chunks it holds
+        space_t = table.forward.workspace(t)
+        memory.append(space_t + sum(table.stage_memory(a, b, t, rc, flights[-1]) - space_t
+                                    for a, b in chunks))
         used += t
         if i + 1 < pp:
             inter = used % per_node == 0
@@ -1495,8 +1498,7 @@ def _even_pattern(combo: TrainCombo, pp: int, per_node: int):
     group, priced by ``pattern_value``; ``(value, pattern)`` or None."""
     from planner.interleaved import pattern_value
 
-    shortest = min(b - a for a, b in itertools.pairwise(tm.round_bounds(combo.num_layers,
-                                                                         combo.v)))
+    shortest = tm.shortest_round(combo.num_layers, combo.v)
     starts = [k * shortest // pp for k in range(pp)]
     best = None
     for t in combo.tps:

@@ -85,13 +85,38 @@ def _workload(batch):
     return planner.Workload(batch_size=batch, seq_len=8, phase="train", memory_headroom=0.0)
 
 
-@st.composite
-def _instances(draw):
-    L = draw(st.integers(2, 5))
+def _layer_numbers(draw, L):
+    """Made-up per-layer numbers for ``_Synthetic``: forward seconds, parameter and
+    activation bytes, and the boundary bytes after each layer but the last."""
     base = [draw(st.integers(1, 20)) * 1e-3 for _ in range(L)]
     params = [draw(st.integers(1, 8)) * 10**6 for _ in range(L)]
     acts = [draw(st.integers(1, 8)) * 10**6 for _ in range(L)]
     boundary = tuple(draw(st.integers(1, 8)) * 10**6 for _ in range(L - 1))
+    return base, params, acts, boundary
+
+
+def _both(builder, cluster, work, pins, restriction=None, contradictions_skip=True):
+    """``(reference, search)`` solutions of one request, or None when both find it
+    infeasible (asserted) or, with ``contradictions_skip``, the pins contradict it."""
+    try:
+        ref = solve_train_reference(builder, cluster, work, pins=pins, restriction=restriction)
+    except InfeasiblePlanError:
+        with pytest.raises(InfeasiblePlanError):
+            solve_train(builder, cluster, work, pins=pins, time_limit_s=30,
+                        restriction=restriction)
+        return None
+    except PlanError:
+        if not contradictions_skip:
+            raise
+        return None
+    return ref, solve_train(builder, cluster, work, pins=pins, time_limit_s=30,
+                            restriction=restriction)
+
+
+@st.composite
+def _instances(draw):
+    L = draw(st.integers(2, 5))
+    base, params, acts, boundary = _layer_numbers(draw, L)
     nodes = draw(st.integers(1, 2))
     per_node = draw(st.sampled_from([2, 4]))
     batch = draw(st.sampled_from([1, 2, 4]))
@@ -135,17 +160,12 @@ def test_cp_sat_training_optimum_equals_the_reference(instance):
     if restriction is not None:
         L = len(builder.base)
         restriction = replace(restriction, split=lambda n: _even(n, L))
-    try:
-        ref = solve_train_reference(builder, cluster, work, pins=pins, restriction=restriction)
-    except InfeasiblePlanError:
-        with pytest.raises(InfeasiblePlanError):
-            solve_train(builder, cluster, work, pins=pins, time_limit_s=30,
-                        restriction=restriction)
+    # None: both infeasible, or pins the request contradicts (pp 2 on one layer's worth of
+    # devices)
+    both = _both(builder, cluster, work, pins, restriction)
+    if both is None:
         return
-    except PlanError:
-        return  # pins the request contradicts (pp 2 on one layer's worth of devices)
-    got = solve_train(builder, cluster, work, pins=pins, time_limit_s=30,
-                      restriction=restriction)
+    ref, got = both
     if restriction is not None:  # the framework's rules hold
         sol = got.solution
         assert len({s.tp for s in sol.stages}) == 1 and len(set(got.recompute)) == 1
@@ -167,10 +187,7 @@ def _deep_instances(draw):
     merge by the devices' residue on the node, and memory tight enough that position
     matters (1F1B stage k holds min(pp - k, m) microbatches)."""
     L = draw(st.integers(5, 8))
-    base = [draw(st.integers(1, 20)) * 1e-3 for _ in range(L)]
-    params = [draw(st.integers(1, 8)) * 10**6 for _ in range(L)]
-    acts = [draw(st.integers(1, 8)) * 10**6 for _ in range(L)]
-    boundary = tuple(draw(st.integers(1, 8)) * 10**6 for _ in range(L - 1))
+    base, params, acts, boundary = _layer_numbers(draw, L)
     nodes = draw(st.integers(2, 4))
     batch = draw(st.sampled_from([4, 8]))
     total = sum(params) * 8 + sum(acts) * batch
@@ -184,13 +201,10 @@ def _deep_instances(draw):
 def test_deep_pipelines_equal_the_reference(instance):
     builder, nodes, per_node, batch, cap, pins = instance
     cluster, work = _cluster(nodes, per_node, cap), _workload(batch)
-    try:
-        ref = solve_train_reference(builder, cluster, work, pins=pins)
-    except InfeasiblePlanError:
-        with pytest.raises(InfeasiblePlanError):
-            solve_train(builder, cluster, work, pins=pins, time_limit_s=30)
+    both = _both(builder, cluster, work, pins, contradictions_skip=False)
+    if both is None:
         return
-    got = solve_train(builder, cluster, work, pins=pins, time_limit_s=30)
+    ref, got = both
     assert got.solution.solver.status == "OPTIMAL"
     assert got.solution.solver.objective_ticks == ref.solution.solver.objective_ticks
 
@@ -200,10 +214,7 @@ def _interleaved_instances(draw):
     """Pinned interleaved 1F1B: 4..9 layers in 2 or 3 rounds, memory tight enough that the
     groups' in-flight counts matter."""
     L = draw(st.integers(4, 9))
-    base = [draw(st.integers(1, 20)) * 1e-3 for _ in range(L)]
-    params = [draw(st.integers(1, 8)) * 10**6 for _ in range(L)]
-    acts = [draw(st.integers(1, 8)) * 10**6 for _ in range(L)]
-    boundary = tuple(draw(st.integers(1, 8)) * 10**6 for _ in range(L - 1))
+    base, params, acts, boundary = _layer_numbers(draw, L)
     nodes = draw(st.integers(1, 2))
     batch = draw(st.sampled_from([2, 4, 8]))
     total = sum(params) * 8 + sum(acts) * batch
@@ -224,15 +235,10 @@ def test_interleaved_optimum_equals_every_pattern_enumerated(instance):
     chunks in model order on their groups' devices, its figures the formula's."""
     builder, nodes, per_node, batch, cap, pins = instance
     cluster, work = _cluster(nodes, per_node, cap), _workload(batch)
-    try:
-        ref = solve_train_reference(builder, cluster, work, pins=pins)
-    except InfeasiblePlanError:
-        with pytest.raises(InfeasiblePlanError):
-            solve_train(builder, cluster, work, pins=pins, time_limit_s=30)
+    both = _both(builder, cluster, work, pins)  # None: too few layers or devices for pp / v
+    if both is None:
         return
-    except PlanError:
-        return  # too few layers or devices for the pinned pp / v
-    got = solve_train(builder, cluster, work, pins=pins, time_limit_s=30)
+    ref, got = both
     assert got.solution.solver.status == "OPTIMAL"
     assert got.solution.solver.objective_ticks == ref.solution.solver.objective_ticks
     assert got.schedule == "interleaved" and got.virtual_stages >= 2
